@@ -1,0 +1,72 @@
+"""``guardntp`` command line: one sub-command per module in ``guardntp/commands``.
+
+Rule: ``main(argv) -> int`` never lets a traceback reach the user for bad input:
+each command raises :class:`CommandError` (or a known error type) with a one-line
+message, printed as ``guardntp: ...`` with exit status 2 (usage) or 1 (failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+
+#: Sub-command modules, each with ``register(subparsers)`` setting ``func``.
+COMMAND_MODULES = (
+    "serve",
+    "query",
+    "check_config",
+)
+
+
+class CommandError(Exception):
+    """A command failed in a way the user can fix; ``status`` is the exit code."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise CommandError(f"{self.prog}: {message}", 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="guardntp", description="An abuse-resistant public NTP server.")
+    parser.add_argument("--version", action="version", version=f"guardntp {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"guardntp.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose or
+            args.command == "serve" else logging.WARNING,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        status: int = args.func(args)
+        return status
+    except CommandError as error:
+        print(f"guardntp: {error}" if not str(error).startswith("guardntp") else str(error),
+              file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

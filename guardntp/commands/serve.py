@@ -1,0 +1,106 @@
+"""``guardntp serve``: run the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import replace
+
+from ..cli import CommandError
+from ..config import Config, ConfigError, apply_overrides, load_config
+from ..filter.pipeline import Pipeline
+from ..netaddr import BadAddress, parse_listen
+from ..responder import Responder
+from ..server import ListenError, Server, open_socket
+from ..timesources import make_source, measure_precision
+
+log = logging.getLogger("guardntp")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("serve", help="run the NTP server",
+                                   description="Run the NTP server. Without --config the "
+                                   "embedded default serves the local clock on 127.0.0.1:12300.")
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="TOML configuration (default: the embedded lab default)")
+    parser.add_argument("--listen", action="append", metavar="HOST[:PORT]",
+                        help="address to serve on, repeatable; port 123 when omitted")
+    parser.add_argument("--clock", choices=("system", "upstream", "local"),
+                        help="time source (overrides clock.source)")
+    parser.add_argument("--stratum", type=int, help="stratum for --clock local / system")
+    parser.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
+                        help="upstream server for --clock upstream, repeatable")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="state directory (also GUARDNTP_STATE_DIR)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any configuration key, e.g. filter.source_rate=1.0")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The file (or embedded default), then --set, then the named flags. Raises CommandError."""
+    try:
+        config = apply_overrides(load_config(args.config), args.set)
+        server, clock = config.server, config.clock
+        if args.listen:
+            server = replace(server, listen=tuple(parse_listen(text) for text in args.listen))
+        if args.state_dir:
+            server = replace(server, state_dir=args.state_dir)
+        if args.clock:
+            clock = replace(clock, source=args.clock)
+        if args.stratum is not None:
+            if not 1 <= args.stratum <= 15:
+                raise ConfigError(f"--stratum {args.stratum}: must be 1-15")
+            clock = replace(clock, stratum=args.stratum)
+        if args.upstream:
+            clock = replace(clock, upstreams=tuple(args.upstream))
+        return replace(config, server=server, clock=clock)
+    except (ConfigError, BadAddress) as error:
+        raise CommandError(str(error), 2) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    state_dir = config.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as error:
+        raise CommandError(f"state directory {state_dir}: {error.strerror} "
+                           "(use --state-dir or GUARDNTP_STATE_DIR)") from None
+    precision = measure_precision()
+    try:
+        source = make_source(config.clock, precision)
+    except ValueError as error:
+        raise CommandError(str(error), 2) from None
+    try:
+        sockets = [open_socket(spec) for spec in config.server.listen]
+    except ListenError as error:
+        raise CommandError(str(error)) from None
+    now = time.time_ns()
+    pipeline = Pipeline(config.filter, Responder(source.state(now), now))
+    server = Server(sockets, pipeline, source)
+    server.install_signal_handlers()
+    log.info("guardntp %s serving %s with the %s clock (pid %d, state in %s)",
+             _version(), ", ".join(str(s) for s in config.server.listen), source.name,
+             os.getpid(), state_dir)
+    try:
+        server.run()
+    finally:
+        for sock in sockets:
+            sock.close()
+        totals = pipeline.counters.by_verdict()
+        log.info("stopped: %d packets (%s)", pipeline.counters.total(),
+                 ", ".join(f"{k} {v}" for k, v in totals.items()))
+    return 0
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

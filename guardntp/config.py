@@ -1,0 +1,355 @@
+"""The configuration file (TOML) and its validation.
+
+Rule: reading and checking the file happens here and nowhere else; the rest
+of the program gets a frozen :class:`Config`. Every error names the key and,
+where the file says it, its line: ``config.toml:12: filter.source_rate: must be > 0``.
+``guardntp/data/default.toml`` is the embedded default and the annotated example.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .filter import fingerprint
+from .filter.acl import AclEntry, Action, parse_network
+from .filter.policy import FilterPolicy, LabelPolicy
+from .netaddr import BadAddress, ListenSpec, parse_listen
+
+DEFAULT_STATE_DIR = Path("/var/lib/guardntp")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    source: str = "local"
+    stratum: int = 10
+    refid: str = ""
+    precision: int = -20
+    upstreams: tuple[str, ...] = ("pool.ntp.org",)
+    poll: float = 64.0
+    samples: int = 4
+    lost_after: float = 1024.0
+    allow_step: bool = False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[ListenSpec, ...] = (ListenSpec("127.0.0.1", 12300),)
+    state_dir: str = ""
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    filter: FilterPolicy = field(default_factory=FilterPolicy)
+    #: Sections owned by other features (auth, control, metrics, log), validated there.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    path: str = "<embedded default>"
+
+    @property
+    def state_dir(self) -> Path:
+        return resolve_state_dir(self.server.state_dir)
+
+
+def resolve_state_dir(configured: str = "") -> Path:
+    """``GUARDNTP_STATE_DIR`` beats the file; the default is /var/lib/guardntp when we may
+    write there, else ``$XDG_STATE_HOME/guardntp`` (a non-root quick start still works)."""
+    chosen = os.environ.get("GUARDNTP_STATE_DIR") or configured
+    if chosen:
+        return Path(chosen).expanduser()
+    if os.access(DEFAULT_STATE_DIR, os.W_OK) or (
+            not DEFAULT_STATE_DIR.exists() and os.access(DEFAULT_STATE_DIR.parent, os.W_OK)):
+        return DEFAULT_STATE_DIR
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "guardntp"
+
+
+# ---------------------------------------------------------------------------- checking
+
+_Check = Callable[[Any], Any]
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a number > 0")
+    return float(value)
+
+
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError("must be a number >= 0")
+    return float(value)
+
+
+def _int_in(low: int, high: int) -> _Check:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}")
+        return value
+    return check
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _choice(*choices: str) -> _Check:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(value)
+    return check
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError("must be a list of strings")
+    return tuple(value)
+
+
+def _listen(value: Any) -> tuple[ListenSpec, ...]:
+    specs = tuple(parse_listen(item) for item in _strings(value))
+    if not specs:
+        raise ValueError("needs at least one address")
+    return specs
+
+
+def _ports(value: Any) -> frozenset[int]:
+    if not isinstance(value, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in value):
+        raise ValueError("must be a list of port numbers 0-65535")
+    if 123 in value:
+        raise ValueError("must not contain 123: ntpd and NTPsec clients send from port 123")
+    return frozenset(value)
+
+
+def _deny_action(value: Any) -> Action:
+    return {"drop": Action.DROP, "kod": Action.DENY}[_choice("drop", "kod")(value)]
+
+
+_SERVER_KEYS: dict[str, _Check] = {
+    "listen": _listen, "state_dir": _string, "workers": _int_in(1, 64)}
+_CLOCK_KEYS: dict[str, _Check] = {
+    "source": _choice("system", "upstream", "local"), "stratum": _int_in(1, 15),
+    "refid": _string, "precision": _int_in(-32, 0), "upstreams": _strings,
+    "poll": _int_in(16, 65536), "samples": _int_in(1, 16),
+    "lost_after": _positive_number, "allow_step": _bool}
+_FILTER_KEYS: dict[str, _Check] = {
+    "answer_symmetric": _bool, "reflection_ports": _ports,
+    "source_rate": _positive_number, "source_burst": _int_in(1, 1 << 20),
+    "ipv6_source_prefix": _int_in(8, 128),
+    "prefix_rate": _positive_number, "prefix_burst": _int_in(1, 1 << 24),
+    "ipv4_prefix": _int_in(8, 32), "ipv6_prefix": _int_in(8, 128),
+    "global_reply_rate": _non_negative_number, "global_reply_burst": _int_in(1, 1 << 24),
+    "leak_one_in": _int_in(0, 1 << 20), "send_kod": _bool,
+    "kod_interval_s": _non_negative_number, "kod_rate": _positive_number,
+    "kod_burst": _int_in(1, 1 << 24), "kod_min_poll": _int_in(0, 17),
+    "deny_action": _deny_action,
+    "max_sources": _int_in(1, 1 << 26), "max_prefixes": _int_in(1, 1 << 26),
+    "random_seed": _int_in(0, (1 << 63) - 1)}
+_LABEL_KEYS: dict[str, _Check] = {
+    "rate": _positive_number, "burst": _int_in(1, 1 << 20), "send_kod": _bool}
+_ACL_ACTIONS = ("allow", "exempt", "deny", "drop", "deny-kod")
+
+#: Sections other features validate themselves (they must be tables).
+EXTRA_SECTIONS = ("auth", "control", "metrics", "log", "blocklist")
+
+
+class _Reader:
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, dotted: str) -> str:
+        """``:N`` for the line that sets the last part of ``dotted``, if it can be found."""
+        leaf = dotted.rsplit(".", 1)[-1].split("[")[0]
+        pattern = re.compile(rf"^\s*\"?{re.escape(leaf)}\"?\s*=")
+        for number, line in enumerate(self.lines, 1):
+            if pattern.match(line):
+                return f":{number}"
+        return ""
+
+    def fail(self, dotted: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}{self.line_of(dotted)}: {dotted}: {message}")
+
+    def section(self, data: dict[str, Any], name: str, schema: dict[str, _Check]
+                ) -> dict[str, Any]:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise self.fail(name, "must be a table ([" + name + "])")
+        checked: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict) and name == "filter" and key == "labels":
+                continue
+            if key not in schema:
+                raise self.fail(f"{name}.{key}", "unknown setting (known: "
+                                + ", ".join(sorted(schema)) + ")")
+            try:
+                checked[key] = schema[key](value)
+            except (ValueError, BadAddress) as error:
+                raise self.fail(f"{name}.{key}", str(error)) from None
+        return checked
+
+
+def parse_config(text: str, path: str = "<config>", deny_default: Action | None = None
+                 ) -> Config:
+    """Parse and validate TOML text. Raises :class:`ConfigError`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    reader = _Reader(path, text)
+    known = {"server", "clock", "filter", "acl", *EXTRA_SECTIONS}
+    for key in data:
+        if key not in known:
+            raise reader.fail(key, "unknown section (known: " + ", ".join(sorted(known)) + ")")
+    server = ServerConfig(**reader.section(data, "server", _SERVER_KEYS))
+    clock_values = reader.section(data, "clock", _CLOCK_KEYS)
+    clock = ClockConfig(**clock_values)
+    if clock.source == "local" and "stratum" not in clock_values:
+        clock = replace(clock, stratum=10)
+    filter_values = reader.section(data, "filter", _FILTER_KEYS)
+    filter_values["label_policies"] = _labels(reader, data.get("filter", {}).get("labels", {}))
+    filter_values["acl"] = _acl(reader, data.get("acl", []),
+                                filter_values.get("deny_action", deny_default or Action.DROP))
+    policy = FilterPolicy(**filter_values)
+    extra = {}
+    for name in EXTRA_SECTIONS:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise reader.fail(name, f"must be a table ([{name}])")
+        extra[name] = table
+    return Config(server=server, clock=clock, filter=policy, extra=extra, path=path)
+
+
+def _labels(reader: _Reader, table: Any) -> dict[str, LabelPolicy]:
+    policies = dict(FilterPolicy().label_policies)
+    if not isinstance(table, dict):
+        raise reader.fail("filter.labels", "must be a table of label tables")
+    for label, values in table.items():
+        if label not in fingerprint.PACKET_LABELS:
+            raise reader.fail(f"filter.labels.{label}", "unknown label (known: "
+                              + ", ".join(fingerprint.PACKET_LABELS) + ")")
+        checked = reader.section({"x": values}, "x", _LABEL_KEYS)
+        base = policies.get(label, LabelPolicy(FilterPolicy.source_rate,
+                                               FilterPolicy.source_burst))
+        policies[label] = replace(base, **checked)
+    return policies
+
+
+def _acl(reader: _Reader, items: Any, deny_action: Action) -> tuple[AclEntry, ...]:
+    if not isinstance(items, list):
+        raise reader.fail("acl", "must be an array of tables ([[acl]])")
+    entries = []
+    for index, item in enumerate(items):
+        where = f"acl[{index}]"
+        if not isinstance(item, dict) or set(item) - {"cidr", "action", "reason"} \
+                or "cidr" not in item:
+            raise reader.fail(where, "each [[acl]] needs cidr = \"...\" and action = \"...\" "
+                              "(and optionally reason)")
+        try:
+            network = parse_network(_string(item["cidr"]))
+        except (ValueError, BadAddress) as error:
+            raise reader.fail(f"{where}.cidr", str(error)) from None
+        action_text = item.get("action", "deny")
+        if action_text not in _ACL_ACTIONS:
+            raise reader.fail(f"{where}.action", "must be one of " + ", ".join(_ACL_ACTIONS))
+        action = {"allow": Action.ALLOW, "exempt": Action.EXEMPT, "drop": Action.DROP,
+                  "deny-kod": Action.DENY, "deny": deny_action}[action_text]
+        entries.append(AclEntry(network, action, "config", str(item.get("reason", ""))))
+    return tuple(entries)
+
+
+def default_config_text() -> str:
+    return resources.files("guardntp").joinpath("data/default.toml").read_text()
+
+
+def load_config(path: str | None) -> Config:
+    """The file at ``path``, or the embedded default. Raises :class:`ConfigError`."""
+    if path is None:
+        return parse_config(default_config_text(), "<embedded default>")
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    return parse_config(text, path)
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """``--set section.key=VALUE`` (VALUE in TOML syntax) over a loaded configuration."""
+    if not assignments:
+        return config
+    lines = []
+    for assignment in assignments:
+        dotted, equals, value = assignment.partition("=")
+        if not equals or "." not in dotted:
+            raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
+        section, _, key = dotted.strip().partition(".")
+        value = value.strip()
+        try:
+            tomllib.loads(f"x = {value}")
+        except tomllib.TOMLDecodeError:
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append((section, key, value))
+    # Rebuild as TOML over the current values so the same checks apply.
+    base = _to_toml_tables(config)
+    for section, key, value in lines:
+        base.setdefault(section, {})[key] = value
+    text = "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {v}" for k, v in table.items())
+                     for section, table in base.items())
+    try:
+        merged = parse_config(text, "--set")
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("--set: ", "--set ")) from None
+    return replace(merged, filter=replace(merged.filter, acl=config.filter.acl,
+                                          label_policies=config.filter.label_policies),
+                   extra=config.extra, path=config.path)
+
+
+def _to_toml_tables(config: Config) -> dict[str, dict[str, str]]:
+    import json
+
+    def literal(value: Any) -> str:
+        if isinstance(value, Action):
+            return '"kod"' if value is Action.DENY else '"drop"'
+        if isinstance(value, frozenset):
+            value = sorted(value)
+        if isinstance(value, tuple):
+            value = [str(v) for v in value]
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return json.dumps(value)
+
+    tables: dict[str, dict[str, str]] = {}
+    for name, obj, schema in (("server", config.server, _SERVER_KEYS),
+                              ("clock", config.clock, _CLOCK_KEYS),
+                              ("filter", config.filter, _FILTER_KEYS)):
+        table = {}
+        for f in fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if f.name in schema and value is not None and value != "":
+                table[f.name] = literal(value)
+        tables[name] = table
+    return tables

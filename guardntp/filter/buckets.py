@@ -1,0 +1,106 @@
+"""Token buckets as GCRA, and bounded tables of them that survive spoofed churn.
+
+A token bucket of rate r and burst b is kept as one integer per key, its
+*theoretical arrival time* (TAT, the Generic Cell Rate Algorithm of ITU-T I.371).
+A request at ``now`` conforms when ``TAT - now <= tolerance`` where
+``tolerance = (burst - 1) * interval``; conforming moves TAT to
+``max(TAT, now) + interval``. This is the same bucket as "tokens and last
+time" but in one int, with no division on the hot path, and it makes
+"the bucket is full" a single comparison: ``TAT <= now``.
+
+Tables are bounded. The churn rule (what chronyd 4.3 lacks): an entry is
+evicted only when its bucket is full again, i.e. when forgetting it loses
+nothing, since a newcomer would start with a full bucket anyway. An offender
+that keeps its bucket drained is never displaced by spoofed one-packet
+sources, however many arrive. When no entry may be evicted, the newcomer is
+charged to one shared *overflow* bucket: limited, never waved through.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..timestamps import NS_PER_S
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A rate (requests per second, may be fractional) and a burst, as GCRA integers."""
+
+    interval_ns: int
+    tolerance_ns: int
+
+    @classmethod
+    def per_second(cls, rate: float, burst: int) -> Limit:
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, not {rate}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, not {burst}")
+        interval_ns = max(1, round(NS_PER_S / rate))
+        return cls(interval_ns, (burst - 1) * interval_ns)
+
+    @property
+    def rate(self) -> float:
+        return NS_PER_S / self.interval_ns
+
+    @property
+    def burst(self) -> int:
+        return self.tolerance_ns // self.interval_ns + 1
+
+
+def conforms(tat: int, now_ns: int, limit: Limit) -> bool:
+    """Would a request at ``now_ns`` fit the bucket whose TAT is ``tat``?"""
+    return tat - now_ns <= limit.tolerance_ns
+
+
+def charge(tat: int, now_ns: int, limit: Limit) -> int:
+    """The new TAT after a conforming request."""
+    return (tat if tat > now_ns else now_ns) + limit.interval_ns
+
+
+#: How many entries one admission may look at for an evictable one. Bounded, so a
+#: table full of offenders costs a newcomer at most this many dict operations.
+EVICTION_SCAN = 8
+
+
+class BucketTable:
+    """A bounded map from key to a mutable record whose item 0 is the bucket's TAT.
+
+    Insertion-ordered with second chance (CLOCK): the oldest entry is evicted if
+    its bucket is full, else moved to the back. Entries are plain lists so the
+    pipeline can keep counters beside the TAT without another lookup.
+    """
+
+    __slots__ = ("records", "max_entries", "evictions", "admissions_refused")
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("a table needs room for at least one entry")
+        self.records: OrderedDict[bytes, list[int]] = OrderedDict()
+        self.max_entries = max_entries
+        self.evictions = 0
+        self.admissions_refused = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def admit(self, key: bytes, record: list[int], now_ns: int) -> bool:
+        """Insert ``record`` under ``key`` if there is room or an evictable entry."""
+        records = self.records
+        if len(records) >= self.max_entries and not self._evict_one(now_ns):
+            self.admissions_refused += 1
+            return False
+        records[key] = record
+        return True
+
+    def _evict_one(self, now_ns: int) -> bool:
+        records = self.records
+        for _ in range(min(EVICTION_SCAN, len(records))):
+            oldest = next(iter(records))
+            if records[oldest][0] <= now_ns:
+                del records[oldest]
+                self.evictions += 1
+                return True
+            records.move_to_end(oldest)
+        return False

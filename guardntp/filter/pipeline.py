@@ -1,0 +1,284 @@
+"""One call decides a packet's fate: ``Pipeline.decide`` -> (reason, reply, signer).
+
+Rule: pure with respect to I/O. Time comes in as arguments: ``recv_ns`` (wall
+clock, for the reply and for access-list expiry) and ``now_ns`` (monotonic, for
+buckets, so a clock step cannot open or shut every bucket at once). Every packet
+is counted exactly once, by (NTP version, :class:`~guardntp.verdicts.Reason`).
+
+Stages, in order; the first that decides ends the packet:
+
+1. sanity      length, alignment, version, mode, tail (``responder.inspect_request``)
+2. reflection  source port 0 or a well-known service port -> drop
+3. access      longest-prefix access list and blocklist -> drop / DENY KoD / exempt
+4. auth        a MAC must verify (``authenticator``); policy may require one
+5. buckets     per source (label policy), per prefix, then the global reply budget
+6. over limit  random leak -> time; else RATE KoD if the source's guard time and
+               the global KoD budget allow; else drop
+7. respond     the stateless responder builds the reply
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..responder import Request, Responder, inspect_request
+from ..timestamps import NS_PER_S
+from ..verdicts import N_REASONS, Counters, Reason
+from . import fingerprint
+from .acl import AccessList, AclEntry, Action
+from .buckets import BucketTable, Limit
+from .policy import FilterPolicy
+
+Signer = Callable[[bytes], bytes]
+Decision = tuple[Reason, bytes | None, Signer | None]
+
+# Per-source record layout (a list: one dict probe finds the bucket and the counters).
+TAT = 0            # GCRA theoretical arrival time, monotonic ns
+REQUESTS = 1
+TIME_REPLIES = 2
+KODS = 3
+DROPS = 4
+FIRST_SEEN = 5     # monotonic ns
+LAST_SEEN = 6      # monotonic ns
+LAST_KOD = 7       # monotonic ns of the last KoD sent, for the per-source guard
+LABEL = 8          # packet label of the latest request
+ACL_GENERATION = 9 # access-list generation the cached entry below belongs to
+ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
+PORT = 11          # latest source port
+
+_NEVER = -(1 << 62)
+
+KOD_RATE = b"RATE"
+KOD_DENY = b"DENY"
+
+
+class Authenticator(Protocol):
+    """What the auth stage needs (``guardntp/auth``): verify a MAC'd request."""
+
+    def verify(self, data: bytes, request: Request) -> Signer | None:
+        """A signer for the reply if the MAC verifies, else None (dropped, counted)."""
+
+    def required_for(self, packed: bytes) -> bool:
+        """Does policy require authentication from this source?"""
+
+
+def new_record(now_ns: int, label: str, port: int) -> list[Any]:
+    # TAT = now: a newcomer starts with a full bucket.
+    return [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port]
+
+
+class Pipeline:
+    def __init__(self, policy: FilterPolicy, responder: Responder,
+                 authenticator: Authenticator | None = None) -> None:
+        self.responder = responder
+        self.authenticator = authenticator
+        self.counters = Counters()
+        self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
+        self.table_full = 0   # requests charged to the overflow bucket
+        self.sources = BucketTable(policy.max_sources)
+        self.prefixes = BucketTable(policy.max_prefixes)
+        self.acl = AccessList(list(policy.acl))
+        self._config_acl: list[AclEntry] = list(policy.acl)
+        self._blocklist: list[AclEntry] = []
+        self._global_tat = 0
+        self._kod_tat = 0
+        self.apply_policy(policy)
+
+    # ------------------------------------------------------------------ configuration
+
+    def apply_policy(self, policy: FilterPolicy) -> None:
+        """Take new settings (reload) keeping every bucket and counter."""
+        self.policy = policy
+        self.source_limit = Limit.per_second(policy.source_rate, policy.source_burst)
+        self.prefix_limit = Limit.per_second(policy.prefix_rate, policy.prefix_burst)
+        # Sources that find the table full share one bucket as loose as a prefix's.
+        self.overflow_limit = self.prefix_limit
+        self.label_limits = {
+            label: Limit.per_second(p.rate, p.burst) for label, p in policy.label_policies.items()}
+        self.label_kod = {label: p.send_kod for label, p in policy.label_policies.items()}
+        self.global_limit = (Limit.per_second(policy.global_reply_rate, policy.global_reply_burst)
+                             if policy.global_reply_rate > 0 else None)
+        self.kod_limit = Limit.per_second(policy.kod_rate, policy.kod_burst)
+        self.kod_interval_ns = int(policy.kod_interval_s * NS_PER_S)
+        self.leak_share = 1.0 / policy.leak_one_in if policy.leak_one_in > 0 else 0.0
+        self.random = random.Random(policy.random_seed)
+        self.reflection_ports = policy.reflection_ports
+        self.v6_source_bytes = policy.ipv6_source_prefix // 8
+        self.v4_prefix_bits = policy.ipv4_prefix
+        self.v6_prefix_bits = policy.ipv6_prefix
+        self.sources.max_entries = policy.max_sources
+        self.prefixes.max_entries = policy.max_prefixes
+        if list(policy.acl) != self._config_acl:
+            self._config_acl = list(policy.acl)
+            self._rebuild_acl()
+        self._overflow = new_record(0, "overflow", 0)
+        self._prefix_overflow = [0]
+
+    def set_blocklist(self, entries: list[AclEntry]) -> None:
+        """Replace the blocklist entries (from ``guardntp/blocklist``); takes effect at once."""
+        self._blocklist = list(entries)
+        self._rebuild_acl()
+
+    def _rebuild_acl(self) -> None:
+        # Blocklist entries are added last, so on an identical prefix they win.
+        self.acl.replace(self._config_acl + self._blocklist)
+
+    # ------------------------------------------------------------------ the decision
+
+    def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
+               ) -> Decision:
+        """The fate of one datagram from ``packed``:``port`` (packed address bytes)."""
+        request = inspect_request(data, port, self.policy.answer_symmetric)
+        version = (data[0] >> 3) & 7 if data else 0
+        counts = self.counters.counts
+        base = version * N_REASONS
+        if isinstance(request, Reason):
+            counts[base + request] += 1
+            return request, None, None
+        if port in self.reflection_ports:
+            counts[base + Reason.REFLECTION_PORT] += 1
+            return Reason.REFLECTION_PORT, None, None
+
+        label = fingerprint.packet_label(data[0], port)
+        self.label_counts[label] += 1
+        v4 = len(packed) == 4
+        key = packed if v4 else packed[: self.v6_source_bytes]
+        sources = self.sources
+        record = sources.records.get(key)
+        if record is None:
+            record = new_record(now_ns, label, port)
+            if not sources.admit(key, record, now_ns):
+                record = self._overflow
+                self.table_full += 1
+        record[REQUESTS] += 1
+        record[LAST_SEEN] = now_ns
+        record[LABEL] = label
+        record[PORT] = port
+
+        # -- access list (cached per record while the list and the entry stand)
+        acl = self.acl
+        entry = record[ACL_ENTRY]
+        if (record[ACL_GENERATION] != acl.generation
+                or (entry is not None and not entry.active(recv_ns))
+                or record is self._overflow or not v4):
+            entry = acl.lookup(packed, recv_ns)
+            record[ACL_GENERATION] = acl.generation
+            record[ACL_ENTRY] = entry
+        exempt = False
+        if entry is not None:
+            action = entry.action
+            if action is Action.EXEMPT:
+                exempt = True
+            elif action is not Action.ALLOW:
+                reason = Reason.ACL_DENY if entry.origin == "config" else Reason.BLOCKLISTED
+                if action is Action.DENY and self._kod_allowed(record, now_ns):
+                    return self._kod(data, request, record, base, KOD_DENY, Reason.DENY_KOD, None)
+                counts[base + reason] += 1
+                record[DROPS] += 1
+                return reason, None, None
+
+        # -- authentication
+        signer: Signer | None = None
+        if request.mac_key_id is not None:
+            signer = self.authenticator.verify(data, request) if self.authenticator else None
+            if signer is None:
+                counts[base + Reason.AUTH_FAILED] += 1
+                record[DROPS] += 1
+                return Reason.AUTH_FAILED, None, None
+        elif self.authenticator is not None and self.authenticator.required_for(packed):
+            counts[base + Reason.AUTH_REQUIRED] += 1
+            record[DROPS] += 1
+            return Reason.AUTH_REQUIRED, None, None
+
+        # -- buckets
+        if not exempt:
+            limit = (self.overflow_limit if record is self._overflow
+                     else self.label_limits.get(label, self.source_limit))
+            tat = record[TAT]
+            if tat < now_ns:
+                tat = now_ns
+            prefix_key = self._prefix_key(packed, v4)
+            prefixes = self.prefixes
+            prefix_record = prefixes.records.get(prefix_key)
+            if prefix_record is None:
+                prefix_record = [now_ns]
+                if not prefixes.admit(prefix_key, prefix_record, now_ns):
+                    prefix_record = self._prefix_overflow
+            prefix_tat = prefix_record[TAT]
+            if prefix_tat < now_ns:
+                prefix_tat = now_ns
+            prefix_limit = self.prefix_limit
+            if (tat - now_ns > limit.tolerance_ns
+                    or prefix_tat - now_ns > prefix_limit.tolerance_ns):
+                return self._over_limit(data, request, record, base, label, recv_ns, now_ns,
+                                        signer)
+            record[TAT] = tat + limit.interval_ns
+            if prefix_record is not record:
+                prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
+        if not self._global_allows(now_ns):
+            counts[base + Reason.GLOBAL_CAP] += 1
+            record[DROPS] += 1
+            return Reason.GLOBAL_CAP, None, None
+        counts[base] += 1  # Reason.ANSWERED == 0
+        record[TIME_REPLIES] += 1
+        responder = self.responder
+        return (Reason.ANSWERED,
+                responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _prefix_key(self, packed: bytes, v4: bool) -> bytes:
+        """IPv4 /24 -> 3 bytes; IPv6 /56 -> b"6" + 7 bytes (the tag keeps families apart)."""
+        bits = self.v4_prefix_bits if v4 else self.v6_prefix_bits
+        if bits % 8 == 0:
+            return packed[: bits // 8] if v4 else b"6" + packed[: bits // 8]
+        width = len(packed) * 8
+        masked = (int.from_bytes(packed, "big") >> (width - bits)).to_bytes(len(packed), "big")
+        return masked if v4 else b"6" + masked
+
+    def _global_allows(self, now_ns: int) -> bool:
+        limit = self.global_limit
+        if limit is None:
+            return True
+        tat = self._global_tat if self._global_tat > now_ns else now_ns
+        if tat - now_ns > limit.tolerance_ns:
+            return False
+        self._global_tat = tat + limit.interval_ns
+        return True
+
+    def _kod_allowed(self, record: list[Any], now_ns: int) -> bool:
+        if now_ns - record[LAST_KOD] < self.kod_interval_ns:
+            return False
+        limit = self.kod_limit
+        tat = self._kod_tat if self._kod_tat > now_ns else now_ns
+        if tat - now_ns > limit.tolerance_ns or not self._global_allows(now_ns):
+            return False
+        self._kod_tat = tat + limit.interval_ns
+        record[LAST_KOD] = now_ns
+        return True
+
+    def _kod(self, data: bytes, request: Request, record: list[Any], base: int, code: bytes,
+             reason: Reason, signer: Signer | None) -> Decision:
+        self.counters.counts[base + reason] += 1
+        record[KODS] += 1
+        return reason, self.responder.kod_reply(data, request, code, self.policy.kod_min_poll), \
+            signer
+
+    def _over_limit(self, data: bytes, request: Request, record: list[Any], base: int,
+                    label: str, recv_ns: int, now_ns: int, signer: Signer | None) -> Decision:
+        counts = self.counters.counts
+        if self.leak_share and self.random.random() < self.leak_share \
+                and self._global_allows(now_ns):
+            counts[base + Reason.LEAKED] += 1
+            record[TIME_REPLIES] += 1
+            responder = self.responder
+            return (Reason.LEAKED,
+                    responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
+        if (self.policy.send_kod and self.label_kod.get(label, True)
+                and record is not self._overflow and self._kod_allowed(record, now_ns)):
+            return self._kod(data, request, record, base, KOD_RATE, Reason.RATE_KOD, signer)
+        counts[base + Reason.RATE_LIMITED] += 1
+        record[DROPS] += 1
+        return Reason.RATE_LIMITED, None, None

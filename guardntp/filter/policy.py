@@ -1,0 +1,105 @@
+"""The filter's settings, each default with the reason for its number.
+
+Rule: this is plain data. ``guardntp/config.py`` fills it from TOML and CLI
+flags; ``pipeline.py`` turns it into GCRA limits once, at (re)load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import fingerprint
+from .acl import AclEntry, Action
+
+#: Source ports of services used in loop and reflection attacks (protocol-rules.md):
+#: 0 (invalid), echo 7, discard 9, daytime 13, qotd 17, chargen 19, time 37, DNS 53,
+#: TFTP 69, portmap 111, NetBIOS 137-138, SNMP 161-162, CLDAP 389, SSDP 1900,
+#: WS-Discovery 3702, mDNS 5353, memcached 11211. Port 123 is NOT here: ntpd and
+#: NTPsec clients send from it.
+DEFAULT_REFLECTION_PORTS = frozenset(
+    {0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 137, 138, 161, 162, 389, 1900, 3702, 5353, 11211})
+
+
+@dataclass(frozen=True, slots=True)
+class LabelPolicy:
+    """A per-fingerprint override of the per-source bucket and of KoD sending."""
+
+    rate: float
+    burst: int
+    send_kod: bool = True
+
+
+#: Defaults per fingerprint. SNTPv1 firmware predates KoD (RFC 4330, 2006) and
+#: ignores it, so a KoD to it is wasted bytes; it gets a tight bucket instead.
+#: Netgear's devices retried every second *when unanswered*, so they still get
+#: an answer a minute rather than none (Plonka's report), which calms them.
+DEFAULT_LABEL_POLICIES: dict[str, LabelPolicy] = {
+    fingerprint.NETGEAR: LabelPolicy(rate=1 / 64, burst=2, send_kod=False),
+    fingerprint.SNTPV1: LabelPolicy(rate=1 / 16, burst=4, send_kod=False),
+}
+
+
+@dataclass(frozen=True)
+class FilterPolicy:
+    # -- sanity
+    #: Answer mode 1 (w32time, old WinXP SNTP) with a stateless mode 2, as chrony does.
+    answer_symmetric: bool = True
+
+    # -- anti-reflection
+    reflection_ports: frozenset[int] = DEFAULT_REFLECTION_PORTS
+
+    # -- per-source bucket (IPv4 address, IPv6 /64)
+    #: 0.5 requests/s (1 per 2 s) on average with a burst of 16: four times looser
+    #: than chrony's `ratelimit` (1 per 8 s, burst 8) so that ~32 clients behind
+    #: one NAT address can poll every 64 s, and 512 at the usual 1024 s, while a
+    #: device polling every second still gets only half its requests answered.
+    source_rate: float = 0.5
+    source_burst: int = 16
+    #: Each IPv6 host owns a /64 (RFC 4291 interface ids), so buckets key on it.
+    ipv6_source_prefix: int = 64
+
+    # -- per-prefix bucket (IPv4 /24, IPv6 /56)
+    #: 16 requests/s, burst 2048: 250 hosts in one /24 all starting with an 8-packet
+    #: iburst fit in the burst, and a busy campus of 1000 hosts polling every 64 s
+    #: (16/s) is never limited; a fleet of 254 devices each polling every second is
+    #: held to 16/s in all.
+    prefix_rate: float = 16.0
+    prefix_burst: int = 2048
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+
+    # -- global budget
+    #: Replies of any kind per second, server-wide; 0 turns it off. 250k/s is above
+    #: what one core answers (docs/benchmarks.md), i.e. it is a safety net for the
+    #: uplink (250k x 90 B x 8 = 180 Mbit/s); set it to what your uplink may carry.
+    global_reply_rate: float = 250_000.0
+    global_reply_burst: int = 25_000
+
+    # -- over the limit
+    #: Answer 1 in `leak_one_in` limited requests anyway (chrony's `leak 2` = 1 in 4),
+    #: so a spoofer who floods in a victim's name cannot cut the victim off. 0 = off.
+    leak_one_in: int = 4
+    send_kod: bool = True
+    #: At most one KoD per source per this many seconds (ntpd's guard-time idea):
+    #: a spoofer can never make us send a victim more than this.
+    kod_interval_s: float = 16.0
+    #: Server-wide KoD budget: a flood from a million spoofed sources gets at most this.
+    kod_rate: float = 1000.0
+    kod_burst: int = 1000
+    #: The KoD's poll field is max(request poll, kod_min_poll): 6 = 64 s, the
+    #: default poll of ntpd and chrony, to which an honouring client returns.
+    kod_min_poll: int = 6
+    #: What a `deny` access-list entry does by default: silent "drop" or DENY "kod".
+    deny_action: Action = Action.DROP
+
+    # -- bounded memory
+    #: ~200 bytes each in CPython: 262144 sources ~ 55 MB. chrony's default
+    #: clientloglimit (512 KiB) tracks only ~4096 addresses.
+    max_sources: int = 262_144
+    max_prefixes: int = 65_536
+
+    label_policies: dict[str, LabelPolicy] = field(
+        default_factory=lambda: dict(DEFAULT_LABEL_POLICIES))
+    acl: tuple[AclEntry, ...] = ()
+    #: Seed for the leak's random choice (replays are deterministic with a seed).
+    random_seed: int | None = None

@@ -1,0 +1,66 @@
+"""Addresses as the filter sees them: packed bytes, and listen specs as the CLI takes them."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+NTP_PORT = 123
+_V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+class BadAddress(ValueError):
+    """A listen address, CIDR or host that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
+    """``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or ``:PORT`` (all IPv4 addresses)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise BadAddress(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+    elif text.count(":") > 1:
+        host, port_text = text, ""
+    else:
+        host, _, port_text = text.partition(":")
+    host = host or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BadAddress(f"{text!r}: {host!r} is not an IP address") from None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise BadAddress(f"{text!r}: port must be 1-65535")
+        port = int(port_text)
+    else:
+        port = default_port
+    return ListenSpec(host, port)
+
+
+def packed_from_sockaddr(sockaddr: tuple[object, ...]) -> bytes:
+    """The packed source address (4 or 16 bytes); IPv4-mapped IPv6 becomes 4 bytes."""
+    host = str(sockaddr[0])
+    if len(sockaddr) == 2:
+        return socket.inet_aton(host)
+    packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    return packed[12:] if packed[:12] == _V4_MAPPED_PREFIX else packed
+
+
+def text_from_packed(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))

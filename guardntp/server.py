@@ -1,0 +1,184 @@
+"""The UDP edge: sockets, kernel receive timestamps, a small event loop.
+
+Rule: this is where clocks, sockets and signals live. Each datagram goes to
+``Pipeline.decide`` with its kernel receive time (SO_TIMESTAMPNS) and the
+monotonic time of its batch; a time reply gets its transmit timestamp written
+immediately before ``sendto``. Other features plug in with :meth:`Server.add_reader`
+(control socket) and :meth:`Server.add_periodic` (blocklist refresh, clock).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .filter.pipeline import Pipeline
+from .netaddr import ListenSpec, packed_from_sockaddr
+from .timesources import TimeSource
+from .verdicts import Reason
+
+log = logging.getLogger("guardntp.server")
+
+# <asm-generic/socket.h>: not exported by Python's socket module.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+_TIMESPEC = struct.Struct("@qq")
+#: Larger than any NTP packet we accept (48 + extension fields + MAC); longer is cut.
+RECV_BUFFER = 2048
+_ANC_BUFFER = socket.CMSG_SPACE(_TIMESPEC.size)
+#: Datagrams handled per socket per wake-up before the loop looks at timers again.
+BATCH = 256
+#: The clock snapshot is re-taken this often (root dispersion grows 15 ppm/s:
+#: a quarter second is 4 us of dispersion, far below what a reply carries).
+CLOCK_REFRESH_S = 0.25
+_TIME_REASONS = (Reason.ANSWERED, Reason.LEAKED)
+
+
+class ListenError(Exception):
+    """A listen address cannot be used; the message is one line for the operator."""
+
+
+def open_socket(spec: ListenSpec) -> socket.socket:
+    """Bind a UDP socket with kernel receive timestamps, or raise :class:`ListenError`."""
+    sock = socket.socket(spec.family, socket.SOCK_DGRAM)
+    try:
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.bind((spec.host, spec.port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {spec}: address already in use "
+                              "(is another NTP server running?)") from None
+        if error.errno == errno.EACCES:
+            raise ListenError(f"cannot listen on {spec}: permission denied (ports below 1024 "
+                              "need root or CAP_NET_BIND_SERVICE; try a port above 1023)"
+                              ) from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ListenError(f"cannot listen on {spec}: no such local address") from None
+        raise ListenError(f"cannot listen on {spec}: {error.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def kernel_receive_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            return int(seconds) * 1_000_000_000 + int(nanoseconds)
+    return None
+
+
+@dataclass
+class _Periodic:
+    interval_s: float
+    callback: Callable[[], None]
+    due: float = field(default=0.0)
+
+
+class Server:
+    def __init__(self, sockets: list[socket.socket], pipeline: Pipeline, source: TimeSource,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+        self.sockets = sockets
+        self.pipeline = pipeline
+        self.source = source
+        self.wall_ns = wall_ns
+        self.selector = selectors.DefaultSelector()
+        self.periodic: list[_Periodic] = []
+        self._stopping = False
+        self.send_errors = 0
+        self.truncated = 0
+        for sock in sockets:
+            self.selector.register(sock, selectors.EVENT_READ, self._on_datagrams)
+        self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def add_reader(self, fileobj: socket.socket, callback: Callable[[socket.socket], None]
+                   ) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj: socket.socket) -> None:
+        self.selector.unregister(fileobj)
+
+    def add_periodic(self, interval_s: float, callback: Callable[[], None]) -> None:
+        self.periodic.append(_Periodic(interval_s, callback))
+
+    def refresh_clock(self) -> None:
+        now = self.wall_ns()
+        self.pipeline.responder.set_clock(self.source.state(now), now)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: object) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGTERM, handle)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Serve until :meth:`stop` (or a signal), or until ``until()`` is true."""
+        self.source.start()
+        try:
+            while not self._stopping and not (until and until()):
+                now = time.monotonic()
+                timeout = 0.5
+                for task in self.periodic:
+                    if now >= task.due:
+                        task.due = now + task.interval_s
+                        try:
+                            task.callback()
+                        except Exception:  # a timer must never take the server down
+                            log.exception("periodic task %r failed", task.callback)
+                    timeout = min(timeout, max(0.0, task.due - now))
+                for key, _ in self.selector.select(timeout):
+                    key.data(key.fileobj)
+        finally:
+            self.source.stop()
+
+    def _on_datagrams(self, sock: socket.socket) -> None:
+        decide = self.pipeline.decide
+        responder = self.pipeline.responder
+        counters = self.pipeline.counters
+        for _ in range(BATCH):
+            try:
+                data, ancdata, flags, sockaddr = sock.recvmsg(RECV_BUFFER, _ANC_BUFFER)
+            except BlockingIOError:
+                return
+            except OSError as error:  # ICMP errors surface here on some kernels
+                log.debug("recvmsg: %s", error)
+                continue
+            now_ns = time.monotonic_ns()
+            recv_ns = kernel_receive_ns(ancdata) or self.wall_ns()
+            counters.bytes_in += len(data)
+            if flags & socket.MSG_TRUNC:
+                self.truncated += 1
+                data = b""  # counted as malformed by the sanity stage
+            reason, reply, signer = decide(data, packed_from_sockaddr(sockaddr), sockaddr[1],
+                                           recv_ns, now_ns)
+            if reply is None:
+                continue
+            if reason in _TIME_REASONS:
+                reply = (reply[:40] + responder.served_ntp(self.wall_ns()).to_bytes(8, "big")
+                         + reply[48:])
+            if signer is not None:
+                reply = signer(reply)
+            try:
+                sock.sendto(reply, sockaddr)
+                counters.bytes_out += len(reply)
+            except OSError as error:
+                self.send_errors += 1
+                log.debug("sendto %s: %s", sockaddr, error)
