@@ -126,7 +126,7 @@ def chronyd_query(port: int, host: str = "127.0.0.1", timeout_s: int = 10,
     args = ["chronyd", "-Q", "-t", str(timeout_s)]
     if conf_dir is not None:
         # Keep chronyd's pid/socket files out of /run when several run at once.
-        args += ["-f", str(_chrony_conf(conf_dir, line))]
+        args += ["-u", "root", "-f", str(_chrony_conf(conf_dir, line))]
     else:
         args += [line]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s + 15,

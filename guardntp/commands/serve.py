@@ -65,39 +65,71 @@ def build_config(args: argparse.Namespace) -> Config:
         raise CommandError(str(error), 2) from None
 
 
+class Service:
+    """A running server and everything around it: the one place features hook into.
+
+    ``reload()`` re-reads the configuration file and applies filter settings and
+    access lists without touching sockets or bucket state (SIGHUP and
+    ``guardntp reload`` both call it). Features (control socket, blocklist,
+    metrics) register readers and timers on ``self.server``.
+    """
+
+    def __init__(self, args: argparse.Namespace, config: Config) -> None:
+        self.args = args
+        self.config = config
+        self.state_dir = config.state_dir
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as error:
+            raise CommandError(f"state directory {self.state_dir}: {error.strerror} "
+                               "(use --state-dir or GUARDNTP_STATE_DIR)") from None
+        precision = measure_precision()
+        try:
+            self.source = make_source(config.clock, precision)
+        except ValueError as error:
+            raise CommandError(str(error), 2) from None
+        try:
+            self.sockets = [open_socket(spec) for spec in config.server.listen]
+        except ListenError as error:
+            raise CommandError(str(error)) from None
+        now = time.time_ns()
+        self.pipeline = Pipeline(config.filter, Responder(self.source.state(now), now))
+        self.server = Server(self.sockets, self.pipeline, self.source)
+
+    def reload(self) -> str:
+        """Re-read the configuration; raises ConfigError (the running one is kept)."""
+        try:
+            new = build_config(self.args)
+        except CommandError as error:
+            raise ConfigError(str(error)) from None
+        if new.server.listen != self.config.server.listen or new.clock != self.config.clock:
+            log.warning("reload: listen addresses and clock settings need a restart; "
+                        "applying the filter settings only")
+        self.pipeline.apply_policy(new.filter)
+        self.config = replace(self.config, filter=new.filter, extra=new.extra)
+        message = (f"reloaded {new.path}: {len(new.filter.acl)} access-list entries, "
+                   f"source rate {new.filter.source_rate}/s burst {new.filter.source_burst}")
+        log.info("%s", message)
+        return message
+
+    def run(self) -> int:
+        self.server.install_signal_handlers()
+        log.info("guardntp %s serving %s with the %s clock (pid %d, state in %s)",
+                 _version(), ", ".join(str(s) for s in self.config.server.listen),
+                 self.source.name, os.getpid(), self.state_dir)
+        try:
+            self.server.run()
+        finally:
+            for sock in self.sockets:
+                sock.close()
+            totals = self.pipeline.counters.by_verdict()
+            log.info("stopped: %d packets (%s)", self.pipeline.counters.total(),
+                     ", ".join(f"{k} {v}" for k, v in totals.items()))
+        return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args)
-    state_dir = config.state_dir
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    except OSError as error:
-        raise CommandError(f"state directory {state_dir}: {error.strerror} "
-                           "(use --state-dir or GUARDNTP_STATE_DIR)") from None
-    precision = measure_precision()
-    try:
-        source = make_source(config.clock, precision)
-    except ValueError as error:
-        raise CommandError(str(error), 2) from None
-    try:
-        sockets = [open_socket(spec) for spec in config.server.listen]
-    except ListenError as error:
-        raise CommandError(str(error)) from None
-    now = time.time_ns()
-    pipeline = Pipeline(config.filter, Responder(source.state(now), now))
-    server = Server(sockets, pipeline, source)
-    server.install_signal_handlers()
-    log.info("guardntp %s serving %s with the %s clock (pid %d, state in %s)",
-             _version(), ", ".join(str(s) for s in config.server.listen), source.name,
-             os.getpid(), state_dir)
-    try:
-        server.run()
-    finally:
-        for sock in sockets:
-            sock.close()
-        totals = pipeline.counters.by_verdict()
-        log.info("stopped: %d packets (%s)", pipeline.counters.total(),
-                 ", ".join(f"{k} {v}" for k, v in totals.items()))
-    return 0
+    return Service(args, build_config(args)).run()
 
 
 def _version() -> str:
