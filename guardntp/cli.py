@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "serve",
     "query",
     "check_config",
+    "block",
+    "control",
 )
 
 

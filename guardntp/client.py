@@ -93,9 +93,12 @@ def evaluate_reply(reply: bytes, pending: PendingRequest, t1_unix_ns: int, t4_un
                          f"{expected_mode.name.lower()}")
     if packet.origin_ts != pending.transmit_field:
         raise BogusReply("origin timestamp does not match our request (stale or spoofed reply)")
-    if packet.stratum == 0:
-        raise KissOfDeath(packet.kiss_code or "????", packet)
-    if packet.leap == Leap.UNSYNCHRONIZED or packet.stratum >= STRATUM_UNSPECIFIED:
+    if packet.stratum == 0 and all(65 <= byte <= 90 or 48 <= byte <= 57 for byte in packet.refid):
+        # A kiss code is four ASCII letters (RFC 5905 §7.4); an unsynchronised server
+        # (chrony's habit, and ours) sends stratum 0 with a zero refid instead.
+        raise KissOfDeath(packet.kiss_code, packet)
+    if packet.leap == Leap.UNSYNCHRONIZED or packet.stratum in (0, STRATUM_UNSPECIFIED) \
+            or packet.stratum > STRATUM_UNSPECIFIED:
         raise BogusReply("server is not synchronised (LI=3 or stratum 16)")
     if packet.transmit_ts == 0 or packet.receive_ts == 0:
         raise BogusReply("server left its receive or transmit timestamp empty")

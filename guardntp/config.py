@@ -40,6 +40,7 @@ class ClockConfig:
     samples: int = 4
     lost_after: float = 1024.0
     allow_step: bool = False
+    chronyc_socket: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ServerConfig:
     listen: tuple[ListenSpec, ...] = (ListenSpec("127.0.0.1", 12300),)
     state_dir: str = ""
     workers: int = 1
+    #: Drop to this user (and group) after binding; empty: stay as started.
+    user: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,13 @@ def _deny_action(value: Any) -> Action:
 
 
 _SERVER_KEYS: dict[str, _Check] = {
-    "listen": _listen, "state_dir": _string, "workers": _int_in(1, 64)}
+    "listen": _listen, "state_dir": _string, "workers": _int_in(1, 64),
+    "user": _string, "group": _string}
 _CLOCK_KEYS: dict[str, _Check] = {
     "source": _choice("system", "upstream", "local"), "stratum": _int_in(1, 15),
     "refid": _string, "precision": _int_in(-32, 0), "upstreams": _strings,
     "poll": _int_in(16, 65536), "samples": _int_in(1, 16),
-    "lost_after": _positive_number, "allow_step": _bool}
+    "lost_after": _positive_number, "allow_step": _bool, "chronyc_socket": _string}
 _FILTER_KEYS: dict[str, _Check] = {
     "answer_symmetric": _bool, "reflection_ports": _ports,
     "source_rate": _positive_number, "source_burst": _int_in(1, 1 << 20),
@@ -177,18 +182,47 @@ _ACL_ACTIONS = ("allow", "exempt", "deny", "drop", "deny-kod")
 EXTRA_SECTIONS = ("auth", "control", "metrics", "log", "blocklist")
 
 
+def _metrics_listen(value: Any) -> ListenSpec | None:
+    text = _string(value).strip()
+    if not text:
+        return None  # no metrics endpoint
+    spec = parse_listen(text, default_port=0)
+    if spec.port == 0:
+        raise ValueError(f"{text!r}: needs a port, e.g. \"127.0.0.1:9976\"")
+    return spec
+
+
+#: Extra sections whose keys are checked here (with line numbers); the values in
+#: ``Config.extra`` are then the checked ones. Others pass through as read.
+_EXTRA_KEYS: dict[str, dict[str, _Check]] = {
+    "metrics": {"listen": _metrics_listen},
+    "log": {"format": _choice("text", "json"),
+            "level": _choice("debug", "info", "warning", "error"),
+            "repeat_limit": _int_in(1, 1 << 20), "repeat_interval_s": _positive_number},
+}
+
+
 class _Reader:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.lines = text.splitlines()
 
     def line_of(self, dotted: str) -> str:
-        """``:N`` for the line that sets the last part of ``dotted``, if it can be found."""
-        leaf = dotted.rsplit(".", 1)[-1].split("[")[0]
+        """``:N`` for the line that sets the last part of ``dotted``, if it can be found;
+        looked for first under its ``[section]`` header (``listen`` is in several)."""
+        section, _, leaf = dotted.rpartition(".")
+        leaf = leaf.split("[")[0]
         pattern = re.compile(rf"^\s*\"?{re.escape(leaf)}\"?\s*=")
-        for number, line in enumerate(self.lines, 1):
-            if pattern.match(line):
-                return f":{number}"
+        start, end = 0, len(self.lines)
+        headers = [n for n, line in enumerate(self.lines) if line.lstrip().startswith("[")]
+        for n in headers:
+            if section and self.lines[n].strip() == f"[{section}]":
+                start = n
+                end = next((later for later in headers if later > n), len(self.lines))
+                break
+        for number in [*range(start, end), *range(len(self.lines))]:
+            if pattern.match(self.lines[number]) or self.lines[number].strip() == f"[{leaf}]":
+                return f":{number + 1}"
         return ""
 
     def fail(self, dotted: str, message: str) -> ConfigError:
@@ -240,6 +274,8 @@ def parse_config(text: str, path: str = "<config>", deny_default: Action | None 
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise reader.fail(name, f"must be a table ([{name}])")
+        if name in _EXTRA_KEYS:
+            table = reader.section(data, name, _EXTRA_KEYS[name])
         extra[name] = table
     return Config(server=server, clock=clock, filter=policy, extra=extra, path=path)
 
@@ -252,7 +288,8 @@ def _labels(reader: _Reader, table: Any) -> dict[str, LabelPolicy]:
         if label not in fingerprint.PACKET_LABELS:
             raise reader.fail(f"filter.labels.{label}", "unknown label (known: "
                               + ", ".join(fingerprint.PACKET_LABELS) + ")")
-        checked = reader.section({"x": values}, "x", _LABEL_KEYS)
+        where = f"filter.labels.{label}"  # errors name the full key, not a placeholder
+        checked = reader.section({where: values}, where, _LABEL_KEYS)
         base = policies.get(label, LabelPolicy(FilterPolicy.source_rate,
                                                FilterPolicy.source_burst))
         policies[label] = replace(base, **checked)

@@ -44,7 +44,7 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_answering(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
+def wait_until_answering(port: int, host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
     """Poll with guardntp's own client until the server answers (or fail)."""
     from guardntp import client
 
@@ -119,14 +119,16 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def chronyd_query(port: int, host: str = "127.0.0.1", timeout_s: int = 10,
-                  extra: str = "", conf_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+                  extra: str = "", conf_dir: Path | None = None,
+                  extra_config: str = "") -> subprocess.CompletedProcess[str]:
     """``chronyd -Q``: query once without touching the clock; output has
-    "System clock wrong by X seconds (ignored)" when chronyd accepted the server."""
+    "System clock wrong by X seconds (ignored)" when chronyd accepted the server.
+    ``extra_config`` adds lines to the conf file (e.g. ``keyfile``; needs ``conf_dir``)."""
     line = f"server {host} port {port} iburst maxsamples 4 {extra}".strip()
     args = ["chronyd", "-Q", "-t", str(timeout_s)]
     if conf_dir is not None:
         # Keep chronyd's pid/socket files out of /run when several run at once.
-        args += ["-u", "root", "-f", str(_chrony_conf(conf_dir, line))]
+        args += ["-u", "root", "-f", str(_chrony_conf(conf_dir, f"{line}\n{extra_config}"))]
     else:
         args += [line]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s + 15,
@@ -155,3 +157,50 @@ def run_in_netns(script: str, timeout_s: float = 60) -> subprocess.CompletedProc
     return subprocess.run(["unshare", "-n", "bash", "-c", "ip link set lo up\n" + script],
                           capture_output=True, text=True, timeout=timeout_s, check=False,
                           cwd=REPO)
+
+
+class InProcessServer:
+    """A real `Server` on a loopback socket, run in a thread, with its pipeline in reach.
+
+    ``events`` records (monotonic ns, packed source, reason) for every packet, so a
+    test can see what a real peer sent and what it got, without trusting logs.
+    """
+
+    def __init__(self, policy=None, host: str = "127.0.0.1", port: int | None = None) -> None:
+        import threading
+
+        from guardntp.filter.pipeline import Pipeline
+        from guardntp.filter.policy import FilterPolicy
+        from guardntp.netaddr import ListenSpec
+        from guardntp.responder import Responder
+        from guardntp.server import Server, open_socket
+        from guardntp.timesources.local import LocalClock
+
+        self.port = port or free_udp_port(host)
+        source = LocalClock()
+        now = time.time_ns()
+        self.pipeline = Pipeline(policy or FilterPolicy(), Responder(source.state(now), now))
+        self.events: list[tuple[int, bytes, object]] = []
+        decide = self.pipeline.decide
+
+        def recording_decide(data, packed, port, recv_ns, now_ns):
+            decision = decide(data, packed, port, recv_ns, now_ns)
+            self.events.append((now_ns, packed, decision[0]))
+            return decision
+
+        self.pipeline.decide = recording_decide  # type: ignore[method-assign]
+        self.sock = open_socket(ListenSpec(host, self.port))
+        self.server = Server([self.sock], self.pipeline, source)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+    def reasons_from(self, packed: bytes | None = None) -> list[object]:
+        return [reason for _, source, reason in self.events if packed is None or source == packed]

@@ -7,7 +7,10 @@ import json
 import sys
 
 from .. import client
+from ..auth.client import Transform, client_key, client_signing
+from ..auth.keys import MAX_KEY_ID
 from ..cli import CommandError
+from ..config import ConfigError
 from ..setclock import ClockChangeError, apply_offset
 from ..timestamps import short_to_ns
 from ..wire import KISS_CODES, Mode, refid_to_text
@@ -29,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--set-clock", action="store_true",
                         help="step or slew the system clock by the offset (needs root)")
+    parser.add_argument("--key-file", metavar="FILE",
+                        help="symmetric keys in chrony's format (see docs/auth.md)")
+    parser.add_argument("--key-id", type=int, metavar="N",
+                        help="sign requests and verify replies with key N (without "
+                        "--key-file: HMAC-SHA256 with the secret in $NTP_SECRET_KEY)")
     parser.set_defaults(func=run)
 
 
@@ -81,9 +89,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def signing_for(args: argparse.Namespace) -> tuple[object, object]:
+def signing_for(args: argparse.Namespace) -> tuple[Transform | None, Transform | None]:
     """(sign, verify) callables for authenticated queries; (None, None) without keys."""
-    return None, None
+    if args.key_id is None:
+        if args.key_file:
+            raise CommandError("--key-file needs --key-id N: which key to sign with", 2)
+        return None, None
+    if not 0 <= args.key_id <= MAX_KEY_ID:
+        raise CommandError(f"--key-id must be 0-{MAX_KEY_ID}", 2)
+    try:
+        key = client_key(args.key_file, args.key_id)
+    except ConfigError as error:
+        raise CommandError(str(error), 2) from None
+    return client_signing(key, args.ntp_version)
 
 
 def describe(server: str, sample: client.Sample, count: int) -> dict[str, object]:

@@ -8,12 +8,18 @@ import os
 import time
 from dataclasses import replace
 
+from .. import operations
+from ..auth.settings import authenticator_for
+from ..blocklist.live import setup_blocklist
 from ..cli import CommandError
 from ..config import Config, ConfigError, apply_overrides, load_config
+from ..control.service import setup_control
 from ..filter.pipeline import Pipeline
+from ..logs import LogSetup
 from ..netaddr import BadAddress, parse_listen
 from ..responder import Responder
 from ..server import ListenError, Server, open_socket
+from ..systemd import describe_sockets
 from ..timesources import make_source, measure_precision
 
 log = logging.getLogger("guardntp")
@@ -41,6 +47,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="state directory (also GUARDNTP_STATE_DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any configuration key, e.g. filter.source_rate=1.0")
+    parser.add_argument("--key-file", metavar="FILE",
+                        help="symmetric keys in chrony's format (overrides auth.key_file)")
+    parser.add_argument("--user", metavar="USER",
+                        help="drop to this user after binding (overrides server.user)")
+    parser.add_argument("--group", metavar="GROUP",
+                        help="and this group (default: the user's own; server.group)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics here, e.g. 127.0.0.1:9976; "
+                        "'off' for none (overrides metrics.listen)")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="log line format (overrides log.format)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="least severe level logged (overrides log.level and -v)")
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -60,7 +79,8 @@ def build_config(args: argparse.Namespace) -> Config:
             clock = replace(clock, stratum=args.stratum)
         if args.upstream:
             clock = replace(clock, upstreams=tuple(args.upstream))
-        return replace(config, server=server, clock=clock)
+        server, extra = operations.apply_flags(args, server, config.extra)
+        return replace(config, server=server, clock=clock, extra=extra)
     except (ConfigError, BadAddress) as error:
         raise CommandError(str(error), 2) from None
 
@@ -74,9 +94,11 @@ class Service:
     metrics) register readers and timers on ``self.server``.
     """
 
-    def __init__(self, args: argparse.Namespace, config: Config) -> None:
+    def __init__(self, args: argparse.Namespace, config: Config,
+                 log_setup: LogSetup | None = None) -> None:
         self.args = args
         self.config = config
+        self.operations = operations.Operations(config, log_setup)
         self.state_dir = config.state_dir
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -88,24 +110,37 @@ class Service:
             self.source = make_source(config.clock, precision)
         except ValueError as error:
             raise CommandError(str(error), 2) from None
+        try:  # keys before sockets: a bad key file fails fast, before binding port 123
+            self.authenticator = authenticator_for(config, getattr(args, "key_file", None))
+        except ConfigError as error:
+            raise CommandError(str(error), 2) from None
         try:
-            self.sockets = [open_socket(spec) for spec in config.server.listen]
+            self.sockets = self.operations.inherited_sockets() or [
+                open_socket(spec) for spec in config.server.listen]
         except ListenError as error:
             raise CommandError(str(error)) from None
         now = time.time_ns()
-        self.pipeline = Pipeline(config.filter, Responder(self.source.state(now), now))
+        self.pipeline = Pipeline(config.filter, Responder(self.source.state(now), now),
+                                 authenticator=self.authenticator)
         self.server = Server(self.sockets, self.pipeline, self.source)
+        self.blocklist = setup_blocklist(self)  # the store's entries, live; auto blocks
+        self.control = setup_control(self)      # clients, stats, reload over a Unix socket
 
     def reload(self) -> str:
         """Re-read the configuration; raises ConfigError (the running one is kept)."""
         try:
             new = build_config(self.args)
         except CommandError as error:
+            self.operations.reload_rejected()
             raise ConfigError(str(error)) from None
+        # Keys are re-read too (a rotated key file takes effect); a bad one keeps the old.
+        authenticator = authenticator_for(new, getattr(self.args, "key_file", None))
         if new.server.listen != self.config.server.listen or new.clock != self.config.clock:
             log.warning("reload: listen addresses and clock settings need a restart; "
                         "applying the filter settings only")
         self.pipeline.apply_policy(new.filter)
+        self.authenticator = self.pipeline.authenticator = authenticator
+        self.operations.reload_applied(self.config, new)
         self.config = replace(self.config, filter=new.filter, extra=new.extra)
         message = (f"reloaded {new.path}: {len(new.filter.acl)} access-list entries, "
                    f"source rate {new.filter.source_rate}/s burst {new.filter.source_burst}")
@@ -114,12 +149,17 @@ class Service:
 
     def run(self) -> int:
         self.server.install_signal_handlers()
+        self.operations.start(self)  # SIGHUP, metrics, privilege drop, READY=1
         log.info("guardntp %s serving %s with the %s clock (pid %d, state in %s)",
-                 _version(), ", ".join(str(s) for s in self.config.server.listen),
+                 _version(), describe_sockets(self.sockets),
                  self.source.name, os.getpid(), self.state_dir)
         try:
             self.server.run()
         finally:
+            self.operations.stop()
+            if self.control is not None:
+                self.control.close()
+            self.blocklist.close()
             for sock in self.sockets:
                 sock.close()
             totals = self.pipeline.counters.by_verdict()
@@ -129,7 +169,12 @@ class Service:
 
 
 def run(args: argparse.Namespace) -> int:
-    return Service(args, build_config(args)).run()
+    config = build_config(args)
+    log_setup = operations.install_logging(args, config)
+    try:
+        return Service(args, config, log_setup).run()
+    finally:
+        log_setup.uninstall()
 
 
 def _version() -> str:

@@ -54,7 +54,8 @@ def make_source(clock: ClockConfig, precision: int) -> TimeSource:
     if clock.source == "local":
         return LocalClock(clock.stratum, precision)
     if clock.source == "system":
-        return SystemClock(clock.stratum, refid_bytes(clock.refid), precision)
+        return SystemClock(clock.stratum, refid_bytes(clock.refid), precision,
+                           chronyc_socket=clock.chronyc_socket)
     return UpstreamClock([parse_upstream(text) for text in clock.upstreams], clock.poll,
                          clock.samples, clock.lost_after, clock.allow_step, precision)
 

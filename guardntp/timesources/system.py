@@ -95,11 +95,13 @@ class SystemClock:
     name = "system"
 
     def __init__(self, stratum: int = 2, refid: bytes = b"\0\0\0\0", precision: int = -20,
-                 use_chronyc: bool = True) -> None:
+                 use_chronyc: bool = True, chronyc_socket: str = "") -> None:
         self.stratum = stratum
         self.refid = refid
         self.precision = precision
         self.chronyc = shutil.which("chronyc") if use_chronyc else None
+        # chronyc's -h: a Unix socket path or host of chronyd's command port.
+        self.chronyc_host = ["-h", chronyc_socket] if chronyc_socket else []
         self._tracking: Tracking | None = None
         self._tracking_at = -CHRONYC_REFRESH_NS
         self._state: ClockState | None = None
@@ -116,7 +118,8 @@ class SystemClock:
         if self.chronyc is None:
             return
         try:
-            result = subprocess.run([self.chronyc, "-c", "-n", "tracking"], capture_output=True,
+            result = subprocess.run([self.chronyc, *self.chronyc_host, "-c", "-n", "tracking"],
+                                    capture_output=True,
                                     text=True, timeout=2, check=False)
             self._tracking = parse_chronyc_tracking(result.stdout) if result.returncode == 0 \
                 else None

@@ -1,0 +1,209 @@
+"""The blocklist inside a running server: SQLite changes reach the filter within a second.
+
+Rule: this is the edge between the store and the pipeline. A timer on the
+server's loop asks SQLite for ``PRAGMA data_version`` (a counter that moves
+when another connection commits; no table is read) and only on a change
+reads the rows and hands them to ``Pipeline.set_blocklist``. Buckets and
+counters are untouched: only the access list is rebuilt. Expiry needs no
+timer of its own (a lookup ignores an expired entry); the list is still
+rebuilt when the next entry lapses, to keep the table small.
+
+The server's connection waits at most ``BUSY_MS`` for a lock: a long import
+by the CLI must not stall the packet loop, so a busy moment is retried on the
+next tick instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..filter.acl import AclEntry
+from .auto import AutoBlocker, AutoPolicy, BadAutoSettings, network_of_key, parse_auto_policy
+from .entries import BlockEntry, format_duration
+from .store import BlockStore, StoreError, entry_from_row
+
+if TYPE_CHECKING:
+    from ..commands.serve import Service
+    from ..filter.pipeline import Pipeline
+
+log = logging.getLogger("guardntp.blocklist")
+
+#: How often the server looks for changes: well inside the promised second.
+REFRESH_S = 0.25
+#: How long the server's connection waits for a lock before trying again next tick.
+BUSY_MS = 20
+#: Expired rows are deleted from the file this often (by whoever writes first).
+PURGE_S = 60.0
+#: Automatic blocks waiting for the lock; beyond this a flood of new offenders waits.
+MAX_PENDING_AUTO = 4096
+
+_Row = tuple[str, str, str, int, int | None, str]
+
+
+class LiveBlocklist:
+    def __init__(self, store: BlockStore, pipeline: Pipeline, auto: AutoPolicy,
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.auto = AutoBlocker(auto)
+        self.wall_ns = wall_ns
+        self.monotonic_ns = monotonic_ns
+        self._version: int | None = None
+        self._next_expiry_ns: int | None = None
+        self._cache: dict[_Row, AclEntry] = {}
+        self._pending_auto: dict[bytes, BlockEntry] = {}
+        self._last_purge = 0.0
+        self._settings_source: object = None
+        # What `guardntp stats` reports.
+        self.active_entries = 0
+        self.loads = 0
+        self.auto_blocked = 0
+        self.last_error = ""
+
+    # ------------------------------------------------------------------ timer
+
+    def refresh(self) -> None:
+        """The periodic task: reload on a change or a lapse; run the auto scan."""
+        now_ns = self.wall_ns()
+        try:
+            self._write_pending_auto(now_ns)
+            version = self.store.data_version()
+            expiry = self._next_expiry_ns
+            if version != self._version or (expiry is not None and now_ns >= expiry):
+                self._version = version
+                self.load(now_ns)
+            if time.monotonic() - self._last_purge >= PURGE_S:
+                self._last_purge = time.monotonic()
+                self.store.purge_expired(now_ns)
+            self.last_error = ""
+        except StoreError as error:
+            if str(error) != self.last_error:
+                log.warning("blocklist: %s (retrying)", error)
+            self.last_error = str(error)
+        if self.auto.policy.enabled:
+            self._scan(now_ns)
+
+    def load(self, now_ns: int) -> None:
+        """Read every row and give the live ones to the filter."""
+        cache = self._cache
+        fresh: dict[_Row, AclEntry] = {}
+        next_expiry: int | None = None
+        for row in self.store.rows():
+            expires_ns = row[4]
+            if expires_ns is not None:
+                if expires_ns <= now_ns:
+                    continue
+                next_expiry = expires_ns if next_expiry is None else min(next_expiry,
+                                                                          expires_ns)
+            entry = cache.get(row)
+            fresh[row] = entry if entry is not None else entry_from_row(row).acl_entry()
+        self._cache = fresh
+        self._next_expiry_ns = next_expiry
+        self.pipeline.set_blocklist(list(fresh.values()))
+        self.active_entries = len(fresh)
+        self.loads += 1
+        log.debug("blocklist: %d active entries", len(fresh))
+
+    # ------------------------------------------------------------------ automatic blocks
+
+    def set_auto_policy(self, policy: AutoPolicy) -> None:
+        if policy != self.auto.policy:
+            self.auto.policy = policy
+            state = (f"on (after {policy.after_s:g}s over the limit, ttl "
+                     f"{format_duration(policy.ttl_s)})" if policy.enabled else "off")
+            log.info("blocklist: automatic blocking %s", state)
+
+    def follow_settings(self, section: dict[str, Any] | None) -> None:
+        """Take ``[blocklist]`` anew after a reload (checked by identity: cheap per tick)."""
+        if section is self._settings_source:
+            return
+        self._settings_source = section
+        try:
+            self.set_auto_policy(parse_auto_policy(section or {}))
+        except BadAutoSettings as error:
+            log.error("reload: %s; keeping the previous automatic-blocking settings", error)
+
+    def _scan(self, wall_now_ns: int) -> None:
+        due = self.auto.scan(self.pipeline.sources.records, self.monotonic_ns())
+        policy = self.auto.policy
+        for key, rate in due:
+            if len(self._pending_auto) >= MAX_PENDING_AUTO:
+                break
+            network = network_of_key(key)
+            self._pending_auto[key] = BlockEntry(
+                network, policy.action,
+                f"auto: {rate:.1f} limited requests/s for over {policy.after_s:g}s",
+                wall_now_ns, wall_now_ns + policy.ttl_s * 1_000_000_000, "auto")
+            log.warning("blocklist: auto-blocking %s for %s (%.1f limited requests/s)",
+                        network, format_duration(policy.ttl_s), rate)
+        if due:
+            try:
+                self._write_pending_auto(wall_now_ns)
+            except StoreError as error:
+                log.info("blocklist: auto entries wait for the lock: %s", error)
+
+    def _write_pending_auto(self, now_ns: int) -> None:
+        if not self._pending_auto:
+            return
+        entries = list(self._pending_auto.values())
+        self.store.upsert(entries, now_ns)
+        self._pending_auto.clear()
+        self.auto_blocked += len(entries)
+        # Our own commit does not move our data_version: load now.
+        self.load(now_ns)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def future_owner(service: Service) -> tuple[int, int] | None:
+    """(uid, gid) the server drops to after start (``server.user``), if it does."""
+    identity = getattr(getattr(service, "operations", None), "identity", None)
+    if identity is None or os.geteuid() != 0:
+        return None
+    return int(identity.uid), int(identity.gid)
+
+
+def setup_blocklist(service: Service) -> LiveBlocklist:
+    """Open the store under the state directory, apply it, and start the timer."""
+    from ..cli import CommandError
+
+    section = service.config.extra.get("blocklist", {})
+    try:
+        policy = parse_auto_policy(section)
+    except BadAutoSettings as error:
+        raise CommandError(f"{service.config.path}: {error}", 2) from None
+    try:
+        # Patient while starting (an import may hold the lock), brief once serving.
+        store = BlockStore.in_state_dir(service.state_dir)
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}") from None
+    live = LiveBlocklist(store, service.pipeline, policy)
+    live._settings_source = section
+    try:
+        live._version = store.data_version()
+        live.load(live.wall_ns())
+        store.set_busy_timeout(BUSY_MS)
+        owner = future_owner(service)
+        if owner is not None:
+            store.hand_over(*owner)
+    except StoreError as error:
+        store.close()
+        raise CommandError(f"blocklist: {error}") from None
+    except OSError as error:
+        store.close()
+        raise CommandError(f"blocklist: {store.path}: {error.strerror}") from None
+    if live.active_entries:
+        log.info("blocklist: %d active entries from %s", live.active_entries, store.path)
+
+    def tick() -> None:
+        live.follow_settings(service.config.extra.get("blocklist"))
+        live.refresh()
+
+    service.server.add_periodic(REFRESH_S, tick)
+    return live

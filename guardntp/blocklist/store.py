@@ -1,0 +1,196 @@
+"""The blocklist on disk: one SQLite file in the state directory.
+
+Rule: every change is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction, so a
+writer killed at any instant leaves the file as it was before or after the
+change, never in between (an import of ten thousand lines is all or nothing).
+WAL mode lets the server read while the CLI writes; ``BEGIN IMMEDIATE`` takes
+the write lock up front, so two writers queue on the busy timeout instead of
+one failing on a lock upgrade. ``synchronous = FULL``: a committed block
+survives a power cut too, and writes are rare enough not to mind the fsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .entries import ACTIONS, ORIGINS, BlockEntry, Network
+
+FILENAME = "blocklist.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = (f"""
+CREATE TABLE IF NOT EXISTS blocks (
+    cidr       TEXT PRIMARY KEY,              -- normalised: no host bits, e.g. 192.0.2.0/24
+    action     TEXT NOT NULL CHECK (action IN ({", ".join(repr(a) for a in ACTIONS)})),
+    reason     TEXT NOT NULL DEFAULT '',
+    created_ns INTEGER NOT NULL,              -- wall-clock Unix ns
+    expires_ns INTEGER,                       -- wall-clock Unix ns; NULL = never
+    origin     TEXT NOT NULL CHECK (origin IN ({", ".join(repr(o) for o in ORIGINS)}))
+)""", "CREATE INDEX IF NOT EXISTS blocks_by_expiry ON blocks (expires_ns)")
+
+
+class StoreError(Exception):
+    """The blocklist file cannot be used; the message names it and says why."""
+
+
+class BlockStore:
+    """One connection to the blocklist file. Not shared between threads."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 10_000, create: bool = True) -> None:
+        self.path = path
+        if not create and not path.exists():
+            raise StoreError(f"{path}: no blocklist yet")
+        try:
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{path}: cannot switch to WAL mode (got {mode})")
+            self.db.execute("PRAGMA synchronous = FULL")
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                # Statement by statement: executescript() would COMMIT our transaction.
+                with self.transaction():
+                    for statement in _SCHEMA:
+                        self.db.execute(statement)
+                    self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as error:
+            raise StoreError(f"{path}: {error}") from None
+        except OSError as error:
+            raise StoreError(f"{path.parent}: {error.strerror}") from None
+        _hand_to_directory_owner(path)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path, busy_timeout_ms: int = 10_000,
+                     create: bool = True) -> BlockStore:
+        return cls(state_dir / FILENAME, busy_timeout_ms, create)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def hand_over(self, uid: int, gid: int) -> None:
+        """Give the file (and its -wal, -shm) to the user a server is about to become."""
+        for name in (self.path.name, self.path.name + "-wal", self.path.name + "-shm"):
+            candidate = self.path.parent / name
+            if candidate.exists():
+                os.chown(candidate, uid, gid)
+
+    def set_busy_timeout(self, busy_timeout_ms: int) -> None:
+        self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls the whole change back."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(self, entries: Iterable[BlockEntry], now_ns: int,
+               replace_origin: str | None = None) -> tuple[int, int]:
+        """Add or update entries in one transaction: (added, updated).
+
+        ``replace_origin``: first remove every entry of that origin (a feed that
+        is re-imported whole). Expired entries are purged in the same transaction.
+        """
+        added = updated = 0
+        try:
+            with self.transaction() as db:
+                self._purge(db, now_ns)
+                if replace_origin is not None:
+                    db.execute("DELETE FROM blocks WHERE origin = ?", (replace_origin,))
+                for entry in entries:
+                    cursor = db.execute(
+                        "UPDATE blocks SET action = ?, reason = ?, created_ns = ?, "
+                        "expires_ns = ?, origin = ? WHERE cidr = ?",
+                        (entry.action, entry.reason, entry.created_ns, entry.expires_ns,
+                         entry.origin, entry.cidr))
+                    if cursor.rowcount:
+                        updated += 1
+                        continue
+                    db.execute("INSERT INTO blocks (cidr, action, reason, created_ns, "
+                               "expires_ns, origin) VALUES (?, ?, ?, ?, ?, ?)",
+                               (entry.cidr, entry.action, entry.reason, entry.created_ns,
+                                entry.expires_ns, entry.origin))
+                    added += 1
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+        return added, updated
+
+    def remove(self, network: Network, now_ns: int) -> bool:
+        try:
+            with self.transaction() as db:
+                self._purge(db, now_ns)
+                return db.execute("DELETE FROM blocks WHERE cidr = ?",
+                                  (str(network),)).rowcount > 0
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+
+    def purge_expired(self, now_ns: int) -> int:
+        try:
+            with self.transaction() as db:
+                return self._purge(db, now_ns)
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+
+    @staticmethod
+    def _purge(db: sqlite3.Connection, now_ns: int) -> int:
+        return db.execute("DELETE FROM blocks WHERE expires_ns IS NOT NULL AND expires_ns <= ?",
+                          (now_ns,)).rowcount
+
+    # ------------------------------------------------------------------ reads
+
+    def rows(self) -> list[tuple[str, str, str, int, int | None, str]]:
+        """Every row as stored (expired ones included), in CIDR order."""
+        try:
+            return self.db.execute("SELECT cidr, action, reason, created_ns, expires_ns, origin "
+                                   "FROM blocks ORDER BY cidr").fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+
+    def entries(self) -> list[BlockEntry]:
+        return [entry_from_row(row) for row in self.rows()]
+
+    def get(self, network: Network) -> BlockEntry | None:
+        row = self.db.execute("SELECT cidr, action, reason, created_ns, expires_ns, origin "
+                              "FROM blocks WHERE cidr = ?", (str(network),)).fetchone()
+        return entry_from_row(row) if row else None
+
+    def data_version(self) -> int:
+        """Changes when *another* connection commits (SQLite's own change counter)."""
+        try:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+
+
+def entry_from_row(row: tuple[str, str, str, int, int | None, str]) -> BlockEntry:
+    cidr, action, reason, created_ns, expires_ns, origin = row
+    return BlockEntry(ipaddress.ip_network(cidr), action, reason, created_ns, expires_ns, origin)
+
+
+def _hand_to_directory_owner(path: Path) -> None:
+    """Root running the CLI must not leave files the server's own user cannot write:
+    SQLite in WAL mode needs write access to the -wal and -shm files even to read."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = path.parent.stat()
+        for name in (path.name, path.name + "-wal", path.name + "-shm"):
+            candidate = path.parent / name
+            if candidate.exists() and candidate.stat().st_uid != owner.st_uid:
+                os.chown(candidate, owner.st_uid, owner.st_gid)
+    except OSError:
+        pass  # best effort: the server reports a permission problem itself

@@ -1,0 +1,276 @@
+"""``guardntp block add|remove|list|import|export``: edit the blocklist on disk.
+
+A running server with the same state directory applies every change within a
+second (``guardntp/blocklist/live.py``); nothing here talks to it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..blocklist.entries import (
+    ACTIONS,
+    EXPORTERS,
+    BadDuration,
+    BadImportFile,
+    BlockEntry,
+    describe_expiry,
+    entry_json,
+    format_table,
+    parse_cidr,
+    parse_duration,
+    parse_import,
+)
+from ..blocklist.store import FILENAME, BlockStore, StoreError
+from ..cli import CommandError
+from ..config import ConfigError, load_config, resolve_state_dir
+from ..netaddr import BadAddress
+
+#: An import with more bad lines than this lists the first ones and a count.
+MAX_REPORTED_LINES = 50
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    add_state_arguments(common)
+    parser = subparsers.add_parser(
+        "block", help="add, remove, list, import or export blocklist entries",
+        description="Edit the blocklist in the state directory. A running server with "
+        "the same state directory applies every change within a second.")
+    actions = parser.add_subparsers(dest="block_command", metavar="ACTION", required=True,
+                                    parser_class=type(parser))
+
+    add = actions.add_parser("add", parents=[common], help="block a CIDR or address",
+                             description="Block a CIDR (or one address). Adding a CIDR "
+                             "that is already listed replaces its action, reason and TTL.")
+    add.add_argument("cidr", metavar="CIDR", help="e.g. 192.0.2.0/24, 198.51.100.7, 2001:db8::/48")
+    add_entry_options(add)
+    add.set_defaults(func=run_add)
+
+    remove = actions.add_parser("remove", parents=[common], help="unblock a CIDR")
+    remove.add_argument("cidr", metavar="CIDR", help="exactly as listed by `block list`")
+    remove.set_defaults(func=run_remove)
+
+    listing = actions.add_parser("list", parents=[common], help="show the blocklist")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--all", action="store_true",
+                         help="include expired entries not yet purged")
+    listing.set_defaults(func=run_list)
+
+    importing = actions.add_parser(
+        "import", parents=[common], help="block every CIDR in a file",
+        description="Block every CIDR in FILE (one per line; # starts a comment). "
+        "A file with any bad line is reported line by line and nothing is imported.")
+    importing.add_argument("file", metavar="FILE", help="the list, or - for standard input")
+    add_entry_options(importing)
+    importing.add_argument("--replace", action="store_true",
+                           help="first remove every earlier imported entry (same transaction)")
+    importing.set_defaults(func=run_import)
+
+    export = actions.add_parser(
+        "export", parents=[common], help="print the blocklist for a firewall",
+        description="Print the live entries as a plain list (re-importable), an "
+        "nftables ruleset for `nft -f`, or an iptables + ipset script.")
+    export.add_argument("--format", choices=sorted(EXPORTERS), default="plain")
+    export.add_argument("--port", type=int, default=123,
+                        help="the NTP port the firewall rules match (default 123)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="write FILE (atomically) instead of standard output")
+    export.set_defaults(func=run_export)
+
+
+def add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="state directory (default: GUARDNTP_STATE_DIR, then the "
+                        "configuration's server.state_dir, then /var/lib/guardntp)")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="take server.state_dir from this configuration")
+
+
+def add_entry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ttl", metavar="DURATION",
+                        help="expire after e.g. 90s, 15m, 2h, 7d, 1w, 1h30m (default: never)")
+    parser.add_argument("--reason", default=None, metavar="TEXT", help="why (shown in lists)")
+    parser.add_argument("--action", choices=sorted(ACTIONS), default="drop",
+                        help="drop silently (default) or send a DENY Kiss-o'-Death")
+
+
+def state_dir_from(args: argparse.Namespace) -> Path:
+    """``--state-dir``, else ``GUARDNTP_STATE_DIR``, else the configuration's, else the default."""
+    if args.state_dir:
+        return Path(args.state_dir).expanduser()
+    configured = ""
+    if args.config:
+        try:
+            configured = load_config(args.config).server.state_dir
+        except ConfigError as error:
+            raise CommandError(str(error), 2) from None
+    return resolve_state_dir(configured)
+
+
+def _open(args: argparse.Namespace, create: bool = True) -> BlockStore:
+    try:
+        return BlockStore.in_state_dir(state_dir_from(args), create=create)
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}") from None
+
+
+def _ttl_ns(args: argparse.Namespace) -> int | None:
+    if args.ttl is None:
+        return None
+    try:
+        return parse_duration(args.ttl) * 1_000_000_000
+    except BadDuration as error:
+        raise CommandError(f"--ttl {error}", 2) from None
+
+
+def _cidr(text: str) -> BlockEntry:
+    try:
+        return BlockEntry(parse_cidr(text))
+    except BadAddress as error:
+        raise CommandError(str(error), 2) from None
+
+
+# ---------------------------------------------------------------------------- actions
+
+def run_add(args: argparse.Namespace) -> int:
+    network = _cidr(args.cidr).network
+    ttl_ns = _ttl_ns(args)
+    now_ns = time.time_ns()
+    entry = BlockEntry(network, args.action, _one_line(args.reason or ""), now_ns,
+                       None if ttl_ns is None else now_ns + ttl_ns, "manual")
+    store = _open(args)
+    try:
+        added, _ = store.upsert([entry], now_ns)
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}") from None
+    finally:
+        store.close()
+    print(f"{'blocked' if added else 'updated'} {entry.cidr}: {entry.action}, expires "
+          f"{describe_expiry(entry, now_ns)}" + (f", reason: {entry.reason}" if entry.reason
+                                                 else ""))
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    network = _cidr(args.cidr).network
+    if not _store_exists(args):
+        raise CommandError(f"{network} is not in the blocklist (there is no blocklist in "
+                           f"{state_dir_from(args)} yet)")
+    store = _open(args, create=False)
+    try:
+        removed = store.remove(network, time.time_ns())
+        listed = [] if removed else [e for e in store.entries()
+                                     if network.overlaps(e.network)]
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}") from None
+    finally:
+        store.close()
+    if not removed:
+        hint = (" (overlapping entries: " + ", ".join(e.cidr for e in listed[:5]) + ")"
+                if listed else "")
+        raise CommandError(f"{network} is not in the blocklist{hint}")
+    print(f"removed {network}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    now_ns = time.time_ns()
+    entries = _entries(args)
+    shown = [e for e in entries if args.all or e.active(now_ns)]
+    if args.json:
+        json.dump([entry_json(e, now_ns) for e in shown], sys.stdout, indent=2)
+        print()
+        return 0
+    if not shown:
+        print("the blocklist is empty" + ("" if len(entries) == len(shown) else
+                                          f" ({len(entries)} expired; --all shows them)"))
+        return 0
+    sys.stdout.write(format_table(shown, now_ns))
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    name = "<stdin>" if args.file == "-" else args.file
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as error:
+        raise CommandError(f"{name}: cannot read: {error.strerror}") from None
+    try:
+        networks = parse_import(raw.decode("utf-8", errors="replace"))
+    except BadImportFile as error:
+        for number, message in error.problems[:MAX_REPORTED_LINES]:
+            print(f"{name}:{number}: {message}", file=sys.stderr)
+        if len(error.problems) > MAX_REPORTED_LINES:
+            print(f"{name}: ... and {len(error.problems) - MAX_REPORTED_LINES} more bad lines",
+                  file=sys.stderr)
+        raise CommandError(f"{name}: {len(error.problems)} bad line(s); nothing imported") \
+            from None
+    ttl_ns = _ttl_ns(args)
+    now_ns = time.time_ns()
+    reason = _one_line(args.reason if args.reason is not None else f"import {name}")
+    expires_ns = None if ttl_ns is None else now_ns + ttl_ns
+    entries = [BlockEntry(network, args.action, reason, now_ns, expires_ns, "import")
+               for network in networks]
+    store = _open(args)
+    try:
+        added, updated = store.upsert(entries, now_ns,
+                                      replace_origin="import" if args.replace else None)
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}; nothing imported") from None
+    finally:
+        store.close()
+    print(f"imported {len(entries)} entries from {name}: {added} new, {updated} updated")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise CommandError(f"--port {args.port}: must be 1-65535", 2)
+    now_ns = time.time_ns()
+    entries = sorted(_entries(args), key=lambda e: (e.network.version,
+                                                    e.network.network_address,
+                                                    e.network.prefixlen))
+    exporter = EXPORTERS[args.format]
+    text = exporter(entries, now_ns, args.port)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    target = Path(args.output)
+    try:
+        # A firewall reload must never read half a file: write aside, then rename.
+        with tempfile.NamedTemporaryFile("w", dir=target.parent or ".", prefix=".guardntp-",
+                                         delete=False) as temporary:
+            temporary.write(text)
+        os.replace(temporary.name, target)
+    except OSError as error:
+        raise CommandError(f"{target}: cannot write: {error.strerror}") from None
+    return 0
+
+
+def _entries(args: argparse.Namespace) -> list[BlockEntry]:
+    if not _store_exists(args):
+        return []
+    store = _open(args, create=False)
+    try:
+        return sorted(store.entries(), key=lambda e: (e.network.version,
+                                                      e.network.network_address,
+                                                      e.network.prefixlen))
+    except StoreError as error:
+        raise CommandError(f"blocklist: {error}") from None
+    finally:
+        store.close()
+
+
+def _store_exists(args: argparse.Namespace) -> bool:
+    return (state_dir_from(args) / FILENAME).exists()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,6 @@
+"""The local control channel of a running server (``guardntp clients|stats|reload``).
+
+* ``reports``  top talkers and counters from the filter's tables (pure)
+* ``channel``  the Unix socket: non-blocking on the server's loop, peer uid checked
+* ``service``  the commands bound to a running ``Service``; ``setup_control``
+"""

@@ -1,0 +1,147 @@
+"""What ``guardntp clients`` and ``guardntp stats`` report, built from the filter's tables.
+
+Rule: pure. Functions take the pipeline's tables and the monotonic time and
+return plain dicts and lists (JSON as sent over the control socket); the
+text forms for a terminal are here too, so the CLI only prints.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..filter import fingerprint
+from ..filter.pipeline import (
+    DROPS,
+    FIRST_SEEN,
+    KODS,
+    LABEL,
+    LAST_SEEN,
+    REQUESTS,
+    TIME_REPLIES,
+    Pipeline,
+)
+from ..timestamps import NS_PER_S
+
+_NO_INTERVAL = 1 << 62
+
+#: --sort NAME -> (key on a (table key, record) pair, largest first?)
+SORT_KEYS: dict[str, tuple[Callable[[tuple[bytes, list[Any]]], Any], bool]] = {
+    "requests": (lambda item: item[1][REQUESTS], True),
+    "replies": (lambda item: item[1][TIME_REPLIES], True),
+    "kods": (lambda item: item[1][KODS], True),
+    "drops": (lambda item: item[1][DROPS], True),
+    "last": (lambda item: item[1][LAST_SEEN], True),
+    "interval": (lambda item: fingerprint.mean_interval_ns(
+        item[1][REQUESTS], item[1][FIRST_SEEN], item[1][LAST_SEEN]) or _NO_INTERVAL, False),
+    "address": (lambda item: (len(item[0]), item[0]), False),
+}
+
+
+def source_text(key: bytes) -> str:
+    """A table key as an operator reads it: an IPv4 address, or an IPv6 prefix."""
+    if len(key) == 4:
+        return str(ipaddress.IPv4Address(key))
+    if len(key) == 16:
+        return str(ipaddress.IPv6Address(key))
+    padded = key.ljust(16, b"\0")
+    return f"{ipaddress.IPv6Address(padded)}/{len(key) * 8}"
+
+
+def client_rows(records: Mapping[bytes, list[Any]], now_ns: int, sort: str = "requests",
+                limit: int = 0) -> list[dict[str, Any]]:
+    """The top ``limit`` sources by ``sort`` (0 = all), one dict each."""
+    key, largest = SORT_KEYS[sort]
+    items = records.items()
+    if limit > 0:
+        chosen = (heapq.nlargest if largest else heapq.nsmallest)(limit, items, key=key)
+    else:
+        chosen = sorted(items, key=key, reverse=largest)
+    return [client_row(source, record, now_ns) for source, record in chosen]
+
+
+def client_row(key: bytes, record: list[Any], now_ns: int) -> dict[str, Any]:
+    requests, first, last = record[REQUESTS], record[FIRST_SEEN], record[LAST_SEEN]
+    labels = [record[LABEL]]
+    if fingerprint.is_fast_poller(requests, first, last):
+        labels.append(fingerprint.FAST_POLLER)
+    interval = fingerprint.mean_interval_ns(requests, first, last)
+    return {
+        "source": source_text(key), "label": ",".join(labels), "requests": requests,
+        "replies": record[TIME_REPLIES], "kods": record[KODS], "drops": record[DROPS],
+        "interval_s": None if interval is None else round(interval / NS_PER_S, 3),
+        "last_seen_s": round((now_ns - last) / NS_PER_S, 3),
+    }
+
+
+def stats_report(pipeline: Pipeline) -> dict[str, Any]:
+    counters = pipeline.counters
+    return {
+        "packets": counters.total(),
+        "verdicts": counters.by_verdict(),
+        "reasons": counters.by_reason(),
+        "versions": {str(v): reasons for v, reasons in counters.by_version().items()},
+        "labels": dict(pipeline.label_counts),
+        "bytes_in": counters.bytes_in, "bytes_out": counters.bytes_out,
+        "tables": {
+            name: {"entries": len(table), "max": table.max_entries,
+                   "evictions": table.evictions, "refused": table.admissions_refused}
+            for name, table in (("sources", pipeline.sources), ("prefixes", pipeline.prefixes))},
+        "table_full": pipeline.table_full,
+        "access_list_entries": len(pipeline.policy.acl),
+        "lookup_table_entries": len(pipeline.acl),   # configuration + live blocklist
+    }
+
+
+# ---------------------------------------------------------------------------- text
+
+def format_clients(rows: list[dict[str, Any]]) -> str:
+    header = ("SOURCE", "LABEL", "REQUESTS", "REPLIES", "KODS", "DROPS", "INTERVAL", "LAST")
+    table = [header] + [
+        (row["source"], row["label"], str(row["requests"]), str(row["replies"]),
+         str(row["kods"]), str(row["drops"]), _seconds(row["interval_s"]),
+         _seconds(row["last_seen_s"]) + " ago") for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    numeric = range(2, len(header))
+    return "".join(
+        "  ".join(cell.rjust(width) if column in numeric else cell.ljust(width)
+                  for column, (cell, width) in enumerate(zip(line, widths, strict=True)))
+        .rstrip() + "\n" for line in table)
+
+
+def format_stats(report: Mapping[str, Any]) -> str:
+    lines = [f"packets      {report['packets']}"]
+    lines += [f"  {verdict:<10} {count}" for verdict, count in report["verdicts"].items()]
+    lines.append("reasons")
+    lines += [f"  {reason:<18} {count}" for reason, count in
+              sorted(report["reasons"].items(), key=lambda item: -item[1])]
+    lines.append("labels")
+    lines += [f"  {label:<20} {count}" for label, count in report["labels"].items()]
+    lines.append("tables")
+    for name, table in report["tables"].items():
+        lines.append(f"  {name:<9} {table['entries']}/{table['max']} entries, "
+                     f"{table['evictions']} evictions, {table['refused']} refused")
+    lines.append(f"  table_full {report['table_full']} requests charged to the overflow bucket")
+    lines.append(f"access list  {report['access_list_entries']} entries")
+    blocklist = report.get("blocklist")
+    if blocklist:
+        lines.append(f"blocklist    {blocklist['active_entries']} active entries, "
+                     f"{blocklist['auto_blocked']} auto-blocked, automatic blocking "
+                     f"{'on' if blocklist['auto'] else 'off'}"
+                     + (f"; error: {blocklist['error']}" if blocklist["error"] else ""))
+    lines.append(f"bytes        {report['bytes_in']} in, {report['bytes_out']} out")
+    if "uptime_s" in report:
+        lines.append(f"uptime       {report['uptime_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 3600:
+        return f"{value:.0f}s"
+    return f"{value / 3600:.1f}h"

@@ -1,0 +1,431 @@
+"""Named, seeded, scalable traffic models: the documented floods and normal clients.
+
+Rule: pure. A scenario turns (seed, scale, duration) into a time-ordered stream of
+:data:`Event` tuples; no bytes are built and nothing is written here (``capture``
+does that). Figures come from ``shared/docs/incidents.md``; where a report gives
+no number (a device's poll interval, say) the value chosen is marked *assumed*.
+
+Scale multiplies the number of clients (or, for the streams of one-off spoofed
+packets, the packet rate); ``scale = 1`` is the size in :data:`SCALE_ONE` below.
+Every scenario owns its address block, so a mix never puts two scenarios behind
+one source address, and every block is a documentation, private or shared
+(RFC 6598) range.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import ipaddress
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from ..timestamps import NS_PER_S
+
+#: (offset from capture start in ns, scenario tag, client id, Kind, packed source, source port)
+Event = tuple[int, int, int, int, bytes, int]
+
+LEGITIMATE = "legitimate"
+ABUSIVE = "abusive"
+CLASSES = (LEGITIMATE, ABUSIVE)
+
+#: 2024-03-01 11:59:00 UTC: every capture starts one minute before the top of an hour.
+CAPTURE_EPOCH_NS = 1_709_294_340 * NS_PER_S
+TOP_OF_HOUR_OFFSET_S = 60
+SERVER_V4 = "127.0.0.1"
+SERVER_V6 = "::1"
+SERVER_PORT = 123
+NTPD_PORT = 123
+
+
+class Kind(enum.IntEnum):
+    """What a packet looks like; ``capture`` builds one template frame per kind and family."""
+
+    NTPV4 = 0           # chrony / ntpd / SNTPv4 client request, mode 3
+    SNTPV1 = 1          # SNTP version 1 request (Netgear, D-Link, SMC firmware)
+    W32TIME = 2         # Windows w32time: version 3, mode 1 (symmetric active)
+    MODE6_READVAR = 3   # ntpq-style control query (12 bytes)
+    MODE7_MONLIST = 4   # ntpdc MON_GETLIST_1, the monlist amplification probe (48 bytes)
+
+
+def _header(first: int, poll: int = 0, precision: int = 0, stratum: int = 0) -> bytes:
+    return bytes((first, stratum, poll, precision & 0xFF)) + bytes(44)
+
+
+#: NTP payloads; the transmit timestamp (bytes 40-47) is patched per packet for kinds
+#: in :data:`XMT_PATCHED`. Byte 0 is LI | VN << 3 | mode.
+KIND_PAYLOADS: dict[Kind, bytes] = {
+    Kind.NTPV4: _header(0x23, poll=6, precision=-20),           # LI 0, VN 4, mode 3
+    Kind.SNTPV1: _header(0x0B),                                  # LI 0, VN 1, mode 3
+    # LI 3 (unsynchronised), VN 3, mode 1; poll and precision are illustrative.
+    Kind.W32TIME: _header(0xD9, poll=10, precision=-6),
+    # VN 2, mode 6, opcode 2 (READVAR), sequence 1, no data.
+    Kind.MODE6_READVAR: bytes((0x16, 0x02, 0x00, 0x01)) + bytes(8),
+    # VN 2, mode 7, implementation 3 (XNTPD), request 42 (MON_GETLIST_1), ntpdc's 48 bytes.
+    Kind.MODE7_MONLIST: bytes((0x17, 0x00, 0x03, 0x2A)) + bytes(44),
+}
+XMT_PATCHED = frozenset({Kind.NTPV4, Kind.SNTPV1, Kind.W32TIME})
+
+#: How big each scenario is at scale 1, with where the number comes from.
+SCALE_ONE: dict[str, str] = {
+    "netgear-2003": "500 devices x 1 request/s (1/500 of Wisconsin's 250,000 packets/s)",
+    "dlink-2005": "2,083 devices x 1 request/60 s = 3 million requests/day (DIX); "
+                  "60 s per device assumed",
+    "smc-2003": "1,000 devices retrying every 30 s",
+    "mobatime-2009": "75 hosts x 1.85 requests/s = 12 million requests/day",
+    "spoofed-random": "500 packets/s, each from a new random source in 10.128.0.0/9",
+    "reflection-probes": "50 probes/s from 508 victim addresses",
+    "top-of-hour": "1,000 homes x 1-6 IoT devices at minute 0, 300 cron'd ntpdate hosts",
+    "chrony": "2,000 chrony/ntpd clients",
+    "w32time": "2,000 Windows hosts polling every 1-6 h",
+    "cgnat": "4 carrier-grade NAT addresses x 200 clients",
+    "ipv6-hosts": "1,000 IPv6 hosts, each its own /64",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    klass: str
+    summary: str
+    networks: tuple[str, ...]
+    events: Callable[[random.Random, float, int, int], Iterator[Event]]
+    """(rng, scale, duration_ns, tag) -> time-ordered events"""
+
+
+# ---------------------------------------------------------------------- building blocks
+
+def _count(base: float, scale: float) -> int:
+    return max(1, round(base * scale))
+
+
+class _AddressPool:
+    """Distinct random host addresses from one network (never its .0 or .255 hosts)."""
+
+    def __init__(self, rng: random.Random, cidr: str) -> None:
+        network = ipaddress.ip_network(cidr)
+        self.rng = rng
+        self.base = int(network.network_address)
+        self.size = network.num_addresses
+        self.width = network.max_prefixlen // 8
+        self.used: set[int] = set()
+
+    def draw(self) -> bytes:
+        while True:
+            offset = self.rng.randrange(1, self.size - 1)
+            if self.width == 4 and (offset & 0xFF) in (0, 255):
+                continue
+            if offset not in self.used:
+                self.used.add(offset)
+                return (self.base + offset).to_bytes(self.width, "big")
+
+
+def _ephemeral_port(rng: random.Random) -> int:
+    # Linux's default ip_local_port_range: never a reflection (service) port.
+    return rng.randrange(32768, 61000)
+
+
+def _merge(streams: Iterable[Iterator[Event]]) -> Iterator[Event]:
+    """Merge per-client streams (each in time order) into one time-ordered stream."""
+    heap: list[tuple[Event, int, Iterator[Event]]] = []
+    for index, stream in enumerate(streams):
+        first = next(stream, None)
+        if first is not None:
+            heap.append((first, index, stream))
+    heapq.heapify(heap)
+    while heap:
+        event, index, stream = heap[0]
+        yield event
+        following = next(stream, None)
+        if following is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (following, index, stream))
+
+
+def _periodic(rng: random.Random, first_ns: int, period_ns: int, jitter: float, end_ns: int,
+              tag: int, client: int, kind: Kind, src: bytes, port: int) -> Iterator[Event]:
+    """A device that sends every ``period_ns`` (+- ``jitter`` of it) whatever it gets back."""
+    spread = period_ns * jitter
+    t = first_ns
+    while t < end_ns:
+        yield (t, tag, client, kind, src, port)
+        t += period_ns + int((rng.random() * 2 - 1) * spread)
+
+
+#: Steady-state poll exponents of long-running chrony/ntpd clients and their shares
+#: (assumed: most sit at maxpoll 10 = 1024 s, some lower on noisy paths).
+POLL_EXPONENT_WEIGHTS = ((6, 0.10), (7, 0.10), (8, 0.15), (9, 0.25), (10, 0.40))
+#: Share of clients that (re)start inside the capture and so begin with an iburst.
+FRESH_SHARE = 0.3
+#: Share of clients that are ntpd (source port 123, iburst of 8) rather than chrony
+#: (one ephemeral port per server, iburst of 4); both send requests 2 s apart.
+NTPD_SHARE = 0.3
+#: A fresh client polls at 64 s and doubles its interval after this many polls (assumed).
+POLLS_PER_STEP = 4
+MIN_POLL = 6
+MAX_POLL = 10
+
+
+def _ntp_client(rng: random.Random, duration_ns: int, tag: int, client: int, src: bytes,
+                port: int | None = None) -> Iterator[Event]:
+    """One chrony or ntpd client: iburst then 64 s polling rising to 1024 s, or steady state."""
+    is_ntpd = rng.random() < NTPD_SHARE
+    if port is None:
+        port = NTPD_PORT if is_ntpd else _ephemeral_port(rng)
+    times: list[float] = []
+    duration_s = duration_ns / NS_PER_S
+    if rng.random() < FRESH_SHARE:
+        t = rng.uniform(0, duration_s)
+        for _ in range(8 if is_ntpd else 4):
+            times.append(t)
+            t += 2.0
+        exponent, polls = MIN_POLL, 0
+        while t < duration_s:
+            t += 2.0 ** exponent * rng.uniform(0.98, 1.02)
+            times.append(t)
+            polls += 1
+            if polls == POLLS_PER_STEP and exponent < MAX_POLL:
+                exponent, polls = exponent + 1, 0
+    else:
+        exponents, weights = zip(*POLL_EXPONENT_WEIGHTS, strict=True)
+        period = 2.0 ** rng.choices(exponents, weights)[0]
+        t = rng.uniform(0, period)
+        while t < duration_s:
+            times.append(t)
+            t += period * rng.uniform(0.98, 1.02)
+    for t in times:
+        t_ns = int(t * NS_PER_S)
+        if t_ns >= duration_ns:
+            return
+        yield (t_ns, tag, client, Kind.NTPV4, src, port)
+
+
+def _top_of_hour_marks(duration_ns: int, every_s: int) -> list[int]:
+    """Offsets of minute 0 (every 3600 s) or of every 5th minute, inside the capture."""
+    marks = []
+    t = TOP_OF_HOUR_OFFSET_S % every_s
+    while t * NS_PER_S < duration_ns:
+        marks.append(t * NS_PER_S)
+        t += every_s
+    return marks
+
+
+# ---------------------------------------------------------------------- the scenarios
+
+def _netgear(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Netgear MR814 & co.: SNTPv1 from port 23457, once a second, never backing off.
+    pool = _AddressPool(rng, "10.16.0.0/12")
+    return _merge(
+        _periodic(rng, int(rng.random() * NS_PER_S), NS_PER_S, 0.001, duration_ns, tag, client,
+                  Kind.SNTPV1, pool.draw(), 23457)
+        for client in range(_count(500, scale)))
+
+
+def _dlink(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    pool = _AddressPool(rng, "10.32.0.0/12")
+    period = 60 * NS_PER_S
+    return _merge(
+        _periodic(rng, int(rng.random() * period), period, 0.01, duration_ns, tag, client,
+                  Kind.SNTPV1, pool.draw(), _ephemeral_port(rng))
+        for client in range(_count(2083, scale)))
+
+
+def _smc(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    pool = _AddressPool(rng, "10.48.0.0/12")
+    period = 30 * NS_PER_S
+    return _merge(
+        _periodic(rng, int(rng.random() * period), period, 0.01, duration_ns, tag, client,
+                  Kind.SNTPV1, pool.draw(), _ephemeral_port(rng))
+        for client in range(_count(1000, scale)))
+
+
+def _mobatime(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # 75 hosts on one site (one /24 per 75 hosts), 12e6 / 86400 / 75 = 1.85 requests/s each.
+    period = round(86_400 * 75 / 12_000_000 * NS_PER_S)
+    hosts = _count(75, scale)
+    return _merge(
+        _periodic(rng, int(rng.random() * period), period, 0.05, duration_ns, tag, host,
+                  Kind.NTPV4, bytes((10, 75, host // 75, host % 75 + 1)), NTPD_PORT)
+        for host in range(hosts))
+
+
+def _spoofed(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # One packet from each of a huge number of sources: random addresses, random ports.
+    rate = 500.0 * scale
+    base = int(ipaddress.IPv4Address("10.128.0.0"))
+    t = 0.0
+    end_s = duration_ns / NS_PER_S
+    client = 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= end_s:
+            return
+        src = (base + rng.randrange(1, 1 << 23)).to_bytes(4, "big")
+        yield (int(t * NS_PER_S), tag, client, Kind.NTPV4, src, rng.randrange(1024, 65536))
+        client += 1
+
+
+#: The reflection victims' service ports (port 0, chargen 19, DNS 53).
+REFLECTION_SOURCE_PORTS = (0, 19, 53)
+
+
+def _reflection(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Mode 6/7 probes and mode 3 requests "from" victims' service ports; none deserves a byte.
+    victims = [bytes((198, 51, 100, host)) for host in range(1, 255)] + \
+              [bytes((203, 0, 113, host)) for host in range(1, 255)]
+    rate = 50.0 * scale
+    t = 0.0
+    end_s = duration_ns / NS_PER_S
+    while True:
+        t += rng.expovariate(rate)
+        if t >= end_s:
+            return
+        victim = rng.randrange(len(victims))
+        kind = rng.choice((Kind.MODE6_READVAR, Kind.MODE7_MONLIST, Kind.NTPV4))
+        if kind is Kind.NTPV4 or rng.random() < 0.75:
+            port = rng.choice(REFLECTION_SOURCE_PORTS)
+        else:
+            port = _ephemeral_port(rng)
+        yield (int(t * NS_PER_S), tag, victim, kind, victims[victim], port)
+
+
+def _top_of_hour(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Tasmota-style devices: one SNTPv4 request at minute 0 (clocks agree, so all within
+    # ~2 s), several devices behind each home address. Cron'd ntpdate: 4 samples 2 s apart
+    # (its -p default) from port 123 at minute 0, or every 5 minutes for half of them.
+    homes = _AddressPool(rng, "10.96.0.0/12")
+    servers = _AddressPool(rng, "10.112.0.0/12")
+    hours = _top_of_hour_marks(duration_ns, 3600)
+    fives = _top_of_hour_marks(duration_ns, 300)
+    streams: list[Iterator[Event]] = []
+    client = 0
+    for _ in range(_count(1000, scale)):
+        src = homes.draw()
+        for _ in range(rng.randint(1, 6)):
+            port = _ephemeral_port(rng)
+            events = [(mark + int(rng.random() * 2 * NS_PER_S), tag, client, Kind.NTPV4, src,
+                       port) for mark in hours]
+            streams.append(iter([e for e in events if e[0] < duration_ns]))
+            client += 1
+    for _ in range(_count(300, scale)):
+        src = servers.draw()
+        events = []
+        for mark in (fives if rng.random() < 0.5 else hours):
+            start = mark + int(rng.random() * NS_PER_S)
+            events += [(start + sample * 2 * NS_PER_S, tag, client, Kind.NTPV4, src, NTPD_PORT)
+                       for sample in range(4)]
+        streams.append(iter([e for e in events if e[0] < duration_ns]))
+        client += 1
+    return _merge(streams)
+
+
+def _chrony(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    pool = _AddressPool(rng, "10.0.0.0/12")
+    return _merge(_ntp_client(rng, duration_ns, tag, client, pool.draw())
+                  for client in range(_count(2000, scale)))
+
+
+def _w32time(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # "polls hours apart": every 1-6 h (assumed spread), from port 123, mode 1, version 3.
+    pool = _AddressPool(rng, "10.64.0.0/12")
+    streams = []
+    for client in range(_count(2000, scale)):
+        period = int(rng.uniform(3600, 6 * 3600) * NS_PER_S)
+        streams.append(_periodic(rng, int(rng.random() * period), period, 0.01, duration_ns,
+                                 tag, client, Kind.W32TIME, pool.draw(), NTPD_PORT))
+    return _merge(streams)
+
+
+#: Clients behind one carrier-grade NAT address ("hundreds", incidents.md).
+CGNAT_CLIENTS_PER_ADDRESS = 200
+
+
+def _cgnat(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Each client is an ordinary chrony/ntpd client; the NAT maps each to its own high port.
+    pool = _AddressPool(rng, "100.64.0.0/10")
+    streams = []
+    client = 0
+    for _ in range(_count(4, scale)):
+        address = pool.draw()
+        for _ in range(CGNAT_CLIENTS_PER_ADDRESS):
+            streams.append(_ntp_client(rng, duration_ns, tag, client, address,
+                                       port=_ephemeral_port(rng)))
+            client += 1
+    return _merge(streams)
+
+
+def _ipv6_hosts(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Each host in its own /64 of 2001:db8::/32 (the documentation prefix).
+    prefixes = _AddressPool(rng, "2001:db8::/32")
+    streams = []
+    for client in range(_count(1000, scale)):
+        src = prefixes.draw()[:8] + rng.getrandbits(64).to_bytes(8, "big")
+        streams.append(_ntp_client(rng, duration_ns, tag, client, src))
+    return _merge(streams)
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("netgear-2003", ABUSIVE, "SNTPv1 from port 23457, 1/s per device, no back-off",
+             ("10.16.0.0/12",), _netgear),
+    Scenario("dlink-2005", ABUSIVE, "SNTPv1 from a hard-coded server list, millions a day",
+             ("10.32.0.0/12",), _dlink),
+    Scenario("smc-2003", ABUSIVE, "SNTPv1 firmware retrying twice a minute",
+             ("10.48.0.0/12",), _smc),
+    Scenario("mobatime-2009", ABUSIVE, "75 hosts on one site, ~12 million requests a day",
+             ("10.75.0.0/16",), _mobatime),
+    Scenario("spoofed-random", ABUSIVE, "one packet each from a huge number of random sources",
+             ("10.128.0.0/9",), _spoofed),
+    Scenario("reflection-probes", ABUSIVE, "mode 6/7 probes, requests from ports 0, 19, 53",
+             ("198.51.100.0/24", "203.0.113.0/24"), _reflection),
+    Scenario("top-of-hour", LEGITIMATE, "IoT devices and cron'd ntpdate at minute 0",
+             ("10.96.0.0/12", "10.112.0.0/12"), _top_of_hour),
+    Scenario("chrony", LEGITIMATE, "chrony/ntpd: iburst, then 64-1024 s polling",
+             ("10.0.0.0/12",), _chrony),
+    Scenario("w32time", LEGITIMATE, "Windows w32time: mode 1, version 3, hours apart",
+             ("10.64.0.0/12",), _w32time),
+    Scenario("cgnat", LEGITIMATE, "hundreds of chrony/ntpd clients behind one IPv4 address",
+             ("100.64.0.0/10",), _cgnat),
+    Scenario("ipv6-hosts", LEGITIMATE, "chrony/ntpd clients on IPv6, one /64 each",
+             ("2001:db8::/32",), _ipv6_hosts),
+)}
+
+#: Named mixes; any list of scenario and mix names is a mix too.
+MIXES: dict[str, tuple[str, ...]] = {
+    "floods": tuple(s.name for s in SCENARIOS.values() if s.klass == ABUSIVE),
+    "normal": tuple(s.name for s in SCENARIOS.values() if s.klass == LEGITIMATE),
+    "all": tuple(SCENARIOS),
+}
+
+
+def resolve_names(names: Iterable[str]) -> list[str]:
+    """Scenario and mix names -> scenario names, in order, without repeats."""
+    resolved: list[str] = []
+    for name in names:
+        if name in MIXES:
+            expanded: Iterable[str] = MIXES[name]
+        elif name in SCENARIOS:
+            expanded = (name,)
+        else:
+            raise ValueError(f"unknown scenario {name!r} (scenarios: {', '.join(SCENARIOS)}; "
+                             f"mixes: {', '.join(MIXES)})")
+        resolved += [n for n in expanded if n not in resolved]
+    if not resolved:
+        raise ValueError("no scenario given")
+    return resolved
+
+
+def mix_events(names: list[str], seed: int, scale: float, duration_ns: int) -> Iterator[Event]:
+    """The events of several scenarios, merged in time order; tag = index in ``names``.
+
+    Each scenario draws from its own generator seeded by (seed, name), so adding a
+    scenario to a mix leaves the others' packets unchanged.
+    """
+    if scale <= 0:
+        raise ValueError("scale must be positive")
+    if duration_ns <= 0:
+        raise ValueError("duration must be positive")
+    streams = [SCENARIOS[name].events(random.Random(f"{seed}/{name}"), scale, duration_ns, tag)
+               for tag, name in enumerate(names)]
+    return heapq.merge(*streams)

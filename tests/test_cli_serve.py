@@ -1,0 +1,83 @@
+"""`guardntp serve` start-up errors and the README's embedded default."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, free_udp_port, guardntp_server, wait_until_answering
+
+from guardntp.cli import main
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        status = main(["serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 1 and "address already in use" in err and "Traceback" not in err
+
+
+def test_bad_listen_address(tmp_path: Path, capsys):
+    assert main(["serve", "--listen", "not-an-ip:123", "--state-dir", str(tmp_path)]) == 2
+    assert "is not an IP address" in capsys.readouterr().err
+
+
+def test_bad_set_override(tmp_path: Path, capsys):
+    assert main(["serve", "--set", "filter.source_rate=-1", "--state-dir", str(tmp_path)]) == 2
+    assert "filter.source_rate" in capsys.readouterr().err
+    assert main(["serve", "--set", "filter.nonsense=1", "--state-dir", str(tmp_path)]) == 2
+    assert "unknown setting" in capsys.readouterr().err
+
+
+def test_privileged_port_without_privilege_is_explained():
+    import tempfile
+
+    state = tempfile.mkdtemp(prefix="guardntp-nobody-")
+    Path(state).chmod(0o777)   # user nobody must be able to write its state dir
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "guardntp", "serve", "--listen", "127.0.0.1:123", "--state-dir", state],
+        capture_output=True, text=True, timeout=30, check=False, cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": state})
+    if "setpriv" in result.stderr and "Operation not permitted" in result.stderr:
+        import pytest
+        pytest.skip("cannot change uid here")
+    assert result.returncode == 1
+    assert "permission denied" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_default_serves_loopback_12300_with_local_clock(tmp_path: Path):
+    """The README's first command: `guardntp serve` with nothing else."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind(("127.0.0.1", 12300))
+    except OSError:
+        import pytest
+        pytest.skip("port 12300 busy on this machine")
+    probe.close()
+    process = subprocess.Popen([sys.executable, "-m", "guardntp", "serve"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                                    "GUARDNTP_STATE_DIR": str(tmp_path / "state")})
+    try:
+        wait_until_answering(12300)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=10)
+    assert process.returncode == 0, output
+    assert "NOT synchronised" in output and "127.0.0.1:12300" in output
+
+
+def test_sigterm_stops_cleanly_and_reports_counts(tmp_path: Path):
+    with guardntp_server(tmp_path) as server:
+        pass
+    assert server.process.returncode == 0
+    assert "stopped:" in server.log()
+
+
+def test_free_port_helper_gives_distinct_ports():
+    assert free_udp_port() > 1023

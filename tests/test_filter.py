@@ -1,0 +1,334 @@
+"""The filter pipeline with a fake clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardntp.clock import ClockState
+from guardntp.filter import fingerprint
+from guardntp.filter.acl import AccessList, AclEntry, Action
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.policy import FilterPolicy
+from guardntp.responder import Responder
+from guardntp.timestamps import NS_PER_S
+from guardntp.verdicts import Reason
+from guardntp.wire import Mode, NtpPacket, encode, parse
+
+WALL = 1_800_000_000 * NS_PER_S
+CLOCK = ClockState(synchronized=True, stratum=2, refid=b"\xc0\0\2\1", precision=-20,
+                   root_delay_ns=0, root_dispersion_ns=0, reference_unix_ns=WALL)
+
+
+def req(version=4, mode=Mode.CLIENT, xmt=0x1111_2222_3333_4444, poll=6):
+    return encode(NtpPacket(version=version, mode=mode, transmit_ts=xmt, poll=poll))
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+class Harness:
+    """A pipeline driven by a fake monotonic clock (ns)."""
+
+    def __init__(self, **policy) -> None:
+        policy.setdefault("random_seed", 1)
+        self.policy = FilterPolicy(**policy)
+        self.pipeline = Pipeline(self.policy, Responder(CLOCK, WALL))
+        self.now = 10 * NS_PER_S
+
+    def send(self, source: str, data: bytes | None = None, port: int = 40000):
+        return self.pipeline.decide(data if data is not None else req(), ip(source), port,
+                                    WALL + self.now, self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * NS_PER_S)
+
+    def count(self, reason: Reason) -> int:
+        return self.pipeline.counters.by_reason().get(reason.name.lower(), 0)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def test_every_packet_gets_exactly_one_counted_reason():
+    h = Harness()
+    for i in range(200):
+        h.send("192.0.2.1", req() if i % 3 else b"junk")
+        h.advance(0.1)
+    assert h.pipeline.counters.total() == 200
+
+
+@pytest.mark.parametrize("port", [0, 7, 19, 53, 161, 1900, 11211])
+def test_reflection_ports_dropped(port):
+    h = Harness()
+    assert h.send("192.0.2.1", port=port)[0] is Reason.REFLECTION_PORT
+
+
+def test_port_123_allowed():
+    assert Harness().send("192.0.2.1", port=123)[0] is Reason.ANSWERED
+
+
+def test_control_and_private_modes_never_answered_and_counted():
+    h = Harness()
+    assert h.send("192.0.2.1", req(mode=Mode.CONTROL))[0] is Reason.CONTROL_MODE
+    assert h.send("192.0.2.1", req(mode=Mode.PRIVATE, version=2))[0] is Reason.PRIVATE_MODE
+    assert h.send("192.0.2.1", req(mode=Mode.SERVER))[0] is Reason.NOT_A_REQUEST
+    assert h.pipeline.counters.by_version()[2] == {"private_mode": 1}
+
+
+def test_burst_then_rate_then_kod_once_per_interval():
+    h = Harness(leak_one_in=0)
+    reasons = [h.send("198.51.100.9")[0] for _ in range(16)]
+    assert reasons == [Reason.ANSWERED] * 16          # the burst
+    assert h.send("198.51.100.9")[0] is Reason.RATE_KOD
+    assert h.send("198.51.100.9")[0] is Reason.RATE_LIMITED   # KoD guard time
+    h.advance(2.0)                                            # one token at 0.5/s
+    assert h.send("198.51.100.9")[0] is Reason.ANSWERED
+    h.advance(16.0)                                           # guard over, 8 tokens back
+    assert [h.send("198.51.100.9")[0] for _ in range(8)] == [Reason.ANSWERED] * 8
+    assert h.send("198.51.100.9")[0] is Reason.RATE_KOD
+
+
+def test_rate_kod_format_as_documented():
+    h = Harness(leak_one_in=0, source_burst=1)
+    h.send("198.51.100.9")
+    reason, reply, _ = h.send("198.51.100.9", req(poll=4, xmt=0xABCD))
+    kod = parse(reply)
+    assert reason is Reason.RATE_KOD and kod.stratum == 0 and kod.kiss_code == "RATE"
+    assert kod.origin_ts == kod.receive_ts == kod.transmit_ts == 0xABCD
+    assert kod.poll == 6   # max(request poll 4, kod_min_poll 6)
+
+
+def test_kod_to_symmetric_request_is_mode_2():
+    h = Harness(leak_one_in=0, source_burst=1)
+    h.send("198.51.100.9", req(mode=Mode.SYMMETRIC_ACTIVE, version=3))
+    _, reply, _ = h.send("198.51.100.9", req(mode=Mode.SYMMETRIC_ACTIVE, version=3))
+    assert parse(reply).mode == Mode.SYMMETRIC_PASSIVE and parse(reply).version == 3
+
+
+def test_sntpv1_fingerprints_get_their_own_policy_and_no_kod():
+    h = Harness(leak_one_in=0)
+    netgear = [h.send("203.0.113.5", req(version=1), port=23457)[0] for _ in range(10)]
+    assert netgear.count(Reason.ANSWERED) == 2           # burst 2 for the Netgear signature
+    assert Reason.RATE_KOD not in netgear                 # SNTPv1 predates KoD
+    assert h.pipeline.label_counts[fingerprint.NETGEAR] == 10
+    dlink = [h.send("203.0.113.6", req(version=1), port=5000)[0] for _ in range(10)]
+    assert dlink.count(Reason.ANSWERED) == 4
+    assert h.pipeline.label_counts[fingerprint.SNTPV1] == 10
+
+
+def test_fingerprint_labels():
+    assert fingerprint.packet_label(0x0B, 23457) == fingerprint.NETGEAR
+    assert fingerprint.packet_label(0x0B, 1234) == fingerprint.SNTPV1
+    assert fingerprint.packet_label(0x19, 123) == fingerprint.W32TIME
+    assert fingerprint.packet_label(0x23, 123) == fingerprint.NTPV4
+    assert fingerprint.is_fast_poller(10, 0, 9 * NS_PER_S)
+    assert not fingerprint.is_fast_poller(10, 0, 9 * 64 * NS_PER_S)
+
+
+def test_prefix_bucket_holds_back_a_fleet_spread_over_a_24():
+    h = Harness(leak_one_in=0, prefix_rate=16, prefix_burst=64)
+    answered = 0
+    for second in range(30):
+        for host in range(1, 255):   # 254 devices, each once a second
+            answered += h.send(f"192.0.2.{host}")[0] is Reason.ANSWERED
+        h.advance(1.0)
+    # Each device alone would pass 16 + 0.5 x 29 = 30 requests; the /24 lets 64 + 16 x 30.
+    assert answered <= 64 + 16 * 30 + 1
+
+
+def test_250_iburst_clients_in_one_24_are_never_limited():
+    h = Harness()
+    for burst_packet in range(8):           # 8-packet iburst, 2 s apart, all at once
+        for host in range(1, 251):
+            assert h.send(f"198.51.100.{host}")[0] is Reason.ANSWERED
+        h.advance(2.0)
+    for _ in range(20):                     # then 64 s polling
+        h.advance(64.0)
+        for host in range(1, 251):
+            assert h.send(f"198.51.100.{host}")[0] is Reason.ANSWERED
+
+
+def test_nat_address_with_30_clients_at_64s_is_never_limited():
+    h = Harness()
+    for _ in range(50):
+        for _client in range(30):
+            assert h.send("100.64.0.1")[0] is Reason.ANSWERED
+            h.advance(64.0 / 30)
+
+
+def test_ipv6_sources_bucket_per_64():
+    h = Harness(leak_one_in=0)
+    results = [h.send(f"2001:db8:0:1::{i:x}")[0] for i in range(1, 40)]
+    assert results.count(Reason.ANSWERED) == 16   # one /64 = one source
+    assert h.send("2001:db8:0:2::1")[0] is Reason.ANSWERED
+
+
+def test_global_reply_cap():
+    h = Harness(global_reply_rate=10, global_reply_burst=5)
+    reasons = [h.send(f"192.0.2.{i}")[0] for i in range(1, 21)]
+    assert reasons.count(Reason.ANSWERED) == 5
+    assert reasons.count(Reason.GLOBAL_CAP) == 15
+
+
+def test_global_kod_budget():
+    h = Harness(leak_one_in=0, source_burst=1, kod_rate=1, kod_burst=3)
+    kods = 0
+    for host in range(1, 200):
+        h.send(f"10.1.{host}.1")
+        kods += h.send(f"10.1.{host}.1")[0] is Reason.RATE_KOD
+    assert kods == 3
+
+
+def test_leak_answers_about_one_in_four_limited_requests():
+    h = Harness(leak_one_in=4, send_kod=False)
+    reasons = [h.send("192.0.2.99")[0] for _ in range(4016)]
+    leaked = reasons.count(Reason.LEAKED)
+    assert reasons[:16] == [Reason.ANSWERED] * 16
+    assert 850 < leaked < 1150   # 4000 / 4 = 1000, binomial sd ~27
+
+
+# ----------------------------------------------------------------------------- access lists
+
+def test_access_list_longest_prefix_wins():
+    acl = AccessList([
+        AclEntry(ipaddress.ip_network("10.0.0.0/8"), Action.DROP),
+        AclEntry(ipaddress.ip_network("10.1.0.0/16"), Action.ALLOW),
+        AclEntry(ipaddress.ip_network("10.1.2.3/32"), Action.DENY),
+        AclEntry(ipaddress.ip_network("2001:db8::/32"), Action.EXEMPT),
+    ])
+    assert acl.lookup(ip("10.9.9.9"), 0).action is Action.DROP
+    assert acl.lookup(ip("10.1.9.9"), 0).action is Action.ALLOW
+    assert acl.lookup(ip("10.1.2.3"), 0).action is Action.DENY
+    assert acl.lookup(ip("2001:db8::5"), 0).action is Action.EXEMPT
+    assert acl.lookup(ip("192.0.2.1"), 0) is None
+
+
+def test_acl_drop_deny_kod_and_exempt():
+    entries = (AclEntry(ipaddress.ip_network("192.0.2.0/24"), Action.DROP),
+               AclEntry(ipaddress.ip_network("198.51.100.0/24"), Action.DENY),
+               AclEntry(ipaddress.ip_network("203.0.113.0/24"), Action.EXEMPT))
+    h = Harness(acl=entries, leak_one_in=0)
+    assert h.send("192.0.2.1") == (Reason.ACL_DENY, None, None)
+    reason, reply, _ = h.send("198.51.100.1")
+    assert reason is Reason.DENY_KOD and parse(reply).kiss_code == "DENY"
+    assert h.send("198.51.100.1")[0] is Reason.ACL_DENY   # DENY KoDs are rate limited too
+    assert all(h.send("203.0.113.1")[0] is Reason.ANSWERED for _ in range(100))
+
+
+def test_blocklist_applies_at_once_and_expires_on_time():
+    h = Harness()
+    assert h.send("192.0.2.50")[0] is Reason.ANSWERED
+    entry = AclEntry(ipaddress.ip_network("192.0.2.0/24"), Action.DROP, origin="manual",
+                     expires_ns=WALL + h.now + 5 * NS_PER_S)
+    h.pipeline.set_blocklist([entry])
+    assert h.send("192.0.2.50")[0] is Reason.BLOCKLISTED
+    h.advance(5.0)
+    assert h.send("192.0.2.50")[0] is Reason.ANSWERED
+    h.pipeline.set_blocklist([replace(entry, expires_ns=None)])
+    assert h.send("192.0.2.50")[0] is Reason.BLOCKLISTED
+    h.pipeline.set_blocklist([])
+    assert h.send("192.0.2.50")[0] is Reason.ANSWERED
+
+
+def test_reload_keeps_bucket_state():
+    h = Harness(leak_one_in=0, send_kod=False)
+    for _ in range(16):
+        h.send("192.0.2.7")
+    assert h.send("192.0.2.7")[0] is Reason.RATE_LIMITED
+    h.pipeline.apply_policy(replace(h.policy, kod_interval_s=30.0, prefix_rate=20.0))
+    assert h.send("192.0.2.7")[0] is Reason.RATE_LIMITED   # still drained
+    assert len(h.pipeline.sources) == 1
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+def test_spoofed_churn_does_not_hand_offenders_fresh_buckets():
+    """chronyd 4.3 at its default table size lets 1/s pollers through while ~15,000 new
+    spoofed sources a second churn the table; guardntp must not."""
+    h = Harness(max_sources=4096, max_prefixes=4096, leak_one_in=0, send_kod=False,
+                prefix_rate=1e6, prefix_burst=10**6, global_reply_rate=0)
+    offenders = [f"198.51.100.{i}" for i in range(1, 51)]
+    answered = dict.fromkeys(offenders, 0)
+    spoof = 0
+    seconds = 60
+    for _second in range(seconds):
+        for source in offenders:
+            answered[source] += h.send(source)[0] is Reason.ANSWERED
+        for _ in range(15_000):            # new spoofed single-packet sources
+            spoof += 1
+            h.send(f"10.{spoof >> 16 & 255}.{spoof >> 8 & 255}.{spoof & 255}")
+        h.advance(1.0)
+        assert len(h.pipeline.sources) <= 4096 and len(h.pipeline.prefixes) <= 4096
+    allowance = 16 + 0.5 * seconds
+    assert max(answered.values()) <= allowance + 1, answered
+
+
+def test_full_table_of_offenders_still_limits_newcomers():
+    h = Harness(max_sources=8, leak_one_in=0, send_kod=False, source_burst=1, prefix_burst=10**6,
+                prefix_rate=1e6)
+    for i in range(8):                     # fill the table with drained buckets
+        h.send(f"192.0.2.{i}")
+    answered = sum(h.send(f"203.0.113.{i}")[0] is Reason.ANSWERED for i in range(1, 200))
+    assert len(h.pipeline.sources) == 8
+    assert h.pipeline.table_full == 199
+    # Newcomers share the overflow bucket (prefix-sized), not a free pass.
+    assert answered <= h.pipeline.overflow_limit.burst
+
+
+# ----------------------------------------------------------------------------- properties
+
+gaps = st.lists(st.floats(min_value=0.0, max_value=5.0), min_size=1, max_size=300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gaps, st.floats(0.05, 5.0), st.integers(1, 32), st.integers(0, 8))
+def test_time_replies_never_exceed_burst_plus_rate_times_elapsed_plus_leak(
+        intervals, rate, burst, leak_one_in):
+    h = Harness(source_rate=rate, source_burst=burst, leak_one_in=leak_one_in,
+                prefix_rate=1e6, prefix_burst=10**6)
+    start = h.now
+    for gap in intervals:
+        h.advance(gap)
+        h.send("192.0.2.200")
+    elapsed_s = (h.now - start) / NS_PER_S
+    answered = h.count(Reason.ANSWERED)
+    leaked = h.count(Reason.LEAKED)
+    limited = len(intervals) - answered
+    assert answered <= burst + rate * elapsed_s + 1
+    if leak_one_in == 0:
+        assert leaked == 0
+    else:
+        share = 1 / leak_one_in   # binomial upper bound, 6 sd
+        assert leaked <= limited * share + 6 * math.sqrt(limited * share) + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(gaps, st.floats(0.0, 30.0))
+def test_kods_per_source_never_exceed_their_budget(intervals, kod_interval_s):
+    h = Harness(source_burst=1, leak_one_in=0, kod_interval_s=kod_interval_s)
+    start = h.now
+    for gap in intervals:
+        h.advance(gap)
+        h.send("192.0.2.201")
+    elapsed_s = (h.now - start) / NS_PER_S
+    kods = h.count(Reason.RATE_KOD)
+    if kod_interval_s > 0:
+        assert kods <= 1 + elapsed_s / kod_interval_s
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.floats(0, 2.0)), max_size=400),
+       st.integers(1, 64), st.integers(1, 64))
+def test_table_sizes_never_exceed_their_caps(sources, max_sources, max_prefixes):
+    h = Harness(max_sources=max_sources, max_prefixes=max_prefixes)
+    for address, gap in sources:
+        h.advance(gap)
+        h.pipeline.decide(req(), address.to_bytes(4, "big"), 40000, WALL + h.now, h.now)
+        assert len(h.pipeline.sources) <= max_sources
+        assert len(h.pipeline.prefixes) <= max_prefixes
