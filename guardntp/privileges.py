@@ -12,8 +12,6 @@ setuid binaries to the process and its children.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import grp
 import os
 import pwd
@@ -62,6 +60,10 @@ def drop_privileges(identity: Identity) -> None:
             return  # already that user (e.g. started by systemd with User=)
         raise PrivilegeError(f"--user {identity.user}: only root can change user "
                              f"(running as uid {os.geteuid()})")
+    # Imported here, before the drop: the interpreter's files may not be readable by
+    # the new user, and importing ctypes makes a callback (W+X memory) that the
+    # socket-activated unit's MemoryDenyWriteExecute= forbids, where this never runs.
+    import ctypes.util  # noqa: F401
     try:
         os.setgroups([])
         os.setgid(identity.gid)
@@ -84,6 +86,9 @@ def _check_no_way_back() -> None:
 
 def _no_new_privileges() -> None:
     """Best effort: without it the drop above still holds; it forbids setuid executables."""
+    import ctypes  # imported (and so read from disk) while still root, see drop_privileges
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return

@@ -103,7 +103,8 @@ def _ntpdig_script(tmp_path: Path, key_id: int, keyfile: Path) -> str:
     return f"""
 {sys.executable} -m guardntp serve --listen 127.0.0.1:123 --clock local --stratum 9 \\
     --key-file {tmp_path}/chrony-keys --state-dir {tmp_path}/state > {tmp_path}/server.log 2>&1 &
-for i in $(seq 50); do ntpdig -t 0.2 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+# ntpdig's -t takes whole seconds only ("-t 0.2" is a usage error).
+for i in $(seq 20); do ntpdig -t 1 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
 ntpdig -t 2 -j -k {keyfile} -a {key_id} 127.0.0.1
 echo "rc=$?"
 kill %1; wait
@@ -136,9 +137,8 @@ def test_ntpdig_accepts_a_signed_reply_on_port_123(tmp_path: Path, key_id: int) 
 def test_ntpdig_with_the_wrong_key_gets_no_reply(tmp_path: Path) -> None:
     ntpsec_keys = _write_ntpsec_keys(tmp_path, aes_hex="ff" * 16)
     result = run_in_netns(_ntpdig_script(tmp_path, 5, ntpsec_keys))
-    assert "rc=1" in result.stdout, result.stdout + result.stderr
-    assert "no eligible servers" in result.stderr or "timed out" in result.stderr.lower() \
-        or result.stdout.count("{") == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "rc=1", result.stdout + result.stderr
+    assert "no eligible servers" in result.stderr, result.stderr
 
 
 def _query(port: int, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -77,7 +77,7 @@ def test_add_deny_and_remove_apply_live_keeping_buckets(
         # The source's record (its bucket and counters) lived through all of it.
         assert requests_from_loopback(state, capsys) >= before + 3
         assert server.process.poll() is None
-        assert "blocklist" not in server.log().lower().split("error")[0][-0:]  # no crash
+        assert "Traceback" not in server.log()
 
 
 def test_a_prefix_and_an_expiry_apply_on_time(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_entries_survive_a_restart(tmp_path: Path) -> None:
     with guardntp_server(tmp_path, *LOOSE, port=port, wait=False) as server:
         assert server.state_dir == state
         deadline = time.monotonic() + 20
-        while "control socket" not in server.log() and time.monotonic() < deadline:
+        while " serving " not in server.log() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "1 active entries" in server.log()
         assert outcome(port) == "silent"

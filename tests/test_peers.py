@@ -58,7 +58,7 @@ def test_ntpdig_accepts_guardntp_on_port_123_in_a_namespace(tmp_path: Path) -> N
     result = run_in_netns(f"""
 {sys.executable} -m guardntp serve --listen 127.0.0.1:123 --clock local --stratum 9 \\
     --state-dir {tmp_path}/state > {tmp_path}/server.log 2>&1 &
-for i in $(seq 50); do ntpdig -t 0.2 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 100); do {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break; sleep 0.1; done
 ntpdig -t 2 -j 127.0.0.1
 kill %1; wait
 """)
@@ -75,7 +75,7 @@ def test_ntpdig_sees_a_kod(tmp_path: Path) -> None:
 {sys.executable} -m guardntp serve --listen 127.0.0.1:123 --clock local \\
     --set filter.source_burst=1 --set filter.source_rate=0.01 --set filter.leak_one_in=0 \\
     --state-dir {tmp_path}/state > {tmp_path}/server.log 2>&1 &
-for i in $(seq 50); do ntpdig -t 0.2 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 100); do {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break; sleep 0.1; done
 ntpdig -t 1 127.0.0.1
 echo "rc=$?"
 kill %1; wait
@@ -113,25 +113,6 @@ def test_guardntp_query_against_a_real_chronyd_server(tmp_path: Path) -> None:
         from guardntp.cli import main
 
         assert main(["query", f"127.0.0.1:{port}", "--json"]) == 0
-    finally:
-        chronyd.terminate()
-        chronyd.wait(timeout=10)
-
-
-@needs_chronyd
-def test_guardntp_query_reports_chronyd_kod(tmp_path: Path, capsys) -> None:
-    """chronyd with `ratelimit` (no KoD in 4.3) just drops; ours must not retry fast."""
-    port = free_udp_port()
-    conf = _chrony_server_conf(tmp_path / "chrony", port,
-                               "ratelimit interval 4 burst 1 leak 0")
-    chronyd = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until_answering(port)
-        from guardntp.cli import main
-
-        assert main(["query", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 1
-        assert "no reply" in capsys.readouterr().err
     finally:
         chronyd.terminate()
         chronyd.wait(timeout=10)

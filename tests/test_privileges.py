@@ -20,7 +20,6 @@ from guardntp import client
 from guardntp.privileges import PrivilegeError, resolve_identity, status_ids
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
-NOBODY = resolve_identity("nobody") if os.path.exists("/etc/passwd") else None
 
 
 def test_resolve_identity_by_name_number_and_group() -> None:

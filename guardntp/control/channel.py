@@ -94,7 +94,8 @@ class ControlServer:
         self.add_reader = add_reader
         self.remove_reader = remove_reader
         self.uid = os.geteuid() if owner is None else owner[0]
-        self.connections: dict[socket.socket, float] = {}
+        #: connection -> (idle deadline, refusal reply for a peer that may not ask)
+        self.connections: dict[socket.socket, tuple[float, bytes | None]] = {}
         self.refused = 0
         self.requests = 0
         self._prepare_directory()
@@ -142,23 +143,23 @@ class ControlServer:
                 log.debug("accept: %s", error)
                 return
             connection.setblocking(False)
+            if len(self.connections) >= MAX_CONNECTIONS:
+                self.refused += 1
+                connection.close()  # the client reports "closed without a reply"
+                continue
             _, uid, _ = _PEERCRED.unpack(connection.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            refusal = None
             if not peer_allowed(uid, self.uid):
                 self.refused += 1
                 log.warning("control: refused a connection from uid %d", uid)
-                self._reply_and_close(connection, _error(
-                    f"permission denied: uid {uid} is neither root nor the server's uid "
-                    f"{self.uid}"), register=False)
-                continue
-            if len(self.connections) >= MAX_CONNECTIONS:
-                self.refused += 1
-                self._reply_and_close(connection, _error("busy: too many control connections"),
-                                      register=False)
-                continue
+                refusal = _error(f"permission denied: uid {uid} is neither root nor the "
+                                 f"server's uid {self.uid}")
             with contextlib.suppress(OSError):
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WANT_SNDBUF)
-            self.connections[connection] = time.monotonic() + IDLE_TIMEOUT_S
+            # Even a refused peer is answered only after its request is read: closing a
+            # socket with unread data resets it, and the peer would see no reason.
+            self.connections[connection] = (time.monotonic() + IDLE_TIMEOUT_S, refusal)
             self.add_reader(connection, self._on_request)
 
     def _on_request(self, connection: socket.socket) -> None:
@@ -171,6 +172,10 @@ class ControlServer:
             return
         if not data:
             self._close(connection)
+            return
+        refusal = self.connections[connection][1]
+        if refusal is not None:
+            self._reply_and_close(connection, refusal)
             return
         self.requests += 1
         max_reply = connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64
@@ -202,16 +207,12 @@ class ControlServer:
             return _error(f"reply of {len(encoded)} bytes is too large for the socket buffer")
         return encoded
 
-    def _reply_and_close(self, connection: socket.socket, reply: bytes,
-                         register: bool = True) -> None:
+    def _reply_and_close(self, connection: socket.socket, reply: bytes) -> None:
         try:
             connection.send(reply)
         except OSError as error:
             log.debug("control: send: %s", error)
-        if register:
-            self._close(connection)
-        else:
-            connection.close()
+        self._close(connection)
 
     def _close(self, connection: socket.socket) -> None:
         if self.connections.pop(connection, None) is not None:
@@ -221,7 +222,7 @@ class ControlServer:
     def sweep(self) -> None:
         """Close connections that sent no request in time (a periodic task)."""
         now = time.monotonic()
-        for connection, deadline in list(self.connections.items()):
+        for connection, (deadline, _) in list(self.connections.items()):
             if now >= deadline:
                 self._close(connection)
 
