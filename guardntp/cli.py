@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "check_config",
     "block",
     "control",
+    "capture",
+    "replay",
 )
 
 

@@ -61,9 +61,13 @@ class Config:
     #: Sections owned by other features (auth, control, metrics, log), validated there.
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: str = "<embedded default>"
+    #: ``--state-dir`` on the command line: beats GUARDNTP_STATE_DIR and the file.
+    state_dir_flag: str = ""
 
     @property
     def state_dir(self) -> Path:
+        if self.state_dir_flag:
+            return Path(self.state_dir_flag).expanduser()
         return resolve_state_dir(self.server.state_dir)
 
 
@@ -359,10 +363,14 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
     try:
         merged = parse_config(text, "--set")
     except ConfigError as error:
-        raise ConfigError(str(error).replace("--set: ", "--set ")) from None
+        # The line numbers are of the text built above, meaningless to the user.
+        raise ConfigError(re.sub(r"^--set(:\d+)?: ", "--set ", str(error))) from None
+    # --set metrics.listen=... and the like: the checked keys over the file's section.
+    extra = {name: {**table, **(merged.extra.get(name, {}) if name in base else {})}
+             for name, table in config.extra.items()}
     return replace(merged, filter=replace(merged.filter, acl=config.filter.acl,
                                           label_policies=config.filter.label_policies),
-                   extra=config.extra, path=config.path)
+                   extra=extra, path=config.path)
 
 
 def _to_toml_tables(config: Config) -> dict[str, dict[str, str]]:

@@ -60,9 +60,8 @@ def drop_privileges(identity: Identity) -> None:
             return  # already that user (e.g. started by systemd with User=)
         raise PrivilegeError(f"--user {identity.user}: only root can change user "
                              f"(running as uid {os.geteuid()})")
-    # Imported here, before the drop: the interpreter's files may not be readable by
-    # the new user, and importing ctypes makes a callback (W+X memory) that the
-    # socket-activated unit's MemoryDenyWriteExecute= forbids, where this never runs.
+    # Imported now, before the drop: the interpreter's own files need not be readable
+    # by the new user (a Python under /root, say).
     import ctypes.util  # noqa: F401
     try:
         os.setgroups([])

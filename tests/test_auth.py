@@ -20,8 +20,14 @@ from hypothesis import strategies as st
 from guardntp import cli, client
 from guardntp.auth import mac
 from guardntp.auth.client import client_key, client_signing
-from guardntp.auth.keys import (Key, KeyFileError, KeyType, decode_secret, load_key_file,
-                                parse_key_file)
+from guardntp.auth.keys import (
+    Key,
+    KeyFileError,
+    KeyType,
+    decode_secret,
+    load_key_file,
+    parse_key_file,
+)
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.auth.settings import authenticator_for, parse_auth_section, resolve_key_file
 from guardntp.clock import ClockState
@@ -157,6 +163,7 @@ def test_a_key_never_shows_its_secret_in_repr() -> None:
     ("1 SHA256 HEX:00 # note", "expected 'ID [TYPE] KEY', found 5 words"),
     ("one MD5 HEX:00", "key id 'one' is not a whole number"),
     ("-1 MD5 HEX:00", "key id '-1' is not a whole number"),
+    ("\u0661 MD5 HEX:00", "is not a whole number"),
     ("4294967296 MD5 HEX:00", "key id '4294967296'"),
     ("1 SHA3 HEX:00", "unknown key type 'SHA3' (known: MD5, SHA1, SHA256"),
     ("1 MD5 HEX:abc", "odd number of digits (3)"),
@@ -330,9 +337,10 @@ def test_rate_kod_to_a_signed_request_is_signed() -> None:
 
 
 def test_require_policy_longest_prefix_wins() -> None:
+    networks = ipaddress.ip_network
     authenticator = KeyAuthenticator(
-        ALL_KEYS, require=[ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")],
-        optional=[ipaddress.ip_network("10.1.0.0/16")])
+        ALL_KEYS, require=[networks("10.0.0.0/8"), networks("2001:db8::/32")],
+        optional=[networks("10.1.0.0/16")])
     harness = Harness(authenticator)
     sign, _ = client_signing(MD5_KEY)
     assert harness.send(request(), "10.2.3.4") == (Reason.AUTH_REQUIRED, None)
@@ -387,8 +395,9 @@ def test_client_verify_rejects_with_clear_reasons() -> None:
         reply[:-1] + bytes([reply[-1] ^ 1]): "reply MAC does not verify with key 3 (SHA1)",
     }
     for bad, message in cases.items():
-        with pytest.raises(client.BogusReply, match=message.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(client.BogusReply) as caught:
             verify(bad)
+        assert str(caught.value).startswith(message), caught.value
 
 
 def test_client_key_sources(tmp_path: Path) -> None:
@@ -532,3 +541,31 @@ def test_serve_refuses_a_malformed_key_file_with_the_line(tmp_path: Path, capsys
     assert status == 2
     assert f"guardntp: {keys}:3: an AES128 key must be exactly 16 bytes" in err
     assert "Traceback" not in err
+
+
+def test_check_config_validates_auth_and_the_key_file(tmp_path: Path, capsys) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("5 AES128 HEX:2b7e151628aed2a6abf7158809cf4f3c\n1 SHA1 HEX:" + "ab" * 20 + "\n")
+    config = tmp_path / "g.toml"
+    config.write_text('[auth]\nkey_file = "keys"\nhmac_sha256_key_id = 9\n'
+                      'require = ["10.0.0.0/8"]\n')
+    assert cli.main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert ("2 keys (1 SHA1, 5 AES128); key 9 HMAC-SHA256 from $NTP_SECRET_KEY; "
+            "authentication required from 1 network)") in out
+    keys.write_text("5 AES128 HEX:2b7e\n")
+    assert cli.main(["check-config", str(config)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"guardntp: {keys}:1: an AES128 key must be exactly 16 bytes (32 hex digits), this "
+        "one is 2 bytes")
+
+
+@pytest.mark.xfail(strict=True, reason="known gap in wire.parse_tail: a full-length SHA-2 MAC "
+                   "in NTPv4 whose key id's low 16 bits are 16-68 and a multiple of 4 parses "
+                   "as an extension field; chrony disambiguates by trying the key first")
+@pytest.mark.parametrize("key_id", [16, 20, 36])
+def test_ntpsec_style_full_sha256_mac_with_an_extension_field_like_key_id(key_id: int) -> None:
+    key = Key(key_id, KeyType.SHA256, bytes(range(32)))
+    harness = Harness(KeyAuthenticator({key_id: key}))
+    reason, reply = harness.send(mac.sign(key, request(), 32))  # what ntpdig 1.2 sends
+    assert reason is Reason.ANSWERED and reply is not None and len(reply) == 84

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import (InProcessServer, chronyd_query, guardntp_server, needs_chronyd,
-                      needs_netns, needs_ntpdig, parse_chronyd_offset, run_in_netns)
+from conftest import (
+    InProcessServer,
+    chronyd_query,
+    guardntp_server,
+    needs_chronyd,
+    needs_netns,
+    needs_ntpdig,
+    parse_chronyd_offset,
+    run_in_netns,
+)
 
 from guardntp.auth.keys import load_key_file
 from guardntp.auth.server import KeyAuthenticator
@@ -75,15 +84,17 @@ def test_chronyd_syncs_with_a_key(tmp_path: Path, key_id: int, key_type: str) ->
         recorder.seen
     counts = server.pipeline.counters.by_reason()
     assert counts.get("answered", 0) == len(recorder.seen) and "auth_failed" not in counts
-    if key_type == "AES128":
-        # RFC 8573: a 16-byte CMAC after the key id, in NTPv4.
-        assert {(v, length) for v, _, length, _ in recorder.seen} == {(4, 20)}
+    # chrony 4.3: AES128 -> NTPv4 with a 16-byte CMAC (RFC 8573); SHA256 -> NTPv3 with
+    # the full 32-byte digest (NAU_GetSuggestedNtpVersion avoids the NTPv4 cut to 20).
+    expected_form = {"AES128": (4, 4 + 16), "SHA256": (3, 4 + 32)}[key_type]
+    assert {(v, length) for v, _, length, _ in recorder.seen} == {expected_form}
 
 
 @needs_chronyd
 def test_chronyd_with_the_wrong_key_gets_no_reply_and_is_counted(tmp_path: Path) -> None:
     server_keys = tmp_path / "server-keys"
     server_keys.write_text(CHRONY_KEYS)
+    server_keys.chmod(0o600)
     client_keys = tmp_path / "client-keys"
     client_keys.write_text("5 AES128 HEX:" + "ff" * 16 + "\n")
     server, recorder = keyed_server(server_keys)
@@ -121,6 +132,7 @@ def _write_ntpsec_keys(tmp_path: Path, aes_hex: str = AES128_HEX) -> Path:
 
 @needs_ntpdig
 @needs_netns
+@pytest.mark.netns
 @pytest.mark.parametrize("key_id", [5, 1], ids=["AES128", "SHA256"])
 def test_ntpdig_accepts_a_signed_reply_on_port_123(tmp_path: Path, key_id: int) -> None:
     ntpsec_keys = _write_ntpsec_keys(tmp_path)
@@ -134,6 +146,7 @@ def test_ntpdig_accepts_a_signed_reply_on_port_123(tmp_path: Path, key_id: int) 
 
 @needs_ntpdig
 @needs_netns
+@pytest.mark.netns
 def test_ntpdig_with_the_wrong_key_gets_no_reply(tmp_path: Path) -> None:
     ntpsec_keys = _write_ntpsec_keys(tmp_path, aes_hex="ff" * 16)
     result = run_in_netns(_ntpdig_script(tmp_path, 5, ntpsec_keys))
@@ -183,3 +196,33 @@ def test_guardntp_client_round_trips_every_chrony_key_type(tmp_path: Path) -> No
                                 "--ntp-version", version, env={})
                 assert result.returncode == 0, (key_id, version, result.stderr)
                 assert json.loads(result.stdout)["version"] == int(version)
+
+
+def test_sighup_rotates_keys_and_a_broken_file_keeps_the_old_ones(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"5 AES128 HEX:{AES128_HEX}\n")
+    keys.chmod(0o600)
+    client_keys = tmp_path / "client-keys"
+    client_keys.write_text(f"5 AES128 HEX:{AES128_HEX}\n6 SHA1 HEX:{'66' * 20}\n")
+
+    def signed_by(port: int, key_id: int) -> bool:
+        result = _query(port, "--key-file", str(client_keys), "--key-id", str(key_id),
+                        "--timeout", "1", env={})
+        return result.returncode == 0
+
+    def reload_and_wait(server, expected: str) -> None:
+        before = server.log().count(expected)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while server.log().count(expected) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.log().count(expected) > before, server.log()
+
+    with guardntp_server(tmp_path, "--key-file", str(keys)) as server:
+        assert signed_by(server.port, 5) and not signed_by(server.port, 6)
+        keys.write_text(f"6 SHA1 HEX:{'66' * 20}\n")
+        reload_and_wait(server, "authentication: 1 key (6 SHA1)")
+        assert signed_by(server.port, 6) and not signed_by(server.port, 5)
+        keys.write_text("6 SHA1 HEX:66\n7 AES128 HEX:00\n")
+        reload_and_wait(server, f"{keys}:2: an AES128 key must be exactly 16 bytes")
+        assert signed_by(server.port, 6)  # the running keys stay

@@ -141,3 +141,20 @@ def test_auto_block_catches_a_flood(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert "limited requests/s" in found[0]["reason"]
         assert "auto-blocking 127.0.0.1/32" in server.log()
         seconds_until(server.port, "silent", WITHIN_S)
+
+
+def test_a_replaced_blocklist_file_is_followed(tmp_path: Path) -> None:
+    with guardntp_server(tmp_path, *LOOSE) as server:
+        state = server.state_dir
+        block(state, "add", "127.0.0.1")
+        seconds_until(server.port, "silent", WITHIN_S)
+        # The operator moves the file away (say, to start afresh) ...
+        for path in state.glob("blocklist.sqlite3*"):
+            path.rename(tmp_path / path.name)
+        assert outcome(server.port) == "silent"   # what was loaded stays in force
+        # ... and the next command makes a new one, which the server follows.
+        block(state, "add", "192.0.2.0/24")
+        seconds_until(server.port, "time", WITHIN_S)
+        block(state, "add", "127.0.0.0/8", "--action", "deny")
+        seconds_until(server.port, "kod DENY", WITHIN_S)
+        assert "was replaced" in server.log()

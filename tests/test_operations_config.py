@@ -142,3 +142,13 @@ def test_group_without_user_is_refused(tmp_path: Path,
 def test_default_file_is_valid_toml_with_the_documented_sections() -> None:
     data = tomllib.loads(default_config_text())
     assert {"server", "clock", "filter", "metrics", "log"} <= set(data)
+
+
+def test_set_reaches_the_operations_sections() -> None:
+    config = build_config(_serve_args(  # type: ignore[arg-type]
+        "--set", "log.level=debug", "--set", "metrics.listen=127.0.0.1:9100"))
+    assert config.extra["log"]["level"] == "debug"
+    assert config.extra["log"]["format"] == "text"  # the rest of [log] stays
+    assert config.extra["metrics"]["listen"] == ListenSpec("127.0.0.1", 9100)
+    with pytest.raises(CommandError, match=r"^--set log.level: must be one of"):
+        build_config(_serve_args("--set", "log.level=loud"))  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def decode_secret(text: str) -> bytes:
         raise ValueError("ASCII key has a non-ASCII character (use HEX:)") from None
 
 
-def check_key(key_id: int, key_type: KeyType, secret: bytes) -> None:
+def check_key(key_type: KeyType, secret: bytes) -> None:
     """Rules a key must meet whatever its origin. Raises ``ValueError``."""
     needed = CMAC_KEY_BYTES.get(key_type)
     if needed is not None:
@@ -151,11 +151,11 @@ def parse_key_line(line: str) -> Key | None:
         raise ValueError(f"expected 'ID [TYPE] KEY', found {len(words)} words "
                          "(comments must be on a line of their own)")
     id_text = words[0]
-    if not id_text.isdigit() or int(id_text) > MAX_KEY_ID:
+    if not (id_text.isascii() and id_text.isdigit()) or int(id_text) > MAX_KEY_ID:
         raise ValueError(f"key id {id_text!r} is not a whole number from 0 to {MAX_KEY_ID}")
     key_type = parse_key_type(words[1]) if len(words) == 3 else KeyType.MD5
     secret = decode_secret(words[-1])
-    check_key(int(id_text), key_type, secret)
+    check_key(key_type, secret)
     return Key(int(id_text), key_type, secret)
 
 
@@ -181,7 +181,7 @@ def key_from_text(key_id: int, key_type: KeyType, text: str, source: str) -> Key
     """A key given outside a file (``NTP_SECRET_KEY``). Raises :class:`KeyFileError`."""
     try:
         secret = decode_secret(text.strip())
-        check_key(key_id, key_type, secret)
+        check_key(key_type, secret)
     except ValueError as error:
         raise KeyFileError(f"{source}: {error}") from None
     return Key(key_id, key_type, secret, source)

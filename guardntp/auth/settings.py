@@ -114,6 +114,22 @@ def load_keys(settings: AuthSettings, config_path: str,
     return keys
 
 
+def check_auth_config(config: Config) -> str:
+    """For ``check-config``: validate ``[auth]`` and its key file (not ``$NTP_SECRET_KEY``,
+    which the checking shell may not have). A one-line summary, or :class:`ConfigError`."""
+    settings = parse_auth_section(config.extra.get("auth", {}), config.path)
+    if not settings.enabled:
+        return "no authentication keys"
+    parts = []
+    if settings.key_file:
+        parts.append(describe(load_key_file(resolve_key_file(settings.key_file, config.path))))
+    if settings.hmac_sha256_key_id is not None:
+        parts.append(f"key {settings.hmac_sha256_key_id} HMAC-SHA256 from ${SECRET_ENV}")
+    required = len(settings.require)
+    parts.append(f"authentication required from {required} network{'s' * (required != 1)}")
+    return "; ".join(parts)
+
+
 def authenticator_for(config: Config, key_file_flag: str | None = None,
                       environ: Mapping[str, str] = os.environ) -> KeyAuthenticator | None:
     """The authenticator for ``config`` (None when no keys are configured).

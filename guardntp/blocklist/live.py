@@ -54,6 +54,7 @@ class LiveBlocklist:
         self.wall_ns = wall_ns
         self.monotonic_ns = monotonic_ns
         self._version: int | None = None
+        self._inode = store.path.stat().st_ino
         self._next_expiry_ns: int | None = None
         self._cache: dict[_Row, AclEntry] = {}
         self._pending_auto: dict[bytes, BlockEntry] = {}
@@ -71,6 +72,7 @@ class LiveBlocklist:
         """The periodic task: reload on a change or a lapse; run the auto scan."""
         now_ns = self.wall_ns()
         try:
+            self._follow_file()
             self._write_pending_auto(now_ns)
             version = self.store.data_version()
             expiry = self._next_expiry_ns
@@ -87,6 +89,22 @@ class LiveBlocklist:
             self.last_error = str(error)
         if self.auto.policy.enabled:
             self._scan(now_ns)
+
+    def _follow_file(self) -> None:
+        """An operator who deletes or replaces the file gets the new one used (a stat
+        per tick); while there is none, the entries already loaded stay in force."""
+        try:
+            inode = self.store.path.stat().st_ino
+        except FileNotFoundError:
+            return
+        if inode == self._inode:
+            return
+        fresh = BlockStore(self.store.path, BUSY_MS)
+        self.store.close()
+        self.store = fresh
+        self._inode = inode
+        self._version = None
+        log.info("blocklist: %s was replaced; reading the new file", fresh.path)
 
     def load(self, now_ns: int) -> None:
         """Read every row and give the live ones to the filter."""
@@ -114,6 +132,8 @@ class LiveBlocklist:
     def set_auto_policy(self, policy: AutoPolicy) -> None:
         if policy != self.auto.policy:
             self.auto.policy = policy
+            if not policy.enabled:
+                self.auto.suspects.clear()
             state = (f"on (after {policy.after_s:g}s over the limit, ttl "
                      f"{format_duration(policy.ttl_s)})" if policy.enabled else "off")
             log.info("blocklist: automatic blocking %s", state)

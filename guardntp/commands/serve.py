@@ -69,8 +69,6 @@ def build_config(args: argparse.Namespace) -> Config:
         server, clock = config.server, config.clock
         if args.listen:
             server = replace(server, listen=tuple(parse_listen(text) for text in args.listen))
-        if args.state_dir:
-            server = replace(server, state_dir=args.state_dir)
         if args.clock:
             clock = replace(clock, source=args.clock)
         if args.stratum is not None:
@@ -80,7 +78,8 @@ def build_config(args: argparse.Namespace) -> Config:
         if args.upstream:
             clock = replace(clock, upstreams=tuple(args.upstream))
         server, extra = operations.apply_flags(args, server, config.extra)
-        return replace(config, server=server, clock=clock, extra=extra)
+        return replace(config, server=server, clock=clock, extra=extra,
+                       state_dir_flag=args.state_dir or "")
     except (ConfigError, BadAddress) as error:
         raise CommandError(str(error), 2) from None
 

@@ -154,52 +154,60 @@ def _periodic(rng: random.Random, first_ns: int, period_ns: int, jitter: float, 
         t += period_ns + int((rng.random() * 2 - 1) * spread)
 
 
-#: Steady-state poll exponents of long-running chrony/ntpd clients and their shares
-#: (assumed: most sit at maxpoll 10 = 1024 s, some lower on noisy paths).
-POLL_EXPONENT_WEIGHTS = ((6, 0.10), (7, 0.10), (8, 0.15), (9, 0.25), (10, 0.40))
-#: Share of clients that (re)start inside the capture and so begin with an iburst.
-FRESH_SHARE = 0.3
-#: Share of clients that are ntpd (source port 123, iburst of 8) rather than chrony
-#: (one ephemeral port per server, iburst of 4); both send requests 2 s apart.
-NTPD_SHARE = 0.3
-#: A fresh client polls at 64 s and doubles its interval after this many polls (assumed).
-POLLS_PER_STEP = 4
+#: chrony/ntpd start at minpoll 6 (64 s) and, on a stable path, double the interval up
+#: to maxpoll 10 (1024 s); a client is assumed to double after this many polls.
 MIN_POLL = 6
 MAX_POLL = 10
+POLLS_PER_STEP = 4
+#: Share of clients on a noisy path, assumed to settle at 256 s instead of 1024 s.
+NOISY_SHARE = 0.1
+NOISY_MAX_POLL = 8
+#: How often a client (re)starts (reboot, resume, new network): assumed once a day,
+#: at random (a Poisson process), each start beginning with an iburst.
+STARTS_PER_DAY = 1.0
+#: Share of clients that are ntpd (source port 123, iburst of 8) rather than chrony
+#: (one ephemeral port per server, iburst of 4); both send their iburst 2 s apart.
+NTPD_SHARE = 0.3
 
 
 def _ntp_client(rng: random.Random, duration_ns: int, tag: int, client: int, src: bytes,
                 port: int | None = None) -> Iterator[Event]:
-    """One chrony or ntpd client: iburst then 64 s polling rising to 1024 s, or steady state."""
+    """One chrony or ntpd client: iburst at each start, 64 s polls doubling to its maxpoll.
+
+    The capture opens in the middle of the client's life: the start it is in began
+    an exponentially distributed time ago (memoryless restarts), so most clients are
+    found at maxpoll and a few in their iburst or ramp, as on a real server.
+    """
     is_ntpd = rng.random() < NTPD_SHARE
     if port is None:
         port = NTPD_PORT if is_ntpd else _ephemeral_port(rng)
-    times: list[float] = []
+    max_poll = NOISY_MAX_POLL if rng.random() < NOISY_SHARE else MAX_POLL
+    start_rate = STARTS_PER_DAY / 86_400
     duration_s = duration_ns / NS_PER_S
-    if rng.random() < FRESH_SHARE:
-        t = rng.uniform(0, duration_s)
-        for _ in range(8 if is_ntpd else 4):
-            times.append(t)
-            t += 2.0
+    times: list[float] = []
+    start = -rng.expovariate(start_rate)
+    while start < duration_s:
+        end = min(start + rng.expovariate(start_rate), duration_s)
+        burst = 8 if is_ntpd else 4
+        times += [start + 2.0 * i for i in range(burst) if start + 2.0 * i < end]
+        t = start + 2.0 * (burst - 1)
         exponent, polls = MIN_POLL, 0
-        while t < duration_s:
-            t += 2.0 ** exponent * rng.uniform(0.98, 1.02)
+        while True:
+            period = 2.0 ** exponent
+            if exponent == max_poll and t + period < 0:
+                t += (-t // period) * period  # skip ahead through the steady state
+            t += period * rng.uniform(0.98, 1.02)
+            if t >= end:
+                break
             times.append(t)
             polls += 1
-            if polls == POLLS_PER_STEP and exponent < MAX_POLL:
+            if polls == POLLS_PER_STEP and exponent < max_poll:
                 exponent, polls = exponent + 1, 0
-    else:
-        exponents, weights = zip(*POLL_EXPONENT_WEIGHTS, strict=True)
-        period = 2.0 ** rng.choices(exponents, weights)[0]
-        t = rng.uniform(0, period)
-        while t < duration_s:
-            times.append(t)
-            t += period * rng.uniform(0.98, 1.02)
+        start = end
     for t in times:
         t_ns = int(t * NS_PER_S)
-        if t_ns >= duration_ns:
-            return
-        yield (t_ns, tag, client, Kind.NTPV4, src, port)
+        if 0 <= t_ns < duration_ns:
+            yield (t_ns, tag, client, Kind.NTPV4, src, port)
 
 
 def _top_of_hour_marks(duration_ns: int, every_s: int) -> list[int]:
@@ -247,7 +255,7 @@ def _mobatime(rng: random.Random, scale: float, duration_ns: int, tag: int) -> I
     hosts = _count(75, scale)
     return _merge(
         _periodic(rng, int(rng.random() * period), period, 0.05, duration_ns, tag, host,
-                  Kind.NTPV4, bytes((10, 75, host // 75, host % 75 + 1)), NTPD_PORT)
+                  Kind.NTPV4, bytes((10, 80, host // 75, host % 75 + 1)), NTPD_PORT)
         for host in range(hosts))
 
 
@@ -374,7 +382,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("smc-2003", ABUSIVE, "SNTPv1 firmware retrying twice a minute",
              ("10.48.0.0/12",), _smc),
     Scenario("mobatime-2009", ABUSIVE, "75 hosts on one site, ~12 million requests a day",
-             ("10.75.0.0/16",), _mobatime),
+             ("10.80.0.0/16",), _mobatime),
     Scenario("spoofed-random", ABUSIVE, "one packet each from a huge number of random sources",
              ("10.128.0.0/9",), _spoofed),
     Scenario("reflection-probes", ABUSIVE, "mode 6/7 probes, requests from ports 0, 19, 53",

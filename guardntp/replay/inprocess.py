@@ -1,0 +1,171 @@
+"""Replay a capture through the real ``Pipeline`` and ``Responder`` with virtual time.
+
+Rule: deterministic. Each UDP datagram to port 123 is decided at its capture
+timestamp (used as both the wall-clock receive time and the monotonic ``now``),
+the clock snapshot is refreshed every 0.25 capture-seconds as the server does,
+and the leak's random generator is seeded. Nothing is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ..filter import fingerprint
+from ..filter.pipeline import Pipeline
+from ..filter.policy import FilterPolicy
+from ..responder import Responder
+from ..server import CLOCK_REFRESH_S
+from ..timesources.local import LocalClock
+from ..timestamps import NS_PER_S
+from ..verdicts import N_REASONS, VERDICT_OF, Reason
+from .pcap import PcapError, parse_udp, read_frames
+from .report import VERDICTS, GroupResult, RunResult, allowance
+from .scenarios import ABUSIVE, SERVER_PORT
+from .sidecar import UNLABELLED, Labels
+
+#: progress(packets done, capture ns since the first packet)
+Progress = Callable[[int, int], None]
+PROGRESS_EVERY = 1 << 14
+_VERDICT_INDEX = [VERDICTS.index(VERDICT_OF[Reason(r)].value) for r in range(N_REASONS)]
+#: Reasons of packets that reached the buckets (only these can be rate limited).
+_BUCKET_REASONS = frozenset({Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD,
+                             Reason.RATE_LIMITED, Reason.GLOBAL_CAP})
+
+
+def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None,
+                      settings: dict[str, object] | None = None,
+                      progress: Progress | None = None) -> RunResult:
+    """Decide every request in ``capture``; raises PcapError for unreadable captures."""
+    if policy.random_seed is None:
+        policy = replace(policy, random_seed=0)
+    if labels is None:
+        labels = Labels(groups=[UNLABELLED])
+        group_of_packet = None
+    else:
+        group_of_packet = labels.group_of_packet
+    groups = labels.groups
+    n_groups = len(groups)
+    klasses = sorted({klass for _, klass in groups})
+    klass_of_group = [klasses.index(klass) for _, klass in groups]
+    reason_counts = [0] * (n_groups * N_REASONS)
+    bytes_in = [0] * n_groups
+    bytes_out = [0] * n_groups
+    sources_seen: list[set[bytes]] = [set() for _ in groups]
+    # Per abusive group: source key -> [requests at the buckets, first ns, last ns,
+    # index of its packet label in fingerprint.PACKET_LABELS]
+    tracked: list[dict[bytes, list[int]] | None] = [
+        {} if klass == ABUSIVE else None for _, klass in groups]
+    timeline: list[list[int]] = [[] for _ in range(len(klasses) * len(VERDICTS))]
+
+    clock = LocalClock()
+    responder: Responder | None = None
+    pipeline: Pipeline | None = None
+    decide = None
+    v6_key_bytes = policy.ipv6_source_prefix // 8
+    first_ns = next_refresh = 0
+    second_end = 0
+    second = -1
+    peak_sources = peak_prefixes = 0
+    ignored = 0
+    packets = 0
+    started = time.monotonic()
+    for index, (t_ns, frame) in enumerate(read_frames(str(capture))):
+        if group_of_packet is None:
+            group = 0
+        elif index < len(group_of_packet):
+            group = group_of_packet[index]
+        else:
+            raise PcapError(f"{capture}: more packets than its labels file has lines")
+        datagram = parse_udp(frame)
+        if datagram is None or datagram[3] != SERVER_PORT:
+            ignored += 1
+            continue
+        if pipeline is None:
+            responder = Responder(clock.state(t_ns), t_ns)
+            pipeline = Pipeline(policy, responder)
+            decide = pipeline.decide
+            first_ns = second_end = next_refresh = t_ns
+        assert responder is not None and decide is not None
+        if t_ns >= next_refresh:
+            responder.set_clock(clock.state(t_ns), t_ns)
+            next_refresh = t_ns + int(CLOCK_REFRESH_S * NS_PER_S)
+        if t_ns >= second_end:
+            # Sample the tables once a capture-second (they only grow between samples
+            # by what one second brings, and they never exceed their caps by construction).
+            peak_sources = max(peak_sources, len(pipeline.sources))
+            peak_prefixes = max(peak_prefixes, len(pipeline.prefixes))
+            second = (t_ns - first_ns) // NS_PER_S
+            second_end = first_ns + (second + 1) * NS_PER_S
+            for series in timeline:
+                series.extend([0] * (second + 1 - len(series)))
+        src, port, _, _, data = datagram
+        reason, reply, _ = decide(data, src, port, t_ns, t_ns)
+        reason_counts[group * N_REASONS + reason] += 1
+        bytes_in[group] += len(data)
+        if reply is not None:
+            bytes_out[group] += len(reply)
+        timeline[klass_of_group[group] * 3 + _VERDICT_INDEX[reason]][second] += 1
+        sources_seen[group].add(src)
+        by_source = tracked[group]
+        if by_source is not None and reason in _BUCKET_REASONS:
+            key = src if len(src) == 4 else src[:v6_key_bytes]
+            record = by_source.get(key)
+            if record is None:
+                label = fingerprint.packet_label(data[0], port)
+                by_source[key] = [1, t_ns, t_ns, fingerprint.PACKET_LABELS.index(label)]
+            else:
+                record[0] += 1
+                record[2] = t_ns
+        packets += 1
+        if progress and not packets % PROGRESS_EVERY:
+            progress(packets, t_ns - first_ns)
+    if group_of_packet is not None and ignored + packets != len(group_of_packet):
+        raise PcapError(f"{capture}: fewer packets than its labels file has lines")
+    wall_s = time.monotonic() - started
+    if progress:
+        progress(packets, (second + 1) * NS_PER_S)
+
+    results = []
+    for group, (scenario, klass) in enumerate(groups):
+        counts = reason_counts[group * N_REASONS:(group + 1) * N_REASONS]
+        result = GroupResult(scenario, klass, sources=len(sources_seen[group]),
+                             bytes_in=bytes_in[group], bytes_out=bytes_out[group],
+                             reasons={Reason(r).name.lower(): c for r, c in enumerate(counts)
+                                      if c})
+        for reason, count in enumerate(counts):
+            verdict = VERDICTS[_VERDICT_INDEX[reason]]
+            setattr(result, verdict, getattr(result, verdict) + count)
+        result.requests = sum(counts)
+        by_source = tracked[group]
+        if by_source is not None:
+            result.allowance = allowance(
+                [(r[0], r[2] - r[1], *_bucket(policy, fingerprint.PACKET_LABELS[r[3]]))
+                 for r in by_source.values()],
+                1.0 / policy.leak_one_in if policy.leak_one_in else 0.0)
+        results.append(result)
+
+    run = RunResult("in-process guardntp", "in-process", "guardntp", results,
+                    replay_s=float(second + 1), wall_s=wall_s, settings=dict(settings or {}))
+    run.timeline = {f"{klass}_{verdict}": timeline[k * 3 + v]
+                    for k, klass in enumerate(klasses) for v, verdict in enumerate(VERDICTS)}
+    if pipeline is not None:
+        peak_sources = max(peak_sources, len(pipeline.sources))
+        peak_prefixes = max(peak_prefixes, len(pipeline.prefixes))
+        run.tables = {"peak_sources": peak_sources, "max_sources": policy.max_sources,
+                      "peak_prefixes": peak_prefixes, "max_prefixes": policy.max_prefixes,
+                      "source_evictions": pipeline.sources.evictions,
+                      "charged_to_overflow": pipeline.table_full}
+    if ignored:
+        run.notes.append(f"{ignored} packets were not UDP to port {SERVER_PORT} and were skipped")
+    return run
+
+
+def _bucket(policy: FilterPolicy, label: str) -> tuple[float, int]:
+    """(rate, burst) of the per-source bucket a packet label gets."""
+    label_policy = policy.label_policies.get(label)
+    if label_policy is not None:
+        return label_policy.rate, label_policy.burst
+    return policy.source_rate, policy.source_burst
