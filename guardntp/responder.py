@@ -18,14 +18,21 @@ Decisions follow ``shared/docs/protocol-rules.md`` (RFC 5905 §8-9, RFC 4330 §5
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from .clock import ClockState
-from .timestamps import unix_ns_to_ntp
+from .timestamps import NS_PER_S, NTP_UNIX_OFFSET_S, TS_MASK, unix_ns_to_ntp
 from .verdicts import Reason
-from .wire import HEADER_LEN, MalformedPacket, Mode, TailKind, parse_tail
+from .wire import (HEADER_LEN, MAX_MAC_LEN, MAX_V4_BARE_MAC_LEN, MalformedPacket, Mode, TailKind,
+                   parse_tail)
 
 NTP_PORT = 123
+
+#: A time reply as one struct: LI|VN|mode and stratum, poll, precision + root delay,
+#: root dispersion, refid, reference ts (``_fields``), origin, receive, transmit.
+_TIME_REPLY = struct.Struct(">2sB21s8sQQ")
+_UNIX_EPOCH_NTP = NTP_UNIX_OFFSET_S << 32
 
 #: What each request mode gets. ``None`` means "answer"; otherwise the drop reason.
 _MODE_DROP: dict[int, Reason | None] = {
@@ -51,6 +58,10 @@ class Request:
     mac_key_id: int | None = None   # set when the request carries a MAC
     mac_offset: int = 0             # where the MAC starts (the signed part ends)
     mac_len: int = 0                # key id + digest, in bytes
+    #: NTPv4 tails of 25-68 bytes that parse as extension fields may instead be one
+    #: long MAC (NTPsec's ntpdig sends full SHA-2 digests). chrony settles it by trying
+    #: the key first; the auth stage does the same with this reading.
+    whole_tail_mac: Request | None = None
 
 
 def inspect_request(data: bytes, source_port: int, answer_symmetric: bool = True) -> Request | Reason:
@@ -79,11 +90,16 @@ def inspect_request(data: bytes, source_port: int, answer_symmetric: bool = True
         return Reason.MALFORMED
     if tail.kind is TailKind.CRYPTO_NAK:
         return Reason.CRYPTO_NAK
+    whole_tail_mac = None
+    if tail.kind is TailKind.EXTENSIONS and MAX_V4_BARE_MAC_LEN < length - HEADER_LEN \
+            <= MAX_MAC_LEN:
+        whole_tail_mac = Request(version, reply_mode, int.from_bytes(data[48:52], "big"),
+                                 HEADER_LEN, length - HEADER_LEN)
     if tail.mac is not None:
         return Request(version, reply_mode, tail.mac.key_id, tail.mac.offset,
-                       length - tail.mac.offset)
+                       length - tail.mac.offset, whole_tail_mac)
     # Unknown extension fields are ignored (RFC 7822 §3); the reply carries none.
-    return Request(version, reply_mode)
+    return Request(version, reply_mode, whole_tail_mac=whole_tail_mac)
 
 
 class Responder:
@@ -115,6 +131,17 @@ class Responder:
     def served_ntp(self, system_ns: int) -> int:
         """The NTP timestamp served for a system-clock reading (applies the source offset)."""
         return unix_ns_to_ntp(system_ns + self.offset_ns)
+
+    def time_reply_at(self, data: bytes, request: Request, receive_ns: int) -> bytes:
+        """``time_reply(data, request, served_ntp(receive_ns))`` in one step: the hot path.
+
+        ``(ns << 32) // 10**9`` is seconds << 32 plus the fraction exactly (the
+        seconds part is a whole multiple), so one division replaces a divmod.
+        """
+        receive = ((((receive_ns + self.offset_ns) << 32) // NS_PER_S + _UNIX_EPOCH_NTP)
+                   & TS_MASK)
+        return _TIME_REPLY.pack(self._prefix[request.version][request.reply_mode], data[2],
+                                self._fields, data[40:48], receive, receive)
 
     def time_reply(self, data: bytes, request: Request, receive_ts: int,
                    transmit_ts: int | None = None) -> bytes:

@@ -196,9 +196,19 @@ def parse_tail(data: bytes, version: int) -> Tail:
         return Tail(TailKind.MAC, mac=_mac_at(data, HEADER_LEN))
     if remainder == CRYPTO_NAK_LEN and data[HEADER_LEN:] == b"\0\0\0\0":
         return Tail(TailKind.CRYPTO_NAK)
-    if MAX_V4_BARE_MAC_LEN < remainder <= MAX_MAC_LEN and not _is_ext_field(data, HEADER_LEN):
-        # Old chrony clients send long (e.g. SHA512) MACs in NTPv4 packets.
-        return Tail(TailKind.MAC, mac=_mac_at(data, HEADER_LEN))
+    if MAX_V4_BARE_MAC_LEN < remainder <= MAX_MAC_LEN:
+        # Old chrony clients (and NTPsec's ntpdig) send long MACs in NTPv4 packets:
+        # a tail of 25-68 bytes that is not a clean run of extension fields is one.
+        try:
+            return _parse_extension_fields(data)
+        except MalformedPacket:
+            return Tail(TailKind.MAC, mac=_mac_at(data, HEADER_LEN))
+    return _parse_extension_fields(data)
+
+
+def _parse_extension_fields(data: bytes) -> Tail:
+    """RFC 7822 fields from byte 48, then an optional MAC of 20-24 bytes."""
+    length = len(data)
     fields: list[ExtensionField] = []
     offset = HEADER_LEN
     while offset < length:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
+from ..wire import HEADER_LEN
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from . import fingerprint
@@ -49,6 +50,11 @@ ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
 PORT = 11          # latest source port
 
 _NEVER = -(1 << 62)
+
+# Hot-path aliases: a module global is one cached load, an enum class attribute is not.
+_ANSWERED = Reason.ANSWERED
+_REFLECTION_PORT = Reason.REFLECTION_PORT
+_GLOBAL_CAP = Reason.GLOBAL_CAP
 
 KOD_RATE = b"RATE"
 KOD_DENY = b"DENY"
@@ -115,6 +121,19 @@ class Pipeline:
             self._rebuild_acl()
         self._overflow = new_record(0, "overflow", 0)
         self._prefix_overflow = [0]
+        # A 48-byte request's sanity verdict and packet label depend on its first byte
+        # alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
+        # those entries are None and take the full path. Shared Requests are immutable.
+        padding = bytes(HEADER_LEN - 1)
+        self._sanity_48: list[Request | Reason | None] = [
+            None if (first >> 3) & 7 == 1 and first & 7 == 0
+            else inspect_request(bytes((first,)) + padding, 0, policy.answer_symmetric)
+            for first in range(256)]
+        self._label_of_first: list[str | None] = [
+            None if (first >> 3) & 7 == 1 else fingerprint.packet_label(first, 0)
+            for first in range(256)]
+        # IPv4 prefix keys on a byte boundary are a slice (the default /24).
+        self._v4_prefix_bytes = self.v4_prefix_bits // 8 if self.v4_prefix_bits % 8 == 0 else 0
 
     def set_blocklist(self, entries: list[AclEntry]) -> None:
         """Replace the blocklist entries (from ``guardntp/blocklist``); takes effect at once."""
@@ -130,18 +149,26 @@ class Pipeline:
     def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
                ) -> Decision:
         """The fate of one datagram from ``packed``:``port`` (packed address bytes)."""
-        request = inspect_request(data, port, self.policy.answer_symmetric)
-        version = (data[0] >> 3) & 7 if data else 0
+        sane: Request | Reason | None
+        if len(data) == HEADER_LEN:
+            first = data[0]
+            sane = self._sanity_48[first]
+            if sane is None:
+                sane = inspect_request(data, port, self.policy.answer_symmetric)
+        else:
+            sane = inspect_request(data, port, self.policy.answer_symmetric)
+            first = data[0] if data else 0
         counts = self.counters.counts
-        base = version * N_REASONS
-        if isinstance(request, Reason):
-            counts[base + request] += 1
-            return request, None, None
+        base = ((first >> 3) & 7) * N_REASONS
+        if isinstance(sane, Reason):
+            counts[base + sane] += 1
+            return sane, None, None
+        request = sane
         if port in self.reflection_ports:
-            counts[base + Reason.REFLECTION_PORT] += 1
-            return Reason.REFLECTION_PORT, None, None
+            counts[base + _REFLECTION_PORT] += 1
+            return _REFLECTION_PORT, None, None
 
-        label = fingerprint.packet_label(data[0], port)
+        label = self._label_of_first[first] or fingerprint.packet_label(first, port)
         self.label_counts[label] += 1
         v4 = len(packed) == 4
         key = packed if v4 else packed[: self.v6_source_bytes]
@@ -181,7 +208,11 @@ class Pipeline:
 
         # -- authentication
         signer: Signer | None = None
-        if request.mac_key_id is not None:
+        if request.whole_tail_mac is not None and self.authenticator is not None:
+            signer = self.authenticator.verify(data, request.whole_tail_mac)
+            if signer is not None:
+                request = request.whole_tail_mac
+        if signer is None and request.mac_key_id is not None:
             signer = self.authenticator.verify(data, request) if self.authenticator else None
             if signer is None:
                 counts[base + Reason.AUTH_FAILED] += 1
@@ -199,7 +230,8 @@ class Pipeline:
             tat = record[TAT]
             if tat < now_ns:
                 tat = now_ns
-            prefix_key = self._prefix_key(packed, v4)
+            prefix_key = (packed[: self._v4_prefix_bytes] if v4 and self._v4_prefix_bytes
+                          else self._prefix_key(packed, v4))
             prefixes = self.prefixes
             prefix_record = prefixes.records.get(prefix_key)
             if prefix_record is None:
@@ -217,15 +249,17 @@ class Pipeline:
             record[TAT] = tat + limit.interval_ns
             if prefix_record is not record:
                 prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
-        if not self._global_allows(now_ns):
-            counts[base + Reason.GLOBAL_CAP] += 1
-            record[DROPS] += 1
-            return Reason.GLOBAL_CAP, None, None
+        global_limit = self.global_limit
+        if global_limit is not None:  # _global_allows, inlined on the answer path
+            global_tat = self._global_tat if self._global_tat > now_ns else now_ns
+            if global_tat - now_ns > global_limit.tolerance_ns:
+                counts[base + _GLOBAL_CAP] += 1
+                record[DROPS] += 1
+                return _GLOBAL_CAP, None, None
+            self._global_tat = global_tat + global_limit.interval_ns
         counts[base] += 1  # Reason.ANSWERED == 0
         record[TIME_REPLIES] += 1
-        responder = self.responder
-        return (Reason.ANSWERED,
-                responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
+        return _ANSWERED, self.responder.time_reply_at(data, request, recv_ns), signer
 
     # ------------------------------------------------------------------ helpers
 
