@@ -392,7 +392,7 @@ def _to_toml_tables(config: Config) -> dict[str, dict[str, str]]:
                               ("clock", config.clock, _CLOCK_KEYS),
                               ("filter", config.filter, _FILTER_KEYS)):
         table = {}
-        for f in fields(obj):  # type: ignore[arg-type]
+        for f in fields(obj):
             value = getattr(obj, f.name)
             if f.name in schema and value is not None and value != "":
                 table[f.name] = literal(value)

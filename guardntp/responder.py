@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from .clock import ClockState
 from .timestamps import NS_PER_S, NTP_UNIX_OFFSET_S, TS_MASK, unix_ns_to_ntp
 from .verdicts import Reason
-from .wire import (HEADER_LEN, MAX_MAC_LEN, MAX_V4_BARE_MAC_LEN, MalformedPacket, Mode, TailKind,
-                   parse_tail)
+from .wire import (
+    HEADER_LEN,
+    MAX_MAC_LEN,
+    MAX_V4_BARE_MAC_LEN,
+    MalformedPacket,
+    Mode,
+    TailKind,
+    parse_tail,
+)
 
 NTP_PORT = 123
 
@@ -64,7 +71,8 @@ class Request:
     whole_tail_mac: Request | None = None
 
 
-def inspect_request(data: bytes, source_port: int, answer_symmetric: bool = True) -> Request | Reason:
+def inspect_request(data: bytes, source_port: int, answer_symmetric: bool = True
+                    ) -> Request | Reason:
     """Sanity stage: a :class:`Request` to answer, or the :class:`Reason` to drop it."""
     length = len(data)
     if length < HEADER_LEN or length % 4:

@@ -139,8 +139,8 @@ def _chrony_conf(conf_dir: Path, line: str) -> Path:
     conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(conf_dir, 0o700)
     conf = conf_dir / "chrony.conf"
-    conf.write_text(f"{line}\npidfile {conf_dir}/chronyd.pid\nbindcmdaddress {conf_dir}/chronyd.sock\n"
-                    "cmdport 0\n")
+    conf.write_text(f"{line}\npidfile {conf_dir}/chronyd.pid\n"
+                    f"bindcmdaddress {conf_dir}/chronyd.sock\ncmdport 0\n")
     return conf
 
 

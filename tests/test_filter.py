@@ -134,7 +134,7 @@ def test_fingerprint_labels():
 def test_prefix_bucket_holds_back_a_fleet_spread_over_a_24():
     h = Harness(leak_one_in=0, prefix_rate=16, prefix_burst=64)
     answered = 0
-    for second in range(30):
+    for _second in range(30):
         for host in range(1, 255):   # 254 devices, each once a second
             answered += h.send(f"192.0.2.{host}")[0] is Reason.ANSWERED
         h.advance(1.0)
@@ -144,7 +144,7 @@ def test_prefix_bucket_holds_back_a_fleet_spread_over_a_24():
 
 def test_250_iburst_clients_in_one_24_are_never_limited():
     h = Harness()
-    for burst_packet in range(8):           # 8-packet iburst, 2 s apart, all at once
+    for _packet in range(8):                # 8-packet iburst, 2 s apart, all at once
         for host in range(1, 251):
             assert h.send(f"198.51.100.{host}")[0] is Reason.ANSWERED
         h.advance(2.0)

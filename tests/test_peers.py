@@ -14,9 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (InProcessServer, chronyd_query, free_udp_port, guardntp_server,
-                      needs_chronyd, needs_netns, needs_ntpdig, parse_chronyd_offset,
-                      run_in_netns, wait_until_answering)
+from conftest import (
+    InProcessServer,
+    chronyd_query,
+    free_udp_port,
+    guardntp_server,
+    needs_chronyd,
+    needs_netns,
+    needs_ntpdig,
+    parse_chronyd_offset,
+    run_in_netns,
+    wait_until_answering,
+)
 
 from guardntp import client
 from guardntp.filter.policy import FilterPolicy
@@ -58,7 +67,10 @@ def test_ntpdig_accepts_guardntp_on_port_123_in_a_namespace(tmp_path: Path) -> N
     result = run_in_netns(f"""
 {sys.executable} -m guardntp serve --listen 127.0.0.1:123 --clock local --stratum 9 \\
     --state-dir {tmp_path}/state > {tmp_path}/server.log 2>&1 &
-for i in $(seq 100); do {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 100); do
+    {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break
+    sleep 0.1
+done
 ntpdig -t 2 -j 127.0.0.1
 kill %1; wait
 """)
@@ -75,7 +87,10 @@ def test_ntpdig_sees_a_kod(tmp_path: Path) -> None:
 {sys.executable} -m guardntp serve --listen 127.0.0.1:123 --clock local \\
     --set filter.source_burst=1 --set filter.source_rate=0.01 --set filter.leak_one_in=0 \\
     --state-dir {tmp_path}/state > {tmp_path}/server.log 2>&1 &
-for i in $(seq 100); do {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 100); do
+    {sys.executable} -m guardntp query 127.0.0.1 --timeout 0.2 >/dev/null 2>&1 && break
+    sleep 0.1
+done
 ntpdig -t 1 127.0.0.1
 echo "rc=$?"
 kill %1; wait

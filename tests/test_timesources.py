@@ -6,18 +6,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import (chronyd_query, free_udp_port, guardntp_server, needs_chronyd,
-                      parse_chronyd_offset, wait_until_answering)
+from conftest import (
+    chronyd_query,
+    free_udp_port,
+    guardntp_server,
+    needs_chronyd,
+    parse_chronyd_offset,
+    wait_until_answering,
+)
 
 from guardntp import client
 from guardntp.clock import ClockState
 from guardntp.responder import Responder
-from guardntp.timestamps import NS_PER_S, unix_ns_to_ntp
 from guardntp.timesources import refid_bytes
 from guardntp.timesources.kernel import STA_INS, STA_UNSYNC, KernelClock, read_kernel_clock
 from guardntp.timesources.system import SystemClock, clock_state_from, parse_chronyc_tracking
-from guardntp.timesources.upstream import (Measurement, Upstream, UpstreamClock, parse_upstream)
+from guardntp.timesources.upstream import Measurement, Upstream, UpstreamClock, parse_upstream
 from guardntp.timesources.upstream import clock_state_from as upstream_state
+from guardntp.timestamps import NS_PER_S, unix_ns_to_ntp
 from guardntp.wire import Leap, NtpPacket
 
 NOW = 1_800_000_000 * NS_PER_S

@@ -1,8 +1,15 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardntp.timestamps import (NS_PER_S, NTP_UNIX_OFFSET_S, ntp_diff_ns, ntp_to_unix_ns,
-                                 ns_to_short, short_to_ns, unix_ns_to_ntp)
+from guardntp.timestamps import (
+    NS_PER_S,
+    NTP_UNIX_OFFSET_S,
+    ns_to_short,
+    ntp_diff_ns,
+    ntp_to_unix_ns,
+    short_to_ns,
+    unix_ns_to_ntp,
+)
 
 # 1900..2200 in Unix ns: crosses the 2036 era rollover.
 unix_times = st.integers(min_value=-NTP_UNIX_OFFSET_S * NS_PER_S + 1,

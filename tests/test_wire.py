@@ -4,8 +4,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardntp.wire import (Leap, MalformedPacket, Mode, NtpPacket, TailKind, encode, parse,
-                           refid_to_text)
+from guardntp.wire import (
+    Leap,
+    MalformedPacket,
+    Mode,
+    NtpPacket,
+    TailKind,
+    encode,
+    parse,
+    refid_to_text,
+)
 
 
 def header(version=4, mode=3, xmt=0x1234_5678_9ABC_DEF0):

@@ -16,6 +16,8 @@ if [ "$want_test_deps" = 1 ]; then
     command -v nft       >/dev/null 2>&1 || missing+=(nftables)
     command -v ip        >/dev/null 2>&1 || missing+=(iproute2)
     command -v setpriv   >/dev/null 2>&1 || missing+=(util-linux)
+    command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
+    [ -d /usr/lib/python3/dist-packages/ntp ] || missing+=(python3-ntp)
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" -ne 0 ]; then
             echo "bootstrap: need root to install: ${missing[*]} (or install them and re-run)" >&2

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
-from ..wire import HEADER_LEN
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
+from ..wire import HEADER_LEN
 from . import fingerprint
 from .acl import AccessList, AclEntry, Action
 from .buckets import BucketTable, Limit
