@@ -111,6 +111,7 @@ int main(int argc, char **argv) {
     static unsigned char ctrl[BATCH][CMSG_SPACE(sizeof(struct in_pktinfo))];
     static struct iovec iov[BATCH];
     static struct mmsghdr msgs[BATCH];
+    static struct in_pktinfo *infos[BATCH];
     for (int i = 0; i < BATCH; i++) {
         memset(pkts[i], 0, 48);
         pkts[i][0] = (0 << 6) | (4 << 3) | 3;   /* LI 0, NTPv4, client */
@@ -128,6 +129,8 @@ int main(int argc, char **argv) {
         c->cmsg_level = IPPROTO_IP;
         c->cmsg_type = IP_PKTINFO;
         c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
+        infos[i] = (struct in_pktinfo *)CMSG_DATA(c);
+        memset(infos[i], 0, sizeof *infos[i]);
     }
     static unsigned char rbufs[RBATCH][64];
     static struct iovec riov[RBATCH];
@@ -151,9 +154,7 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) {
             uint64_t s = next_source++ % (uint64_t)sources;
             uint32_t p = (uint32_t)(s & 0xffff), host = 16 + (uint32_t)(s >> 16);
-            struct in_pktinfo *info = (struct in_pktinfo *)CMSG_DATA(CMSG_FIRSTHDR(&msgs[i].msg_hdr));
-            memset(info, 0, sizeof *info);
-            info->ipi_spec_dst.s_addr = htonl(127u << 24 | p << 8 | host);
+            infos[i]->ipi_spec_dst.s_addr = htonl(127u << 24 | p << 8 | host);
             uint64_t t = now;                    /* origin: our send time, opaque to servers */
             for (int b = 7; b >= 0; b--) { pkts[i][40 + b] = t & 0xff; t >>= 8; }
         }

@@ -38,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     make.set_defaults(func=run_make)
     listing = actions.add_parser("list", help="list scenarios and mixes")
     listing.set_defaults(func=run_list)
-    parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
+    def usage(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    parser.set_defaults(func=usage)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
     except (PcapError, SidecarError, LiveError) as error:
         raise CommandError(str(error)) from None
     order = report.capture.get("scenarios") or []
+    klass_of = {s["name"]: s["class"] for s in meta.get("scenarios", [])}
     for result in report.runs:
+        present = {group.scenario for group in result.groups}
+        result.groups += [reporting.GroupResult(name, klass_of[name]) for name in order
+                          if name not in present]
         result.groups.sort(key=lambda g: order.index(g.scenario) if g.scenario in order
                            else len(order))
     reporting.evaluate(report)

@@ -51,7 +51,7 @@ def build_templates() -> dict[tuple[int, int], FrameTemplate]:
     except ImportError:
         raise ScapyMissing("making captures needs scapy: pip install 'guardntp[tools]' "
                            "or apt install python3-scapy") from None
-    templates = {}
+    templates: dict[tuple[int, int], FrameTemplate] = {}
     for kind, payload in KIND_PAYLOADS.items():
         for width in (4, 16):
             network = (IP(src="0.0.0.0", dst=SERVER_V4, ttl=64, id=0, flags="DF") if width == 4

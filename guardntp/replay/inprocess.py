@@ -135,8 +135,8 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
                              bytes_in=bytes_in[group], bytes_out=bytes_out[group],
                              reasons={Reason(r).name.lower(): c for r, c in enumerate(counts)
                                       if c})
-        for reason, count in enumerate(counts):
-            verdict = VERDICTS[_VERDICT_INDEX[reason]]
+        for reason_index, count in enumerate(counts):
+            verdict = VERDICTS[_VERDICT_INDEX[reason_index]]
             setattr(result, verdict, getattr(result, verdict) + count)
         result.requests = sum(counts)
         by_source = tracked[group]

@@ -109,20 +109,23 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
     sent = int(result["sent"])
     scenarios = meta["scenarios"]
     requests = dict.fromkeys((s["name"] for s in scenarios), 0)
-    for group in labels.group_of_packet[:sent]:
-        requests[labels.groups[group][0]] = requests.get(labels.groups[group][0], 0) + 1
+    for group_index in labels.group_of_packet[:sent]:
+        scenario_name = labels.groups[group_index][0]
+        requests[scenario_name] = requests.get(scenario_name, 0) + 1
     final = result["samples"][-1]["counters"] if result["samples"] else {}
-    groups = []
+    def count(kind: str, index: int, family: int) -> tuple[int, int]:
+        """(packets, NTP bytes) of one counter."""
+        packets, size = final.get(f"{kind}_{index}_{family}", (0, 0))
+        return int(packets), int(size) - int(packets) * HEADER_BYTES[family]
+
+    groups: list[GroupResult] = []
     for index, scenario in enumerate(scenarios):
         name = scenario["name"]
         group = GroupResult(name, scenario["class"], requests=requests.get(name, 0))
         for family in (4, 6):
-            def count(kind: str, fam: int = family) -> tuple[int, int]:
-                packets, size = final.get(f"{kind}_{index}_{fam}", (0, 0))
-                return int(packets), int(size) - int(packets) * HEADER_BYTES[fam]
-            time_packets, time_bytes = count("time")
-            kod_packets, kod_bytes = count("kod")
-            _, in_bytes = count("in")
+            time_packets, time_bytes = count("time", index, family)
+            kod_packets, kod_bytes = count("kod", index, family)
+            _, in_bytes = count("in", index, family)
             group.time += time_packets
             group.kod += kod_packets
             group.bytes_out += time_bytes + kod_bytes
@@ -226,7 +229,8 @@ def nft_ruleset(scenarios: list[dict[str, Any]]) -> str:
             nets = "{ " + ", ".join(networks) + " }"
             for kind in ("in", "time", "kod"):
                 counters.append(f"  counter {kind}_{index}_{family} {{}}")
-            inputs.append(f"    udp dport {port} {match} saddr {nets} counter name in_{index}_{family}")
+            inputs.append(f"    udp dport {port} {match} saddr {nets} "
+                          f"counter name in_{index}_{family}")
             # A KoD is stratum 0 (byte 1 of the NTP header, bits 72-79 after the UDP header).
             outputs.append(f"    udp sport {port} {match} daddr {nets} @th,72,8 0 "
                            f"counter name kod_{index}_{family} accept")
@@ -327,7 +331,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         elif args.speed:
             replay.append(f"--multiplier={args.speed:g}")
         replay.append(args.capture)
-        samples = []
+        samples: list[dict[str, Any]] = []
         tcpreplay = subprocess.Popen(replay, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         started = time.monotonic()
@@ -345,7 +349,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         _stop(process)
     sent = _parse_sent(output)
-    final = samples[-1]["counters"]
+    final: dict[str, tuple[int, int]] = samples[-1]["counters"]
     delivered = sum(packets for name, (packets, _) in final.items() if name.startswith("in_"))
     return {"sent": sent, "wall_s": wall_s, "cpu_s": cpu_s, "delivered": delivered,
             "socket_drops": socket_drops, "samples": samples, "tcpreplay": output.strip()}

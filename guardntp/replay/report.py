@@ -193,7 +193,7 @@ def render_text(report: Report) -> str:
                          "per request")
         if run.tables:
             lines.append("tables: " + ", ".join(f"{k} {v}" for k, v in run.tables.items()))
-        drops = {}
+        drops: dict[str, int] = {}
         for group in run.groups:
             for reason, count in group.reasons.items():
                 if reason not in ("answered", "leaked"):
