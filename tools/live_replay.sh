@@ -18,7 +18,7 @@ if [ -n "$capture" ] && [ "${capture#-}" = "$capture" ]; then
 else
     capture=out/live/live.pcap
     mkdir -p out/live
-    "$python" -m guardntp capture make all -o "$capture" --scale 0.5 --duration 60 --seed 1 -q
+    "$python" -m guardntp capture make all -o "$capture" --scale 1 --duration 90 --seed 1 -q
 fi
 report=out/live/report-$(basename "$capture" .pcap)
 exec "$python" -m guardntp replay "$capture" --live --against guardntp chronyd \
