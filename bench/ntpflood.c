@@ -9,7 +9,9 @@
  * timestamp in the reply; round trip = now - the origin field (our send time).
  *
  * Build: gcc -O2 -o ntpflood ntpflood.c     (bench/side_by_side.py does this)
- * Usage: ntpflood DST PORT RATE DURATION_S SOURCES SRC_PORT [DRAIN_S]
+ * Usage: ntpflood DST PORT RATE DURATION_S SOURCES SRC_PORT [DRAIN_S [FIRST_SOURCE]]
+ * FIRST_SOURCE lets successive runs continue the cycle over the sources, so each
+ * source sends once per SOURCES packets however the runs are cut.
  * Prints one JSON line. Only loopback destinations are accepted.
  */
 #define _GNU_SOURCE
@@ -81,7 +83,7 @@ static void drain(int fd, struct mmsghdr *msgs, unsigned char bufs[][64]) {
 
 int main(int argc, char **argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: %s DST PORT RATE DURATION_S SOURCES SRC_PORT [DRAIN_S]\n", argv[0]);
+        fprintf(stderr, "usage: %s DST PORT RATE DURATION_S SOURCES SRC_PORT [DRAIN_S [FIRST_SOURCE]]\n", argv[0]);
         return 2;
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
@@ -93,7 +95,9 @@ int main(int argc, char **argv) {
     long sources = atol(argv[5]);
     int src_port = atoi(argv[6]);
     double drain_s = argc > 7 ? atof(argv[7]) : 0.2;
-    if (rate <= 0 || duration <= 0 || duration > 600 || sources < 1 || sources > 65536L * 224) {
+    uint64_t first_source = argc > 8 ? strtoull(argv[8], NULL, 10) : 0;
+    if (drain_s < 0 || drain_s > 10) drain_s = 0.2;
+    if (rate <= 0 || rate > 1e7 || duration <= 0 || duration > 600 || sources < 1 || sources > 65536L * 224) {
         fprintf(stderr, "bad rate, duration (<= 600 s) or sources (<= %ld)\n", 65536L * 224);
         return 2;
     }
@@ -142,7 +146,7 @@ int main(int argc, char **argv) {
         rmsgs[i].msg_hdr.msg_iovlen = 1;
     }
 
-    uint64_t sent = 0, send_errors = 0, next_source = 0;
+    uint64_t sent = 0, send_errors = 0, next_source = first_source;
     uint64_t start = mono_ns(), deadline = start + (uint64_t)(duration * 1e9);
     for (;;) {
         uint64_t now = mono_ns();

@@ -177,6 +177,7 @@ _FILTER_KEYS: dict[str, _Check] = {
     "kod_burst": _int_in(1, 1 << 24), "kod_min_poll": _int_in(0, 17),
     "deny_action": _deny_action,
     "max_sources": _int_in(1, 1 << 26), "max_prefixes": _int_in(1, 1 << 26),
+    "max_newcomers": _int_in(1, 1 << 26),
     "random_seed": _int_in(0, (1 << 63) - 1)}
 _LABEL_KEYS: dict[str, _Check] = {
     "rate": _positive_number, "burst": _int_in(1, 1 << 20), "send_kod": _bool}

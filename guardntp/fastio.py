@@ -52,6 +52,10 @@ BATCH_SIZE = 64
 #: Larger than any NTP packet we accept (48 + extension fields + MAC); longer is cut.
 RECV_BUFFER = 2048
 HEAD = 48
+#: A time reply's length; its last 8 bytes (the transmit timestamp) are sent from a
+#: buffer shared by the batch, written once just before the sendmmsg.
+TIME_REPLY = 48
+_BEFORE_TRANSMIT = TIME_REPLY - 8
 
 # <asm-generic/socket.h>: not exported by Python's socket module.
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -62,6 +66,8 @@ _TIMESTAMP_KEY: int = struct.unpack("@q", struct.pack("@ii", socket.SOL_SOCKET,
                                                       SCM_TIMESTAMPNS))[0]
 
 Signer = Callable[[bytes], bytes]
+#: A reply finished at flush time: (queue index, reply, signer or None, is a time reply).
+_Deferred = tuple[int, bytes, "Signer | None", bool]
 Decide = Callable[[bytes, bytes, int, int, int], tuple[Reason, "bytes | None", "Signer | None"]]
 
 # Time replies are exactly the reasons up to LEAKED (``verdicts.Reason`` keeps them first).
@@ -69,6 +75,8 @@ _LAST_TIME_REASON = Reason.LEAKED
 assert {r for r in Reason if r <= _LAST_TIME_REASON} == {Reason.ANSWERED, Reason.LEAKED}
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+# A plain int: socket's flag enums would run Python code for every ``|``.
+_RECV_FLAGS = int(socket.MSG_DONTWAIT) | int(socket.MSG_TRUNC)
 
 
 class _Iovec(ctypes.Structure):
@@ -93,6 +101,8 @@ _WORDS32 = _MMSG // 4            # 32-bit words per mmsghdr
 _WORDS64 = _MMSG // 8            # 64-bit words per mmsghdr
 _LEN_WORD = _Mmsghdr.msg_len.offset // 4
 _NAME_WORD = _Msghdr.msg_name.offset // 8
+_IOVLEN_WORD = _Msghdr.msg_iovlen.offset // 8
+_SEND_IOV_WORDS = 2 * _IOV // 8  # two iovecs per reply: the slot, the shared transmit field
 _IOV_LEN_WORD = _Iovec.iov_len.offset // 8
 assert _MMSG % 8 == 0 and _Mmsghdr.msg_len.offset % 4 == 0
 
@@ -155,17 +165,18 @@ class BatchSocket:
         self._recv_headers = bytearray(batch * _MMSG)
         self._recv_iovecs = bytearray(batch * 2 * _IOV)
         self._out = bytearray(batch * slot)
+        self._transmit = bytearray(8)
         self._send_headers = bytearray(batch * _MMSG)
-        self._send_iovecs = bytearray(batch * _IOV)
+        self._send_iovecs = bytearray(batch * 2 * _IOV)
         addr = {name: _address(getattr(self, name)) for name in (
             "_heads", "_tails", "_names", "_control", "_recv_headers", "_recv_iovecs",
-            "_out", "_send_headers", "_send_iovecs")}
+            "_out", "_transmit", "_send_headers", "_send_iovecs")}
         self._names_addr = addr["_names"]
         self._recv_headers_addr = addr["_recv_headers"]
         self._send_headers_addr = addr["_send_headers"]
         recv_iovecs = (_Iovec * (2 * batch)).from_buffer(self._recv_iovecs)
         recv_headers = (_Mmsghdr * batch).from_buffer(self._recv_headers)
-        send_iovecs = (_Iovec * batch).from_buffer(self._send_iovecs)
+        send_iovecs = (_Iovec * (2 * batch)).from_buffer(self._send_iovecs)
         send_headers = (_Mmsghdr * batch).from_buffer(self._send_headers)
         for i in range(batch):
             recv_iovecs[2 * i].iov_base = addr["_heads"] + i * HEAD
@@ -179,11 +190,16 @@ class BatchSocket:
             header.msg_iovlen = 2
             header.msg_control = addr["_control"] + i * _CONTROL_SPACE
             header.msg_controllen = _CONTROL_SPACE
-            send_iovecs[i].iov_base = addr["_out"] + i * slot
+            # Reply j: its slot, then (time replies only) the batch's transmit timestamp.
+            send_iovecs[2 * i].iov_base = addr["_out"] + i * slot
+            send_iovecs[2 * i + 1].iov_base = addr["_transmit"]
+            send_iovecs[2 * i + 1].iov_len = 8
             out = send_headers[i].msg_hdr
             out.msg_namelen = self.name_len
-            out.msg_iov = addr["_send_iovecs"] + i * _IOV
-            out.msg_iovlen = 1
+            out.msg_iov = addr["_send_iovecs"] + 2 * i * _IOV
+            # Set up for a time reply, the common case; others change it and are reset.
+            send_iovecs[2 * i].iov_len = _BEFORE_TRANSMIT
+            out.msg_iovlen = 2
         del recv_iovecs, recv_headers, send_iovecs, send_headers  # release the exports
         # The kernel rewrites msg_namelen, msg_controllen and msg_flags of every message
         # it fills; a copy of the pristine headers restores them in one memmove per batch.
@@ -199,7 +215,10 @@ class BatchSocket:
         self._out_view = memoryview(self._out)
         self._send_words = memoryview(self._send_headers).cast("Q")
         self._send_lengths = memoryview(self._send_iovecs).cast("Q")
-        self._stamp_offsets = [0] * batch
+        # Per message index: where its length, head, source address and timestamp are.
+        self._plan = [(i * _WORDS32 + _LEN_WORD, i * HEAD, i * self.name_stride,
+                       i * (_CONTROL_SPACE // 8), self._names_addr + i * self.name_stride)
+                      for i in range(batch)]
         self._used = batch   # messages whose headers the kernel may have touched
 
     # ------------------------------------------------------------------ receive
@@ -213,7 +232,7 @@ class BatchSocket:
         # MSG_TRUNC: msg_len is the datagram's real length, so "longer than a slot"
         # is one comparison.
         count = int(self._recvmmsg(self.fd, self._recv_headers_addr, self.batch,
-                                   socket.MSG_DONTWAIT | socket.MSG_TRUNC, None))
+                                   _RECV_FLAGS, None))
         if count < 0:
             error = ctypes.get_errno()
             self._used = 0
@@ -241,17 +260,16 @@ class BatchSocket:
         slot = self.slot
         tail = slot - HEAD
         v6 = self.v6
-        stride = self.name_stride
         words = self._words
         stamps = self._timestamps
         heads_view = self._heads_view
         tails_view = self._tails_view
         names_view = self._names_view
+        stride = self.name_stride
         out_view = self._out_view
         send_words = self._send_words
         send_lengths = self._send_lengths
-        stamp_offsets = self._stamp_offsets
-        names_addr = self._names_addr
+        plan = self._plan
         monotonic_ns = time.monotonic_ns
         while handled < budget:
             count = self._receive()
@@ -263,94 +281,108 @@ class BatchSocket:
             now_ns = monotonic_ns()
             heads = bytes(heads_view[: count * HEAD])
             names = bytes(names_view[: count * stride])
-            bytes_in = bytes_out = 0
-            queued = stamped = 0
-            signed: list[tuple[int, bytes, Signer, bool]] | None = None
-            for i in range(count):
-                length = words[i * _WORDS32 + _LEN_WORD]
-                h = i * HEAD
+            bytes_in = bytes_out = queued = 0
+            time_replies = False
+            deferred: list[_Deferred] | None = None
+            other: list[int] | None = None   # slots laid out for a non-time reply
+            for length_at, h, a, c, name_address in plan[:count]:
+                length = words[length_at]
                 if length == HEAD:
                     data = heads[h:h + HEAD]
                 elif length < HEAD:
                     data = heads[h:h + length]
                 elif length <= slot:
-                    data = heads[h:h + HEAD] + bytes(tails_view[i * tail:i * tail + length - HEAD])
+                    t = (h // HEAD) * tail
+                    data = heads[h:h + HEAD] + bytes(tails_view[t:t + length - HEAD])
                 else:
                     truncated += 1
                     length = slot
                     data = b""   # counted as malformed by the sanity stage
                 bytes_in += length
-                a = i * stride
                 if v6:
                     packed = names[a + 8:a + 24]
                     if packed[:12] == _V4_MAPPED:
                         packed = packed[12:]
                 else:
                     packed = names[a + 4:a + 8]
-                port = (names[a + 2] << 8) | names[a + 3]
-                c = i * 4
                 recv_ns = (stamps[c + 2] * 1_000_000_000 + stamps[c + 3]
                            if stamps[c + 1] == _TIMESTAMP_KEY else wall_ns())
-                reason, reply, signer = decide(data, packed, port, recv_ns, now_ns)
+                reason, reply, signer = decide(data, packed, (names[a + 2] << 8) | names[a + 3],
+                                               recv_ns, now_ns)
                 if reply is None:
                     continue
-                size = len(reply)
-                if size > slot:   # cannot happen: a reply is never longer than its request
-                    send_errors += 1
-                    log.error("reply of %d bytes does not fit a %d-byte slot", size, slot)
-                    continue
                 o = queued * slot
-                out_view[o:o + size] = reply
-                send_lengths[queued * 2 + _IOV_LEN_WORD] = size
-                send_words[queued * _WORDS64 + _NAME_WORD] = names_addr + a
-                if signer is not None:
-                    if signed is None:
-                        signed = []
-                    signed.append((queued, reply, signer, reason <= _LAST_TIME_REASON))
-                elif reason <= _LAST_TIME_REASON:
-                    stamp_offsets[stamped] = o + 40
-                    stamped += 1
-                bytes_out += size
+                send_words[queued * _WORDS64 + _NAME_WORD] = name_address
+                is_time = reason <= _LAST_TIME_REASON
+                if is_time and signer is None and len(reply) == TIME_REPLY:
+                    # 40 bytes from the slot, the transmit timestamp from the batch's
+                    # shared 8 bytes (the preset layout): stamped once, just before the send.
+                    out_view[o:o + TIME_REPLY] = reply
+                    time_replies = True
+                    bytes_out += TIME_REPLY
+                else:
+                    size = len(reply)
+                    if size > slot:   # cannot happen: a reply is never longer than its request
+                        send_errors += 1
+                        log.error("reply of %d bytes does not fit a %d-byte slot", size, slot)
+                        continue
+                    out_view[o:o + size] = reply
+                    send_lengths[queued * _SEND_IOV_WORDS + _IOV_LEN_WORD] = size
+                    send_words[queued * _WORDS64 + _IOVLEN_WORD] = 1
+                    if other is None:
+                        other = []
+                    other.append(queued)
+                    bytes_out += size
+                    if signer is not None or is_time:   # stamped (then signed) at flush
+                        if deferred is None:
+                            deferred = []
+                        deferred.append((queued, reply, signer, is_time))
                 queued += 1
             handled += count
             counters.bytes_in += bytes_in
             if queued:
-                sent_bytes, failed = self._flush(queued, stamped, signed, transmit, bytes_out)
+                sent_bytes, failed = self._flush(queued, time_replies, deferred, transmit,
+                                                 bytes_out)
                 counters.bytes_out += sent_bytes
                 send_errors += failed
+            if other is not None:
+                for index in other:   # back to the time-reply layout
+                    send_lengths[index * _SEND_IOV_WORDS + _IOV_LEN_WORD] = _BEFORE_TRANSMIT
+                    send_words[index * _WORDS64 + _IOVLEN_WORD] = 2
             if count < self.batch:
                 break   # the queue is (very probably) empty: saves the EAGAIN call
         return handled, truncated, send_errors
 
     # ------------------------------------------------------------------ send
 
-    def _flush(self, queued: int, stamped: int,
-               signed: list[tuple[int, bytes, Signer, bool]] | None,
+    def _message_bytes(self, index: int) -> int:
+        lengths = self._send_lengths
+        iovecs = self._send_words[index * _WORDS64 + _IOVLEN_WORD]
+        return int(lengths[index * _SEND_IOV_WORDS + _IOV_LEN_WORD]) + (8 if iovecs == 2 else 0)
+
+    def _flush(self, queued: int, time_replies: bool, deferred: list[_Deferred] | None,
                transmit: Callable[[], bytes], bytes_out: int) -> tuple[int, int]:
         """Stamp, sign and sendmmsg the queued replies: (bytes sent, failed sends)."""
-        slot = self.slot
-        out_view = self._out_view
-        send_lengths = self._send_lengths
         skip: set[int] = set()
-        xmt = transmit() if stamped or signed else b""
-        for index in range(stamped):
-            o = self._stamp_offsets[index]
-            out_view[o:o + 8] = xmt
-        if signed is not None:
-            for queued_at, reply, signer, is_time in signed:
+        if time_replies or deferred:
+            xmt = transmit()
+            self._transmit[:] = xmt
+        if deferred is not None:
+            slot = self.slot
+            for index, reply, signer, is_time in deferred:
                 if is_time:
                     reply = reply[:40] + xmt + reply[48:]
-                final = signer(reply)
-                old = send_lengths[queued_at * 2 + _IOV_LEN_WORD]
+                final = signer(reply) if signer is not None else reply
+                old = self._message_bytes(index)
                 if len(final) > slot:
-                    log.error("signed reply of %d bytes does not fit a %d-byte slot",
+                    log.error("reply of %d bytes does not fit a %d-byte slot",
                               len(final), slot)
-                    skip.add(queued_at)
+                    skip.add(index)
                     bytes_out -= old
                     continue
-                o = queued_at * slot
-                out_view[o:o + len(final)] = final
-                send_lengths[queued_at * 2 + _IOV_LEN_WORD] = len(final)
+                o = index * slot
+                self._out_view[o:o + len(final)] = final
+                self._send_lengths[index * _SEND_IOV_WORDS + _IOV_LEN_WORD] = len(final)
                 bytes_out += len(final) - old
         failed = len(skip)
         start = 0
@@ -359,9 +391,9 @@ class BatchSocket:
             if start in skip:
                 start += 1
                 continue
-            end = start + 1
-            while end < queued and end not in skip:
-                end += 1
+            end = queued
+            if skip:
+                end = min([index for index in skip if index > start], default=queued)
             sent = int(self._sendmmsg(self.fd, self._send_headers_addr + start * _MMSG,
                                       end - start, 0))
             if sent > 0:
@@ -373,7 +405,7 @@ class BatchSocket:
                 continue
             # The message at ``start`` failed: count it, skip it, send the rest.
             failed += 1
-            bytes_out -= send_lengths[start * 2 + _IOV_LEN_WORD]
+            bytes_out -= self._message_bytes(start)
             log.debug("sendmmsg: %s", os.strerror(error))
             start += 1
         return bytes_out, failed

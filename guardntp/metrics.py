@@ -158,9 +158,13 @@ class GuardntpCollector:
             capacity.add_metric([name], table.max_entries)
             evictions.add_metric([name], table.evictions)
             refused.add_metric([name], table.admissions_refused)
+        entries.add_metric(["newcomers"], len(pipeline.newcomers))
+        capacity.add_metric(["newcomers"], pipeline.newcomers.max_entries)
+        evictions.add_metric(["newcomers"], pipeline.newcomers.evictions)
         yield from (entries, capacity, evictions, refused)
-        yield counter("guardntp_overflow_requests",
-                      "Requests charged to the shared overflow bucket (source table full)",
+        yield counter("guardntp_promotions_refused",
+                      "Second requests that found no room among established sources "
+                      "(the source stays a newcomer, limited by its remembered bucket)",
                       value=pipeline.table_full)
         yield gauge("guardntp_access_list_entries",
                     "Access-list entries in force (configuration and blocklist)",

@@ -46,13 +46,18 @@ class ListenError(Exception):
     """A listen address cannot be used; the message is one line for the operator."""
 
 
-def open_socket(spec: ListenSpec) -> socket.socket:
-    """Bind a UDP socket with kernel receive timestamps, or raise :class:`ListenError`."""
+def open_socket(spec: ListenSpec, reuse_port: bool = False) -> socket.socket:
+    """Bind a UDP socket with kernel receive timestamps, or raise :class:`ListenError`.
+
+    ``reuse_port``: one of several sockets on the same address (``--workers``).
+    """
     sock = socket.socket(spec.family, socket.SOCK_DGRAM)
     try:
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((spec.host, spec.port))
     except OSError as error:
         sock.close()

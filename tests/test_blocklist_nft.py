@@ -87,6 +87,8 @@ SCENARIO = textwrap.dedent(r"""
                 break
             time.sleep(0.1)
         result["before"] = everyone()
+        result["packets_before"] = json.loads(run(*guardntp, "stats", "--json", "--state-dir",
+                                                  str(server_state)))["packets"]
 
         run(*guardntp, "block", "add", "127.0.0.2", "--ttl", "1h", "--reason", "flood",
             "--state-dir", str(blocklist_state))
@@ -106,6 +108,8 @@ SCENARIO = textwrap.dedent(r"""
         clients = json.loads(run(*guardntp, "clients", "--json", "--state-dir",
                                  str(server_state)))
         result["server_saw"] = {row["source"]: row["requests"] for row in clients["clients"]}
+        stats = json.loads(run(*guardntp, "stats", "--json", "--state-dir", str(server_state)))
+        result["server_packets"] = stats["packets"]
 
         run(NFT, "delete", "table", "inet", "guardntp")
         result["after"] = everyone()
@@ -135,9 +139,11 @@ def test_nft_export_drops_listed_sources_before_the_server(tmp_path: Path) -> No
     # The kernel counted the drops ...
     assert result["counters"]["@blocklist_v4"] == 1
     assert result["counters"]["@blocklist_v6"] == 1
-    # ... and the server never saw them: one request each, from before the rules.
+    # ... and the server never saw them: one request each, from before the rules, and
+    # while the rules stood it counted only the two unblocked requests.
     assert result["server_saw"]["127.0.0.2"] == 1
     assert result["server_saw"]["fd00::/64"] == 1   # IPv6 sources are tracked by /64
+    assert result["server_packets"] - result["packets_before"] == 2
 
     elements = result["elements"]
     v4 = {json.dumps(e, sort_keys=True) for e in elements["blocklist_v4"]}

@@ -96,11 +96,15 @@ def test_collector_reports_verdicts_reasons_versions_labels_kods_and_tables() ->
 
 def test_evictions_and_overflow_are_counted() -> None:
     pipeline = make_pipeline(max_sources=4, leak_one_in=0)
-    for i in range(10):  # each new source finds a full table; refilled entries go
+    for i in range(10):  # sources 4-9 find the table full: first sightings wait as newcomers
         pipeline.decide(V4_CLIENT, bytes([10, 0, 0, i]), 40000, NOW, NOW + i * 10**10)
+    for i in range(4, 10):  # their second request promotes them, evicting refilled entries
+        pipeline.decide(V4_CLIENT, bytes([10, 0, 0, i]), 40000, NOW, NOW + (10 + i) * 10**10)
     samples = scrape_collector(GuardntpCollector(pipeline))
     assert value(samples, "guardntp_table_entries", table="sources") == 4
     assert value(samples, "guardntp_table_evictions_total", table="sources") == 6
+    assert value(samples, "guardntp_table_entries", table="newcomers") == 0
+    assert value(samples, "guardntp_promotions_refused_total") == 0
 
 
 def test_series_stay_bounded_however_many_sources_send() -> None:

@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:
             raise CommandError(f"{error.filename or args.report_dir}: cannot write: "
                                f"{error.strerror}") from None
+        except ImportError:
+            raise CommandError("report.png needs matplotlib: pip install 'guardntp[tools]' "
+                               "(or use --no-plot)") from None
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 1 if args.check and not report.ok else 0
 

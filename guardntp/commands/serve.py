@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import time
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from ..responder import Responder
 from ..server import ListenError, Server, open_socket
 from ..systemd import describe_sockets
 from ..timesources import make_source, measure_precision
+from ..workers import serve_workers, split_budgets
 
 log = logging.getLogger("guardntp")
 
@@ -60,6 +62,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log line format (overrides log.format)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="least severe level logged (overrides log.level and -v)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes sharing the port, requests steered by source "
+                        "prefix (overrides server.workers; docs/benchmarks.md)")
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -77,6 +82,11 @@ def build_config(args: argparse.Namespace) -> Config:
             clock = replace(clock, stratum=args.stratum)
         if args.upstream:
             clock = replace(clock, upstreams=tuple(args.upstream))
+        workers = getattr(args, "workers", None)
+        if workers is not None:
+            if not 1 <= workers <= 64:
+                raise ConfigError(f"--workers {workers}: must be 1-64")
+            server = replace(server, workers=workers)
         server, extra = operations.apply_flags(args, server, config.extra)
         return replace(config, server=server, clock=clock, extra=extra,
                        state_dir_flag=args.state_dir or "")
@@ -94,9 +104,12 @@ class Service:
     """
 
     def __init__(self, args: argparse.Namespace, config: Config,
-                 log_setup: LogSetup | None = None) -> None:
+                 log_setup: LogSetup | None = None,
+                 sockets: list[socket.socket] | None = None, workers: int = 1) -> None:
         self.args = args
         self.config = config
+        #: Processes sharing the server-wide budgets (``--workers``; this is one of them).
+        self.workers = workers
         self.operations = operations.Operations(config, log_setup)
         self.state_dir = config.state_dir
         try:
@@ -114,12 +127,14 @@ class Service:
         except ConfigError as error:
             raise CommandError(str(error), 2) from None
         try:
-            self.sockets = self.operations.inherited_sockets() or [
-                open_socket(spec) for spec in config.server.listen]
+            self.sockets = sockets if sockets is not None else (
+                self.operations.inherited_sockets()
+                or [open_socket(spec) for spec in config.server.listen])
         except ListenError as error:
             raise CommandError(str(error)) from None
         now = time.time_ns()
-        self.pipeline = Pipeline(config.filter, Responder(self.source.state(now), now),
+        self.pipeline = Pipeline(split_budgets(config.filter, workers),
+                                 Responder(self.source.state(now), now),
                                  authenticator=self.authenticator)
         self.server = Server(self.sockets, self.pipeline, self.source)
         self.blocklist = setup_blocklist(self)  # the store's entries, live; auto blocks
@@ -137,7 +152,7 @@ class Service:
         if new.server.listen != self.config.server.listen or new.clock != self.config.clock:
             log.warning("reload: listen addresses and clock settings need a restart; "
                         "applying the filter settings only")
-        self.pipeline.apply_policy(new.filter)
+        self.pipeline.apply_policy(split_budgets(new.filter, self.workers))
         self.authenticator = self.pipeline.authenticator = authenticator
         self.operations.reload_applied(self.config, new)
         self.config = replace(self.config, filter=new.filter, extra=new.extra)
@@ -171,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     log_setup = operations.install_logging(args, config)
     try:
+        if config.server.workers > 1:
+            return serve_workers(args, config, log_setup)
         return Service(args, config, log_setup).run()
     finally:
         log_setup.uninstall()

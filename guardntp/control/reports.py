@@ -123,7 +123,7 @@ def format_stats(report: Mapping[str, Any]) -> str:
     for name, table in report["tables"].items():
         lines.append(f"  {name:<9} {table['entries']}/{table['max']} entries, "
                      f"{table['evictions']} evictions, {table['refused']} refused")
-    lines.append(f"  table_full {report['table_full']} requests charged to the overflow bucket")
+    lines.append(f"  table_full {report['table_full']} second requests that found no room among established sources")
     lines.append(f"access list  {report['access_list_entries']} entries")
     blocklist = report.get("blocklist")
     if blocklist:

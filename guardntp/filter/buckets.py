@@ -12,8 +12,17 @@ Tables are bounded. The churn rule (what chronyd 4.3 lacks): an entry is
 evicted only when its bucket is full again, i.e. when forgetting it loses
 nothing, since a newcomer would start with a full bucket anyway. An offender
 that keeps its bucket drained is never displaced by spoofed one-packet
-sources, however many arrive. When no entry may be evicted, the newcomer is
-charged to one shared *overflow* bucket: limited, never waved through.
+sources, however many arrive.
+
+Once that table is full, a source enters it only on its *second* request: a
+first request is remembered in a :class:`NewcomerTable`, just the TAT, in a
+large FIFO ring at ~120 bytes an entry. Spoofed one-packet sources therefore
+churn only the newcomer ring, never the established table, so returning
+legitimate clients always find room. An offender is promoted at its second request as
+long as the ring outlives its polling interval (524,288 entries at 200,000
+new sources a second: 2.6 s). When the established table is full of draining
+offenders, a source stays a newcomer, still limited by its own remembered
+bucket, never waved through.
 """
 
 from __future__ import annotations
@@ -105,3 +114,48 @@ class BucketTable:
                 return True
             records.move_to_end(oldest)
         return False
+
+
+class NewcomerTable:
+    """First sightings: packed address -> TAT, forgotten first-in first-out.
+
+    A ring of keys bounds the dict: writing a slot forgets the key that was
+    there (unless it was promoted meanwhile). A key re-added after promotion
+    may be forgotten early, which only costs it its newcomer history.
+    """
+
+    __slots__ = ("tats", "_ring", "_next", "max_entries", "evictions")
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("a table needs room for at least one entry")
+        self.tats: dict[bytes, int] = {}
+        self._ring: list[bytes | None] = [None] * max_entries
+        self._next = 0
+        self.max_entries = max_entries
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.tats)
+
+    def remember(self, key: bytes, tat: int) -> None:
+        tats = self.tats
+        if key in tats:
+            tats[key] = tat
+            return
+        slot = self._next
+        old = self._ring[slot]
+        if old is not None and tats.pop(old, None) is not None:
+            self.evictions += 1
+        self._ring[slot] = key
+        tats[key] = tat
+        self._next = slot + 1 if slot + 1 < self.max_entries else 0
+
+    def resize(self, max_entries: int) -> None:
+        """Take a new size (reload); keeps the most recent entries that fit."""
+        if max_entries == self.max_entries:
+            return
+        kept = list(self.tats.items())[-max_entries:]
+        self.__init__(max_entries)  # type: ignore[misc]
+        for key, tat in kept:
+            self.remember(key, tat)

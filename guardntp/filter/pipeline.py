@@ -29,7 +29,7 @@ from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
 from . import fingerprint
 from .acl import AccessList, AclEntry, Action
-from .buckets import BucketTable, Limit
+from .buckets import BucketTable, Limit, NewcomerTable
 from .policy import FilterPolicy
 
 Signer = Callable[[bytes], bytes]
@@ -82,9 +82,10 @@ class Pipeline:
         self.authenticator = authenticator
         self.counters = Counters()
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
-        self.table_full = 0   # requests charged to the overflow bucket
+        self.table_full = 0   # second requests that found no room among established sources
         self.sources = BucketTable(policy.max_sources)
         self.prefixes = BucketTable(policy.max_prefixes)
+        self.newcomers = NewcomerTable(policy.max_newcomers)
         self.acl = AccessList(list(policy.acl))
         self._config_acl: list[AclEntry] = list(policy.acl)
         self._blocklist: list[AclEntry] = []
@@ -99,8 +100,6 @@ class Pipeline:
         self.policy = policy
         self.source_limit = Limit.per_second(policy.source_rate, policy.source_burst)
         self.prefix_limit = Limit.per_second(policy.prefix_rate, policy.prefix_burst)
-        # Sources that find the table full share one bucket as loose as a prefix's.
-        self.overflow_limit = self.prefix_limit
         self.label_limits = {
             label: Limit.per_second(p.rate, p.burst) for label, p in policy.label_policies.items()}
         self.label_kod = {label: p.send_kod for label, p in policy.label_policies.items()}
@@ -119,7 +118,7 @@ class Pipeline:
         if list(policy.acl) != self._config_acl:
             self._config_acl = list(policy.acl)
             self._rebuild_acl()
-        self._overflow = new_record(0, "overflow", 0)
+        self.newcomers.resize(policy.max_newcomers)
         self._prefix_overflow = [0]
         # A 48-byte request's sanity verdict and packet label depend on its first byte
         # alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
@@ -174,11 +173,25 @@ class Pipeline:
         key = packed if v4 else packed[: self.v6_source_bytes]
         sources = self.sources
         record = sources.records.get(key)
+        newcomer = False
         if record is None:
             record = new_record(now_ns, label, port)
-            if not sources.admit(key, record, now_ns):
-                record = self._overflow
-                self.table_full += 1
+            remembered_tat = self.newcomers.tats.get(key)
+            if remembered_tat is None:
+                # A first request: straight in while there is room; once the table is
+                # full, first sightings are remembered by TAT only, in the newcomer ring.
+                if len(sources.records) < sources.max_entries:
+                    sources.records[key] = record
+                else:
+                    newcomer = True
+            else:
+                record[TAT] = remembered_tat
+                record[REQUESTS] = 1
+                if sources.admit(key, record, now_ns):
+                    del self.newcomers.tats[key]
+                else:
+                    newcomer = True   # no room among established sources: stays a newcomer
+                    self.table_full += 1
         record[REQUESTS] += 1
         record[LAST_SEEN] = now_ns
         record[LABEL] = label
@@ -189,7 +202,7 @@ class Pipeline:
         entry = record[ACL_ENTRY]
         if (record[ACL_GENERATION] != acl.generation
                 or (entry is not None and not entry.active(recv_ns))
-                or record is self._overflow or not v4):
+                or not v4):
             entry = acl.lookup(packed, recv_ns)
             record[ACL_GENERATION] = acl.generation
             record[ACL_ENTRY] = entry
@@ -200,7 +213,9 @@ class Pipeline:
                 exempt = True
             elif action is not Action.ALLOW:
                 reason = Reason.ACL_DENY if entry.origin == "config" else Reason.BLOCKLISTED
-                if action is Action.DENY and self._kod_allowed(record, now_ns):
+                if (action is Action.DENY
+                        and (not newcomer or self._establish(key, record, now_ns))
+                        and self._kod_allowed(record, now_ns)):
                     return self._kod(data, request, record, base, KOD_DENY, Reason.DENY_KOD, None)
                 counts[base + reason] += 1
                 record[DROPS] += 1
@@ -225,8 +240,7 @@ class Pipeline:
 
         # -- buckets
         if not exempt:
-            limit = (self.overflow_limit if record is self._overflow
-                     else self.label_limits.get(label, self.source_limit))
+            limit = self.label_limits.get(label, self.source_limit)
             tat = record[TAT]
             if tat < now_ns:
                 tat = now_ns
@@ -245,10 +259,11 @@ class Pipeline:
             if (tat - now_ns > limit.tolerance_ns
                     or prefix_tat - now_ns > prefix_limit.tolerance_ns):
                 return self._over_limit(data, request, record, base, label, recv_ns, now_ns,
-                                        signer)
+                                        signer, key if newcomer else None)
             record[TAT] = tat + limit.interval_ns
-            if prefix_record is not record:
-                prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
+            prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
+            if newcomer:
+                self.newcomers.remember(key, record[TAT])
         global_limit = self.global_limit
         if global_limit is not None:  # _global_allows, inlined on the answer path
             global_tat = self._global_tat if self._global_tat > now_ns else now_ns
@@ -300,8 +315,16 @@ class Pipeline:
         return reason, self.responder.kod_reply(data, request, code, self.policy.kod_min_poll), \
             signer
 
+    def _establish(self, key: bytes, record: list[Any], now_ns: int) -> bool:
+        """Move a newcomer into the established table (a KoD's guard time must be kept)."""
+        if not self.sources.admit(key, record, now_ns):
+            return False
+        self.newcomers.tats.pop(key, None)
+        return True
+
     def _over_limit(self, data: bytes, request: Request, record: list[Any], base: int,
-                    label: str, recv_ns: int, now_ns: int, signer: Signer | None) -> Decision:
+                    label: str, recv_ns: int, now_ns: int, signer: Signer | None,
+                    newcomer_key: bytes | None = None) -> Decision:
         counts = self.counters.counts
         if self.leak_share and self.random.random() < self.leak_share \
                 and self._global_allows(now_ns):
@@ -311,7 +334,8 @@ class Pipeline:
             return (Reason.LEAKED,
                     responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
         if (self.policy.send_kod and self.label_kod.get(label, True)
-                and record is not self._overflow and self._kod_allowed(record, now_ns)):
+                and (newcomer_key is None or self._establish(newcomer_key, record, now_ns))
+                and self._kod_allowed(record, now_ns)):
             return self._kod(data, request, record, base, KOD_RATE, Reason.RATE_KOD, signer)
         counts[base + Reason.RATE_LIMITED] += 1
         record[DROPS] += 1

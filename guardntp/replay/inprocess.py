@@ -157,7 +157,9 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
         run.tables = {"peak_sources": peak_sources, "max_sources": policy.max_sources,
                       "peak_prefixes": peak_prefixes, "max_prefixes": policy.max_prefixes,
                       "source_evictions": pipeline.sources.evictions,
-                      "charged_to_overflow": pipeline.table_full}
+                      "newcomers_at_end": len(pipeline.newcomers),
+                      "max_newcomers": policy.max_newcomers,
+                      "promotions_refused": pipeline.table_full}
     if ignored:
         run.notes.append(f"{ignored} packets were not UDP to port {SERVER_PORT} and were skipped")
     return run

@@ -161,8 +161,10 @@ def evaluate(report: Report) -> None:
 # ---------------------------------------------------------------------- rendering
 
 def _row(name: str, klass: str, group: GroupResult) -> str:
+    share = f"{group.time_share:>7.1%}" if group.requests else f"{'-':>7}"
+    ratio = f"{group.out_per_in:>7.3f}" if group.bytes_in else f"{'-':>7}"
     return (f"{name:<18} {klass:<10} {group.requests:>9} {group.time:>9} {group.kod:>7} "
-            f"{group.drop:>9} {group.time_share:>7.1%} {group.out_per_in:>7.3f}")
+            f"{group.drop:>9} {share} {ratio}")
 
 
 def render_text(report: Report) -> str:
@@ -259,7 +261,7 @@ def render_plot(report: Report, path: Path) -> None:
     names = [g.scenario for g in runs[0].groups] if runs else []
     width = 0.8 / max(1, len(runs))
     for index, run in enumerate(runs):
-        shares = {g.scenario: g.time_share * 100 for g in run.groups}
+        shares = {g.scenario: g.time_share * 100 for g in run.groups if g.requests}
         bars.bar([i + index * width for i in range(len(names))],
                  [shares.get(name, 0.0) for name in names], width, label=run.name)
     bars.axhline(LEGITIMATE_TARGET * 100, color="tab:green", linewidth=0.8, linestyle=":")

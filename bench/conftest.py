@@ -1,0 +1,37 @@
+"""Fixtures for the in-process benchmarks (``pytest bench/``; CI: ``--benchmark-disable``).
+
+With ``--benchmark-disable`` every benchmark body runs once, so the whole of
+``bench/`` is a fast smoke test; the million-source tables are still built (in
+about two seconds: records are inserted directly, not packet by packet).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchutil import MILLION, make_pipeline, source_address  # noqa: E402
+
+from guardntp.filter.pipeline import Pipeline, new_record  # noqa: E402
+from guardntp.timestamps import NS_PER_S  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def million_addresses() -> list[bytes]:
+    return [source_address(index) for index in range(MILLION)]
+
+
+@pytest.fixture(scope="session")
+def million_pipeline(million_addresses: list[bytes]) -> Pipeline:
+    """A pipeline already tracking a million sources, all with full buckets."""
+    pipeline = make_pipeline(max_sources=1 << 20)
+    start = time.monotonic_ns() - 100 * NS_PER_S
+    records = pipeline.sources.records
+    for packed in million_addresses:
+        records[packed] = new_record(start, "ntpv4", 40000)
+    return pipeline

@@ -1,0 +1,78 @@
+"""Per-source tables with a million tracked sources: the filter's table against cachetools.
+
+The project brief named cachetools for bucket tables; the hot path needs one
+lookup per packet, so this decides. ``BucketTable`` keeps an ``OrderedDict``
+(lookups are plain ``dict`` lookups; the order is touched only on admission
+and eviction), cachetools' ``LRUCache`` reorders on every read and
+``TTLCache`` also checks expiry. Results are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import cachetools
+import pytest
+from benchutil import MILLION, make_pipeline, source_address
+
+from guardntp.filter.pipeline import new_record
+
+
+@pytest.fixture(scope="module")
+def filled(million_addresses):
+    """The same million keys, each mapping to a fresh source record, in every table."""
+    pipeline = make_pipeline(max_sources=MILLION)
+    records = pipeline.sources.records
+    plain: dict[bytes, list[object]] = {}
+    lru: cachetools.LRUCache[bytes, list[object]] = cachetools.LRUCache(maxsize=MILLION)
+    ttl: cachetools.TTLCache[bytes, list[object]] = cachetools.TTLCache(maxsize=MILLION,
+                                                                        ttl=3600)
+    for packed in million_addresses:
+        record = new_record(0, "ntpv4", 40000)
+        records[packed] = plain[packed] = lru[packed] = ttl[packed] = record
+    return {"buckettable": pipeline.sources, "dict": plain, "lru": lru, "ttl": ttl}
+
+
+def lookups(get, addresses):
+    state = {"next": 0}
+
+    def one():
+        index = state["next"]
+        state["next"] = (index + 7919) % len(addresses)   # stride: no cache-friendly order
+        return get(addresses[index])
+
+    return one
+
+
+@pytest.mark.parametrize("kind", ["buckettable", "dict", "lru", "ttl"])
+def test_lookup_among_a_million(benchmark, filled, million_addresses, kind):
+    table = filled[kind]
+    get = table.records.get if kind == "buckettable" else table.get
+    assert benchmark(lookups(get, million_addresses)) is not None
+
+
+@pytest.mark.parametrize("kind", ["buckettable", "lru", "ttl"])
+def test_admit_a_newcomer_into_a_full_table(benchmark, kind):
+    """Churn: every packet a new source, the table full (spoofed flood)."""
+    size = 100_000
+    state = {"next": size}
+    if kind == "buckettable":
+        table = make_pipeline(max_sources=size).sources
+        for index in range(size):
+            table.records[source_address(index)] = new_record(0, "ntpv4", 40000)
+
+        def admit() -> object:
+            state["next"] += 1
+            return table.admit(source_address(state["next"]), new_record(0, "ntpv4", 40000),
+                               1)
+    else:
+        cache: cachetools.Cache[bytes, list[object]] = (
+            cachetools.LRUCache(maxsize=size) if kind == "lru"
+            else cachetools.TTLCache(maxsize=size, ttl=3600))
+        for index in range(size):
+            cache[source_address(index)] = new_record(0, "ntpv4", 40000)
+
+        def admit() -> object:
+            state["next"] += 1
+            cache[source_address(state["next"])] = new_record(0, "ntpv4", 40000)
+            return True
+
+    assert benchmark(admit) is not False
