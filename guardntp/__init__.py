@@ -7,6 +7,8 @@ Map of the package (a newcomer's guide):
 * ``filter/``                   the packet-filter front end (pure, takes ``now``)
 * ``clock``, ``timesources/``   what time we serve and how good it is
 * ``server``                    sockets and the event loop (the edge)
+* ``fastio``                    batched recvmmsg/sendmmsg for the server's sockets
+* ``workers``                   ``--workers N``: processes on one port, steered by prefix
 * ``client``                    the SNTP client behind ``guardntp query``
 * ``config``                    the TOML file and its validation
 * ``commands/``, ``cli``        the command line

@@ -4,16 +4,16 @@ Rule: this module moves bytes between one UDP socket and buffers allocated
 once; it decides nothing. :meth:`BatchSocket.pump` receives up to a batch of
 datagrams with one ``recvmmsg``, reads each one's kernel receive timestamp
 (the SO_TIMESTAMPNS control message) and source address straight out of the
-buffers the kernel filled, asks ``decide`` about each, then stamps the
-transmit timestamp of every time reply with one clock reading taken just
-before the single ``sendmmsg`` that sends them all (a MAC signer runs after
-that stamp, as it must).
+buffers the kernel filled, asks ``decide`` about each, then sends the replies
+with ``sendmmsg`` in chunks of :data:`STAMP_EVERY`, each chunk's time replies
+carrying a transmit timestamp read just before that call (a MAC signer runs
+after the stamp, as it must).
 
 Why: on loopback one ``recvmsg`` + ``sendto`` pair per packet costs about
-9.6 us of a core with kernel timestamps, against about 4.9 us batched (issue 6;
-``docs/benchmarks.md``). The kernel work per packet is the same; what batching
-removes is one system call entry and one Python-level socket call, tuple and
-ancillary-data list per packet.
+9.6 us of a core with kernel timestamps, against about 4.9 us batched (issue 6's
+table; ``docs/benchmarks.md`` has this machine's figures). The kernel work per
+packet is the same; what batching removes is one system call entry and one
+Python-level socket call, tuple and ancillary-data list per packet.
 
 Layout, per message i of a batch (all in memory owned here, never resized):
 
@@ -45,15 +45,18 @@ from .verdicts import Counters, Reason
 
 log = logging.getLogger("guardntp.server")
 
-#: Messages per recvmmsg/sendmmsg call. 64 keeps a batch's extra latency (the
-#: wait for the last packet's decision before anything is sent) near 150 us at
-#: full load while the system-call cost per packet is already ~1/64.
+#: Messages per recvmmsg call. A request waits for its whole batch to be decided
+#: before its reply goes out: 64 keeps that near 0.3 ms at full load (about 5 us of
+#: Python each), while the system-call cost per packet is already ~1/64.
 BATCH_SIZE = 64
+#: Replies per sendmmsg, each chunk with a transmit timestamp read just before it: the
+#: last reply leaves ~25 us after its stamp at full load (64 at once: ~100 us).
+STAMP_EVERY = 16
 #: Larger than any NTP packet we accept (48 + extension fields + MAC); longer is cut.
 RECV_BUFFER = 2048
 HEAD = 48
-#: A time reply's length; its last 8 bytes (the transmit timestamp) are sent from a
-#: buffer shared by the batch, written once just before the sendmmsg.
+#: A time reply's length; its last 8 bytes (the transmit timestamp) are sent from one
+#: 8-byte buffer shared by the batch, rewritten just before each sendmmsg.
 TIME_REPLY = 48
 _BEFORE_TRANSMIT = TIME_REPLY - 8
 
@@ -387,6 +390,7 @@ class BatchSocket:
         failed = len(skip)
         start = 0
         retries = 3
+        stamped_through = STAMP_EVERY   # the first chunk carries the stamp taken above
         while start < queued:
             if start in skip:
                 start += 1
@@ -394,6 +398,14 @@ class BatchSocket:
             end = queued
             if skip:
                 end = min([index for index in skip if index > start], default=queued)
+            if start >= stamped_through:
+                # A fresh stamp every STAMP_EVERY replies: the kernel sends them one after
+                # another, and a stamp read long before a packet leaves shifts the client's
+                # offset by half the wait.
+                if time_replies:
+                    self._transmit[:] = transmit()
+                stamped_through = start + STAMP_EVERY
+            end = min(end, stamped_through)
             sent = int(self._sendmmsg(self.fd, self._send_headers_addr + start * _MMSG,
                                       end - start, 0))
             if sent > 0:

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -52,6 +53,8 @@ SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
 SKF_NET_OFF = -0x100000
 #: Seconds the parent waits for workers after passing on SIGTERM, then SIGKILL.
 STOP_TIMEOUT_S = 15.0
+#: Seconds a worker may take to start (open its state, measure the clock precision).
+STARTUP_TIMEOUT_S = 60.0
 _RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # Classic BPF opcodes (linux/bpf_common.h).
@@ -184,10 +187,19 @@ def serve_workers(args: argparse.Namespace, config: Config, log_setup: LogSetup 
     signal.pthread_sigmask(signal.SIG_BLOCK, {*_RELAYED, signal.SIGCHLD})
     children: dict[int, int] = {}
     for index in range(workers):
+        # One at a time: each worker opens the shared state (the blocklist store) and
+        # says so before the next starts, so they never race to create it.
+        ready_read, ready_write = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os._exit(_worker_main(args, config, log_setup, index, per_worker))
+            os.close(ready_read)
+            os._exit(_worker_main(args, config, log_setup, index, per_worker, ready_write))
+        os.close(ready_write)
         children[pid] = index
+        started = _wait_ready(ready_read, STARTUP_TIMEOUT_S)
+        os.close(ready_read)
+        if not started:
+            break   # _supervise sees the worker's exit and stops the others
     for sockets in per_worker:
         for sock in sockets:
             sock.close()
@@ -199,12 +211,21 @@ def serve_workers(args: argparse.Namespace, config: Config, log_setup: LogSetup 
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_RELAYED, signal.SIGCHLD})
 
 
+def _wait_ready(ready: int, timeout_s: float) -> bool:
+    """Did the worker at the other end of the pipe report that it started?"""
+    readable, _, _ = select.select([ready], [], [], timeout_s)
+    return bool(readable) and os.read(ready, 1) == b"1"
+
+
 def _worker_main(args: argparse.Namespace, config: Config, log_setup: LogSetup | None,
-                 index: int, per_worker: list[list[socket.socket]]) -> int:
+                 index: int, per_worker: list[list[socket.socket]], ready: int) -> int:
     from .cli import CommandError
     from .commands.serve import Service
 
     try:
+        # SIGHUP's default action ends a process: until the service installs its
+        # reload handler, a SIGHUP is ignored (the configuration was just read).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {*_RELAYED, signal.SIGCHLD})
         for other, sockets in enumerate(per_worker):
             if other != index:
@@ -218,6 +239,8 @@ def _worker_main(args: argparse.Namespace, config: Config, log_setup: LogSetup |
             config = replace(config, extra=extra)
         service = Service(args, config, log_setup, sockets=per_worker[index],
                           workers=len(per_worker))
+        os.write(ready, b"1")
+        os.close(ready)
         if index == 0:
             _relay_control_reloads(service)
         return service.run()

@@ -290,3 +290,11 @@ def test_server_uses_batches_and_falls_back_without_them(monkeypatch):
         finally:
             client.close()
             sock.close()
+
+
+def test_transmit_stamp_is_fresh_for_each_chunk_of_replies(rig):
+    rig.send([request(0x7000 + i) for i in range(fastio.BATCH_SIZE)])
+    rig.pump()
+    transmits = {reply[40:48] for reply in rig.replies(fastio.BATCH_SIZE)}
+    chunks = -(-fastio.BATCH_SIZE // fastio.STAMP_EVERY)
+    assert 2 <= len(transmits) <= chunks

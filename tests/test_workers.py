@@ -15,10 +15,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, free_udp_port, wait_until_answering
+
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
+from guardntp.wire import Mode, NtpPacket, encode
 from guardntp.workers import (
     SKF_NET_OFF,
     open_worker_sockets,
@@ -26,7 +27,6 @@ from guardntp.workers import (
     steering_program,
     worker_for,
 )
-from guardntp.wire import Mode, NtpPacket, encode
 
 
 def run_classic_bpf(program, ip_header: bytes) -> int:
@@ -138,7 +138,7 @@ def test_the_kernel_steers_each_source_prefix_to_its_worker():
 def _query(source: str, port: int, xmt: int) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.bind((source, 0))
-        client.settimeout(2)
+        client.settimeout(10)   # a worker may still be starting on a busy machine
         client.sendto(encode(NtpPacket(version=4, mode=Mode.CLIENT, transmit_ts=xmt)),
                       ("127.0.0.1", port))
         return client.recv(100)
@@ -174,3 +174,14 @@ def test_serve_with_workers_answers_and_relays_signals(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "guardntp", "serve", "--listen", f"127.0.0.1:{free_udp_port()}",
+         "--state-dir", str(not_a_directory / "state"), "--workers", "2"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode != 0
+    assert "worker 0" in result.stderr and "state directory" in result.stderr

@@ -88,7 +88,10 @@ def stats_report(pipeline: Pipeline) -> dict[str, Any]:
         "tables": {
             name: {"entries": len(table), "max": table.max_entries,
                    "evictions": table.evictions, "refused": table.admissions_refused}
-            for name, table in (("sources", pipeline.sources), ("prefixes", pipeline.prefixes))},
+            for name, table in (("sources", pipeline.sources), ("prefixes", pipeline.prefixes))}
+        | {"newcomers": {"entries": len(pipeline.newcomers),
+                         "max": pipeline.newcomers.max_entries,
+                         "evictions": pipeline.newcomers.evictions, "refused": 0}},
         "table_full": pipeline.table_full,
         "access_list_entries": len(pipeline.policy.acl),
         "lookup_table_entries": len(pipeline.acl),   # configuration + live blocklist
@@ -123,7 +126,8 @@ def format_stats(report: Mapping[str, Any]) -> str:
     for name, table in report["tables"].items():
         lines.append(f"  {name:<9} {table['entries']}/{table['max']} entries, "
                      f"{table['evictions']} evictions, {table['refused']} refused")
-    lines.append(f"  table_full {report['table_full']} second requests that found no room among established sources")
+    lines.append(f"  table_full {report['table_full']} second requests that found no room "
+                 "among established sources")
     lines.append(f"access list  {report['access_list_entries']} entries")
     blocklist = report.get("blocklist")
     if blocklist:
