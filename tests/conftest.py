@@ -204,3 +204,19 @@ class InProcessServer:
 
     def reasons_from(self, packed: bytes | None = None) -> list[object]:
         return [reason for _, source, reason in self.events if packed is None or source == packed]
+
+
+@contextlib.contextmanager
+def chronyd_running(directory: Path, config: str) -> Iterator[subprocess.Popen[str]]:
+    """A real chronyd without clock control (``-x``) running ``config`` (plus its own pid
+    and drift files under ``directory``); terminated afterwards."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conf = directory / "chrony.conf"
+    conf.write_text(f"{config}\npidfile {directory}/chronyd.pid\ndriftfile {directory}/drift\n")
+    process = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     InProcessServer,
     chronyd_query,
+    chronyd_running,
     free_udp_port,
     guardntp_server,
     needs_chronyd,
@@ -99,28 +100,11 @@ kill %1; wait
     assert "rc=1" in result.stdout
 
 
-def _chrony_server_conf(directory: Path, port: int, extra: str = "") -> Path:
-    directory.mkdir(mode=0o700, exist_ok=True)
-    conf = directory / "chrony.conf"
-    conf.write_text(f"""port {port}
-bindaddress 127.0.0.1
-allow 127.0.0.0/8
-local stratum 8
-cmdport 0
-pidfile {directory}/chronyd.pid
-driftfile {directory}/drift
-{extra}
-""")
-    return conf
-
-
 @needs_chronyd
 def test_guardntp_query_against_a_real_chronyd_server(tmp_path: Path) -> None:
     port = free_udp_port()
-    conf = _chrony_server_conf(tmp_path / "chrony", port)
-    chronyd = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with chronyd_running(tmp_path / "chrony", f"port {port}\nbindaddress 127.0.0.1\n"
+                         "allow 127.0.0.0/8\nlocal stratum 8\ncmdport 0"):
         wait_until_answering(port)
         best, samples = client.query("127.0.0.1", port, samples=2, spacing_s=0.5)
         assert best.stratum == 8
@@ -128,9 +112,6 @@ def test_guardntp_query_against_a_real_chronyd_server(tmp_path: Path) -> None:
         from guardntp.cli import main
 
         assert main(["query", f"127.0.0.1:{port}", "--json"]) == 0
-    finally:
-        chronyd.terminate()
-        chronyd.wait(timeout=10)
 
 
 @needs_chronyd

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import (
     chronyd_query,
+    chronyd_running,
     free_udp_port,
     guardntp_server,
     needs_chronyd,
@@ -82,14 +82,8 @@ def test_refid_from_config():
 @needs_chronyd
 def test_system_source_reads_a_real_chronyd(tmp_path: Path):
     directory = tmp_path / "chrony"
-    directory.mkdir(mode=0o700)
-    (directory / "c.conf").write_text(
-        f"port 0\nlocal stratum 7\nbindcmdaddress {directory}/chronyd.sock\n"
-        f"pidfile {directory}/pid\ndriftfile {directory}/drift\n")
-    chronyd = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f",
-                                str(directory / "c.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with chronyd_running(directory, f"port 0\nlocal stratum 7\n"
+                                    f"bindcmdaddress {directory}/chronyd.sock"):
         source = SystemClock(chronyc_socket=str(directory / "chronyd.sock"))
         for _ in range(50):
             source._refresh_tracking(NOW)
@@ -100,9 +94,6 @@ def test_system_source_reads_a_real_chronyd(tmp_path: Path):
         assert source._tracking is not None and source._tracking.stratum == 7
         state = clock_state_from(SYNCED, source._tracking, 2, b"\0" * 4, -20, NOW)
         assert state.stratum == 7
-    finally:
-        chronyd.terminate()
-        chronyd.wait(timeout=10)
 
 
 def test_system_clock_served_on_this_machine_matches_the_kernel(tmp_path: Path):
@@ -166,15 +157,8 @@ def test_parse_upstream():
 @needs_chronyd
 def test_upstream_source_polls_a_real_chronyd_and_chronyd_accepts_the_result(tmp_path: Path):
     port = free_udp_port()
-    directory = tmp_path / "up"
-    directory.mkdir(mode=0o700)
-    (directory / "c.conf").write_text(
-        f"port {port}\nbindaddress 127.0.0.1\nallow 127.0.0.0/8\nlocal stratum 6\ncmdport 0\n"
-        f"pidfile {directory}/pid\ndriftfile {directory}/drift\n")
-    chronyd = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f",
-                                str(directory / "c.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with chronyd_running(tmp_path / "up", f"port {port}\nbindaddress 127.0.0.1\n"
+                         "allow 127.0.0.0/8\nlocal stratum 6\ncmdport 0"):
         wait_until_answering(port)
         # Our poller directly: stratum 6 upstream -> we are 7, refid 127.0.0.1.
         poller = UpstreamClock([Upstream("127.0.0.1", port)], samples=2, sample_spacing_s=0.2)
@@ -192,6 +176,3 @@ def test_upstream_source_polls_a_real_chronyd_and_chronyd_accepts_the_result(tmp
             result = chronyd_query(server.port, conf_dir=tmp_path / "q")
             offset = parse_chronyd_offset(result.stdout + result.stderr)
             assert offset is not None and abs(offset) < 0.001, result.stdout + result.stderr
-    finally:
-        chronyd.terminate()
-        chronyd.wait(timeout=10)
