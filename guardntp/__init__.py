@@ -3,14 +3,22 @@
 Map of the package (a newcomer's guide):
 
 * ``wire``, ``timestamps``      NTP packets and 64-bit integer time, no I/O
+* ``verdicts``                  every packet's one counted reason, and the counters
 * ``responder``                 the stateless reply builder (pure)
 * ``filter/``                   the packet-filter front end (pure, takes ``now``)
+* ``auth/``                     symmetric keys: key files, MACs, the auth stage
 * ``clock``, ``timesources/``   what time we serve and how good it is
 * ``server``                    sockets and the event loop (the edge)
 * ``fastio``                    batched recvmmsg/sendmmsg for the server's sockets
 * ``workers``                   ``--workers N``: processes on one port, steered by prefix
-* ``client``                    the SNTP client behind ``guardntp query``
-* ``config``                    the TOML file and its validation
+* ``blocklist/``                the persistent blocklist, live refresh, nftables export
+* ``control/``                  the Unix control socket behind clients / stats / reload
+* ``operations``, ``metrics``, ``logs``, ``privileges``, ``systemd``, ``signals``
+                                running as a service: reload, Prometheus, quiet logs,
+                                privilege drop, socket activation
+* ``replay/``                   flood captures (scapy) and their replay and report
+* ``client``, ``setclock``      the SNTP client behind ``guardntp query``
+* ``config``, ``netaddr``       the TOML file and its validation; listen addresses
 * ``commands/``, ``cli``        the command line
 """
 

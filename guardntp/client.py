@@ -135,6 +135,7 @@ def exchange(host: str, port: int, timeout_s: float = 2.0, version: int = 4,
     """Send one request and judge the reply. ``sign`` adds a MAC to the request,
     ``verify`` checks and strips the reply's MAC (raising :class:`BogusReply`)."""
     family, sockaddr = resolve(host, port)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     pending = build_request(secrets.randbits(64), version, mode)
     wire = sign(pending.wire) if sign else pending.wire
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -146,12 +147,12 @@ def exchange(host: str, port: int, timeout_s: float = 2.0, version: int = 4,
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no reply from {host}:{port} within {timeout_s:g} s")
+                raise TimeoutError(f"no reply from {where} within {timeout_s:g} s")
             sock.settimeout(remaining)
             try:
                 reply = sock.recv(1024)
             except TimeoutError:
-                raise TimeoutError(f"no reply from {host}:{port} within {timeout_s:g} s") \
+                raise TimeoutError(f"no reply from {where} within {timeout_s:g} s") \
                     from None
             t4 = clock_ns()
             if verify is not None:
