@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .timestamps import NS_PER_S, ntp_diff_ns, unix_ns_to_ntp
+from .timestamps import NS_PER_S, ntp_diff_ns, short_to_ns, unix_ns_to_ntp
 from .wire import STRATUM_UNSPECIFIED, Leap, MalformedPacket, Mode, NtpPacket, encode, parse
 
 #: RFC 4330 §10: an SNTP client must not poll a server more often than every 15 s;
@@ -57,8 +57,6 @@ class Sample:
 
     @property
     def root_distance_ns(self) -> int:
-        from .timestamps import short_to_ns
-
         return (short_to_ns(self.packet.root_delay) + self.delay_ns) // 2 \
             + short_to_ns(self.packet.root_dispersion)
 

@@ -252,8 +252,7 @@ class _Reader:
         return checked
 
 
-def parse_config(text: str, path: str = "<config>", deny_default: Action | None = None
-                 ) -> Config:
+def parse_config(text: str, path: str = "<config>") -> Config:
     """Parse and validate TOML text. Raises :class:`ConfigError`."""
     try:
         data = tomllib.loads(text)
@@ -272,7 +271,7 @@ def parse_config(text: str, path: str = "<config>", deny_default: Action | None 
     filter_values = reader.section(data, "filter", _FILTER_KEYS)
     filter_values["label_policies"] = _labels(reader, data.get("filter", {}).get("labels", {}))
     filter_values["acl"] = _acl(reader, data.get("acl", []),
-                                filter_values.get("deny_action", deny_default or Action.DROP))
+                                filter_values.get("deny_action", Action.DROP))
     policy = FilterPolicy(**filter_values)
     extra = {}
     for name in EXTRA_SECTIONS:

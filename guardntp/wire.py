@@ -11,6 +11,8 @@ and an unknown kiss code is kept as its four ASCII characters.
 from __future__ import annotations
 
 import enum
+import hashlib
+import ipaddress
 import struct
 from dataclasses import dataclass, field
 
@@ -257,14 +259,10 @@ def _int8(value: int) -> int:
 
 def refid_from_ipv4(address: str) -> bytes:
     """RFC 5905 §7.3: above stratum 1 the refid is the upstream's IPv4 address."""
-    import ipaddress
-
     ip = ipaddress.ip_address(address)
     if ip.version == 4:
         return ip.packed
     # RFC 5905: for IPv6 upstreams, the first four octets of the MD5 of the address.
-    import hashlib
-
     return hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4]
 
 

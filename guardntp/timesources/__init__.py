@@ -7,6 +7,9 @@ immutable :class:`~guardntp.clock.ClockState` per call of :meth:`TimeSource.stat
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import time
 from typing import Protocol
 
 from ..clock import ClockState
@@ -32,9 +35,6 @@ CLOCK_CHOICES = ("system", "upstream", "local")
 
 def measure_precision(samples: int = 64) -> int:
     """log2 of the smallest step between clock readings (RFC 5905 precision), at least -30."""
-    import math
-    import time
-
     smallest = 1 << 62
     for _ in range(samples):
         first = time.time_ns()
@@ -62,8 +62,6 @@ def make_source(clock: ClockConfig, precision: int) -> TimeSource:
 
 def refid_bytes(text: str) -> bytes:
     """An IPv4 address, or up to four ASCII characters (a stratum-1 reference id)."""
-    import ipaddress
-
     if not text:
         return b"\0\0\0\0"
     try:
