@@ -220,3 +220,26 @@ def chronyd_running(directory: Path, config: str) -> Iterator[subprocess.Popen[s
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# Imports everything a command needs while still root, then becomes user nobody for
+# good: the check does not depend on nobody being able to read the checkout (a
+# fresh clone in a 0700 directory is the usual case in CI).
+_AS_NOBODY = """
+import os, sys
+import guardntp.cli, guardntp.setclock
+import guardntp.timesources.local, guardntp.timesources.system, guardntp.timesources.upstream
+guardntp.cli.build_parser()   # imports every command module
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(guardntp.cli.main(sys.argv[1:]))
+"""
+
+
+def run_guardntp_as_nobody(argv: list[str], timeout_s: float = 30
+                           ) -> subprocess.CompletedProcess[str]:
+    """``guardntp ARGV`` as an unprivileged user (as root: dropping to uid/gid 65534)."""
+    if os.geteuid() != 0:
+        return subprocess.run([sys.executable, "-m", "guardntp", *argv], capture_output=True,
+                              text=True, timeout=timeout_s, check=False, cwd=REPO)
+    return subprocess.run([sys.executable, "-c", _AS_NOBODY, *argv], capture_output=True,
+                          text=True, timeout=timeout_s, check=False, cwd="/")

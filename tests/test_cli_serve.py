@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, free_udp_port, guardntp_server, wait_until_answering
+from conftest import (
+    REPO,
+    free_udp_port,
+    guardntp_server,
+    run_guardntp_as_nobody,
+    wait_until_answering,
+)
 
 from guardntp.cli import main
 
@@ -38,15 +44,8 @@ def test_privileged_port_without_privilege_is_explained():
 
     state = tempfile.mkdtemp(prefix="guardntp-nobody-")
     Path(state).chmod(0o777)   # user nobody must be able to write its state dir
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-         "guardntp", "serve", "--listen", "127.0.0.1:123", "--state-dir", state],
-        capture_output=True, text=True, timeout=30, check=False, cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": state})
-    if "setpriv" in result.stderr and "Operation not permitted" in result.stderr:
-        import pytest
-        pytest.skip("cannot change uid here")
-    assert result.returncode == 1
+    result = run_guardntp_as_nobody(["serve", "--listen", "127.0.0.1:123", "--state-dir", state])
+    assert result.returncode == 1, result.stderr
     assert "permission denied" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -7,7 +7,6 @@ judges here: if they accept our time and our KoDs, so will the public.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from conftest import (
     needs_netns,
     needs_ntpdig,
     parse_chronyd_offset,
+    run_guardntp_as_nobody,
     run_in_netns,
     wait_until_answering,
 )
@@ -215,15 +215,6 @@ def test_250_iburst_clients_in_one_24_never_limited(tmp_path: Path) -> None:
 def test_query_set_clock_refuses_without_privilege(tmp_path: Path) -> None:
     """--set-clock never runs by default and refuses cleanly without CAP_SYS_TIME."""
     with guardntp_server(tmp_path) as server:
-        if os.geteuid() == 0:
-            result = subprocess.run(
-                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                 sys.executable, "-m", "guardntp", "query", f"127.0.0.1:{server.port}",
-                 "--set-clock"], capture_output=True, text=True, timeout=30, check=False,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-        else:
-            result = subprocess.run([sys.executable, "-m", "guardntp", "query",
-                                     f"127.0.0.1:{server.port}", "--set-clock"],
-                                    capture_output=True, text=True, timeout=30, check=False)
+        result = run_guardntp_as_nobody(["query", f"127.0.0.1:{server.port}", "--set-clock"])
     assert result.returncode == 1, result.stdout + result.stderr
     assert "needs root" in result.stderr and "Traceback" not in result.stderr
