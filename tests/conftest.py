@@ -227,9 +227,11 @@ def chronyd_running(directory: Path, config: str) -> Iterator[subprocess.Popen[s
 # fresh clone in a 0700 directory is the usual case in CI).
 _AS_NOBODY = """
 import os, sys
-import guardntp.cli, guardntp.setclock
+import encodings.idna, importlib.readers   # lazily loaded by getaddrinfo and resources
+import guardntp.cli, guardntp.config, guardntp.setclock
 import guardntp.timesources.local, guardntp.timesources.system, guardntp.timesources.upstream
 guardntp.cli.build_parser()   # imports every command module
+guardntp.config.default_config_text()
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(guardntp.cli.main(sys.argv[1:]))
 """

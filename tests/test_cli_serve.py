@@ -44,7 +44,10 @@ def test_privileged_port_without_privilege_is_explained():
 
     state = tempfile.mkdtemp(prefix="guardntp-nobody-")
     Path(state).chmod(0o777)   # user nobody must be able to write its state dir
-    result = run_guardntp_as_nobody(["serve", "--listen", "127.0.0.1:123", "--state-dir", state])
+    config = Path(state) / "guardntp.toml"   # readable by nobody, unlike a private checkout
+    config.write_text('[server]\nlisten = ["127.0.0.1:123"]\n')
+    config.chmod(0o644)
+    result = run_guardntp_as_nobody(["serve", "--config", str(config), "--state-dir", state])
     assert result.returncode == 1, result.stderr
     assert "permission denied" in result.stderr and "Traceback" not in result.stderr
 
