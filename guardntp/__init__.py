@@ -9,7 +9,9 @@ Map of the package (a newcomer's guide):
 * ``auth/``                     symmetric keys: key files, MACs, the auth stage
 * ``clock``, ``timesources/``   what time we serve and how good it is
 * ``server``                    sockets and the event loop (the edge)
-* ``fastio``                    batched recvmmsg/sendmmsg for the server's sockets
+* ``fastlane``, ``_fastlane.c``  the compiled packet loop: recvmmsg, the filter's common
+                                cases, sendmmsg; per-source records (optional C build)
+* ``fastio``                    the same batched recvmmsg/sendmmsg in Python (fallback)
 * ``workers``                   ``--workers N``: processes on one port, steered by prefix
 * ``blocklist/``                the persistent blocklist, live refresh, nftables export
 * ``control/``                  the Unix control socket behind clients / stats / reload

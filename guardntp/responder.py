@@ -117,7 +117,7 @@ class Responder:
     :meth:`set_clock`, so a time reply is one concatenation of five pieces.
     """
 
-    __slots__ = ("clock", "offset_ns", "_prefix", "_fields", "_precision")
+    __slots__ = ("clock", "offset_ns", "_prefix", "_fields", "_precision", "wire_snapshot")
 
     def __init__(self, clock: ClockState, now_ns: int) -> None:
         self.set_clock(clock, now_ns)
@@ -135,6 +135,14 @@ class Responder:
         ]
         self._precision = (clock.precision & 0xFF).to_bytes(1, "big")
         self._fields = self._precision + clock.reply_fields(now_ns)
+        #: What the compiled packet loop (``fastlane``) builds a time reply from:
+        #: (the first two bytes for version v and reply mode m at ``(v * 8 + m) * 2``,
+        #: bytes 3-23 of the reply, the source offset in ns). Replaced, never mutated.
+        heads = bytearray(128)
+        for version in range(8):
+            for mode, head in self._prefix[version].items():
+                heads[(version * 8 + mode) * 2:(version * 8 + mode) * 2 + 2] = head
+        self.wire_snapshot = (bytes(heads), self._fields, self.offset_ns)
 
     def served_ntp(self, system_ns: int) -> int:
         """The NTP timestamp served for a system-clock reading (applies the source offset)."""

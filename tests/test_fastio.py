@@ -1,4 +1,7 @@
-"""Batched recvmmsg/sendmmsg I/O (``guardntp/fastio.py``) on real loopback sockets.
+"""Batched recvmmsg/sendmmsg I/O on real loopback sockets, for both loops: Python's
+(``guardntp/fastio.py``) and the compiled one (``guardntp/fastlane.py``, here with its
+own fast decisions off so every packet reaches the test's ``decide``; those are
+tested in ``tests/test_fastlane.py``).
 
 Each test queues datagrams first and then runs one ``pump``, so the batch a test
 means is the batch the kernel hands over. Traffic stays on 127.0.0.1 and ::1.
@@ -11,7 +14,7 @@ import time
 
 import pytest
 
-from guardntp import fastio
+from guardntp import fastio, fastlane
 from guardntp.clock import ClockState
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
@@ -23,6 +26,7 @@ from guardntp.verdicts import Reason
 from guardntp.wire import Mode, NtpPacket, encode
 
 pytestmark = pytest.mark.skipif(not fastio.available(), reason="recvmmsg/sendmmsg unavailable")
+IMPLS = ["python", "compiled"] if fastlane.available() else ["python"]
 
 CLOCK = ClockState(synchronized=True, stratum=2, refid=b"GPS\0", precision=-20,
                    root_delay_ns=0, root_dispersion_ns=0, reference_unix_ns=time.time_ns())
@@ -38,7 +42,7 @@ def request(xmt: int, version: int = 4, mode: int = Mode.CLIENT) -> bytes:
 class Rig:
     """A pipeline, a bound server socket, its BatchSocket and one client socket."""
 
-    def __init__(self, host: str = "127.0.0.1", **policy: object) -> None:
+    def __init__(self, host: str = "127.0.0.1", impl: str = "python", **policy: object) -> None:
         policy.setdefault("random_seed", 1)
         # One client socket is one source: let it through unless a test says otherwise.
         policy.setdefault("source_rate", 1e6)
@@ -48,7 +52,16 @@ class Rig:
                                  Responder(CLOCK, now))
         self.server_sock = open_socket(ListenSpec(host, 0))
         self.address = self.server_sock.getsockname()[:2]
-        self.batch = fastio.BatchSocket(self.server_sock)
+        self.impl = impl
+        self.inner_decide = self.pipeline.decide
+        if impl == "compiled":
+            self.lane = fastlane.FastLane(self.server_sock, self.pipeline)
+            config = self.pipeline.fast_lane_config()
+            config.update(decide=self.decide, enabled=0)
+            self.lane.lane.configure(config)
+            self.lane._version = self.pipeline.config_version
+        else:
+            self.batch = fastio.BatchSocket(self.server_sock)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.client = socket.socket(family, socket.SOCK_DGRAM)
         self.client.bind((host, 0))
@@ -57,7 +70,7 @@ class Rig:
 
     def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
                ) -> tuple[Reason, bytes | None, object]:
-        decision = self.pipeline.decide(data, packed, port, recv_ns, now_ns)
+        decision = self.inner_decide(data, packed, port, recv_ns, now_ns)
         self.seen.append((packed, port, recv_ns, decision[0]))
         return decision
 
@@ -67,6 +80,8 @@ class Rig:
         time.sleep(0.05)   # all queued before the one pump below
 
     def pump(self, budget: int = 10_000) -> tuple[int, int, int]:
+        if self.impl == "compiled":
+            return self.lane.pump(self.transmit, lambda: FALLBACK_WALL_NS, budget)
         return self.batch.pump(self.decide, self.pipeline.counters,  # type: ignore[arg-type]
                                self.transmit, lambda: FALLBACK_WALL_NS, budget)
 
@@ -81,9 +96,14 @@ class Rig:
         self.server_sock.close()
 
 
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
 @pytest.fixture
-def rig():
-    made = Rig()
+def rig(impl):
+    made = Rig(impl=impl)
     yield made
     made.close()
 
@@ -161,8 +181,8 @@ def test_source_address_and_port_reach_the_filter(rig):
     assert port == rig.client.getsockname()[1]
 
 
-def test_kod_and_drop_paths_in_one_batch():
-    rig = Rig(source_burst=1, source_rate=0.01, leak_one_in=0, kod_interval_s=3600.0)
+def test_kod_and_drop_paths_in_one_batch(impl):
+    rig = Rig(impl=impl, source_burst=1, source_rate=0.01, leak_one_in=0, kod_interval_s=3600.0)
     try:
         rig.send([request(0x3000 + i) for i in range(20)])
         rig.pump()
@@ -190,15 +210,16 @@ def test_signer_runs_after_the_transmit_stamp(rig):
         reason, reply, _ = rig.pipeline.decide(data, packed, port, recv_ns, now_ns)
         return reason, reply, sign
 
+    rig.inner_decide = decide
     rig.send([request(0x4000)])
-    rig.batch.pump(decide, rig.pipeline.counters, rig.transmit, lambda: FALLBACK_WALL_NS, 100)
+    rig.pump()
     (reply,) = rig.replies(1)
     assert reply.endswith(b"SIGN")
     assert signed[0][40:48] != signed[0][32:40]   # the signer saw the stamped transmit
 
 
-def test_budget_bounds_one_pump():
-    rig = Rig()
+def test_budget_bounds_one_pump(impl):
+    rig = Rig(impl=impl)
     try:
         rig.send([request(i) for i in range(150)])
         handled, _, _ = rig.pump(budget=64)
@@ -214,9 +235,9 @@ def test_nothing_waiting_is_not_an_error(rig):
     assert rig.pump() == (0, 0, 0)
 
 
-def test_ipv6():
+def test_ipv6(impl):
     try:
-        rig = Rig("::1")
+        rig = Rig("::1", impl=impl)
     except Exception as error:   # no IPv6 loopback in this environment
         pytest.skip(f"no ::1: {error}")
     try:
@@ -267,15 +288,20 @@ def test_ipv4_mapped_sources_on_a_dual_stack_socket():
 def test_server_uses_batches_and_falls_back_without_them(monkeypatch):
     from guardntp.timesources.local import LocalClock
 
-    for disabled in (False, True):
-        if disabled:
-            monkeypatch.setenv("GUARDNTP_NO_BATCH_IO", "1")
+    for setting, expected in (("", fastlane.FastLane if fastlane.available() else
+                                fastio.BatchSocket),
+                              ("GUARDNTP_NO_FASTLANE", fastio.BatchSocket),
+                              ("GUARDNTP_NO_BATCH_IO", None)):
+        if setting:
+            monkeypatch.setenv(setting, "1")
+        disabled = expected is None
         sock = open_socket(ListenSpec("127.0.0.1", 0))
         source = LocalClock()
         now = time.time_ns()
         pipeline = Pipeline(FilterPolicy(), Responder(source.state(now), now))
         server = Server([sock], pipeline, source)
         assert (sock in server.batched) is not disabled
+        assert expected is None or type(server.batched[sock]) is expected
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.settimeout(2)
         try:

@@ -59,6 +59,9 @@ class KeyAuthenticator:
             return None
         return partial(mac.sign, key, digest_len=len(digest))
 
+    def requires_any(self) -> bool:
+        return self._policy is not None
+
     def required_for(self, packed: bytes) -> bool:
         policy = self._policy
         if policy is None:

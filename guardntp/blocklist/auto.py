@@ -21,7 +21,7 @@ auto-blocked.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,7 @@ class AutoBlocker:
         self._pending: list[bytes] = []
         self._cycle_started_ns: int | None = None
 
-    def scan(self, records: Mapping[bytes, list[Any]], now_ns: int,
+    def scan(self, records: Mapping[bytes, MutableSequence[Any]], now_ns: int,
              budget: int = SCAN_BUDGET) -> list[tuple[bytes, float]]:
         """Look at up to ``budget`` records; return (key, limited per second) now due."""
         if not self._pending:
@@ -137,7 +137,7 @@ class AutoBlocker:
                 due.append((key, rate))
         return due
 
-    def _observe(self, key: bytes, record: list[Any], now_ns: int) -> float | None:
+    def _observe(self, key: bytes, record: MutableSequence[Any], now_ns: int) -> float | None:
         limited = record[DROPS] + record[KODS]
         suspect = self.suspects.get(key)
         if suspect is None:
@@ -159,6 +159,6 @@ class AutoBlocker:
         del self.suspects[key]
         return rate
 
-    def _forget_vanished(self, records: Mapping[bytes, list[Any]]) -> None:
+    def _forget_vanished(self, records: Mapping[bytes, MutableSequence[Any]]) -> None:
         for key in [key for key in self.suspects if key not in records]:
             del self.suspects[key]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableSequence
 from typing import Any
 
 from ..filter import fingerprint
@@ -28,7 +28,7 @@ from ..timestamps import NS_PER_S
 _NO_INTERVAL = 1 << 62
 
 #: --sort NAME -> (key on a (table key, record) pair, largest first?)
-SORT_KEYS: dict[str, tuple[Callable[[tuple[bytes, list[Any]]], Any], bool]] = {
+SORT_KEYS: dict[str, tuple[Callable[[tuple[bytes, MutableSequence[Any]]], Any], bool]] = {
     "requests": (lambda item: item[1][REQUESTS], True),
     "replies": (lambda item: item[1][TIME_REPLIES], True),
     "kods": (lambda item: item[1][KODS], True),
@@ -50,7 +50,7 @@ def source_text(key: bytes) -> str:
     return f"{ipaddress.IPv6Address(padded)}/{len(key) * 8}"
 
 
-def client_rows(records: Mapping[bytes, list[Any]], now_ns: int, sort: str = "requests",
+def client_rows(records: Mapping[bytes, MutableSequence[Any]], now_ns: int, sort: str = "requests",
                 limit: int = 0) -> list[dict[str, Any]]:
     """The top ``limit`` sources by ``sort`` (0 = all), one dict each."""
     key, largest = SORT_KEYS[sort]
@@ -62,7 +62,7 @@ def client_rows(records: Mapping[bytes, list[Any]], now_ns: int, sort: str = "re
     return [client_row(source, record, now_ns) for source, record in chosen]
 
 
-def client_row(key: bytes, record: list[Any], now_ns: int) -> dict[str, Any]:
+def client_row(key: bytes, record: MutableSequence[Any], now_ns: int) -> dict[str, Any]:
     requests, first, last = record[REQUESTS], record[FIRST_SEEN], record[LAST_SEEN]
     labels = [record[LABEL]]
     if fingerprint.is_fast_poller(requests, first, last):

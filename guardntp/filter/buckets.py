@@ -28,6 +28,7 @@ bucket, never waved through.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ class BucketTable:
     def __init__(self, max_entries: int) -> None:
         if max_entries < 1:
             raise ValueError("a table needs room for at least one entry")
-        self.records: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self.records: OrderedDict[bytes, MutableSequence[Any]] = OrderedDict()
         self.max_entries = max_entries
         self.evictions = 0
         self.admissions_refused = 0
@@ -95,7 +96,7 @@ class BucketTable:
     def __len__(self) -> int:
         return len(self.records)
 
-    def admit(self, key: bytes, record: list[Any], now_ns: int) -> bool:
+    def admit(self, key: bytes, record: MutableSequence[Any], now_ns: int) -> bool:
         """Insert ``record`` under ``key`` if there is room or an evictable entry."""
         records = self.records
         if len(records) >= self.max_entries and not self._evict_one(now_ns):

@@ -20,7 +20,7 @@ Stages, in order; the first that decides ends the packet:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
@@ -48,8 +48,18 @@ LABEL = 8          # packet label of the latest request
 ACL_GENERATION = 9 # access-list generation the cached entry below belongs to
 ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
 PORT = 11          # latest source port
+RECORD_LEN = 12
 
 _NEVER = -(1 << 62)
+
+#: A record is indexed like a list. Where the compiled module is built it is a
+#: ``_fastlane.Record``: the same 12 items in one compact object whose integers are
+#: kept unboxed, which the compiled loop updates in place (``guardntp/_fastlane.c``).
+SourceRecord = MutableSequence[Any]
+try:
+    from .._fastlane import Record as _Record
+except ImportError:  # no C compiler at install: plain lists
+    _Record = None  # type: ignore[assignment, misc]
 
 # Hot-path aliases: a module global is one cached load, an enum class attribute is not.
 _ANSWERED = Reason.ANSWERED
@@ -67,19 +77,26 @@ class Authenticator(Protocol):
         """A signer for the reply if the MAC verifies, else None (dropped, counted)."""
 
     def required_for(self, packed: bytes) -> bool:
-        """Does policy require authentication from this source?"""
+        """Does policy require authentication from this source?
+
+        Optionally an authenticator also has ``requires_any() -> bool``: False there
+        lets the compiled loop (``fastlane``) answer plain requests without asking."""
 
 
-def new_record(now_ns: int, label: str, port: int) -> list[Any]:
+def new_record(now_ns: int, label: str, port: int) -> SourceRecord:
     # TAT = now: a newcomer starts with a full bucket.
-    return [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port]
+    items = [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port]
+    return items if _Record is None else _Record(items)
 
 
 class Pipeline:
     def __init__(self, policy: FilterPolicy, responder: Responder,
                  authenticator: Authenticator | None = None) -> None:
         self.responder = responder
-        self.authenticator = authenticator
+        #: Bumped whenever something the compiled loop copies (``fast_lane_config``)
+        #: changes: settings, the authenticator.
+        self.config_version = 0
+        self._authenticator = authenticator
         self.counters = Counters()
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
         self.table_full = 0   # second requests that found no room among established sources
@@ -95,8 +112,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ configuration
 
+    @property
+    def authenticator(self) -> Authenticator | None:
+        return self._authenticator
+
+    @authenticator.setter
+    def authenticator(self, authenticator: Authenticator | None) -> None:
+        self._authenticator = authenticator
+        self.config_version += 1
+
     def apply_policy(self, policy: FilterPolicy) -> None:
         """Take new settings (reload) keeping every bucket and counter."""
+        self.config_version += 1
         self.policy = policy
         self.source_limit = Limit.per_second(policy.source_rate, policy.source_burst)
         self.prefix_limit = Limit.per_second(policy.prefix_rate, policy.prefix_burst)
@@ -133,6 +160,57 @@ class Pipeline:
             for first in range(256)]
         # IPv4 prefix keys on a byte boundary are a slice (the default /24).
         self._v4_prefix_bytes = self.v4_prefix_bits // 8 if self.v4_prefix_bits % 8 == 0 else 0
+
+    def fast_lane_config(self) -> dict[str, Any]:
+        """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
+        common cases exactly as :meth:`decide` does: the objects it reads and updates in
+        place, and per first byte of a 48-byte request the sanity verdict, label, reply
+        mode and bucket limit. Valid until ``config_version`` changes."""
+        drop_reason = bytearray(b"\xff" * 256)
+        eligible = bytearray(256)
+        reply_mode = bytearray(256)
+        limits: list[Limit] = []
+        for first in range(256):
+            sane = self._sanity_48[first]
+            label = self._label_of_first[first]
+            if isinstance(sane, Reason):
+                drop_reason[first] = sane
+            elif (sane is not None and label is not None and sane.mac_key_id is None
+                  and sane.whole_tail_mac is None):
+                eligible[first] = 1
+                reply_mode[first] = sane.reply_mode
+            limits.append(self.label_limits.get(label, self.source_limit) if label
+                          else self.source_limit)
+        reflection = bytearray(8192)
+        for port in self.reflection_ports:
+            if 0 <= port < 65536:
+                reflection[port >> 3] |= 1 << (port & 7)
+        authenticator = self._authenticator
+        requires_any = getattr(authenticator, "requires_any", None)
+        enabled = authenticator is None or (requires_any is not None and not requires_any())
+        global_limit = self.global_limit
+        return {
+            "pipeline": self, "decide": self.decide, "records": self.sources.records,
+            "prefix_records": self.prefixes.records, "counts": self.counters.counts,
+            "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
+            "labels": tuple(self._label_of_first),
+            "drop_reason": bytes(drop_reason), "eligible": bytes(eligible),
+            "reply_mode": bytes(reply_mode), "reflection": bytes(reflection),
+            "interval": tuple(limit.interval_ns for limit in limits),
+            "tolerance": tuple(limit.tolerance_ns for limit in limits),
+            "layout": (TAT, REQUESTS, TIME_REPLIES, DROPS, LAST_SEEN, LABEL, ACL_GENERATION,
+                       ACL_ENTRY, PORT),
+            "record_len": RECORD_LEN,
+            "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
+                       if global_limit is not None else (0, 0, 0)),
+            "prefix_interval": self.prefix_limit.interval_ns,
+            "prefix_tolerance": self.prefix_limit.tolerance_ns,
+            "v4_prefix_bits": self.v4_prefix_bits,
+            "n_reasons": N_REASONS, "reason_reflection": int(Reason.REFLECTION_PORT),
+            "reason_global_cap": int(Reason.GLOBAL_CAP),
+            "last_time_reason": int(Reason.LEAKED),
+            "enabled": int(enabled),
+        }
 
     def set_blocklist(self, entries: list[AclEntry]) -> None:
         """Replace the blocklist entries (from ``guardntp/blocklist``); takes effect at once."""
@@ -223,17 +301,18 @@ class Pipeline:
 
         # -- authentication
         signer: Signer | None = None
-        if request.whole_tail_mac is not None and self.authenticator is not None:
-            signer = self.authenticator.verify(data, request.whole_tail_mac)
+        authenticator = self._authenticator
+        if request.whole_tail_mac is not None and authenticator is not None:
+            signer = authenticator.verify(data, request.whole_tail_mac)
             if signer is not None:
                 request = request.whole_tail_mac
         if signer is None and request.mac_key_id is not None:
-            signer = self.authenticator.verify(data, request) if self.authenticator else None
+            signer = authenticator.verify(data, request) if authenticator else None
             if signer is None:
                 counts[base + Reason.AUTH_FAILED] += 1
                 record[DROPS] += 1
                 return Reason.AUTH_FAILED, None, None
-        elif self.authenticator is not None and self.authenticator.required_for(packed):
+        elif authenticator is not None and authenticator.required_for(packed):
             counts[base + Reason.AUTH_REQUIRED] += 1
             record[DROPS] += 1
             return Reason.AUTH_REQUIRED, None, None
@@ -297,7 +376,7 @@ class Pipeline:
         self._global_tat = tat + limit.interval_ns
         return True
 
-    def _kod_allowed(self, record: list[Any], now_ns: int) -> bool:
+    def _kod_allowed(self, record: SourceRecord, now_ns: int) -> bool:
         if now_ns - record[LAST_KOD] < self.kod_interval_ns:
             return False
         limit = self.kod_limit
@@ -308,21 +387,21 @@ class Pipeline:
         record[LAST_KOD] = now_ns
         return True
 
-    def _kod(self, data: bytes, request: Request, record: list[Any], base: int, code: bytes,
+    def _kod(self, data: bytes, request: Request, record: SourceRecord, base: int, code: bytes,
              reason: Reason, signer: Signer | None) -> Decision:
         self.counters.counts[base + reason] += 1
         record[KODS] += 1
         return reason, self.responder.kod_reply(data, request, code, self.policy.kod_min_poll), \
             signer
 
-    def _establish(self, key: bytes, record: list[Any], now_ns: int) -> bool:
+    def _establish(self, key: bytes, record: SourceRecord, now_ns: int) -> bool:
         """Move a newcomer into the established table (a KoD's guard time must be kept)."""
         if not self.sources.admit(key, record, now_ns):
             return False
         self.newcomers.tats.pop(key, None)
         return True
 
-    def _over_limit(self, data: bytes, request: Request, record: list[Any], base: int,
+    def _over_limit(self, data: bytes, request: Request, record: SourceRecord, base: int,
                     label: str, recv_ns: int, now_ns: int, signer: Signer | None,
                     newcomer_key: bytes | None = None) -> Decision:
         counts = self.counters.counts

@@ -69,10 +69,11 @@ class FilterPolicy:
     ipv6_prefix: int = 56
 
     # -- global budget
-    #: Replies of any kind per second, server-wide; 0 turns it off. 250k/s is above
-    #: what one core answers (docs/benchmarks.md), i.e. it is a safety net for the
-    #: uplink (250k x 90 B x 8 = 180 Mbit/s); set it to what your uplink may carry.
-    global_reply_rate: float = 250_000.0
+    #: Replies of any kind per second, server-wide; 0 turns it off. 1M/s is above what
+    #: a few cores answer (~300k/s each with the compiled loop, docs/benchmarks.md),
+    #: i.e. a safety net for the uplink (1M x 90 B x 8 = 720 Mbit/s); set it to what
+    #: your uplink may carry.
+    global_reply_rate: float = 1_000_000.0
     global_reply_burst: int = 25_000
 
     # -- over the limit

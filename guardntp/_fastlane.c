@@ -1,0 +1,1351 @@
+/*
+ * guardntp._fastlane: the server's packet loop for one UDP socket, compiled.
+ *
+ * Why C: issue 6 asks for chronyd's answer rate on one core. The kernel's share
+ * per answer is the same for both servers (~2.6 us); chronyd's user space costs
+ * ~0.4 us and the interpreter alone cannot get near it (docs/benchmarks.md).
+ *
+ * What it does (guardntp/fastlane.py is the Python face; read it first):
+ *   recvmmsg a batch -> for each datagram decide -> sendmmsg the replies in
+ *   chunks of 16, each chunk's time replies stamped just before the call.
+ *
+ * The filter stays in Python and stays the authority. This file decides a
+ * packet itself only on the common paths, and there it reads and writes the
+ * very same Python objects Pipeline.decide uses (the per-source record lists,
+ * the prefix records, the counters), with the same arithmetic:
+ *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
+ *     4-7, bad versions) -> that drop, counted;
+ *   - a source port on the reflection list -> drop, counted;
+ *   - an IPv4 source already in the source table, whose prefix is already in
+ *     the prefix table, whose cached access-list result is "no entry", both
+ *     buckets conforming -> a time reply (or the global cap's drop).
+ * Everything else (newcomers, over-limit packets and their KoDs and leaks,
+ * access-list hits, MACs, IPv6, odd lengths, NTPv1) goes to Pipeline.decide
+ * unchanged, before anything here has been modified. tests/test_fastlane.py
+ * runs random traffic through both and compares every reply, counter and record.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define HEAD 48
+#define BEFORE_TRANSMIT 40
+#define STAMP_EVERY 16
+#define MAX_COUNTS 512
+#define FIELDS_LEN 21
+#define HEADS_LEN 128
+#define CONTROL_SPACE CMSG_SPACE(sizeof(struct timespec))
+#define NS_PER_S 1000000000LL
+#define NTP_UNIX_OFFSET_S 2208988800LL
+
+enum { Q_TIME, Q_PLAIN, Q_DEFERRED, Q_SKIP };
+
+typedef struct {
+    int kind;
+    int is_time;
+    Py_ssize_t size;
+    PyObject *reply;   /* Q_DEFERRED only: owned */
+    PyObject *signer;  /* Q_DEFERRED only: owned, or NULL */
+} Queued;
+
+typedef struct {
+    PyObject_HEAD
+    int fd, v6, batch, slot, name_len, name_stride, used;
+    unsigned char *heads, *tails, *names, *control, *out;
+    unsigned char xmt[8];
+    struct mmsghdr *rh, *sh;
+    struct iovec *riov, *siov;
+    Queued *queue;
+
+    /* configuration (configure) */
+    int configured, enabled;
+    PyObject *pipeline, *decide, *records, *prefix_records, *counts, *label_counts;
+    PyObject *acl, *responder;
+    PyObject *labels[256];
+    signed char drop_reason[256];
+    unsigned char eligible[256], reply_mode[256];
+    int64_t interval[256], tolerance[256];
+    int64_t prefix_interval, prefix_tolerance;
+    int has_global;
+    int64_t global_interval, global_tolerance;
+    int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
+    int last_time_reason;
+    Py_ssize_t record_len;
+    int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
+    int i_acl_generation, i_acl_entry, i_port;
+    unsigned char reflection[8192];
+
+    /* per pump */
+    int64_t acl_generation, global_tat, offset_ns;
+    unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
+    int64_t count_acc[MAX_COUNTS];
+    int64_t label_acc[256];
+    int64_t fast_decisions;
+} Lane;
+
+/* ------------------------------------------------------------------ helpers */
+
+static int
+as_i64(PyObject *obj, int64_t *value)
+{
+    int overflow = 0;
+    long long v;
+    if (!PyLong_CheckExact(obj))
+        return 0;
+    v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *value = v;
+    return 1;
+}
+
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+/* Responder.time_reply_at's receive field: floor(((ns + offset) << 32) / 1e9) + epoch. */
+static void
+put_ntp(unsigned char *out, int64_t unix_ns)
+{
+    __int128 t = (__int128)unix_ns << 32;
+    __int128 q = t / NS_PER_S;
+    uint64_t ntp;
+    int i;
+    if (t % NS_PER_S != 0 && t < 0)
+        q -= 1;
+    ntp = (uint64_t)(q + ((__int128)NTP_UNIX_OFFSET_S << 32));
+    for (i = 7; i >= 0; i--) {
+        out[i] = (unsigned char)(ntp & 0xFF);
+        ntp >>= 8;
+    }
+}
+
+static int
+set_int(PyObject *list, int index, int64_t value)
+{
+    PyObject *obj = PyLong_FromLongLong(value);
+    if (obj == NULL)
+        return -1;
+    return PyList_SetItem(list, index, obj);
+}
+
+static PyObject *
+get_attr_i64(PyObject *obj, const char *name, int64_t *value)
+{
+    PyObject *attr = PyObject_GetAttrString(obj, name);
+    if (attr == NULL)
+        return NULL;
+    if (!as_i64(attr, value)) {
+        Py_DECREF(attr);
+        PyErr_Format(PyExc_TypeError, "%s must be an int that fits 64 bits", name);
+        return NULL;
+    }
+    return attr;
+}
+
+/* ------------------------------------------------------------------ pump state */
+
+/* Read what may change between pumps: the access list's generation, the global
+ * bucket, the responder's clock snapshot (reply_heads, fields, offset_ns). */
+static int
+begin(Lane *L)
+{
+    PyObject *obj, *snapshot;
+    if (!L->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "fast lane used before configure()");
+        return -1;
+    }
+    if ((obj = get_attr_i64(L->acl, "generation", &L->acl_generation)) == NULL)
+        return -1;
+    Py_DECREF(obj);
+    if (L->has_global) {
+        if ((obj = get_attr_i64(L->pipeline, "_global_tat", &L->global_tat)) == NULL)
+            return -1;
+        Py_DECREF(obj);
+    }
+    snapshot = PyObject_GetAttrString(L->responder, "wire_snapshot");
+    if (snapshot == NULL)
+        return -1;
+    if (!PyTuple_Check(snapshot) || PyTuple_GET_SIZE(snapshot) != 3
+            || !PyBytes_Check(PyTuple_GET_ITEM(snapshot, 0))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(snapshot, 0)) != HEADS_LEN
+            || !PyBytes_Check(PyTuple_GET_ITEM(snapshot, 1))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(snapshot, 1)) != FIELDS_LEN
+            || !as_i64(PyTuple_GET_ITEM(snapshot, 2), &L->offset_ns)) {
+        Py_DECREF(snapshot);
+        PyErr_SetString(PyExc_TypeError, "responder.wire_snapshot: (128 bytes, 21 bytes, int)");
+        return -1;
+    }
+    memcpy(L->reply_heads, PyBytes_AS_STRING(PyTuple_GET_ITEM(snapshot, 0)), HEADS_LEN);
+    memcpy(L->fields, PyBytes_AS_STRING(PyTuple_GET_ITEM(snapshot, 1)), FIELDS_LEN);
+    Py_DECREF(snapshot);
+    return 0;
+}
+
+/* The global bucket lives here during a pump; Python's copy is brought up to
+ * date before Pipeline.decide runs and read back after it. */
+static int
+global_out(Lane *L)
+{
+    PyObject *value;
+    int rc;
+    if (!L->has_global)
+        return 0;
+    value = PyLong_FromLongLong(L->global_tat);
+    if (value == NULL)
+        return -1;
+    rc = PyObject_SetAttrString(L->pipeline, "_global_tat", value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static int
+global_in(Lane *L)
+{
+    PyObject *obj;
+    if (!L->has_global)
+        return 0;
+    if ((obj = get_attr_i64(L->pipeline, "_global_tat", &L->global_tat)) == NULL)
+        return -1;
+    Py_DECREF(obj);
+    return 0;
+}
+
+/* Add what the fast path counted to the pipeline's counters and label counts.
+ * Runs even when an error is on its way out, so keeps that error aside. */
+static int
+flush_counts(Lane *L)
+{
+    int i, rc = 0;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    for (i = 0; i < L->n_counts; i++) {
+        PyObject *old, *now;
+        int64_t base;
+        if (L->count_acc[i] == 0)
+            continue;
+        old = PyList_GET_ITEM(L->counts, i);
+        if (!as_i64(old, &base)) {
+            rc = -1;
+            break;
+        }
+        now = PyLong_FromLongLong(base + L->count_acc[i]);
+        if (now == NULL || PyList_SetItem(L->counts, i, now) < 0) {
+            rc = -1;
+            break;
+        }
+        L->count_acc[i] = 0;
+    }
+    for (i = 0; rc == 0 && i < 256; i++) {
+        PyObject *label = L->labels[i], *old, *now;
+        int64_t base = 0;
+        if (L->label_acc[i] == 0)
+            continue;
+        old = PyDict_GetItemWithError(L->label_counts, label);
+        if (old == NULL && PyErr_Occurred()) {
+            rc = -1;
+            break;
+        }
+        if (old != NULL && !as_i64(old, &base)) {
+            rc = -1;
+            break;
+        }
+        now = PyLong_FromLongLong(base + L->label_acc[i]);
+        if (now == NULL)
+            rc = -1;
+        else {
+            rc = PyDict_SetItem(L->label_counts, label, now);
+            Py_DECREF(now);
+        }
+        L->label_acc[i] = 0;
+    }
+    if (rc < 0 && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "counters must hold ints");
+    if (type != NULL) {
+        if (rc < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
+    }
+    return rc;
+}
+
+
+/* ------------------------------------------------------------------ Record */
+
+/*
+ * A per-source record: a fixed-length sequence that behaves like the list
+ * Pipeline used to keep (record[i], record[i] = v, len, iteration), stored as
+ * one object of two cache lines. A cell holds either a 64-bit integer, kept
+ * unboxed, or a reference to any other object (the label, the cached access-list
+ * entry). Why: a million sources as lists of int objects cost 8-10 cache misses
+ * per packet and ~500 bytes each; a Record costs two lines and ~130 bytes, and
+ * the compiled loop updates it without allocating.
+ *
+ * Not tracked by the cyclic GC: its objects are strings, None and access-list
+ * entries, none of which refer back to a record. That also keeps a million
+ * records out of every full collection.
+ */
+#define RECORD_CELLS 12
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t objects;                  /* bit i set: cell i holds cell[i].o */
+    union { int64_t n; PyObject *o; } cell[RECORD_CELLS];
+} Record;
+
+static PyTypeObject RecordType;
+
+#define IS_OBJECT(r, i) (((r)->objects >> (i)) & 1u)
+
+static int
+record_store(Record *r, Py_ssize_t i, PyObject *value)
+{
+    int overflow = 0;
+    long long n = 0;
+    PyObject *old = IS_OBJECT(r, i) ? r->cell[i].o : NULL;
+    if (PyLong_CheckExact(value)) {
+        n = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if (PyLong_CheckExact(value) && !overflow) {
+        r->cell[i].n = n;
+        r->objects &= ~(1u << i);
+    } else {
+        Py_INCREF(value);
+        r->cell[i].o = value;
+        r->objects |= 1u << i;
+    }
+    Py_XDECREF(old);
+    return 0;
+}
+
+static PyObject *
+Record_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *items, *seq;
+    Record *r;
+    Py_ssize_t i;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Record takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:Record", &items))
+        return NULL;
+    seq = PySequence_Fast(items, "Record takes a sequence");
+    if (seq == NULL)
+        return NULL;
+    if (PySequence_Fast_GET_SIZE(seq) != RECORD_CELLS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "a Record has exactly %d items", RECORD_CELLS);
+        return NULL;
+    }
+    r = (Record *)type->tp_alloc(type, 0);
+    if (r == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (i = 0; i < RECORD_CELLS; i++)
+        if (record_store(r, i, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
+            Py_DECREF(seq);
+            Py_DECREF(r);
+            return NULL;
+        }
+    Py_DECREF(seq);
+    return (PyObject *)r;
+}
+
+static void
+Record_dealloc(Record *r)
+{
+    int i;
+    for (i = 0; i < RECORD_CELLS; i++)
+        if (IS_OBJECT(r, i))
+            Py_DECREF(r->cell[i].o);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static Py_ssize_t
+Record_length(Record *r)
+{
+    (void)r;
+    return RECORD_CELLS;
+}
+
+static PyObject *
+Record_item(Record *r, Py_ssize_t i)
+{
+    if (i < 0 || i >= RECORD_CELLS) {
+        PyErr_SetString(PyExc_IndexError, "Record index out of range");
+        return NULL;
+    }
+    if (IS_OBJECT(r, i)) {
+        Py_INCREF(r->cell[i].o);
+        return r->cell[i].o;
+    }
+    return PyLong_FromLongLong(r->cell[i].n);
+}
+
+static int
+Record_ass_item(Record *r, Py_ssize_t i, PyObject *value)
+{
+    if (i < 0 || i >= RECORD_CELLS) {
+        PyErr_SetString(PyExc_IndexError, "Record assignment index out of range");
+        return -1;
+    }
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Record items cannot be deleted");
+        return -1;
+    }
+    return record_store(r, i, value);
+}
+
+static PyObject *
+Record_repr(Record *r)
+{
+    PyObject *list = PySequence_List((PyObject *)r), *text;
+    if (list == NULL)
+        return NULL;
+    text = PyUnicode_FromFormat("Record(%R)", list);
+    Py_DECREF(list);
+    return text;
+}
+
+static PyObject *
+Record_richcompare(PyObject *a, PyObject *b, int op)
+{
+    PyObject *left, *right, *result;
+    if ((op != Py_EQ && op != Py_NE) || !PyObject_TypeCheck(a, &RecordType)
+            || !(PyObject_TypeCheck(b, &RecordType) || PyList_Check(b)))
+        Py_RETURN_NOTIMPLEMENTED;
+    left = PySequence_List(a);
+    right = PySequence_List(b);
+    result = left && right ? PyObject_RichCompare(left, right, op) : NULL;
+    Py_XDECREF(left);
+    Py_XDECREF(right);
+    return result;
+}
+
+static PySequenceMethods Record_as_sequence = {
+    .sq_length = (lenfunc)Record_length,
+    .sq_item = (ssizeargfunc)Record_item,
+    .sq_ass_item = (ssizeobjargproc)Record_ass_item,
+};
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.Record",
+    .tp_basicsize = sizeof(Record),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Record(items): a per-source record of 12 cells (see guardntp/_fastlane.c)",
+    .tp_new = Record_new,
+    .tp_dealloc = (destructor)Record_dealloc,
+    .tp_repr = (reprfunc)Record_repr,
+    .tp_richcompare = Record_richcompare,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_as_sequence = &Record_as_sequence,
+};
+
+static inline int
+record_int(Record *r, int i, int64_t *out)
+{
+    if (IS_OBJECT(r, i))
+        return 0;
+    *out = r->cell[i].n;
+    return 1;
+}
+
+static inline void
+record_set_int(Record *r, int i, int64_t value)
+{
+    r->cell[i].n = value;   /* only on cells record_int just read as ints */
+}
+
+/* ------------------------------------------------------------------ the decision */
+
+/*
+ * The common paths of Pipeline.decide for a 48-byte datagram (see the top of
+ * this file). Returns 1 when decided here (*reason set; for a time reply its
+ * first 40 bytes are in out40), 0 to leave the packet to Pipeline.decide with
+ * nothing modified, -1 on a Python error.
+ */
+static int
+fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
+            int port, int64_t recv_ns, int64_t now_ns,
+            unsigned char *out40, int *reason)
+{
+    unsigned first = d[0];
+    int base = (int)((first >> 3) & 7) * L->n_reasons;
+    int drop = L->drop_reason[first], capped = 0;
+    PyObject *key, *found, *prefix_key, *prefix_record;
+    Record *record;
+    int64_t generation, tat, prefix_tat, requests, replies, drops, last_seen, new_global = 0;
+    int64_t old_port;
+    int version, mode;
+
+    if (drop >= 0) {                       /* 1. sanity, by first byte */
+        L->count_acc[base + drop]++;
+        *reason = drop;
+        return 1;
+    }
+    if (!L->eligible[first])
+        return 0;
+    if (L->reflection[port >> 3] & (1u << (port & 7))) {   /* 2. reflection */
+        L->count_acc[base + L->reason_reflection]++;
+        *reason = L->reason_reflection;
+        return 1;
+    }
+    if (packed_len != 4)
+        return 0;
+
+    /* Read everything first: a packet that leaves here must leave nothing changed. */
+    key = PyBytes_FromStringAndSize((const char *)packed, 4);
+    if (key == NULL)
+        return -1;
+    found = PyDict_GetItemWithError(L->records, key);       /* borrowed */
+    Py_DECREF(key);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : 0;                   /* a newcomer */
+    if (Py_TYPE(found) != &RecordType || L->record_len != RECORD_CELLS)
+        return 0;
+    record = (Record *)found;
+    if (!IS_OBJECT(record, L->i_acl_entry) || record->cell[L->i_acl_entry].o != Py_None
+            || !IS_OBJECT(record, L->i_label)                 /* 3. access list */
+            || !record_int(record, L->i_acl_generation, &generation)
+            || generation != L->acl_generation)
+        return 0;
+    if (!record_int(record, L->i_tat, &tat) || !record_int(record, L->i_requests, &requests)
+            || !record_int(record, L->i_time_replies, &replies)
+            || !record_int(record, L->i_drops, &drops)
+            || !record_int(record, L->i_last_seen, &last_seen)
+            || !record_int(record, L->i_port, &old_port))
+        return 0;
+    /* 4. authentication: a 48-byte request has no MAC, and configure() disables
+     * the fast path when any source must authenticate. 5. buckets: */
+    if (tat < now_ns)
+        tat = now_ns;
+    if (L->v4_prefix_bits % 8 == 0)   /* Pipeline._prefix_key: the default /24 is a slice */
+        prefix_key = PyBytes_FromStringAndSize((const char *)packed, L->v4_prefix_bits / 8);
+    else {                            /* else the address shifted right, as 4 bytes */
+        uint32_t a = ((uint32_t)packed[0] << 24) | ((uint32_t)packed[1] << 16)
+                     | ((uint32_t)packed[2] << 8) | packed[3];
+        unsigned char masked[4];
+        a >>= 32 - L->v4_prefix_bits;
+        masked[0] = a >> 24;
+        masked[1] = a >> 16;
+        masked[2] = a >> 8;
+        masked[3] = a;
+        prefix_key = PyBytes_FromStringAndSize((const char *)masked, 4);
+    }
+    if (prefix_key == NULL)
+        return -1;
+    prefix_record = PyDict_GetItemWithError(L->prefix_records, prefix_key);
+    Py_DECREF(prefix_key);
+    if (prefix_record == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyList_CheckExact(prefix_record) || PyList_GET_SIZE(prefix_record) < 1
+            || !as_i64(PyList_GET_ITEM(prefix_record, 0), &prefix_tat))
+        return 0;
+    if (prefix_tat < now_ns)
+        prefix_tat = now_ns;
+    if (tat - now_ns > L->tolerance[first] || prefix_tat - now_ns > L->prefix_tolerance)
+        return 0;                                            /* 6. over the limit */
+    if (L->has_global) {
+        int64_t global_tat = L->global_tat > now_ns ? L->global_tat : now_ns;
+        if (global_tat - now_ns > L->global_tolerance)
+            capped = 1;
+        else
+            new_global = global_tat + L->global_interval;
+    }
+
+    /* Commit, as Pipeline.decide would have. Only the prefix TAT allocates. */
+    if (set_int(prefix_record, 0, prefix_tat + L->prefix_interval) < 0)
+        return -1;
+    (void)last_seen;   /* read only to know the cell holds an int, as the others */
+    L->label_acc[first]++;
+    record_set_int(record, L->i_requests, requests + 1);
+    record_set_int(record, L->i_last_seen, now_ns);
+    if (record->cell[L->i_label].o != L->labels[first]) {
+        PyObject *old = record->cell[L->i_label].o;
+        Py_INCREF(L->labels[first]);
+        record->cell[L->i_label].o = L->labels[first];
+        Py_DECREF(old);
+    }
+    record_set_int(record, L->i_port, port);
+    record_set_int(record, L->i_tat, tat + L->interval[first]);
+    if (capped) {
+        L->count_acc[base + L->reason_global_cap]++;
+        record_set_int(record, L->i_drops, drops + 1);
+        *reason = L->reason_global_cap;
+        return 1;
+    }
+    if (L->has_global)
+        L->global_tat = new_global;
+    L->count_acc[base]++;                                    /* Reason.ANSWERED == 0 */
+    record_set_int(record, L->i_time_replies, replies + 1);
+    L->fast_decisions++;
+
+    /* 7. the reply: Responder.time_reply_at's first 40 bytes. */
+    version = (first >> 3) & 7;
+    mode = L->reply_mode[first];
+    memcpy(out40, L->reply_heads + (version * 8 + mode) * 2, 2);
+    out40[2] = d[2];
+    memcpy(out40 + 3, L->fields, FIELDS_LEN);
+    memcpy(out40 + 24, d + 40, 8);
+    put_ntp(out40 + 32, recv_ns + L->offset_ns);
+    *reason = 0;
+    return 1;
+}
+
+/* Pipeline.decide(data, packed, port, recv_ns, now_ns) -> new reference to its tuple. */
+static PyObject *
+slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len, int port,
+            int64_t recv_ns, int64_t now_ns)
+{
+    PyObject *args[5] = {data, NULL, NULL, NULL, NULL}, *result = NULL;
+    int i;
+    if (global_out(L) < 0)
+        return NULL;
+    args[1] = PyBytes_FromStringAndSize((const char *)packed, packed_len);
+    args[2] = PyLong_FromLong(port);
+    args[3] = PyLong_FromLongLong(recv_ns);
+    args[4] = PyLong_FromLongLong(now_ns);
+    if (args[1] && args[2] && args[3] && args[4])
+        result = PyObject_Vectorcall(L->decide, args, 5, NULL);
+    for (i = 1; i < 5; i++)
+        Py_XDECREF(args[i]);
+    if (result == NULL)
+        return NULL;
+    if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_TypeError, "decide must return (reason, reply, signer)");
+        return NULL;
+    }
+    if (global_in(L) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+/* ------------------------------------------------------------------ the type */
+
+static void
+release_queue(Lane *L, int queued)
+{
+    int q;
+    for (q = 0; q < queued; q++) {
+        Py_CLEAR(L->queue[q].reply);
+        Py_CLEAR(L->queue[q].signer);
+    }
+}
+
+static void
+release_config(Lane *L)
+{
+    int i;
+    Py_CLEAR(L->pipeline);
+    Py_CLEAR(L->decide);
+    Py_CLEAR(L->records);
+    Py_CLEAR(L->prefix_records);
+    Py_CLEAR(L->counts);
+    Py_CLEAR(L->label_counts);
+    Py_CLEAR(L->acl);
+    Py_CLEAR(L->responder);
+    for (i = 0; i < 256; i++)
+        Py_CLEAR(L->labels[i]);
+    L->configured = 0;
+}
+
+static void
+Lane_dealloc(Lane *L)
+{
+    if (L->queue != NULL)
+        release_queue(L, L->batch);
+    release_config(L);
+    free(L->heads);
+    free(L->tails);
+    free(L->names);
+    free(L->control);
+    free(L->out);
+    free(L->rh);
+    free(L->sh);
+    free(L->riov);
+    free(L->siov);
+    free(L->queue);
+    Py_TYPE(L)->tp_free((PyObject *)L);
+}
+
+static int
+Lane_init(Lane *L, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"fd", "v6", "batch", "slot", NULL};
+    int fd, v6, batch = 64, slot = 2048, i, tail;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ip|ii", names, &fd, &v6, &batch, &slot))
+        return -1;
+    if (batch < 1 || batch > 1024 || slot <= HEAD || slot > 65536) {
+        PyErr_SetString(PyExc_ValueError, "batch must be 1-1024 and slot 49-65536 bytes");
+        return -1;
+    }
+    if (L->heads != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Lane is initialised once");
+        return -1;
+    }
+    L->fd = fd;
+    L->v6 = v6;
+    L->batch = batch;
+    L->slot = slot;
+    L->name_len = v6 ? (int)sizeof(struct sockaddr_in6) : (int)sizeof(struct sockaddr_in);
+    L->name_stride = 32;
+    tail = slot - HEAD;
+    L->heads = calloc(batch, HEAD);
+    L->tails = calloc(batch, tail);
+    L->names = calloc(batch, L->name_stride);
+    L->control = calloc(batch, CONTROL_SPACE);
+    L->out = calloc(batch, slot);
+    L->rh = calloc(batch, sizeof(struct mmsghdr));
+    L->sh = calloc(batch, sizeof(struct mmsghdr));
+    L->riov = calloc(2 * batch, sizeof(struct iovec));
+    L->siov = calloc(2 * batch, sizeof(struct iovec));
+    L->queue = calloc(batch, sizeof(Queued));
+    if (!L->heads || !L->tails || !L->names || !L->control || !L->out || !L->rh || !L->sh
+            || !L->riov || !L->siov || !L->queue) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < batch; i++) {
+        struct msghdr *h = &L->rh[i].msg_hdr;
+        L->riov[2 * i].iov_base = L->heads + i * HEAD;
+        L->riov[2 * i].iov_len = HEAD;
+        L->riov[2 * i + 1].iov_base = L->tails + (size_t)i * tail;
+        L->riov[2 * i + 1].iov_len = tail;
+        h->msg_name = L->names + i * L->name_stride;
+        h->msg_namelen = L->name_len;
+        h->msg_iov = &L->riov[2 * i];
+        h->msg_iovlen = 2;
+        h->msg_control = L->control + i * CONTROL_SPACE;
+        h->msg_controllen = CONTROL_SPACE;
+        L->siov[2 * i].iov_base = L->out + (size_t)i * slot;
+        L->siov[2 * i + 1].iov_base = L->xmt;
+        L->siov[2 * i + 1].iov_len = 8;
+        L->sh[i].msg_hdr.msg_iov = &L->siov[2 * i];
+        L->sh[i].msg_hdr.msg_namelen = L->name_len;
+    }
+    L->used = batch;
+    return 0;
+}
+
+/* -- configure(dict): see Pipeline.fast_lane_config for the keys. */
+
+static PyObject *
+need(PyObject *config, const char *name)
+{
+    PyObject *value = PyDict_GetItemString(config, name);   /* borrowed */
+    if (value == NULL)
+        PyErr_Format(PyExc_KeyError, "fast lane configuration lacks %s", name);
+    return value;
+}
+
+static int
+need_int(PyObject *config, const char *name, int64_t *out)
+{
+    PyObject *value = need(config, name);
+    if (value == NULL)
+        return -1;
+    if (!as_i64(value, out)) {
+        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be an int", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+need_bytes(PyObject *config, const char *name, unsigned char *out, Py_ssize_t size)
+{
+    PyObject *value = need(config, name);
+    if (value == NULL)
+        return -1;
+    if (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != size) {
+        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be %zd bytes",
+                     name, size);
+        return -1;
+    }
+    memcpy(out, PyBytes_AS_STRING(value), size);
+    return 0;
+}
+
+static int
+need_int_tuple(PyObject *config, const char *name, int64_t *out, Py_ssize_t size)
+{
+    PyObject *value = need(config, name);
+    Py_ssize_t i;
+    if (value == NULL)
+        return -1;
+    if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != size) {
+        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be %zd ints",
+                     name, size);
+        return -1;
+    }
+    for (i = 0; i < size; i++)
+        if (!as_i64(PyTuple_GET_ITEM(value, i), &out[i])) {
+            PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must hold ints", name);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *
+Lane_configure(Lane *L, PyObject *config)
+{
+    static const char *objects[] = {"pipeline", "decide", "records", "prefix_records",
+                                    "counts", "label_counts", "acl", "responder"};
+    PyObject **slots[] = {&L->pipeline, &L->decide, &L->records, &L->prefix_records,
+                          &L->counts, &L->label_counts, &L->acl, &L->responder};
+    PyObject *labels, *value;
+    int64_t v, layout[9], global[3];
+    unsigned char drop[256];
+    size_t i;
+    if (!PyDict_Check(config)) {
+        PyErr_SetString(PyExc_TypeError, "configure takes a dict");
+        return NULL;
+    }
+    release_config(L);
+    for (i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
+        if ((value = need(config, objects[i])) == NULL)
+            return NULL;
+        Py_INCREF(value);
+        *slots[i] = value;
+    }
+    if (!PyDict_Check(L->records) || !PyDict_Check(L->prefix_records)
+            || !PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)) {
+        PyErr_SetString(PyExc_TypeError, "records must be dicts, counts a list");
+        goto fail;
+    }
+    if ((labels = need(config, "labels")) == NULL)
+        goto fail;
+    if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != 256) {
+        PyErr_SetString(PyExc_TypeError, "labels must be a tuple of 256");
+        goto fail;
+    }
+    for (i = 0; i < 256; i++) {
+        value = PyTuple_GET_ITEM(labels, i);
+        L->labels[i] = value == Py_None ? NULL : (Py_INCREF(value), value);
+    }
+    if (need_bytes(config, "drop_reason", drop, 256) < 0
+            || need_bytes(config, "eligible", L->eligible, 256) < 0
+            || need_bytes(config, "reply_mode", L->reply_mode, 256) < 0
+            || need_bytes(config, "reflection", L->reflection, 8192) < 0
+            || need_int_tuple(config, "interval", L->interval, 256) < 0
+            || need_int_tuple(config, "tolerance", L->tolerance, 256) < 0
+            || need_int_tuple(config, "layout", layout, 9) < 0
+            || need_int_tuple(config, "global", global, 3) < 0)
+        goto fail;
+    for (i = 0; i < 256; i++) {
+        L->drop_reason[i] = drop[i] == 255 ? -1 : (signed char)drop[i];
+        if (L->eligible[i] && (L->labels[i] == NULL || L->reply_mode[i] > 7)) {
+            PyErr_SetString(PyExc_ValueError, "an eligible first byte needs a label and a mode");
+            goto fail;
+        }
+    }
+    L->has_global = global[0] != 0;
+    L->global_interval = global[1];
+    L->global_tolerance = global[2];
+    L->i_tat = (int)layout[0];
+    L->i_requests = (int)layout[1];
+    L->i_time_replies = (int)layout[2];
+    L->i_drops = (int)layout[3];
+    L->i_last_seen = (int)layout[4];
+    L->i_label = (int)layout[5];
+    L->i_acl_generation = (int)layout[6];
+    L->i_acl_entry = (int)layout[7];
+    L->i_port = (int)layout[8];
+    if (need_int(config, "record_len", &v) < 0)
+        goto fail;
+    L->record_len = (Py_ssize_t)v;
+    for (i = 0; i < 9; i++)
+        if (layout[i] < 0 || layout[i] >= L->record_len) {
+            PyErr_SetString(PyExc_ValueError, "record layout outside the record");
+            goto fail;
+        }
+    if (need_int(config, "prefix_interval", &L->prefix_interval) < 0
+            || need_int(config, "prefix_tolerance", &L->prefix_tolerance) < 0)
+        goto fail;
+    if (need_int(config, "v4_prefix_bits", &v) < 0)
+        goto fail;
+    L->v4_prefix_bits = (int)v;
+    if (need_int(config, "n_reasons", &v) < 0)
+        goto fail;
+    L->n_reasons = (int)v;
+    L->n_counts = 8 * L->n_reasons;
+    if (need_int(config, "reason_reflection", &v) < 0)
+        goto fail;
+    L->reason_reflection = (int)v;
+    if (need_int(config, "reason_global_cap", &v) < 0)
+        goto fail;
+    L->reason_global_cap = (int)v;
+    if (need_int(config, "last_time_reason", &v) < 0)
+        goto fail;
+    L->last_time_reason = (int)v;
+    if (need_int(config, "enabled", &v) < 0)
+        goto fail;
+    L->enabled = v != 0;
+    if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
+            || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
+        PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
+        goto fail;
+    }
+    memset(L->count_acc, 0, sizeof(L->count_acc));
+    memset(L->label_acc, 0, sizeof(L->label_acc));
+    L->configured = 1;
+    Py_RETURN_NONE;
+fail:
+    release_config(L);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ receive, send */
+
+static int
+receive(Lane *L)
+{
+    int i, count;
+    for (i = 0; i < L->used; i++) {
+        L->rh[i].msg_hdr.msg_namelen = L->name_len;
+        L->rh[i].msg_hdr.msg_controllen = CONTROL_SPACE;
+        L->rh[i].msg_hdr.msg_flags = 0;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    count = recvmmsg(L->fd, L->rh, L->batch, MSG_DONTWAIT | MSG_TRUNC, NULL);
+    Py_END_ALLOW_THREADS
+    if (count < 0) {
+        L->used = 0;
+        return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
+    }
+    L->used = count;
+    return count;
+}
+
+static int
+kernel_receive_ns(struct msghdr *h, int64_t *out)
+{
+    struct cmsghdr *c;
+    for (c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS
+                && c->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof(ts));
+            *out = (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+            return 1;
+        }
+    return 0;
+}
+
+static Py_ssize_t
+message_bytes(Lane *L, int q)
+{
+    struct msghdr *h = &L->sh[q].msg_hdr;
+    return (Py_ssize_t)L->siov[2 * q].iov_len + (h->msg_iovlen == 2 ? 8 : 0);
+}
+
+/* A reply copied into slot q: a 48-byte time reply in the time layout (40 bytes
+ * from the slot, the chunk's transmit stamp from xmt), anything else whole. */
+static void
+lay_out(Lane *L, int q, int time_layout, Py_ssize_t size)
+{
+    L->siov[2 * q].iov_len = time_layout ? BEFORE_TRANSMIT : (size_t)size;
+    L->sh[q].msg_hdr.msg_iovlen = time_layout ? 2 : 1;
+}
+
+static int
+stamp(Lane *L, PyObject *transmit)
+{
+    PyObject *xmt = PyObject_CallNoArgs(transmit);
+    if (xmt == NULL)
+        return -1;
+    if (!PyBytes_Check(xmt) || PyBytes_GET_SIZE(xmt) != 8) {
+        Py_DECREF(xmt);
+        PyErr_SetString(PyExc_TypeError, "transmit() must return 8 bytes");
+        return -1;
+    }
+    memcpy(L->xmt, PyBytes_AS_STRING(xmt), 8);
+    Py_DECREF(xmt);
+    return 0;
+}
+
+/* Stamp, sign and sendmmsg the queued replies in chunks of STAMP_EVERY. */
+static int
+flush(Lane *L, int queued, PyObject *transmit, int64_t *bytes_out, int64_t *failed)
+{
+    int start, q;
+    for (start = 0; start < queued; start += STAMP_EVERY) {
+        int end = start + STAMP_EVERY < queued ? start + STAMP_EVERY : queued;
+        int needs_stamp = 0, s, retries = 3;
+        for (q = start; q < end; q++)
+            needs_stamp |= L->queue[q].is_time;
+        if (needs_stamp && stamp(L, transmit) < 0)
+            return -1;
+        for (q = start; q < end; q++) {
+            Queued *e = &L->queue[q];
+            PyObject *final;
+            Py_ssize_t size;
+            if (e->kind != Q_DEFERRED)
+                continue;
+            if (e->is_time) {   /* stamped, then signed: the MAC covers the stamp */
+                size = PyBytes_GET_SIZE(e->reply);
+                final = PyBytes_FromStringAndSize(PyBytes_AS_STRING(e->reply), size);
+                if (final == NULL)
+                    return -1;
+                memcpy(PyBytes_AS_STRING(final) + BEFORE_TRANSMIT, L->xmt, 8);
+            } else {
+                final = e->reply;
+                Py_INCREF(final);
+            }
+            if (e->signer != NULL) {
+                PyObject *signed_reply = PyObject_CallOneArg(e->signer, final);
+                Py_DECREF(final);
+                if (signed_reply == NULL)
+                    return -1;
+                final = signed_reply;
+            }
+            if (!PyBytes_Check(final) || PyBytes_GET_SIZE(final) > L->slot) {
+                Py_DECREF(final);
+                e->kind = Q_SKIP;    /* cannot happen: a reply is never longer than its request */
+                (*failed)++;
+                continue;
+            }
+            size = PyBytes_GET_SIZE(final);
+            memcpy(L->out + (size_t)q * L->slot, PyBytes_AS_STRING(final), size);
+            Py_DECREF(final);
+            lay_out(L, q, 0, size);
+            *bytes_out += size;
+        }
+        s = start;
+        while (s < end) {
+            int e = s, sent;
+            if (L->queue[s].kind == Q_SKIP) {
+                s++;
+                continue;
+            }
+            while (e < end && L->queue[e].kind != Q_SKIP)
+                e++;
+            Py_BEGIN_ALLOW_THREADS
+            sent = sendmmsg(L->fd, L->sh + s, e - s, 0);
+            Py_END_ALLOW_THREADS
+            if (sent > 0) {
+                s += sent;
+                continue;
+            }
+            if (sent < 0 && errno == EINTR && retries-- > 0)
+                continue;
+            /* The message at s failed: count it, skip it, send the rest. */
+            (*failed)++;
+            *bytes_out -= message_bytes(L, s);
+            s++;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ one datagram */
+
+/* Decide datagram i of the batch and queue its reply at queue[*queued]. */
+static int
+handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
+       int64_t *bytes_in, int64_t *bytes_out, int64_t *truncated, int64_t *send_errors)
+{
+    struct msghdr *h = &L->rh[i].msg_hdr;
+    unsigned char *head = L->heads + i * HEAD, *name = L->names + i * L->name_stride;
+    unsigned char *slot_out = L->out + (size_t)(*queued) * L->slot;
+    const unsigned char *packed;
+    Py_ssize_t length = L->rh[i].msg_len;
+    int packed_len, port, reason, decided = 0, q = *queued, is_time;
+    int64_t recv_ns;
+    PyObject *data, *result, *reply, *signer;
+    Queued *e = &L->queue[q];
+
+    if (length > L->slot) {
+        (*truncated)++;
+        length = L->slot;
+        *bytes_in += length;
+        length = -1;    /* counted as malformed by the sanity stage */
+    } else
+        *bytes_in += length;
+    port = (name[2] << 8) | name[3];
+    if (L->v6) {
+        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        packed = name + 8;
+        packed_len = 16;
+        if (memcmp(packed, mapped, 12) == 0) {
+            packed += 12;
+            packed_len = 4;
+        }
+    } else {
+        packed = name + 4;
+        packed_len = 4;
+    }
+    if (!kernel_receive_ns(h, &recv_ns)) {
+        PyObject *wall = PyObject_CallNoArgs(wall_ns);
+        if (wall == NULL)
+            return -1;
+        if (!as_i64(wall, &recv_ns)) {
+            Py_DECREF(wall);
+            PyErr_SetString(PyExc_TypeError, "wall_ns() must return an int");
+            return -1;
+        }
+        Py_DECREF(wall);
+    }
+    if (length == HEAD && L->enabled) {
+        decided = fast_decide(L, head, packed, packed_len, port, recv_ns, now_ns,
+                              slot_out, &reason);
+        if (decided < 0)
+            return -1;
+    }
+    if (decided) {
+        if (reason == 0) {
+            L->sh[q].msg_hdr.msg_name = name;
+            lay_out(L, q, 1, HEAD);
+            e->kind = Q_TIME;
+            e->is_time = 1;
+            *bytes_out += HEAD;
+            (*queued)++;
+        }
+        return 0;
+    }
+
+    if (length < 0)
+        data = PyBytes_FromStringAndSize(NULL, 0);
+    else {
+        data = PyBytes_FromStringAndSize(NULL, length);
+        if (data != NULL) {
+            memcpy(PyBytes_AS_STRING(data), head, length < HEAD ? length : HEAD);
+            if (length > HEAD)
+                memcpy(PyBytes_AS_STRING(data) + HEAD,
+                       L->tails + (size_t)i * (L->slot - HEAD), length - HEAD);
+        }
+    }
+    if (data == NULL)
+        return -1;
+    result = slow_decide(L, data, packed, packed_len, port, recv_ns, now_ns);
+    Py_DECREF(data);
+    if (result == NULL)
+        return -1;
+    reason = (int)PyLong_AsLong(PyTuple_GET_ITEM(result, 0));
+    reply = PyTuple_GET_ITEM(result, 1);
+    signer = PyTuple_GET_ITEM(result, 2);
+    if (reason == -1 && PyErr_Occurred()) {
+        Py_DECREF(result);
+        return -1;
+    }
+    if (reply == Py_None) {
+        Py_DECREF(result);
+        return 0;
+    }
+    if (!PyBytes_Check(reply)) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_TypeError, "decide's reply must be bytes or None");
+        return -1;
+    }
+    is_time = reason <= L->last_time_reason;
+    length = PyBytes_GET_SIZE(reply);
+    if (length > L->slot) {   /* cannot happen: a reply is never longer than its request */
+        (*send_errors)++;
+        Py_DECREF(result);
+        return 0;
+    }
+    L->sh[q].msg_hdr.msg_name = name;
+    e->is_time = is_time;
+    if (signer == Py_None && (!is_time || length == HEAD)) {
+        memcpy(slot_out, PyBytes_AS_STRING(reply), length);
+        e->kind = is_time ? Q_TIME : Q_PLAIN;
+        lay_out(L, q, is_time, length);
+        *bytes_out += length;
+    } else {   /* stamped (then signed) when its chunk is sent */
+        e->kind = Q_DEFERRED;
+        Py_INCREF(reply);
+        e->reply = reply;
+        if (signer != Py_None) {
+            Py_INCREF(signer);
+            e->signer = signer;
+        }
+    }
+    Py_DECREF(result);
+    (*queued)++;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ methods */
+
+static PyObject *
+Lane_pump(Lane *L, PyObject *args)
+{
+    PyObject *wall_ns, *transmit;
+    long budget;
+    int64_t handled = 0, truncated = 0, send_errors = 0, bytes_in = 0, bytes_out = 0;
+    int errors_left, count = 0, queued = 0, i, failed = 0;
+    if (!PyArg_ParseTuple(args, "OOl", &wall_ns, &transmit, &budget))
+        return NULL;
+    if (begin(L) < 0)
+        return NULL;
+    errors_left = L->batch;
+    while (handled < budget) {
+        int64_t now_ns;
+        count = receive(L);
+        if (count <= 0) {
+            if (count < 0 && errors_left-- > 0)
+                continue;   /* ICMP errors surface here on some kernels; go on */
+            break;
+        }
+        now_ns = monotonic_ns();
+        queued = 0;
+        for (i = 0; i < count; i++)
+            if (handle(L, i, now_ns, wall_ns, &queued, &bytes_in, &bytes_out,
+                       &truncated, &send_errors) < 0) {
+                failed = 1;
+                break;
+            }
+        if (failed)
+            break;
+        handled += count;
+        if (queued && flush(L, queued, transmit, &bytes_out, &send_errors) < 0) {
+            failed = 1;
+            break;
+        }
+        release_queue(L, queued);
+        queued = 0;
+        if (count < L->batch)
+            break;   /* the queue is (very probably) empty: saves the EAGAIN call */
+    }
+    release_queue(L, queued);
+    if (flush_counts(L) < 0 || global_out(L) < 0 || failed)
+        return NULL;
+    return Py_BuildValue("LLLLL", (long long)handled, (long long)truncated,
+                         (long long)send_errors, (long long)bytes_in, (long long)bytes_out);
+}
+
+/* decide_one(data, packed, port, recv_ns, now_ns) -> (reason, reply, signer, fast):
+ * one datagram through the same decision as pump, without sockets (tests). */
+static PyObject *
+Lane_decide_one(Lane *L, PyObject *args)
+{
+    Py_buffer data, packed;
+    int port, reason = 0, decided = 0;
+    long long recv_ns, now_ns;
+    unsigned char reply[HEAD];
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*iLL", &data, &packed, &port, &recv_ns, &now_ns))
+        return NULL;
+    if (port < 0 || port > 65535 || (packed.len != 4 && packed.len != 16)) {
+        PyErr_SetString(PyExc_ValueError, "port 0-65535 and a 4- or 16-byte address");
+        goto done;
+    }
+    if (begin(L) < 0)
+        goto done;
+    if (data.len == HEAD && L->enabled)
+        decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, recv_ns, now_ns,
+                              reply, &reason);
+    if (decided < 0)
+        goto done;
+    if (decided) {
+        if (reason == 0) {
+            memcpy(reply + BEFORE_TRANSMIT, reply + 32, 8);   /* transmit = receive */
+            result = Py_BuildValue("iy#OO", reason, reply, (Py_ssize_t)HEAD, Py_None, Py_True);
+        } else
+            result = Py_BuildValue("iOOO", reason, Py_None, Py_None, Py_True);
+    } else {
+        PyObject *bytes = PyBytes_FromStringAndSize(data.buf, data.len), *slow;
+        if (bytes == NULL)
+            goto done;
+        slow = slow_decide(L, bytes, packed.buf, (int)packed.len, port, recv_ns, now_ns);
+        Py_DECREF(bytes);
+        if (slow == NULL)
+            goto done;
+        result = Py_BuildValue("OOOO", PyTuple_GET_ITEM(slow, 0), PyTuple_GET_ITEM(slow, 1),
+                               PyTuple_GET_ITEM(slow, 2), Py_False);
+        Py_DECREF(slow);
+    }
+done:
+    if (L->configured && (flush_counts(L) < 0 || global_out(L) < 0))
+        Py_CLEAR(result);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&packed);
+    return result;
+}
+
+static PyObject *
+Lane_get_fast_decisions(Lane *L, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLongLong(L->fast_decisions);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"configure", (PyCFunction)Lane_configure, METH_O,
+     "Take the pipeline's fast-lane view (Pipeline.fast_lane_config())."},
+    {"pump", (PyCFunction)Lane_pump, METH_VARARGS,
+     "pump(wall_ns, transmit, budget) -> (handled, truncated, send_errors, bytes_in, "
+     "bytes_out)"},
+    {"decide_one", (PyCFunction)Lane_decide_one, METH_VARARGS,
+     "decide_one(data, packed, port, recv_ns, now_ns) -> (reason, reply, signer, fast)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"fast_decisions", (getter)Lane_get_fast_decisions, NULL,
+     "time replies decided in C so far", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "recvmmsg -> decide -> sendmmsg for one UDP socket (guardntp/fastlane.py)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lane_init,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "guardntp._fastlane",
+    "The compiled packet loop (see guardntp/fastlane.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__fastlane(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RecordType);
+    if (PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0) {
+        Py_DECREF(&RecordType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,92 @@
+"""The compiled packet loop: ``recvmmsg`` -> decide -> ``sendmmsg`` in C.
+
+Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
+for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
+a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
+dropped by its first byte or its source port, or an established IPv4 source
+within both of its buckets); for everything else it calls ``Pipeline.decide``
+before touching anything. It reads and updates the pipeline's own records and
+counters, so ``guardntp clients``, metrics, reload and the blocklist see one
+state whichever path a packet took. ``tests/test_fastlane.py`` feeds random
+traffic through both and compares replies, counters and records.
+
+Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
+at ~0.4x chronyd's answer rate (``docs/benchmarks.md``).
+
+The extension is built by ``pip install`` where a C compiler is present; without
+it, or with ``GUARDNTP_NO_FASTLANE=1``, the server uses ``fastio.BatchSocket``
+(the same batched I/O in Python); ``GUARDNTP_NO_BATCH_IO=1`` turns off both.
+:func:`available` says which.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+from . import fastio
+from .fastio import BATCH_SIZE, RECV_BUFFER
+from .filter.pipeline import Pipeline
+
+try:
+    from . import _fastlane
+except ImportError:  # built without a C compiler: fastio's Python loop serves
+    _fastlane = None  # type: ignore[assignment]
+
+#: Why the compiled loop is not in use, for the startup log line (None: it is).
+UNAVAILABLE_BECAUSE: str | None = (
+    "GUARDNTP_NO_FASTLANE is set" if os.environ.get("GUARDNTP_NO_FASTLANE")
+    else "guardntp._fastlane was not built (no C compiler at install?)" if _fastlane is None
+    else None)
+
+
+def available(sock: socket.socket | None = None) -> bool:
+    """Can :class:`FastLane` serve ``sock`` (a Linux UDP socket, IPv4 or IPv6)?"""
+    if (UNAVAILABLE_BECAUSE is not None or os.environ.get("GUARDNTP_NO_FASTLANE")
+            or not fastio.available()):   # GUARDNTP_NO_BATCH_IO turns off both loops
+        return False
+    return sock is None or (sock.type == socket.SOCK_DGRAM
+                            and sock.family in (socket.AF_INET, socket.AF_INET6))
+
+
+class FastLane:
+    """The compiled loop for one socket, kept in step with one pipeline's settings."""
+
+    def __init__(self, sock: socket.socket, pipeline: Pipeline, batch: int = BATCH_SIZE,
+                 slot: int = RECV_BUFFER) -> None:
+        if _fastlane is None:
+            raise RuntimeError("guardntp._fastlane is not built")
+        self.sock = sock   # the Lane holds only the descriptor: keep the socket alive
+        self.pipeline = pipeline
+        self.lane = _fastlane.Lane(sock.fileno(), sock.family == socket.AF_INET6, batch, slot)
+        self._version = -1
+
+    def _configure(self) -> None:
+        pipeline = self.pipeline
+        if self._version != pipeline.config_version:
+            self.lane.configure(pipeline.fast_lane_config())
+            self._version = pipeline.config_version
+
+    def pump(self, transmit: Callable[[], bytes], wall_ns: Callable[[], int], budget: int
+             ) -> tuple[int, int, int]:
+        """As :meth:`fastio.BatchSocket.pump`: (handled, truncated, failed sends)."""
+        self._configure()
+        handled, truncated, send_errors, bytes_in, bytes_out = self.lane.pump(
+            wall_ns, transmit, budget)
+        counters = self.pipeline.counters
+        counters.bytes_in += bytes_in
+        counters.bytes_out += bytes_out
+        return handled, truncated, send_errors
+
+    def decide_one(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
+                   ) -> tuple[int, bytes | None, object, bool]:
+        """One datagram through the compiled decision, no sockets (for tests):
+        (reason, reply, signer, decided in C)."""
+        self._configure()
+        return self.lane.decide_one(data, packed, port, recv_ns, now_ns)
+
+    @property
+    def fast_decisions(self) -> int:
+        """Time replies the compiled path decided itself."""
+        return self.lane.fast_decisions

@@ -1,0 +1,302 @@
+"""The compiled loop (``guardntp/fastlane.py``) against ``Pipeline.decide``.
+
+The compiled code may decide a packet itself only where ``Pipeline.decide`` would
+decide it the same way. The differential tests below run two identical pipelines
+side by side, one through ``Pipeline.decide`` and one through the compiled
+decision, over random traffic that reaches every stage (bad first bytes,
+reflection ports, newcomers in full tables, over-limit sources with leaks and
+KoDs, access-list and blocklist hits, MACs, IPv6, the global cap, reloads), and
+compare every reply and, after every packet, every counter and every record.
+The socket tests check the compiled loop end to end on loopback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+import socket
+import time
+
+import pytest
+
+from guardntp import fastio, fastlane
+from guardntp import server as server_module
+from guardntp.auth.keys import parse_key_line
+from guardntp.auth.server import KeyAuthenticator
+from guardntp.clock import ClockState
+from guardntp.filter.acl import AclEntry, Action
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.policy import FilterPolicy
+from guardntp.netaddr import ListenSpec
+from guardntp.responder import Responder
+from guardntp.server import Server, open_socket
+from guardntp.timesources.local import LocalClock
+from guardntp.timestamps import NS_PER_S, ntp_to_unix_ns
+from guardntp.verdicts import Reason
+
+pytestmark = pytest.mark.skipif(not fastlane.available(),
+                                reason=f"compiled loop unavailable: {fastlane.UNAVAILABLE_BECAUSE}")
+
+WALL_BASE_NS = 1_800_000_000 * NS_PER_S
+CLOCK = ClockState(synchronized=True, stratum=2, refid=b"GPS\0", precision=-20,
+                   root_delay_ns=1_000_000, root_dispersion_ns=2_000_000,
+                   reference_unix_ns=WALL_BASE_NS - NS_PER_S, offset_ns=-1_234_567)
+
+V4_SOURCES = [bytes((192, 0, 2, i)) for i in (1, 2, 3, 4, 77)] + \
+             [bytes((198, 51, 100, i)) for i in (1, 2, 9)] + \
+             [bytes((203, 0, 113, i)) for i in (5, 6, 200)] + [bytes((10, 1, 2, 3))]
+V6_SOURCES = [ipaddress.IPv6Address(a).packed for a in ("2001:db8::1", "2001:db8:0:1::5")]
+#: First bytes: v1-v4 clients, v1 mode 0, symmetric, responses, modes 6/7, LI=3, bad versions.
+FIRST_BYTES = [0x23, 0x23, 0x23, 0x1B, 0x1B, 0x13, 0x0B, 0x08, 0x09, 0x21, 0x24, 0x26, 0x27,
+               0x20, 0x3B, 0xE3, 0x03, 0x19]
+PORTS = [40_000, 40_001, 51_234, 123, 23_457, 53, 0, 19, 11_211]
+KEY = parse_key_line("7 SHA256 HEX:" + "ab" * 32)
+
+
+def packet(rng: random.Random) -> bytes:
+    first = rng.choice(FIRST_BYTES) if rng.random() < 0.95 else rng.randrange(256)
+    body = bytes((first, rng.choice((0, 6, 10, 17)), rng.choice((0, 6, 250)))) + \
+        rng.randbytes(37) + rng.randbytes(8)
+    kind = rng.random()
+    if kind < 0.9:
+        return body
+    if kind < 0.93:
+        return body[: rng.choice((0, 1, 44, 47))]
+    if kind < 0.96:
+        return body + bytes(4) + rng.randbytes(32)   # a MAC with an unknown key
+    if kind < 0.98:
+        return body + (7).to_bytes(4, "big") + rng.randbytes(32)   # key 7, wrong digest
+    return body + rng.randbytes(rng.choice((3, 8, 20)))
+
+
+def state(pipeline: Pipeline) -> dict[str, object]:
+    """Everything the filter keeps, to compare after each packet."""
+    return {
+        "counts": list(pipeline.counters.counts),
+        "labels": dict(pipeline.label_counts),
+        "sources": [(k, list(v)) for k, v in pipeline.sources.records.items()],
+        "prefixes": [(k, list(v)) for k, v in pipeline.prefixes.records.items()],
+        "newcomers": dict(pipeline.newcomers.tats),
+        "global_tat": pipeline._global_tat,
+        "kod_tat": pipeline._kod_tat,
+        "table_full": pipeline.table_full,
+        "evictions": (pipeline.sources.evictions, pipeline.prefixes.evictions),
+    }
+
+
+TIGHT = dict(source_rate=2.0, source_burst=3, prefix_rate=6.0, prefix_burst=8,
+             max_sources=6, max_prefixes=3, max_newcomers=4, global_reply_rate=25.0,
+             global_reply_burst=5, kod_interval_s=1.0, kod_rate=3.0, kod_burst=2)
+DENY_ENTRIES = (AclEntry(ipaddress.ip_network("198.51.100.0/24"), Action.DENY),
+                AclEntry(ipaddress.ip_network("192.0.2.77/32"), Action.EXEMPT),
+                AclEntry(ipaddress.ip_network("192.0.2.4/32"), Action.DROP))
+
+VARIANTS = {
+    "defaults": {},
+    "tight": TIGHT,
+    "tight-acl": dict(TIGHT, acl=DENY_ENTRIES, deny_action=Action.DENY),
+    "prefix-20": dict(TIGHT, ipv4_prefix=20),
+    "no-global-cap": dict(TIGHT, global_reply_rate=0.0),
+    "no-symmetric-no-kod": dict(TIGHT, answer_symmetric=False, send_kod=False,
+                                leak_one_in=0),
+    "auth-optional": dict(TIGHT, _auth="optional"),
+    "auth-required": dict(TIGHT, _auth="required"),
+}
+
+
+def authenticator(mode: str | None) -> KeyAuthenticator | None:
+    if mode is None:
+        return None
+    assert KEY is not None
+    require = [ipaddress.ip_network("203.0.113.0/24")] if mode == "required" else []
+    return KeyAuthenticator({KEY.key_id: KEY}, require=require)
+
+
+def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fastlane.FastLane,
+                                                          socket.socket]:
+    settings = dict(settings)
+    auth = settings.pop("_auth", None)
+    policy = FilterPolicy(random_seed=seed, **settings)  # type: ignore[arg-type]
+    reference = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
+    compiled = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    return reference, compiled, fastlane.FastLane(sock, compiled), sock
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> None:
+    rng = random.Random(f"{variant}-{seed}")
+    reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
+    fast = slow = 0
+    now_ns = 10 * NS_PER_S
+    try:
+        for step in range(1500):
+            now_ns += int(rng.expovariate(1 / 60_000_000)) if rng.random() < 0.98 \
+                else rng.choice((2, 30)) * NS_PER_S
+            recv_ns = WALL_BASE_NS + now_ns + rng.randrange(1000)
+            data = packet(rng)
+            source = rng.choice(V4_SOURCES) if rng.random() < 0.9 else rng.choice(V6_SOURCES)
+            port = rng.choice(PORTS)
+            expected = reference.decide(data, source, port, recv_ns, now_ns)
+            reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns)
+            where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
+            assert (reason, reply) == (expected[0], expected[1]), where
+            assert (signer is None) == (expected[2] is None), where
+            assert state(compiled) == state(reference), where
+            if in_c:
+                fast += 1
+            else:
+                slow += 1
+            if step == 700:   # a reload and a blocklist change halfway, on both
+                for pipeline in (reference, compiled):
+                    pipeline.apply_policy(dataclasses.replace(
+                        pipeline.policy, source_burst=pipeline.policy.source_burst + 1))
+                    pipeline.set_blocklist([AclEntry(ipaddress.ip_network("203.0.113.6/32"),
+                                                     Action.DROP, "manual")])
+    finally:
+        sock.close()
+    assert slow > 0
+    if variant == "auth-required":
+        # Some source must authenticate: the compiled loop may only drop by first byte
+        # or port, never answer.
+        assert lane.fast_decisions == 0
+    else:
+        assert lane.fast_decisions >= 5, (fast, slow)
+
+
+def test_clock_changes_reach_the_compiled_replies() -> None:
+    reference, compiled, lane, sock = pair({}, 1)
+    try:
+        request = bytes((0x23, 0, 6)) + bytes(37) + b"ORIGIN!!"
+        source = bytes((192, 0, 2, 1))
+        for clock in (CLOCK, dataclasses.replace(CLOCK, stratum=5, offset_ns=7_000_000_123,
+                                                 refid=b"PPS\0")):
+            for pipeline in (reference, compiled):
+                pipeline.responder.set_clock(clock, WALL_BASE_NS + 5 * NS_PER_S)
+            for i in range(3):   # the first one establishes the source in Python
+                now_ns = (20 + i) * NS_PER_S
+                expected = reference.decide(request, source, 40_000, WALL_BASE_NS + now_ns,
+                                            now_ns)
+                got = lane.decide_one(request, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+                assert got[:2] == expected[:2]
+            assert got[3] is True
+            assert got[1] is not None and got[1][1] == clock.stratum
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------- on real sockets
+
+
+def request(xmt: int, first: int = 0x23) -> bytes:
+    return bytes((first, 0, 6)) + bytes(37) + xmt.to_bytes(8, "big")
+
+
+def serve_once(server: Server, sock: socket.socket) -> None:
+    time.sleep(0.05)
+    server._on_datagrams(sock)
+
+
+def test_a_real_server_answers_on_the_compiled_path() -> None:
+    sock = open_socket(ListenSpec("127.0.0.1", 0))
+    source = LocalClock()
+    now = time.time_ns()
+    pipeline = Pipeline(FilterPolicy(source_rate=1e6, source_burst=10**6),
+                        Responder(source.state(now), now))
+    server = Server([sock], pipeline, source)
+    lane = server.batched[sock]
+    assert isinstance(lane, fastlane.FastLane)
+    # Replies carry DF (server.set_dont_fragment).
+    assert sock.getsockopt(socket.IPPROTO_IP, server_module.IP_MTU_DISCOVER) == \
+        server_module.IP_PMTUDISC_DO
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2)
+    try:
+        client.sendto(request(1), sock.getsockname())    # a newcomer: Python decides
+        serve_once(server, sock)
+        assert lane.fast_decisions == 0
+        client.recv(100)
+        before = time.time_ns()
+        batch = [request(0x100 + i) for i in range(150)] + [request(9, first=0x26)] * 3
+        for data in batch:
+            client.sendto(data, sock.getsockname())
+        after = time.time_ns()
+        serve_once(server, sock)
+        assert lane.fast_decisions == 150
+        assert pipeline.counters.by_reason() == {"answered": 151, "control_mode": 3}
+        replies = [client.recv(100) for _ in range(150)]
+        assert sorted(int.from_bytes(r[24:32], "big") for r in replies) == \
+            [0x100 + i for i in range(150)]
+        for reply in replies:
+            assert len(reply) == 48 and reply[0] & 7 == 4 and reply[1] == 10
+            receive_ns = ntp_to_unix_ns(int.from_bytes(reply[32:40], "big"), before)
+            transmit_ns = ntp_to_unix_ns(int.from_bytes(reply[40:48], "big"), before)
+            assert before - 1000 <= receive_ns <= after + 1000   # the kernel's stamp
+            assert receive_ns <= transmit_ns <= time.time_ns() + 1000
+        chunks = {reply[40:48] for reply in replies}
+        assert 2 <= len(chunks) <= -(-150 // fastio.STAMP_EVERY) + 1
+        record = pipeline.sources.records[socket.inet_aton("127.0.0.1")]
+        assert record[1] == record[2] == 151   # requests, time replies (mode 6: no record)
+        assert pipeline.counters.bytes_in == 154 * 48
+        assert pipeline.counters.bytes_out == 151 * 48
+    finally:
+        client.close()
+        sock.close()
+
+
+def test_reload_and_blocklist_apply_to_the_compiled_path() -> None:
+    sock = open_socket(ListenSpec("127.0.0.1", 0))
+    source = LocalClock()
+    now = time.time_ns()
+    pipeline = Pipeline(FilterPolicy(), Responder(source.state(now), now))
+    server = Server([sock], pipeline, source)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(0.5)
+    try:
+        for i in range(2):
+            client.sendto(request(i), sock.getsockname())
+            serve_once(server, sock)
+            client.recv(100)
+        pipeline.set_blocklist([AclEntry(ipaddress.ip_network("127.0.0.1/32"), Action.DROP,
+                                         "manual")])
+        client.sendto(request(5), sock.getsockname())
+        serve_once(server, sock)
+        with pytest.raises(TimeoutError):
+            client.recv(100)
+        assert pipeline.counters.by_reason()["blocklisted"] == 1
+        pipeline.set_blocklist([])
+        # A reload that makes port 40000-ish clients reflection ports: every port.
+        client_port = client.getsockname()[1]
+        pipeline.apply_policy(dataclasses.replace(
+            pipeline.policy, reflection_ports=frozenset({client_port})))
+        client.sendto(request(6), sock.getsockname())
+        serve_once(server, sock)
+        with pytest.raises(TimeoutError):
+            client.recv(100)
+        assert pipeline.counters.by_reason()["reflection_port"] == 1
+    finally:
+        client.close()
+        sock.close()
+
+
+def test_bad_configuration_is_refused() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
+        lane = fastlane.FastLane(sock, pipeline)
+        config = pipeline.fast_lane_config()
+        with pytest.raises(KeyError):
+            lane.lane.configure({k: v for k, v in config.items() if k != "records"})
+        with pytest.raises(TypeError):
+            lane.lane.configure(dict(config, eligible=b"short"))
+        with pytest.raises(ValueError):
+            lane.lane.configure(dict(config, layout=(0, 1, 2, 4, 6, 8, 9, 10, 99)))
+        with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
+            lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
+        lane.lane.configure(config)
+        assert lane.lane.decide_one(bytes((0x26,)) + bytes(47), bytes(4), 1, 0, 0)[:2] == \
+            (Reason.CONTROL_MODE, None)
+    finally:
+        sock.close()
