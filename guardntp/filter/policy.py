@@ -95,7 +95,8 @@ class FilterPolicy:
 
     # -- bounded memory
     #: 226-471 bytes each in CPython 3.11 with the compiled records, 370-615 without
-    #: (contrib/sizing/measure.py), ~75 MiB when full. chrony's default clientloglimit (512 KiB) tracks only ~4096 addresses.
+    #: (contrib/sizing/measure.py), ~75 MiB when full. chrony's default
+    #: clientloglimit (512 KiB) tracks only ~4096 addresses.
     max_sources: int = 262_144
     max_prefixes: int = 65_536
     #: First sightings (TAT only, ~120 B each: ~60 MiB). A source becomes established
