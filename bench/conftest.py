@@ -29,6 +29,16 @@ def million_addresses() -> list[bytes]:
 @pytest.fixture(scope="session")
 def million_pipeline(million_addresses: list[bytes]) -> Pipeline:
     """A pipeline already tracking a million sources, all with full buckets."""
+    return build_million_pipeline(million_addresses)
+
+
+@pytest.fixture
+def own_million_pipeline(million_addresses: list[bytes]) -> Pipeline:
+    """The same, for one test alone (its clock and global budget are its own)."""
+    return build_million_pipeline(million_addresses)
+
+
+def build_million_pipeline(million_addresses: list[bytes]) -> Pipeline:
     pipeline = make_pipeline(max_sources=1 << 20)
     start = time.monotonic_ns() - 100 * NS_PER_S
     records = pipeline.sources.records

@@ -36,9 +36,9 @@ def lane_for():
         sock.close()
 
 
-def test_compiled_time_reply_a_million_tracked_sources(benchmark, lane_for, million_pipeline,
-                                                       million_addresses):
-    lane = lane_for(million_pipeline)
+def test_compiled_time_reply_a_million_tracked_sources(benchmark, lane_for,
+                                                       own_million_pipeline, million_addresses):
+    lane = lane_for(own_million_pipeline)
     clock = Clock()
     state = {"next": 0}
     addresses = million_addresses
