@@ -18,7 +18,7 @@ def test_measure_script_reports_memory_per_source_and_speeds() -> None:
     shared, own = report["memory_shared_prefixes"], report["memory_own_prefix"]
     assert shared["sources"] == own["sources"] == 3000
     assert own["prefixes"] == 3000 and shared["prefixes"] == 12
-    # A record is a 12-item list plus its key and table slot: hundreds of bytes, not tens
+    # A record (12 items) plus its key and table slot: hundreds of bytes, not tens
     # or tens of thousands; a source with its own prefix bucket costs more.
     assert 150 < shared["bytes_per_source"] < 2000
     assert own["bytes_per_source"] > shared["bytes_per_source"]

@@ -135,7 +135,14 @@ def socket_loop_cost(packets: int) -> dict[str, float]:
                 raise RuntimeError("server did not start")
             start_cpu, start = cpu_seconds(), time.perf_counter()
             window = 32
-            for _ in range(packets // window):
+            # /proc counts CPU in clock ticks (10 ms): keep going past ``packets`` until
+            # the server has used at least 20 ticks, so the quotient means something
+            # (bounded: at most 100 x ``packets`` and 30 s).
+            sent = 0
+            while sent < packets or (cpu_seconds() - start_cpu < 20 / ticks
+                                     and sent < 100 * packets
+                                     and time.perf_counter() - start < 30):
+                sent += window
                 for _ in range(window):
                     sock.sendto(REQUEST, ("127.0.0.1", port))
                 for _ in range(window):
@@ -151,6 +158,8 @@ def socket_loop_cost(packets: int) -> dict[str, float]:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=10)
         subprocess.run(["rm", "-rf", state], check=False)
+    if replies == 0 or cpu <= 0:
+        raise RuntimeError(f"could not measure: {replies} replies for {cpu:.2f} s of server CPU")
     return {"replies": replies, "server_cpu_s": cpu, "wall_s": wall,
             "us_per_request": cpu / replies * 1e6, "requests_per_core_second": replies / cpu}
 
@@ -171,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         "decisions_per_second": decisions_per_second(args.packets),
     }
     if args.socket_loop:
-        report["socket_loop"] = socket_loop_cost(args.packets)
+        try:
+            report["socket_loop"] = socket_loop_cost(args.packets)
+        except (RuntimeError, OSError) as error:
+            print(f"measure.py: socket loop: {error}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
