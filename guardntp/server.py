@@ -155,6 +155,9 @@ class Server:
                 self.batched[sock] = fastlane.FastLane(sock, pipeline)
             elif fastio.available(sock):
                 self.batched[sock] = fastio.BatchSocket(sock)
+        if sockets and fastio.available() and not fastlane.available():
+            log.info("packet loop in Python: %s", fastlane.UNAVAILABLE_BECAUSE
+                     or "GUARDNTP_NO_FASTLANE is set")
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)
         self.add_periodic(GC_FULL_COLLECT_S, collect_frozen_garbage)
