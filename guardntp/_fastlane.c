@@ -519,7 +519,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     Py_DECREF(key);
     if (found == NULL)
         return PyErr_Occurred() ? -1 : 0;                   /* a newcomer */
-    if (Py_TYPE(found) != &RecordType || L->record_len != RECORD_CELLS)
+    if (Py_TYPE(found) != &RecordType)
         return 0;
     record = (Record *)found;
     if (!IS_OBJECT(record, L->i_acl_entry) || record->cell[L->i_acl_entry].o != Py_None
@@ -875,6 +875,11 @@ Lane_configure(Lane *L, PyObject *config)
     if (need_int(config, "record_len", &v) < 0)
         goto fail;
     L->record_len = (Py_ssize_t)v;
+    if (L->record_len != RECORD_CELLS) {
+        PyErr_Format(PyExc_ValueError, "records have %d items, not %zd", RECORD_CELLS,
+                     L->record_len);
+        goto fail;
+    }
     for (i = 0; i < 9; i++)
         if (layout[i] < 0 || layout[i] >= L->record_len) {
             PyErr_SetString(PyExc_ValueError, "record layout outside the record");
@@ -1078,9 +1083,8 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
 
     if (length > L->slot) {
         (*truncated)++;
-        length = L->slot;
-        *bytes_in += length;
-        length = -1;    /* counted as malformed by the sanity stage */
+        *bytes_in += L->slot;
+        length = -1;    /* passed on empty: counted as malformed by the sanity stage */
     } else
         *bytes_in += length;
     port = (name[2] << 8) | name[3];

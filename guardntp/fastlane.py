@@ -34,17 +34,20 @@ try:
 except ImportError:  # built without a C compiler: fastio's Python loop serves
     _fastlane = None  # type: ignore[assignment]
 
-#: Why the compiled loop is not in use, for the startup log line (None: it is).
-UNAVAILABLE_BECAUSE: str | None = (
-    "GUARDNTP_NO_FASTLANE is set" if os.environ.get("GUARDNTP_NO_FASTLANE")
-    else "guardntp._fastlane was not built (no C compiler at install?)" if _fastlane is None
-    else None)
+def unavailable_because() -> str | None:
+    """Why the compiled loop cannot be used here, for the startup log line (None: it can)."""
+    if _fastlane is None:
+        return "guardntp._fastlane was not built (no C compiler at install?)"
+    if os.environ.get("GUARDNTP_NO_FASTLANE"):
+        return "GUARDNTP_NO_FASTLANE is set"
+    if not fastio.available():   # GUARDNTP_NO_BATCH_IO turns off both loops
+        return "batched I/O is unavailable or GUARDNTP_NO_BATCH_IO is set"
+    return None
 
 
 def available(sock: socket.socket | None = None) -> bool:
     """Can :class:`FastLane` serve ``sock`` (a Linux UDP socket, IPv4 or IPv6)?"""
-    if (UNAVAILABLE_BECAUSE is not None or os.environ.get("GUARDNTP_NO_FASTLANE")
-            or not fastio.available()):   # GUARDNTP_NO_BATCH_IO turns off both loops
+    if unavailable_because() is not None:
         return False
     return sock is None or (sock.type == socket.SOCK_DGRAM
                             and sock.family in (socket.AF_INET, socket.AF_INET6))

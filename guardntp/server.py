@@ -156,8 +156,7 @@ class Server:
             elif fastio.available(sock):
                 self.batched[sock] = fastio.BatchSocket(sock)
         if sockets and fastio.available() and not fastlane.available():
-            log.info("packet loop in Python: %s", fastlane.UNAVAILABLE_BECAUSE
-                     or "GUARDNTP_NO_FASTLANE is set")
+            log.info("packet loop in Python: %s", fastlane.unavailable_because())
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)
         self.add_periodic(GC_FULL_COLLECT_S, collect_frozen_garbage)
@@ -217,15 +216,14 @@ class Server:
 
     def _on_datagrams(self, sock: socket.socket) -> None:
         batched = self.batched.get(sock)
-        if isinstance(batched, fastlane.FastLane):
-            _, truncated, send_errors = batched.pump(self._transmit_bytes, self.wall_ns, BATCH)
-            self.truncated += truncated
-            self.send_errors += send_errors
-            return
         if batched is not None:
-            _, truncated, send_errors = batched.pump(
-                self.pipeline.decide, self.pipeline.counters, self._transmit_bytes,
-                self.wall_ns, BATCH)
+            if isinstance(batched, fastlane.FastLane):
+                _, truncated, send_errors = batched.pump(self._transmit_bytes, self.wall_ns,
+                                                         BATCH)
+            else:
+                _, truncated, send_errors = batched.pump(
+                    self.pipeline.decide, self.pipeline.counters, self._transmit_bytes,
+                    self.wall_ns, BATCH)
             self.truncated += truncated
             self.send_errors += send_errors
             return

@@ -35,8 +35,8 @@ from guardntp.timesources.local import LocalClock
 from guardntp.timestamps import NS_PER_S, ntp_to_unix_ns
 from guardntp.verdicts import Reason
 
-pytestmark = pytest.mark.skipif(not fastlane.available(),
-                                reason=f"compiled loop unavailable: {fastlane.UNAVAILABLE_BECAUSE}")
+pytestmark = pytest.mark.skipif(
+    not fastlane.available(), reason=f"compiled loop unavailable: {fastlane.unavailable_because()}")
 
 WALL_BASE_NS = 1_800_000_000 * NS_PER_S
 CLOCK = ClockState(synchronized=True, stratum=2, refid=b"GPS\0", precision=-20,
