@@ -38,10 +38,15 @@ def own_million_pipeline(million_addresses: list[bytes]) -> Pipeline:
     return build_million_pipeline(million_addresses)
 
 
-def build_million_pipeline(million_addresses: list[bytes]) -> Pipeline:
-    pipeline = make_pipeline(max_sources=1 << 20)
+def build_million_pipeline(million_addresses: list[bytes], drained: bool = False,
+                           **policy: object) -> Pipeline:
+    """A million tracked sources: buckets full, or (``drained``) emptied far ahead."""
+    pipeline = make_pipeline(max_sources=1 << 20, **policy)
     start = time.monotonic_ns() - 100 * NS_PER_S
-    records = pipeline.sources.records
+    tat = start + 10**6 * NS_PER_S if drained else start
+    insert = pipeline.sources.insert
     for packed in million_addresses:
-        records[packed] = new_record(start, "ntpv4", 40000)
+        record = new_record(start, "ntpv4", 40000)
+        record[0] = tat
+        insert(packed, record)
     return pipeline

@@ -12,17 +12,22 @@ and kernel time, and optionally:
 * ``--perf FILE``: a ``perf record`` of the server's CPU during the load, for
   ``perf report -i FILE --no-children --sort dso,sym``;
 * ``--null-decide``: replace the filter by a function that answers with a fixed
-  reply, to see what the I/O loop alone costs.
+  reply, to see what the I/O loop alone costs;
+* ``--over-limit``: every source's bucket drained beforehand (no leak, no KoD),
+  so every request takes the rate-limited drop path: its CPU per packet against
+  the answer path's, same harness.
 
     python3 bench/profile_server.py --sources 1000000 --rate 300000
     python3 bench/profile_server.py --perf /tmp/guardntp.perf
     python3 bench/profile_server.py --null-decide
+    python3 bench/profile_server.py --over-limit
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import json
 import os
 import pstats
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--perf", metavar="FILE")
     parser.add_argument("--null-decide", action="store_true")
+    parser.add_argument("--over-limit", action="store_true")
     args = parser.parse_args(argv)
     if not 1 <= args.sources <= 65536 * 224 or not 0 < args.seconds <= 60:
         parser.error("--sources 1..14680064, --seconds up to 60")
@@ -90,12 +96,17 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         source = LocalClock()
         now = time.time_ns()
-        pipeline = Pipeline(FilterPolicy(max_sources=max(args.sources, 1 << 18)),
-                            Responder(source.state(now), now))
+        policy = FilterPolicy(max_sources=max(args.sources, 1 << 18))
+        if args.over_limit:
+            policy = dataclasses.replace(policy, leak_one_in=0, send_kod=False)
+        pipeline = Pipeline(policy, Responder(source.state(now), now))
         # Every source once, long enough ago that its bucket is full again.
         past = time.monotonic_ns() - 100 * 10**9
         for index in range(args.sources):
             pipeline.decide(REQUEST, source_address(index), 40000, now, past)
+        if args.over_limit:   # ... or drained for the next 11 days
+            for record in pipeline.sources.records.values():
+                record[0] = past + 10**15
         print(f"{len(pipeline.sources)} sources tracked", flush=True)
         if args.null_decide:
             canned = (Reason.ANSWERED, bytes(48), None)
@@ -132,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             packets = pipeline.counters.total() - before
             report.update(json.loads(output))
             report["packets"] = packets
+            report["reasons"] = pipeline.counters.by_reason()
             if packets:
                 report["user_us_per_packet"] = round((user1 - user0) * 1e6 / packets, 2)
                 report["kernel_us_per_packet"] = round((system1 - system0) * 1e6 / packets, 2)

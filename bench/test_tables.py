@@ -20,14 +20,15 @@ from guardntp.filter.pipeline import new_record
 def filled(million_addresses):
     """The same million keys, each mapping to a fresh source record, in every table."""
     pipeline = make_pipeline(max_sources=MILLION)
-    records = pipeline.sources.records
+    table = pipeline.sources
     plain: dict[bytes, list[object]] = {}
     lru: cachetools.LRUCache[bytes, list[object]] = cachetools.LRUCache(maxsize=MILLION)
     ttl: cachetools.TTLCache[bytes, list[object]] = cachetools.TTLCache(maxsize=MILLION,
                                                                         ttl=3600)
     for packed in million_addresses:
         record = new_record(0, "ntpv4", 40000)
-        records[packed] = plain[packed] = lru[packed] = ttl[packed] = record
+        table.insert(packed, record)
+        plain[packed] = lru[packed] = ttl[packed] = record
     return {"buckettable": pipeline.sources, "dict": plain, "lru": lru, "ttl": ttl}
 
 
@@ -61,7 +62,7 @@ def test_admit_a_newcomer_into_a_full_table(benchmark, kind):
     if kind == "buckettable":
         table = make_pipeline(max_sources=size).sources
         for index in range(size):
-            table.records[source_address(index)] = new_record(0, "ntpv4", 40000)
+            table.insert(source_address(index), new_record(0, "ntpv4", 40000))
 
         def admit() -> object:
             state["next"] += 1

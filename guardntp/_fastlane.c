@@ -29,9 +29,11 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -66,8 +68,8 @@ typedef struct {
 
     /* configuration (configure) */
     int configured, enabled;
-    PyObject *pipeline, *decide, *records, *prefix_records, *counts, *label_counts;
-    PyObject *acl, *responder;
+    PyObject *pipeline, *decide, *index, *prefix_index, *counts, *label_counts;
+    PyObject *acl, *responder, *random;
     PyObject *labels[256];
     signed char drop_reason[256];
     unsigned char eligible[256], reply_mode[256];
@@ -76,14 +78,18 @@ typedef struct {
     int has_global;
     int64_t global_interval, global_tolerance;
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
-    int last_time_reason;
+    int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
+    double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
+    int send_kod;
+    unsigned char kod_of_first[256];
+    int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
     Py_ssize_t record_len;
     int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
-    int i_acl_generation, i_acl_entry, i_port;
+    int i_acl_generation, i_acl_entry, i_port, i_kods, i_last_kod;
     unsigned char reflection[8192];
 
     /* per pump */
-    int64_t acl_generation, global_tat, offset_ns;
+    int64_t acl_generation, global_tat, kod_tat, offset_ns;
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
     int64_t count_acc[MAX_COUNTS];
     int64_t label_acc[256];
@@ -133,15 +139,6 @@ put_ntp(unsigned char *out, int64_t unix_ns)
     }
 }
 
-static int
-set_int(PyObject *list, int index, int64_t value)
-{
-    PyObject *obj = PyLong_FromLongLong(value);
-    if (obj == NULL)
-        return -1;
-    return PyList_SetItem(list, index, obj);
-}
-
 static PyObject *
 get_attr_i64(PyObject *obj, const char *name, int64_t *value)
 {
@@ -158,6 +155,8 @@ get_attr_i64(PyObject *obj, const char *name, int64_t *value)
 
 /* ------------------------------------------------------------------ pump state */
 
+static int buckets_in(Lane *L);
+
 /* Read what may change between pumps: the access list's generation, the global
  * bucket, the responder's clock snapshot (reply_heads, fields, offset_ns). */
 static int
@@ -171,11 +170,8 @@ begin(Lane *L)
     if ((obj = get_attr_i64(L->acl, "generation", &L->acl_generation)) == NULL)
         return -1;
     Py_DECREF(obj);
-    if (L->has_global) {
-        if ((obj = get_attr_i64(L->pipeline, "_global_tat", &L->global_tat)) == NULL)
-            return -1;
-        Py_DECREF(obj);
-    }
+    if (buckets_in(L) < 0)
+        return -1;
     snapshot = PyObject_GetAttrString(L->responder, "wire_snapshot");
     if (snapshot == NULL)
         return -1;
@@ -195,27 +191,35 @@ begin(Lane *L)
     return 0;
 }
 
-/* The global bucket lives here during a pump; Python's copy is brought up to
- * date before Pipeline.decide runs and read back after it. */
+/* The global and KoD buckets live here during a pump; Python's copies are
+ * brought up to date before Pipeline.decide runs and read back after it. */
 static int
-global_out(Lane *L)
+set_attr_i64(PyObject *obj, const char *name, int64_t value)
 {
-    PyObject *value;
+    PyObject *number = PyLong_FromLongLong(value);
     int rc;
-    if (!L->has_global)
-        return 0;
-    value = PyLong_FromLongLong(L->global_tat);
-    if (value == NULL)
+    if (number == NULL)
         return -1;
-    rc = PyObject_SetAttrString(L->pipeline, "_global_tat", value);
-    Py_DECREF(value);
+    rc = PyObject_SetAttrString(obj, name, number);
+    Py_DECREF(number);
     return rc;
 }
 
 static int
-global_in(Lane *L)
+buckets_out(Lane *L)
+{
+    if (set_attr_i64(L->pipeline, "_kod_tat", L->kod_tat) < 0)
+        return -1;
+    return L->has_global ? set_attr_i64(L->pipeline, "_global_tat", L->global_tat) : 0;
+}
+
+static int
+buckets_in(Lane *L)
 {
     PyObject *obj;
+    if ((obj = get_attr_i64(L->pipeline, "_kod_tat", &L->kod_tat)) == NULL)
+        return -1;
+    Py_DECREF(obj);
     if (!L->has_global)
         return 0;
     if ((obj = get_attr_i64(L->pipeline, "_global_tat", &L->global_tat)) == NULL)
@@ -288,7 +292,8 @@ flush_counts(Lane *L)
 /*
  * A per-source record: a fixed-length sequence that behaves like the list
  * Pipeline used to keep (record[i], record[i] = v, len, iteration), stored as
- * one object of two cache lines. A cell holds either a 64-bit integer, kept
+ * one object of two cache lines (12 cells; a prefix record is the same type
+ * with one cell, its TAT). A cell holds either a 64-bit integer, kept
  * unboxed, or a reference to any other object (the label, the cached access-list
  * entry). Why: a million sources as lists of int objects cost 8-10 cache misses
  * per packet and ~500 bytes each; a Record costs two lines and ~130 bytes, and
@@ -298,12 +303,13 @@ flush_counts(Lane *L)
  * entries, none of which refer back to a record. That also keeps a million
  * records out of every full collection.
  */
-#define RECORD_CELLS 12
+#define RECORD_CELLS 12      /* a source record; a prefix record has 1 cell */
+#define RECORD_MAX_CELLS 32  /* the width of the objects bitmap */
 
 typedef struct {
-    PyObject_HEAD
+    PyObject_VAR_HEAD                  /* ob_size: the number of cells */
     uint32_t objects;                  /* bit i set: cell i holds cell[i].o */
-    union { int64_t n; PyObject *o; } cell[RECORD_CELLS];
+    union { int64_t n; PyObject *o; } cell[1];
 } Record;
 
 static PyTypeObject RecordType;
@@ -338,7 +344,7 @@ Record_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     PyObject *items, *seq;
     Record *r;
-    Py_ssize_t i;
+    Py_ssize_t i, size;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
         PyErr_SetString(PyExc_TypeError, "Record takes no keyword arguments");
         return NULL;
@@ -348,17 +354,18 @@ Record_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     seq = PySequence_Fast(items, "Record takes a sequence");
     if (seq == NULL)
         return NULL;
-    if (PySequence_Fast_GET_SIZE(seq) != RECORD_CELLS) {
+    size = PySequence_Fast_GET_SIZE(seq);
+    if (size < 1 || size > RECORD_MAX_CELLS) {
         Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "a Record has exactly %d items", RECORD_CELLS);
+        PyErr_Format(PyExc_ValueError, "a Record has 1 to %d items", RECORD_MAX_CELLS);
         return NULL;
     }
-    r = (Record *)type->tp_alloc(type, 0);
+    r = (Record *)type->tp_alloc(type, size);
     if (r == NULL) {
         Py_DECREF(seq);
         return NULL;
     }
-    for (i = 0; i < RECORD_CELLS; i++)
+    for (i = 0; i < size; i++)
         if (record_store(r, i, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
             Py_DECREF(seq);
             Py_DECREF(r);
@@ -371,8 +378,8 @@ Record_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static void
 Record_dealloc(Record *r)
 {
-    int i;
-    for (i = 0; i < RECORD_CELLS; i++)
+    Py_ssize_t i;
+    for (i = 0; i < Py_SIZE(r); i++)
         if (IS_OBJECT(r, i))
             Py_DECREF(r->cell[i].o);
     Py_TYPE(r)->tp_free((PyObject *)r);
@@ -381,14 +388,13 @@ Record_dealloc(Record *r)
 static Py_ssize_t
 Record_length(Record *r)
 {
-    (void)r;
-    return RECORD_CELLS;
+    return Py_SIZE(r);
 }
 
 static PyObject *
 Record_item(Record *r, Py_ssize_t i)
 {
-    if (i < 0 || i >= RECORD_CELLS) {
+    if (i < 0 || i >= Py_SIZE(r)) {
         PyErr_SetString(PyExc_IndexError, "Record index out of range");
         return NULL;
     }
@@ -402,7 +408,7 @@ Record_item(Record *r, Py_ssize_t i)
 static int
 Record_ass_item(Record *r, Py_ssize_t i, PyObject *value)
 {
-    if (i < 0 || i >= RECORD_CELLS) {
+    if (i < 0 || i >= Py_SIZE(r)) {
         PyErr_SetString(PyExc_IndexError, "Record assignment index out of range");
         return -1;
     }
@@ -448,15 +454,334 @@ static PySequenceMethods Record_as_sequence = {
 static PyTypeObject RecordType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "guardntp._fastlane.Record",
-    .tp_basicsize = sizeof(Record),
+    .tp_basicsize = offsetof(Record, cell),
+    .tp_itemsize = sizeof(((Record *)0)->cell[0]),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Record(items): a per-source record of 12 cells (see guardntp/_fastlane.c)",
+    .tp_doc = "Record(items): a fixed-length record of 1-32 cells (see guardntp/_fastlane.c)",
     .tp_new = Record_new,
     .tp_dealloc = (destructor)Record_dealloc,
     .tp_repr = (reprfunc)Record_repr,
     .tp_richcompare = Record_richcompare,
     .tp_hash = PyObject_HashNotImplemented,
     .tp_as_sequence = &Record_as_sequence,
+};
+
+/* ------------------------------------------------------------------ AddressIndex */
+
+/*
+ * A second way into a BucketTable for IPv4 keys (a 4-byte source, a 3- or
+ * 4-byte prefix): a C open-addressing table from the key, stored in the slot
+ * itself, to the same record object the table's dict holds. BucketTable keeps
+ * it in step (filter/buckets.py: insert, remove); longer keys (IPv6) are not
+ * indexed and stay on the Python path.
+ *
+ * Why: a dict lookup in the million-source table is three dependent cache and
+ * TLB misses (index, entry, key object) plus a bytes key to build and hash: 17 %
+ * of all server CPU at saturation. Here it is one slot, and pump() prefetches
+ * a whole batch's slots and records before deciding any of them.
+ *
+ * The hash is keyed with a random per-process seed, so a spoofing attacker
+ * cannot choose addresses that share a probe run. Linear probing, at most half
+ * full, deletion by backward shift (no tombstones). Holds a reference to each
+ * value; not tracked by the cyclic GC (records refer to nothing that could
+ * lead back here).
+ */
+typedef struct {
+    uint64_t key;          /* 0: empty; else (length << 32) | big-endian address bytes */
+    PyObject *value;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    Slot *slots;
+    uint64_t mask;         /* capacity - 1, capacity a power of two */
+    Py_ssize_t count;
+} AddressIndex;
+
+static PyTypeObject AddressIndexType;
+static uint64_t index_seed;
+
+#define INDEX_MIN_CAPACITY 16
+
+static inline uint64_t
+index_hash(uint64_t key)
+{
+    uint64_t x = key ^ index_seed;   /* splitmix64's finaliser */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static inline uint64_t
+address_key(const unsigned char *bytes, int length)
+{
+    uint64_t value = 0;
+    int i;
+    for (i = 0; i < length; i++)
+        value = (value << 8) | bytes[i];
+    return ((uint64_t)length << 32) | value;
+}
+
+/* The key of a bytes object, or 0 when it is not indexable (not 1-4 bytes). */
+static uint64_t
+key_of(PyObject *key)
+{
+    Py_ssize_t length;
+    if (!PyBytes_Check(key))
+        return 0;
+    length = PyBytes_GET_SIZE(key);
+    if (length < 1 || length > 4)
+        return 0;
+    return address_key((const unsigned char *)PyBytes_AS_STRING(key), (int)length);
+}
+
+static inline Slot *
+index_home(AddressIndex *ix, uint64_t key)
+{
+    return &ix->slots[index_hash(key) & ix->mask];
+}
+
+/* The value under key (borrowed), or NULL. */
+static inline PyObject *
+index_find(AddressIndex *ix, uint64_t key)
+{
+    uint64_t i = index_hash(key) & ix->mask;
+    for (;;) {
+        Slot *s = &ix->slots[i];
+        if (s->key == key)
+            return s->value;
+        if (s->key == 0)
+            return NULL;
+        i = (i + 1) & ix->mask;
+    }
+}
+
+static int
+index_grow(AddressIndex *ix)
+{
+    uint64_t capacity = (ix->mask + 1) * 2, i;
+    Slot *old = ix->slots, *fresh = calloc(capacity, sizeof(Slot));
+    if (fresh == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i <= ix->mask; i++)
+        if (old[i].key != 0) {
+            uint64_t j = index_hash(old[i].key) & (capacity - 1);
+            while (fresh[j].key != 0)
+                j = (j + 1) & (capacity - 1);
+            fresh[j] = old[i];
+        }
+    ix->slots = fresh;
+    ix->mask = capacity - 1;
+    free(old);
+    return 0;
+}
+
+static int
+index_put(AddressIndex *ix, uint64_t key, PyObject *value)
+{
+    uint64_t i;
+    if ((uint64_t)(ix->count + 1) * 2 > ix->mask + 1 && index_grow(ix) < 0)
+        return -1;
+    i = index_hash(key) & ix->mask;
+    while (ix->slots[i].key != 0 && ix->slots[i].key != key)
+        i = (i + 1) & ix->mask;
+    Py_INCREF(value);
+    if (ix->slots[i].key == key) {
+        Py_SETREF(ix->slots[i].value, value);
+        return 0;
+    }
+    ix->slots[i].key = key;
+    ix->slots[i].value = value;
+    ix->count++;
+    return 0;
+}
+
+/* Remove key; the removed value (a new reference) or NULL if absent. */
+static PyObject *
+index_pop(AddressIndex *ix, uint64_t key)
+{
+    uint64_t i = index_hash(key) & ix->mask, j;
+    PyObject *value;
+    while (ix->slots[i].key != key) {
+        if (ix->slots[i].key == 0)
+            return NULL;
+        i = (i + 1) & ix->mask;
+    }
+    value = ix->slots[i].value;
+    /* Backward shift: pull later members of the probe run into the hole, unless
+     * their home lies cyclically in (hole, j]. */
+    j = i;
+    for (;;) {
+        uint64_t home;
+        j = (j + 1) & ix->mask;
+        if (ix->slots[j].key == 0)
+            break;
+        home = index_hash(ix->slots[j].key) & ix->mask;
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+            continue;
+        ix->slots[i] = ix->slots[j];
+        i = j;
+    }
+    ix->slots[i].key = 0;
+    ix->slots[i].value = NULL;
+    ix->count--;
+    return value;
+}
+
+static void
+index_clear(AddressIndex *ix)
+{
+    uint64_t i;
+    for (i = 0; i <= ix->mask; i++)
+        if (ix->slots[i].key != 0) {
+            ix->slots[i].key = 0;
+            Py_CLEAR(ix->slots[i].value);
+        }
+    ix->count = 0;
+}
+
+static PyObject *
+AddressIndex_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    AddressIndex *ix;
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "AddressIndex() takes no arguments");
+        return NULL;
+    }
+    ix = (AddressIndex *)type->tp_alloc(type, 0);
+    if (ix == NULL)
+        return NULL;
+    ix->slots = calloc(INDEX_MIN_CAPACITY, sizeof(Slot));
+    if (ix->slots == NULL) {
+        Py_DECREF(ix);
+        return PyErr_NoMemory();
+    }
+    ix->mask = INDEX_MIN_CAPACITY - 1;
+    return (PyObject *)ix;
+}
+
+static void
+AddressIndex_dealloc(AddressIndex *ix)
+{
+    if (ix->slots != NULL) {
+        index_clear(ix);
+        free(ix->slots);
+    }
+    Py_TYPE(ix)->tp_free((PyObject *)ix);
+}
+
+static Py_ssize_t
+AddressIndex_length(AddressIndex *ix)
+{
+    return ix->count;
+}
+
+static PyObject *
+AddressIndex_put(AddressIndex *ix, PyObject *args)
+{
+    PyObject *key, *value;
+    uint64_t k;
+    if (!PyArg_ParseTuple(args, "OO:put", &key, &value))
+        return NULL;
+    k = key_of(key);
+    if (k == 0)
+        Py_RETURN_FALSE;
+    if (index_put(ix, k, value) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+AddressIndex_discard(AddressIndex *ix, PyObject *key)
+{
+    uint64_t k = key_of(key);
+    PyObject *value = k != 0 ? index_pop(ix, k) : NULL;
+    if (value == NULL)
+        Py_RETURN_FALSE;
+    Py_DECREF(value);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+AddressIndex_get(AddressIndex *ix, PyObject *key)
+{
+    uint64_t k = key_of(key);
+    PyObject *value = k != 0 ? index_find(ix, k) : NULL;
+    if (value == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(value);
+    return value;
+}
+
+static PyObject *
+AddressIndex_clear(AddressIndex *ix, PyObject *unused)
+{
+    (void)unused;
+    index_clear(ix);
+    Py_RETURN_NONE;
+}
+
+/* items() -> list of (key bytes, value), in slot order (for tests and checks). */
+static PyObject *
+AddressIndex_items(AddressIndex *ix, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    uint64_t i;
+    (void)unused;
+    if (list == NULL)
+        return NULL;
+    for (i = 0; i <= ix->mask; i++) {
+        uint64_t key = ix->slots[i].key;
+        unsigned char bytes[4];
+        int length, b, rc;
+        PyObject *pair;
+        if (key == 0)
+            continue;
+        length = (int)(key >> 32);
+        for (b = 0; b < length; b++)
+            bytes[b] = (unsigned char)(key >> (8 * (length - 1 - b)));
+        pair = Py_BuildValue("(y#O)", bytes, (Py_ssize_t)length, ix->slots[i].value);
+        rc = pair == NULL ? -1 : PyList_Append(list, pair);
+        Py_XDECREF(pair);
+        if (rc < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+static PyMethodDef AddressIndex_methods[] = {
+    {"put", (PyCFunction)AddressIndex_put, METH_VARARGS,
+     "put(key, value) -> bool: index value under key (False: key is not 1-4 bytes)"},
+    {"discard", (PyCFunction)AddressIndex_discard, METH_O,
+     "discard(key) -> bool: remove key if present"},
+    {"get", (PyCFunction)AddressIndex_get, METH_O, "get(key) -> value or None"},
+    {"clear", (PyCFunction)AddressIndex_clear, METH_NOARGS, "remove every key"},
+    {"items", (PyCFunction)AddressIndex_items, METH_NOARGS,
+     "items() -> [(key, value)], in no particular order"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods AddressIndex_as_sequence = {
+    .sq_length = (lenfunc)AddressIndex_length,
+};
+
+static PyTypeObject AddressIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.AddressIndex",
+    .tp_basicsize = sizeof(AddressIndex),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AddressIndex(): 1-4 byte keys -> objects, for the compiled loop "
+              "(see guardntp/_fastlane.c)",
+    .tp_new = AddressIndex_new,
+    .tp_dealloc = (destructor)AddressIndex_dealloc,
+    .tp_methods = AddressIndex_methods,
+    .tp_as_sequence = &AddressIndex_as_sequence,
 };
 
 static inline int
@@ -476,26 +801,104 @@ record_set_int(Record *r, int i, int64_t value)
 
 /* ------------------------------------------------------------------ the decision */
 
+/* What fast_decide left in its output buffer. */
+enum { REPLY_NONE, REPLY_TIME, REPLY_KOD };
+
+/* The source's record in the index, if it is one the fast path may use. */
+static inline Record *
+source_record(Lane *L, const unsigned char *packed)
+{
+    PyObject *found = index_find((AddressIndex *)L->index, address_key(packed, 4));
+    if (found == NULL || Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
+        return NULL;
+    return (Record *)found;
+}
+
+/* Pipeline._prefix_key for IPv4, as an index key: the default /24 is a 3-byte
+ * slice, any other length the address shifted right, as 4 bytes. */
+static inline uint64_t
+prefix_key(Lane *L, const unsigned char *packed)
+{
+    uint32_t a;
+    unsigned char masked[4];
+    if (L->v4_prefix_bits % 8 == 0)
+        return address_key(packed, L->v4_prefix_bits / 8);
+    a = ((uint32_t)packed[0] << 24) | ((uint32_t)packed[1] << 16)
+        | ((uint32_t)packed[2] << 8) | packed[3];
+    a >>= 32 - L->v4_prefix_bits;
+    masked[0] = a >> 24;
+    masked[1] = a >> 16;
+    masked[2] = a >> 8;
+    masked[3] = a;
+    return address_key(masked, 4);
+}
+
+/* Pipeline._global_allows: take one reply from the global budget if it has one. */
+static inline int
+global_allows(Lane *L, int64_t now_ns)
+{
+    int64_t tat;
+    if (!L->has_global)
+        return 1;
+    tat = L->global_tat > now_ns ? L->global_tat : now_ns;
+    if (tat - now_ns > L->global_tolerance)
+        return 0;
+    L->global_tat = tat + L->global_interval;
+    return 1;
+}
+
+/* Responder.time_reply_at's first 40 bytes (the transmit stamp comes at send time). */
+static inline void
+time_reply_head(Lane *L, const unsigned char *d, int64_t recv_ns, unsigned char *out)
+{
+    unsigned first = d[0];
+    memcpy(out, L->reply_heads + (((first >> 3) & 7) * 8 + L->reply_mode[first]) * 2, 2);
+    out[2] = d[2];
+    memcpy(out + 3, L->fields, FIELDS_LEN);
+    memcpy(out + 24, d + 40, 8);
+    put_ntp(out + 32, recv_ns + L->offset_ns);
+}
+
+/* Responder.kod_reply(data, request, b"RATE", kod_min_poll): 48 bytes. */
+static inline void
+rate_kod_reply(Lane *L, const unsigned char *d, unsigned char *out)
+{
+    unsigned first = d[0];
+    int64_t poll = (int64_t)(signed char)d[2];
+    if (poll < L->kod_min_poll)
+        poll = L->kod_min_poll;
+    out[0] = (unsigned char)((3u << 6) | (((first >> 3) & 7) << 3) | L->reply_mode[first]);
+    out[1] = 0;
+    out[2] = (unsigned char)(poll & 0xFF);
+    out[3] = L->fields[0];   /* the precision */
+    memset(out + 4, 0, 8);
+    memcpy(out + 12, "RATE", 4);
+    memset(out + 16, 0, 8);
+    memcpy(out + 24, d + 40, 8);
+    memcpy(out + 32, d + 40, 8);
+    memcpy(out + 40, d + 40, 8);
+}
+
 /*
  * The common paths of Pipeline.decide for a 48-byte datagram (see the top of
- * this file). Returns 1 when decided here (*reason set; for a time reply its
- * first 40 bytes are in out40), 0 to leave the packet to Pipeline.decide with
- * nothing modified, -1 on a Python error.
+ * this file). Returns 1 when decided here (*reason and *reply set: a time
+ * reply's first 40 bytes or a KoD's 48 are in out), 0 to leave the packet to
+ * Pipeline.decide with nothing modified, -1 on a Python error.
  */
 static int
 fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
-            int port, int64_t recv_ns, int64_t now_ns,
-            unsigned char *out40, int *reason)
+            int port, int64_t recv_ns, int64_t now_ns, unsigned char *out, int *reason,
+            int *reply)
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
-    int drop = L->drop_reason[first], capped = 0;
-    PyObject *key, *found, *prefix_key, *prefix_record;
-    Record *record;
-    int64_t generation, tat, prefix_tat, requests, replies, drops, last_seen, new_global = 0;
-    int64_t old_port;
-    int version, mode;
+    int drop = L->drop_reason[first], over, leak = 0;
+    PyObject *found;
+    Record *record, *prefix;
+    int64_t generation, tat, prefix_tat, requests, replies, drops, kods, last_kod, ignored;
+    int64_t since_kod = 0;
 
+    *reply = REPLY_NONE;
     if (drop >= 0) {                       /* 1. sanity, by first byte */
         L->count_acc[base + drop]++;
         *reason = drop;
@@ -512,16 +915,9 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         return 0;
 
     /* Read everything first: a packet that leaves here must leave nothing changed. */
-    key = PyBytes_FromStringAndSize((const char *)packed, 4);
-    if (key == NULL)
-        return -1;
-    found = PyDict_GetItemWithError(L->records, key);       /* borrowed */
-    Py_DECREF(key);
-    if (found == NULL)
-        return PyErr_Occurred() ? -1 : 0;                   /* a newcomer */
-    if (Py_TYPE(found) != &RecordType)
-        return 0;
-    record = (Record *)found;
+    record = source_record(L, packed);
+    if (record == NULL)
+        return 0;                                            /* a newcomer */
     if (!IS_OBJECT(record, L->i_acl_entry) || record->cell[L->i_acl_entry].o != Py_None
             || !IS_OBJECT(record, L->i_label)                 /* 3. access list */
             || !record_int(record, L->i_acl_generation, &generation)
@@ -530,51 +926,41 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     if (!record_int(record, L->i_tat, &tat) || !record_int(record, L->i_requests, &requests)
             || !record_int(record, L->i_time_replies, &replies)
             || !record_int(record, L->i_drops, &drops)
-            || !record_int(record, L->i_last_seen, &last_seen)
-            || !record_int(record, L->i_port, &old_port))
+            || !record_int(record, L->i_kods, &kods)
+            || !record_int(record, L->i_last_kod, &last_kod)
+            || !record_int(record, L->i_last_seen, &ignored)   /* cells the commit writes */
+            || !record_int(record, L->i_port, &ignored))      /* must hold ints already */
         return 0;
     /* 4. authentication: a 48-byte request has no MAC, and configure() disables
      * the fast path when any source must authenticate. 5. buckets: */
     if (tat < now_ns)
         tat = now_ns;
-    if (L->v4_prefix_bits % 8 == 0)   /* Pipeline._prefix_key: the default /24 is a slice */
-        prefix_key = PyBytes_FromStringAndSize((const char *)packed, L->v4_prefix_bits / 8);
-    else {                            /* else the address shifted right, as 4 bytes */
-        uint32_t a = ((uint32_t)packed[0] << 24) | ((uint32_t)packed[1] << 16)
-                     | ((uint32_t)packed[2] << 8) | packed[3];
-        unsigned char masked[4];
-        a >>= 32 - L->v4_prefix_bits;
-        masked[0] = a >> 24;
-        masked[1] = a >> 16;
-        masked[2] = a >> 8;
-        masked[3] = a;
-        prefix_key = PyBytes_FromStringAndSize((const char *)masked, 4);
-    }
-    if (prefix_key == NULL)
-        return -1;
-    prefix_record = PyDict_GetItemWithError(L->prefix_records, prefix_key);
-    Py_DECREF(prefix_key);
-    if (prefix_record == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (!PyList_CheckExact(prefix_record) || PyList_GET_SIZE(prefix_record) < 1
-            || !as_i64(PyList_GET_ITEM(prefix_record, 0), &prefix_tat))
+    found = index_find((AddressIndex *)L->prefix_index, prefix_key(L, packed));
+    if (found == NULL || Py_TYPE(found) != &RecordType
+            || !record_int(prefix = (Record *)found, 0, &prefix_tat))
         return 0;
     if (prefix_tat < now_ns)
         prefix_tat = now_ns;
-    if (tat - now_ns > L->tolerance[first] || prefix_tat - now_ns > L->prefix_tolerance)
-        return 0;                                            /* 6. over the limit */
-    if (L->has_global) {
-        int64_t global_tat = L->global_tat > now_ns ? L->global_tat : now_ns;
-        if (global_tat - now_ns > L->global_tolerance)
-            capped = 1;
-        else
-            new_global = global_tat + L->global_interval;
+    over = tat - now_ns > L->tolerance[first] || prefix_tat - now_ns > L->prefix_tolerance;
+    if (over) {
+        /* 6. over the limit (Pipeline._over_limit). The KoD guard's subtraction is
+         * Python's unbounded one: a difference beyond 64 bits is left to Python. */
+        if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
+            return 0;
+        if (L->leak_share > 0.0) {   /* the pipeline's own random stream, as Python draws it */
+            PyObject *drawn = PyObject_CallNoArgs(L->random);
+            double x;
+            if (drawn == NULL)
+                return -1;
+            x = PyFloat_AsDouble(drawn);
+            Py_DECREF(drawn);
+            if (x == -1.0 && PyErr_Occurred())
+                return -1;
+            leak = x < L->leak_share && global_allows(L, now_ns);
+        }
     }
 
-    /* Commit, as Pipeline.decide would have. Only the prefix TAT allocates. */
-    if (set_int(prefix_record, 0, prefix_tat + L->prefix_interval) < 0)
-        return -1;
-    (void)last_seen;   /* read only to know the cell holds an int, as the others */
+    /* Commit, as Pipeline.decide would have. Nothing here allocates. */
     L->label_acc[first]++;
     record_set_int(record, L->i_requests, requests + 1);
     record_set_int(record, L->i_last_seen, now_ns);
@@ -585,28 +971,43 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         Py_DECREF(old);
     }
     record_set_int(record, L->i_port, port);
-    record_set_int(record, L->i_tat, tat + L->interval[first]);
-    if (capped) {
-        L->count_acc[base + L->reason_global_cap]++;
-        record_set_int(record, L->i_drops, drops + 1);
-        *reason = L->reason_global_cap;
-        return 1;
+    if (over) {
+        if (leak) {
+            *reason = L->reason_leaked;
+        } else {
+            int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
+            if (L->send_kod && L->kod_of_first[first] && since_kod >= L->kod_interval
+                    && kod_tat - now_ns <= L->kod_bucket_tolerance && global_allows(L, now_ns)) {
+                L->kod_tat = kod_tat + L->kod_bucket_interval;
+                record_set_int(record, L->i_last_kod, now_ns);
+                record_set_int(record, L->i_kods, kods + 1);
+                L->count_acc[base + L->reason_rate_kod]++;
+                rate_kod_reply(L, d, out);
+                *reason = L->reason_rate_kod;
+                *reply = REPLY_KOD;
+                return 1;
+            }
+            L->count_acc[base + L->reason_rate_limited]++;
+            record_set_int(record, L->i_drops, drops + 1);
+            *reason = L->reason_rate_limited;
+            return 1;
+        }
+    } else {
+        prefix->cell[0].n = prefix_tat + L->prefix_interval;
+        record_set_int(record, L->i_tat, tat + L->interval[first]);
+        if (!global_allows(L, now_ns)) {
+            L->count_acc[base + L->reason_global_cap]++;
+            record_set_int(record, L->i_drops, drops + 1);
+            *reason = L->reason_global_cap;
+            return 1;
+        }
+        *reason = 0;                                         /* Reason.ANSWERED */
     }
-    if (L->has_global)
-        L->global_tat = new_global;
-    L->count_acc[base]++;                                    /* Reason.ANSWERED == 0 */
+    L->count_acc[base + *reason]++;
     record_set_int(record, L->i_time_replies, replies + 1);
     L->fast_decisions++;
-
-    /* 7. the reply: Responder.time_reply_at's first 40 bytes. */
-    version = (first >> 3) & 7;
-    mode = L->reply_mode[first];
-    memcpy(out40, L->reply_heads + (version * 8 + mode) * 2, 2);
-    out40[2] = d[2];
-    memcpy(out40 + 3, L->fields, FIELDS_LEN);
-    memcpy(out40 + 24, d + 40, 8);
-    put_ntp(out40 + 32, recv_ns + L->offset_ns);
-    *reason = 0;
+    time_reply_head(L, d, recv_ns, out);                     /* 7. the reply */
+    *reply = REPLY_TIME;
     return 1;
 }
 
@@ -617,7 +1018,7 @@ slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len
 {
     PyObject *args[5] = {data, NULL, NULL, NULL, NULL}, *result = NULL;
     int i;
-    if (global_out(L) < 0)
+    if (buckets_out(L) < 0)
         return NULL;
     args[1] = PyBytes_FromStringAndSize((const char *)packed, packed_len);
     args[2] = PyLong_FromLong(port);
@@ -634,7 +1035,7 @@ slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len
         PyErr_SetString(PyExc_TypeError, "decide must return (reason, reply, signer)");
         return NULL;
     }
-    if (global_in(L) < 0) {
+    if (buckets_in(L) < 0) {
         Py_DECREF(result);
         return NULL;
     }
@@ -659,8 +1060,9 @@ release_config(Lane *L)
     int i;
     Py_CLEAR(L->pipeline);
     Py_CLEAR(L->decide);
-    Py_CLEAR(L->records);
-    Py_CLEAR(L->prefix_records);
+    Py_CLEAR(L->index);
+    Py_CLEAR(L->prefix_index);
+    Py_CLEAR(L->random);
     Py_CLEAR(L->counts);
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
@@ -810,12 +1212,12 @@ need_int_tuple(PyObject *config, const char *name, int64_t *out, Py_ssize_t size
 static PyObject *
 Lane_configure(Lane *L, PyObject *config)
 {
-    static const char *objects[] = {"pipeline", "decide", "records", "prefix_records",
-                                    "counts", "label_counts", "acl", "responder"};
-    PyObject **slots[] = {&L->pipeline, &L->decide, &L->records, &L->prefix_records,
-                          &L->counts, &L->label_counts, &L->acl, &L->responder};
+    static const char *objects[] = {"pipeline", "decide", "index", "prefix_index",
+                                    "counts", "label_counts", "acl", "responder", "random"};
+    PyObject **slots[] = {&L->pipeline, &L->decide, &L->index, &L->prefix_index,
+                          &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random};
     PyObject *labels, *value;
-    int64_t v, layout[9], global[3];
+    int64_t v, layout[11], global[3], kod[4];
     unsigned char drop[256];
     size_t i;
     if (!PyDict_Check(config)) {
@@ -829,9 +1231,11 @@ Lane_configure(Lane *L, PyObject *config)
         Py_INCREF(value);
         *slots[i] = value;
     }
-    if (!PyDict_Check(L->records) || !PyDict_Check(L->prefix_records)
-            || !PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)) {
-        PyErr_SetString(PyExc_TypeError, "records must be dicts, counts a list");
+    if (Py_TYPE(L->index) != &AddressIndexType || Py_TYPE(L->prefix_index) != &AddressIndexType
+            || !PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)
+            || !PyCallable_Check(L->random)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "the indexes must be AddressIndex, counts a list, random callable");
         goto fail;
     }
     if ((labels = need(config, "labels")) == NULL)
@@ -850,8 +1254,20 @@ Lane_configure(Lane *L, PyObject *config)
             || need_bytes(config, "reflection", L->reflection, 8192) < 0
             || need_int_tuple(config, "interval", L->interval, 256) < 0
             || need_int_tuple(config, "tolerance", L->tolerance, 256) < 0
-            || need_int_tuple(config, "layout", layout, 9) < 0
-            || need_int_tuple(config, "global", global, 3) < 0)
+            || need_bytes(config, "kod_of_first", L->kod_of_first, 256) < 0
+            || need_int_tuple(config, "layout", layout, 11) < 0
+            || need_int_tuple(config, "global", global, 3) < 0
+            || need_int_tuple(config, "kod", kod, 4) < 0)
+        goto fail;
+    /* kod: (per-source guard ns, KoD bucket interval, its tolerance, min poll) */
+    L->kod_interval = kod[0];
+    L->kod_bucket_interval = kod[1];
+    L->kod_bucket_tolerance = kod[2];
+    L->kod_min_poll = kod[3];
+    if ((value = need(config, "leak_share")) == NULL)
+        goto fail;
+    L->leak_share = PyFloat_AsDouble(value);
+    if (L->leak_share == -1.0 && PyErr_Occurred())
         goto fail;
     for (i = 0; i < 256; i++) {
         L->drop_reason[i] = drop[i] == 255 ? -1 : (signed char)drop[i];
@@ -872,6 +1288,8 @@ Lane_configure(Lane *L, PyObject *config)
     L->i_acl_generation = (int)layout[6];
     L->i_acl_entry = (int)layout[7];
     L->i_port = (int)layout[8];
+    L->i_kods = (int)layout[9];
+    L->i_last_kod = (int)layout[10];
     if (need_int(config, "record_len", &v) < 0)
         goto fail;
     L->record_len = (Py_ssize_t)v;
@@ -880,7 +1298,7 @@ Lane_configure(Lane *L, PyObject *config)
                      L->record_len);
         goto fail;
     }
-    for (i = 0; i < 9; i++)
+    for (i = 0; i < 11; i++)
         if (layout[i] < 0 || layout[i] >= L->record_len) {
             PyErr_SetString(PyExc_ValueError, "record layout outside the record");
             goto fail;
@@ -904,14 +1322,36 @@ Lane_configure(Lane *L, PyObject *config)
     if (need_int(config, "last_time_reason", &v) < 0)
         goto fail;
     L->last_time_reason = (int)v;
+    if (need_int(config, "reason_leaked", &v) < 0)
+        goto fail;
+    L->reason_leaked = (int)v;
+    if (need_int(config, "reason_rate_kod", &v) < 0)
+        goto fail;
+    L->reason_rate_kod = (int)v;
+    if (need_int(config, "reason_rate_limited", &v) < 0)
+        goto fail;
+    L->reason_rate_limited = (int)v;
+    if (need_int(config, "send_kod", &v) < 0)
+        goto fail;
+    L->send_kod = v != 0;
     if (need_int(config, "enabled", &v) < 0)
         goto fail;
     L->enabled = v != 0;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
-            || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
+            || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32
+            || L->reason_reflection < 0 || L->reason_reflection >= L->n_reasons
+            || L->reason_global_cap < 0 || L->reason_global_cap >= L->n_reasons
+            || L->reason_leaked < 0 || L->reason_leaked >= L->n_reasons
+            || L->reason_rate_kod < 0 || L->reason_rate_kod >= L->n_reasons
+            || L->reason_rate_limited < 0 || L->reason_rate_limited >= L->n_reasons) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
         goto fail;
     }
+    for (i = 0; i < 256; i++)
+        if (L->drop_reason[i] >= L->n_reasons) {
+            PyErr_SetString(PyExc_ValueError, "a drop reason outside the reasons");
+            goto fail;
+        }
     memset(L->count_acc, 0, sizeof(L->count_acc));
     memset(L->label_acc, 0, sizeof(L->label_acc));
     L->configured = 1;
@@ -1066,6 +1506,55 @@ flush(Lane *L, int queued, PyObject *transmit, int64_t *bytes_out, int64_t *fail
 
 /* ------------------------------------------------------------------ one datagram */
 
+/* Datagram i's source address as packed bytes (an IPv4-mapped IPv6 source as
+ * its 4 IPv4 bytes); returns their length. */
+static inline int
+source_of(Lane *L, int i, const unsigned char **packed)
+{
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    const unsigned char *name = L->names + i * L->name_stride;
+    if (!L->v6) {
+        *packed = name + 4;
+        return 4;
+    }
+    if (memcmp(name + 8, mapped, 12) == 0) {
+        *packed = name + 20;
+        return 4;
+    }
+    *packed = name + 8;
+    return 16;
+}
+
+/* Bring a batch's index slots, then its records, into cache before deciding any
+ * of them, so that their cache and TLB misses overlap instead of queueing one
+ * behind another (a million-source table is far larger than the caches). Only
+ * hints: handle() looks everything up again. */
+static void
+prefetch(Lane *L, int count)
+{
+    AddressIndex *sources = (AddressIndex *)L->index, *prefixes = (AddressIndex *)L->prefix_index;
+    const unsigned char *packed;
+    int i, pass;
+    for (pass = 0; pass < 2; pass++)
+        for (i = 0; i < count; i++) {
+            const unsigned char *head = L->heads + i * HEAD;
+            PyObject *found;
+            if (L->rh[i].msg_len != HEAD || !L->eligible[head[0]] || source_of(L, i, &packed) != 4)
+                continue;
+            if (pass == 0) {
+                __builtin_prefetch(index_home(sources, address_key(packed, 4)));
+                __builtin_prefetch(index_home(prefixes, prefix_key(L, packed)));
+                continue;
+            }
+            if ((found = index_find(sources, address_key(packed, 4))) != NULL) {
+                __builtin_prefetch(found);
+                __builtin_prefetch((const char *)found + 64);
+            }
+            if ((found = index_find(prefixes, prefix_key(L, packed))) != NULL)
+                __builtin_prefetch(found);
+        }
+}
+
 /* Decide datagram i of the batch and queue its reply at queue[*queued]. */
 static int
 handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
@@ -1076,7 +1565,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     unsigned char *slot_out = L->out + (size_t)(*queued) * L->slot;
     const unsigned char *packed;
     Py_ssize_t length = L->rh[i].msg_len;
-    int packed_len, port, reason, decided = 0, q = *queued, is_time;
+    int packed_len, port, reason, reply_kind, decided = 0, q = *queued, is_time;
     int64_t recv_ns;
     PyObject *data, *result, *reply, *signer;
     Queued *e = &L->queue[q];
@@ -1088,18 +1577,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     } else
         *bytes_in += length;
     port = (name[2] << 8) | name[3];
-    if (L->v6) {
-        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
-        packed = name + 8;
-        packed_len = 16;
-        if (memcmp(packed, mapped, 12) == 0) {
-            packed += 12;
-            packed_len = 4;
-        }
-    } else {
-        packed = name + 4;
-        packed_len = 4;
-    }
+    packed_len = source_of(L, i, &packed);
     if (!kernel_receive_ns(h, &recv_ns)) {
         PyObject *wall = PyObject_CallNoArgs(wall_ns);
         if (wall == NULL)
@@ -1113,16 +1591,16 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     }
     if (length == HEAD && L->enabled) {
         decided = fast_decide(L, head, packed, packed_len, port, recv_ns, now_ns,
-                              slot_out, &reason);
+                              slot_out, &reason, &reply_kind);
         if (decided < 0)
             return -1;
     }
     if (decided) {
-        if (reason == 0) {
+        if (reply_kind != REPLY_NONE) {
             L->sh[q].msg_hdr.msg_name = name;
-            lay_out(L, q, 1, HEAD);
-            e->kind = Q_TIME;
-            e->is_time = 1;
+            e->is_time = reply_kind == REPLY_TIME;
+            e->kind = e->is_time ? Q_TIME : Q_PLAIN;
+            lay_out(L, q, e->is_time, HEAD);
             *bytes_out += HEAD;
             (*queued)++;
         }
@@ -1214,6 +1692,8 @@ Lane_pump(Lane *L, PyObject *args)
         }
         now_ns = monotonic_ns();
         queued = 0;
+        if (L->enabled)
+            prefetch(L, count);
         for (i = 0; i < count; i++)
             if (handle(L, i, now_ns, wall_ns, &queued, &bytes_in, &bytes_out,
                        &truncated, &send_errors) < 0) {
@@ -1233,7 +1713,7 @@ Lane_pump(Lane *L, PyObject *args)
             break;   /* the queue is (very probably) empty: saves the EAGAIN call */
     }
     release_queue(L, queued);
-    if (flush_counts(L) < 0 || global_out(L) < 0 || failed)
+    if (flush_counts(L) < 0 || buckets_out(L) < 0 || failed)
         return NULL;
     return Py_BuildValue("LLLLL", (long long)handled, (long long)truncated,
                          (long long)send_errors, (long long)bytes_in, (long long)bytes_out);
@@ -1245,7 +1725,7 @@ static PyObject *
 Lane_decide_one(Lane *L, PyObject *args)
 {
     Py_buffer data, packed;
-    int port, reason = 0, decided = 0;
+    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0;
     long long recv_ns, now_ns;
     unsigned char reply[HEAD];
     PyObject *result = NULL;
@@ -1259,14 +1739,15 @@ Lane_decide_one(Lane *L, PyObject *args)
         goto done;
     if (data.len == HEAD && L->enabled)
         decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, recv_ns, now_ns,
-                              reply, &reason);
+                              reply, &reason, &reply_kind);
     if (decided < 0)
         goto done;
     if (decided) {
-        if (reason == 0) {
+        if (reply_kind == REPLY_TIME)
             memcpy(reply + BEFORE_TRANSMIT, reply + 32, 8);   /* transmit = receive */
+        if (reply_kind != REPLY_NONE)
             result = Py_BuildValue("iy#OO", reason, reply, (Py_ssize_t)HEAD, Py_None, Py_True);
-        } else
+        else
             result = Py_BuildValue("iOOO", reason, Py_None, Py_None, Py_True);
     } else {
         PyObject *bytes = PyBytes_FromStringAndSize(data.buf, data.len), *slow;
@@ -1281,7 +1762,7 @@ Lane_decide_one(Lane *L, PyObject *args)
         Py_DECREF(slow);
     }
 done:
-    if (L->configured && (flush_counts(L) < 0 || global_out(L) < 0))
+    if (L->configured && (flush_counts(L) < 0 || buckets_out(L) < 0))
         Py_CLEAR(result);
     PyBuffer_Release(&data);
     PyBuffer_Release(&packed);
@@ -1334,8 +1815,11 @@ PyMODINIT_FUNC
 PyInit__fastlane(void)
 {
     PyObject *m;
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
+            || PyType_Ready(&AddressIndexType) < 0)
         return NULL;
+    if (getrandom(&index_seed, sizeof(index_seed), GRND_NONBLOCK) != sizeof(index_seed))
+        index_seed = (uint64_t)monotonic_ns() * 0x9E3779B97F4A7C15ULL;   /* early boot only */
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
@@ -1348,6 +1832,12 @@ PyInit__fastlane(void)
     Py_INCREF(&RecordType);
     if (PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0) {
         Py_DECREF(&RecordType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&AddressIndexType);
+    if (PyModule_AddObject(m, "AddressIndex", (PyObject *)&AddressIndexType) < 0) {
+        Py_DECREF(&AddressIndexType);
         Py_DECREF(m);
         return NULL;
     }

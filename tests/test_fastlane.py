@@ -26,6 +26,7 @@ from guardntp.auth.keys import parse_key_line
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
+from guardntp.filter.buckets import AddressIndex
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
@@ -85,6 +86,16 @@ def state(pipeline: Pipeline) -> dict[str, object]:
     }
 
 
+def assert_indexed(pipeline: Pipeline) -> None:
+    """Each table's AddressIndex holds exactly its IPv4 keys, with the same objects."""
+    for table in (pipeline.sources, pipeline.prefixes):
+        assert table.index is not None
+        indexed = {key: id(value) for key, value in table.index.items()}
+        assert indexed == {key: id(value) for key, value in table.records.items()
+                           if len(key) <= 4}
+        assert len(table.index) == len(indexed)
+
+
 TIGHT = dict(source_rate=2.0, source_burst=3, prefix_rate=6.0, prefix_burst=8,
              max_sources=6, max_prefixes=3, max_newcomers=4, global_reply_rate=25.0,
              global_reply_burst=5, kod_interval_s=1.0, kod_rate=3.0, kod_burst=2)
@@ -130,6 +141,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     rng = random.Random(f"{variant}-{seed}")
     reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
     fast = slow = 0
+    decided_in_c: set[Reason] = set()
     now_ns = 10 * NS_PER_S
     try:
         for step in range(1500):
@@ -147,8 +159,11 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
             assert state(compiled) == state(reference), where
             if in_c:
                 fast += 1
+                decided_in_c.add(Reason(reason))
             else:
                 slow += 1
+            if step % 100 == 0:
+                assert_indexed(compiled)
             if step == 700:   # a reload and a blocklist change halfway, on both
                 for pipeline in (reference, compiled):
                     pipeline.apply_policy(dataclasses.replace(
@@ -164,6 +179,72 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         assert lane.fast_decisions == 0
     else:
         assert lane.fast_decisions >= 5, (fast, slow)
+    if variant in ("tight", "tight-acl", "no-global-cap", "prefix-20"):
+        # Over-limit requests of established sources are decided in C too.
+        assert {Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD, Reason.RATE_LIMITED} \
+            <= decided_in_c, decided_in_c
+    assert_indexed(compiled)
+
+
+def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
+    """One scripted flood: answers, a RATE KoD, drops inside the KoD guard time, leaks,
+    then the global cap, every one decided in C and equal to Pipeline.decide."""
+    settings = dict(source_rate=1.0, source_burst=2, prefix_rate=1000.0, prefix_burst=1000,
+                    leak_one_in=3, kod_interval_s=4.0, global_reply_rate=3.0,
+                    global_reply_burst=6)
+    reference, compiled, lane, sock = pair(settings, 3)
+    sources = [bytes((192, 0, 2, i)) for i in range(1, 5)]
+    data = bytes((0x23, 0, 4)) + bytes(37) + b"XMTSTAMP"
+    seen: dict[Reason, int] = {}
+    try:
+        now_ns = 50 * NS_PER_S
+        for source in sources:   # first sightings: Python
+            reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            assert lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)[3] \
+                is False
+        for step in range(40):
+            now_ns += NS_PER_S // 8
+            source = sources[0] if step < 30 else sources[step % 4]
+            expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            reason, reply, _, in_c = lane.decide_one(data, source, 40_000,
+                                                     WALL_BASE_NS + now_ns, now_ns)
+            assert in_c and (reason, reply) == expected[:2], step
+            assert state(compiled) == state(reference), step
+            seen[Reason(reason)] = seen.get(Reason(reason), 0) + 1
+            if reason == Reason.RATE_KOD:
+                assert reply is not None and reply[12:16] == b"RATE" and reply[1] == 0
+                assert reply[2] == 6 and reply[24:48] == b"XMTSTAMP" * 3   # poll: max(4, 6)
+    finally:
+        sock.close()
+    assert set(seen) >= {Reason.ANSWERED, Reason.RATE_KOD, Reason.RATE_LIMITED,
+                         Reason.LEAKED, Reason.GLOBAL_CAP}, seen
+
+
+def test_address_index_matches_a_dict_under_random_churn() -> None:
+    assert AddressIndex is not None
+    index = AddressIndex()
+    model: dict[bytes, object] = {}
+    rng = random.Random(5)
+    keys = [rng.randbytes(rng.choice((3, 4))) for _ in range(3000)]
+    for _ in range(30_000):
+        key = rng.choice(keys)
+        if rng.random() < 0.55:
+            value = object()
+            assert index.put(key, value) is True
+            model[key] = value
+        else:
+            assert index.discard(key) is (key in model)
+            model.pop(key, None)
+        if rng.random() < 0.01:
+            assert {k: id(v) for k, v in index.items()} == {k: id(v) for k, v in model.items()}
+    assert len(index) == len(model)
+    assert all(index.get(key) is model.get(key) for key in keys)
+    # Keys that are not 1-4 bytes are refused, never indexed.
+    assert index.put(bytes(8), 1) is False and index.put(b"", 1) is False
+    assert index.put("1234", 1) is False   # type: ignore[arg-type]
+    assert index.discard(bytes(16)) is False and index.get(bytes(5)) is None
+    index.clear()
+    assert len(index) == 0 and index.items() == []
 
 
 def test_clock_changes_reach_the_compiled_replies() -> None:
@@ -288,11 +369,13 @@ def test_bad_configuration_is_refused() -> None:
         lane = fastlane.FastLane(sock, pipeline)
         config = pipeline.fast_lane_config()
         with pytest.raises(KeyError):
-            lane.lane.configure({k: v for k, v in config.items() if k != "records"})
+            lane.lane.configure({k: v for k, v in config.items() if k != "index"})
         with pytest.raises(TypeError):
             lane.lane.configure(dict(config, eligible=b"short"))
         with pytest.raises(ValueError):
-            lane.lane.configure(dict(config, layout=(0, 1, 2, 4, 6, 8, 9, 10, 99)))
+            lane.lane.configure(dict(config, layout=(0, 1, 2, 4, 6, 8, 9, 10, 11, 3, 99)))
+        with pytest.raises(TypeError):
+            lane.lane.configure(dict(config, index={}))
         with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
             lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
         lane.lane.configure(config)

@@ -34,6 +34,11 @@ from typing import Any
 
 from ..timestamps import NS_PER_S
 
+try:
+    from .._fastlane import AddressIndex
+except ImportError:  # no C compiler at install: no compiled loop to index for
+    AddressIndex = None  # type: ignore[assignment, misc]
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:
@@ -79,16 +84,22 @@ class BucketTable:
     """A bounded map from key to a mutable record whose item 0 is the bucket's TAT.
 
     Insertion-ordered with second chance (CLOCK): the oldest entry is evicted if
-    its bucket is full, else moved to the back. Entries are plain lists so the
-    pipeline can keep counters beside the TAT without another lookup.
+    its bucket is full, else moved to the back. Entries are mutable sequences so
+    the pipeline can keep counters beside the TAT without another lookup.
+
+    Read ``records`` freely; change its membership only through :meth:`insert`,
+    :meth:`admit` and eviction, which keep ``index`` in step: where the compiled
+    loop is built, an :class:`~guardntp._fastlane.AddressIndex` of the same records
+    under their IPv4 keys (1-4 bytes), which the loop looks up instead of the dict.
     """
 
-    __slots__ = ("records", "max_entries", "evictions", "admissions_refused")
+    __slots__ = ("records", "index", "max_entries", "evictions", "admissions_refused")
 
     def __init__(self, max_entries: int) -> None:
         if max_entries < 1:
             raise ValueError("a table needs room for at least one entry")
         self.records: OrderedDict[bytes, MutableSequence[Any]] = OrderedDict()
+        self.index = AddressIndex() if AddressIndex is not None else None
         self.max_entries = max_entries
         self.evictions = 0
         self.admissions_refused = 0
@@ -96,13 +107,18 @@ class BucketTable:
     def __len__(self) -> int:
         return len(self.records)
 
+    def insert(self, key: bytes, record: MutableSequence[Any]) -> None:
+        """Put ``record`` under ``key`` whatever the size (the caller checked for room)."""
+        self.records[key] = record
+        if self.index is not None:
+            self.index.put(key, record)
+
     def admit(self, key: bytes, record: MutableSequence[Any], now_ns: int) -> bool:
         """Insert ``record`` under ``key`` if there is room or an evictable entry."""
-        records = self.records
-        if len(records) >= self.max_entries and not self._evict_one(now_ns):
+        if len(self.records) >= self.max_entries and not self._evict_one(now_ns):
             self.admissions_refused += 1
             return False
-        records[key] = record
+        self.insert(key, record)
         return True
 
     def _evict_one(self, now_ns: int) -> bool:
@@ -111,6 +127,8 @@ class BucketTable:
             oldest = next(iter(records))
             if records[oldest][0] <= now_ns:
                 del records[oldest]
+                if self.index is not None:
+                    self.index.discard(oldest)
                 self.evictions += 1
                 return True
             records.move_to_end(oldest)

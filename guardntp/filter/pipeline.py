@@ -89,6 +89,11 @@ def new_record(now_ns: int, label: str, port: int) -> SourceRecord:
     return items if _Record is None else _Record(items)
 
 
+def new_prefix_record(now_ns: int) -> SourceRecord:
+    """A prefix's record: its TAT alone (a one-cell Record where compiled)."""
+    return [now_ns] if _Record is None else _Record((now_ns,))
+
+
 class Pipeline:
     def __init__(self, policy: FilterPolicy, responder: Responder,
                  authenticator: Authenticator | None = None) -> None:
@@ -181,6 +186,9 @@ class Pipeline:
                 reply_mode[first] = sane.reply_mode
             limits.append(self.label_limits.get(label, self.source_limit) if label
                           else self.source_limit)
+        kod_of_first = bytearray(
+            1 if label is not None and self.label_kod.get(label, True) else 0
+            for label in self._label_of_first)
         reflection = bytearray(8192)
         for port in self.reflection_ports:
             if 0 <= port < 65536:
@@ -190,8 +198,8 @@ class Pipeline:
         enabled = authenticator is None or (requires_any is not None and not requires_any())
         global_limit = self.global_limit
         return {
-            "pipeline": self, "decide": self.decide, "records": self.sources.records,
-            "prefix_records": self.prefixes.records, "counts": self.counters.counts,
+            "pipeline": self, "decide": self.decide, "index": self.sources.index,
+            "prefix_index": self.prefixes.index, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
             "labels": tuple(self._label_of_first),
             "drop_reason": bytes(drop_reason), "eligible": bytes(eligible),
@@ -199,7 +207,7 @@ class Pipeline:
             "interval": tuple(limit.interval_ns for limit in limits),
             "tolerance": tuple(limit.tolerance_ns for limit in limits),
             "layout": (TAT, REQUESTS, TIME_REPLIES, DROPS, LAST_SEEN, LABEL, ACL_GENERATION,
-                       ACL_ENTRY, PORT),
+                       ACL_ENTRY, PORT, KODS, LAST_KOD),
             "record_len": RECORD_LEN,
             "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
                        if global_limit is not None else (0, 0, 0)),
@@ -208,7 +216,14 @@ class Pipeline:
             "v4_prefix_bits": self.v4_prefix_bits,
             "n_reasons": N_REASONS, "reason_reflection": int(Reason.REFLECTION_PORT),
             "reason_global_cap": int(Reason.GLOBAL_CAP),
-            "last_time_reason": int(Reason.LEAKED),
+            "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),
+            "reason_rate_kod": int(Reason.RATE_KOD),
+            "reason_rate_limited": int(Reason.RATE_LIMITED),
+            # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
+            "random": self.random.random, "leak_share": self.leak_share,
+            "send_kod": int(self.policy.send_kod), "kod_of_first": bytes(kod_of_first),
+            "kod": (self.kod_interval_ns, self.kod_limit.interval_ns,
+                    self.kod_limit.tolerance_ns, self.policy.kod_min_poll),
             "enabled": int(enabled),
         }
 
@@ -259,7 +274,7 @@ class Pipeline:
                 # A first request: straight in while there is room; once the table is
                 # full, first sightings are remembered by TAT only, in the newcomer ring.
                 if len(sources.records) < sources.max_entries:
-                    sources.records[key] = record
+                    sources.insert(key, record)
                 else:
                     newcomer = True
             else:
@@ -328,7 +343,7 @@ class Pipeline:
             prefixes = self.prefixes
             prefix_record = prefixes.records.get(prefix_key)
             if prefix_record is None:
-                prefix_record = [now_ns]
+                prefix_record = new_prefix_record(now_ns)
                 if not prefixes.admit(prefix_key, prefix_record, now_ns):
                     prefix_record = self._prefix_overflow
             prefix_tat = prefix_record[TAT]
