@@ -10,7 +10,8 @@ Map of the package (a newcomer's guide):
 * ``clock``, ``timesources/``   what time we serve and how good it is
 * ``server``                    sockets and the event loop (the edge)
 * ``fastlane``, ``_fastlane.c``  the compiled packet loop: recvmmsg, the filter's common
-                                cases, sendmmsg; per-source records (optional C build)
+                                cases, sendmmsg; per-source records and the tables'
+                                address index (optional C build)
 * ``fastio``                    the same batched recvmmsg/sendmmsg in Python (fallback)
 * ``workers``                   ``--workers N``: processes on one port, steered by prefix
 * ``blocklist/``                the persistent blocklist, live refresh, nftables export

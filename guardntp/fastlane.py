@@ -3,15 +3,15 @@
 Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
-dropped by its first byte or its source port, or an established IPv4 source
-within both of its buckets); for everything else it calls ``Pipeline.decide``
-before touching anything. It reads and updates the pipeline's own records and
+dropped by its first byte or its source port, or an established IPv4 source:
+answered, leaked, sent a RATE KoD or dropped); for everything else it calls
+``Pipeline.decide`` before touching anything. It reads and updates the pipeline's own records and
 counters, so ``guardntp clients``, metrics, reload and the blocklist see one
 state whichever path a packet took. ``tests/test_fastlane.py`` feeds random
 traffic through both and compares replies, counters and records.
 
 Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
-at ~0.4x chronyd's answer rate (``docs/benchmarks.md``).
+at ~0.4x chronyd's answer rate; compiled, it answers at ~1.1x (``docs/benchmarks.md``).
 
 The extension is built by ``pip install`` where a C compiler is present; without
 it, or with ``GUARDNTP_NO_FASTLANE=1``, the server uses ``fastio.BatchSocket``

@@ -94,7 +94,7 @@ class FilterPolicy:
     deny_action: Action = Action.DROP
 
     # -- bounded memory
-    #: 226-471 bytes each in CPython 3.11 with the compiled records, 370-615 without
+    #: 242-431 bytes each in CPython 3.11 with the compiled records, 370-615 without
     #: (contrib/sizing/measure.py), ~75 MiB when full. chrony's default
     #: clientloglimit (512 KiB) tracks only ~4096 addresses.
     max_sources: int = 262_144
