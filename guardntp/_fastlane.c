@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1676,28 +1677,119 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     return 0;
 }
 
+/* ------------------------------------------------------------------ waiting */
+
+#define MAX_WATCHED 64
+
+/*
+ * Wait, without the GIL, until this socket has a datagram or until_ns
+ * (monotonic) passes or one of the other descriptors the server's loop watches
+ * becomes readable. Why: below saturation each wake-up finds a few requests,
+ * and a wake-up through the Python event loop costs several microseconds of
+ * interpreter time per request; this way Python runs when its timers or its
+ * other descriptors need it. Returns 1 to go on receiving, 0 to return to
+ * Python (deadline, another descriptor, a signal: EINTR, the signal wake-up
+ * descriptor being one of the watched).
+ */
+static int
+wait_readable(Lane *L, int64_t until_ns, struct pollfd *fds, int nfds)
+{
+    int64_t now = monotonic_ns();
+    int rc, i;
+    if (until_ns <= now)
+        return 0;
+    fds[0].fd = L->fd;
+    for (i = 0; i < nfds; i++) {
+        fds[i].events = POLLIN;
+        fds[i].revents = 0;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = poll(fds, nfds, (int)((until_ns - now + 999999) / 1000000));
+    Py_END_ALLOW_THREADS
+    if (rc <= 0)
+        return 0;
+    for (i = 1; i < nfds; i++)
+        if (fds[i].revents)
+            return 0;
+    return (fds[0].revents & (POLLIN | POLLERR)) != 0;
+}
+
+/* Before a wait, make everything counted so far visible to Python (the metrics
+ * are scraped from another thread): the pipeline's counters and buckets, and
+ * through publish(truncated, send_errors, bytes_in, bytes_out) the rest. */
+static int
+publish_before_wait(Lane *L, PyObject *publish, int64_t *truncated, int64_t *send_errors,
+                    int64_t *bytes_in, int64_t *bytes_out)
+{
+    PyObject *result;
+    if (flush_counts(L) < 0 || buckets_out(L) < 0)
+        return -1;
+    if (publish == Py_None
+            || (*truncated == 0 && *send_errors == 0 && *bytes_in == 0 && *bytes_out == 0))
+        return 0;
+    result = PyObject_CallFunction(publish, "LLLL", (long long)*truncated,
+                                   (long long)*send_errors, (long long)*bytes_in,
+                                   (long long)*bytes_out);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    *truncated = *send_errors = *bytes_in = *bytes_out = 0;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ methods */
 
 static PyObject *
 Lane_pump(Lane *L, PyObject *args)
 {
-    PyObject *wall_ns, *transmit;
+    PyObject *wall_ns, *transmit, *watch = NULL, *publish = Py_None;
     long budget;
+    long long wait_until_ns = 0;
     int64_t handled = 0, truncated = 0, send_errors = 0, bytes_in = 0, bytes_out = 0;
-    int errors_left, count = 0, queued = 0, i, failed = 0;
-    if (!PyArg_ParseTuple(args, "OOl", &wall_ns, &transmit, &budget))
+    int errors_left, count = 0, queued = 0, i, failed = 0, nfds = 1;
+    struct pollfd fds[MAX_WATCHED + 1];
+    if (!PyArg_ParseTuple(args, "OOl|LOO", &wall_ns, &transmit, &budget, &wait_until_ns,
+                          &watch, &publish))
         return NULL;
+    if (watch != NULL && watch != Py_None) {
+        Py_ssize_t n;
+        if (!PyTuple_Check(watch)) {
+            PyErr_SetString(PyExc_TypeError, "watch must be a tuple of descriptors");
+            return NULL;
+        }
+        n = PyTuple_GET_SIZE(watch);
+        if (n > MAX_WATCHED)
+            wait_until_ns = 0;   /* too many to watch here: the Python loop waits */
+        for (i = 0; i < n && i < MAX_WATCHED; i++) {
+            long fd = PyLong_AsLong(PyTuple_GET_ITEM(watch, i));
+            if (fd == -1 && PyErr_Occurred())
+                return NULL;
+            if (fd < 0 || fd > INT32_MAX) {
+                PyErr_SetString(PyExc_ValueError, "a watched descriptor out of range");
+                return NULL;
+            }
+            fds[nfds++].fd = (int)fd;
+        }
+    }
     if (begin(L) < 0)
         return NULL;
     errors_left = L->batch;
     while (handled < budget) {
         int64_t now_ns;
         count = receive(L);
-        if (count <= 0) {
-            if (count < 0 && errors_left-- > 0)
-                continue;   /* ICMP errors surface here on some kernels; go on */
-            break;
+        if (count < 0 && errors_left-- > 0)
+            continue;   /* ICMP errors surface here on some kernels; go on */
+        if (count == 0 && wait_until_ns > 0) {
+            if (publish_before_wait(L, publish, &truncated, &send_errors, &bytes_in,
+                                    &bytes_out) < 0) {
+                failed = 1;
+                break;
+            }
+            if (wait_readable(L, wait_until_ns, fds, nfds))
+                continue;
         }
+        if (count <= 0)
+            break;
         now_ns = monotonic_ns();
         queued = 0;
         if (L->enabled)
@@ -1717,8 +1809,19 @@ Lane_pump(Lane *L, PyObject *args)
         }
         release_queue(L, queued);
         queued = 0;
-        if (count < L->batch)
-            break;   /* the queue is (very probably) empty: saves the EAGAIN call */
+        if (count < L->batch) {   /* the queue is (very probably) empty: no EAGAIN call */
+            if (wait_until_ns <= 0 || handled >= budget)
+                break;
+            if (publish_before_wait(L, publish, &truncated, &send_errors, &bytes_in,
+                                    &bytes_out) < 0) {
+                failed = 1;
+                break;
+            }
+            if (!wait_readable(L, wait_until_ns, fds, nfds))
+                break;
+        }
+        if (wait_until_ns > 0 && now_ns >= wait_until_ns)
+            break;
     }
     release_queue(L, queued);
     if (flush_counts(L) < 0 || buckets_out(L) < 0 || failed)
@@ -1788,8 +1891,11 @@ static PyMethodDef Lane_methods[] = {
     {"configure", (PyCFunction)Lane_configure, METH_O,
      "Take the pipeline's fast-lane view (Pipeline.fast_lane_config())."},
     {"pump", (PyCFunction)Lane_pump, METH_VARARGS,
-     "pump(wall_ns, transmit, budget) -> (handled, truncated, send_errors, bytes_in, "
-     "bytes_out)"},
+     "pump(wall_ns, transmit, budget, wait_until_ns=0, watch=(), publish=None) -> "
+     "(handled, truncated, send_errors, bytes_in, bytes_out); waits for datagrams until "
+     "wait_until_ns (monotonic) unless a watched descriptor becomes readable, first "
+     "passing what it counted so far to publish(truncated, send_errors, bytes_in, "
+     "bytes_out); returns what it has not passed on"},
     {"decide_one", (PyCFunction)Lane_decide_one, METH_VARARGS,
      "decide_one(data, packed, port, recv_ns, now_ns) -> (reason, reply, signer, fast)"},
     {NULL, NULL, 0, NULL},

@@ -71,12 +71,22 @@ class FastLane:
             self.lane.configure(pipeline.fast_lane_config())
             self._version = pipeline.config_version
 
-    def pump(self, transmit: Callable[[], bytes], wall_ns: Callable[[], int], budget: int
+    def pump(self, transmit: Callable[[], bytes], wall_ns: Callable[[], int], budget: int,
+             wait_until_ns: int = 0, watch: tuple[int, ...] = (),
+             publish: Callable[[int, int, int, int], None] | None = None
              ) -> tuple[int, int, int]:
-        """As :meth:`fastio.BatchSocket.pump`: (handled, truncated, failed sends)."""
+        """As :meth:`fastio.BatchSocket.pump`: (handled, truncated, failed sends).
+
+        With ``wait_until_ns`` (monotonic), an empty socket is waited on in C, the
+        GIL released, until that time or until one of the ``watch`` descriptors
+        (the server loop's others) becomes readable: below saturation that saves a
+        trip through the Python event loop per wake-up. Before each wait the
+        pipeline's counters are brought up to date and ``publish(truncated,
+        failed sends, bytes in, bytes out)`` gets the rest counted so far; the
+        return value and the byte counters then carry only what followed."""
         self._configure()
         handled, truncated, send_errors, bytes_in, bytes_out = self.lane.pump(
-            wall_ns, transmit, budget)
+            wall_ns, transmit, budget, wait_until_ns, watch, publish)
         counters = self.pipeline.counters
         counters.bytes_in += bytes_in
         counters.bytes_out += bytes_out

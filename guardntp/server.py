@@ -142,6 +142,10 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.periodic: list[_Periodic] = []
         self._stopping = False
+        #: While run() serves (without ``until``): when its next timer is due,
+        #: monotonic ns. Until then the compiled loop may wait for datagrams itself.
+        self._wait_until_ns = 0
+        self._watch: dict[socket.socket, tuple[int, ...]] = {}
         self.send_errors = 0
         self.truncated = 0
         #: Per socket, the compiled loop (``fastlane``) where it is built, else
@@ -166,9 +170,21 @@ class Server:
     def add_reader(self, fileobj: socket.socket, callback: Callable[[socket.socket], None]
                    ) -> None:
         self.selector.register(fileobj, selectors.EVENT_READ, callback)
+        self._watch.clear()
 
     def remove_reader(self, fileobj: socket.socket) -> None:
         self.selector.unregister(fileobj)
+        self._watch.clear()
+
+    def _others(self, sock: socket.socket) -> tuple[int, ...]:
+        """The descriptors the loop watches besides ``sock`` (the compiled loop's
+        wait returns to Python when one of them is readable)."""
+        watch = self._watch.get(sock)
+        if watch is None:
+            own = sock.fileno()
+            watch = tuple(key.fd for key in self.selector.get_map().values() if key.fd != own)
+            self._watch[sock] = watch
+        return watch
 
     def add_periodic(self, interval_s: float, callback: Callable[[], None]) -> None:
         self.periodic.append(_Periodic(interval_s, callback))
@@ -205,21 +221,34 @@ class Server:
                         except Exception:  # a timer must never take the server down
                             log.exception("periodic task %r failed", task.callback)
                     timeout = min(timeout, max(0.0, task.due - now))
+                if until is None:   # ``until`` must be asked after every event
+                    self._wait_until_ns = time.monotonic_ns() + int(timeout * 1e9)
                 for key, _ in self.selector.select(timeout):
                     key.data(key.fileobj)
         finally:
+            self._wait_until_ns = 0
             self.source.stop()
 
     def _transmit_bytes(self) -> bytes:
         """The transmit timestamp field to serve right now (read just before a send)."""
         return self.pipeline.responder.served_ntp(self.wall_ns()).to_bytes(8, "big")
 
+    def _publish(self, truncated: int, send_errors: int, bytes_in: int, bytes_out: int
+                 ) -> None:
+        """What the compiled loop counted before it waits (metrics read these live)."""
+        self.truncated += truncated
+        self.send_errors += send_errors
+        counters = self.pipeline.counters
+        counters.bytes_in += bytes_in
+        counters.bytes_out += bytes_out
+
     def _on_datagrams(self, sock: socket.socket) -> None:
         batched = self.batched.get(sock)
         if batched is not None:
             if isinstance(batched, fastlane.FastLane):
-                _, truncated, send_errors = batched.pump(self._transmit_bytes, self.wall_ns,
-                                                         BATCH)
+                _, truncated, send_errors = batched.pump(
+                    self._transmit_bytes, self.wall_ns, BATCH, self._wait_until_ns,
+                    self._others(sock) if self._wait_until_ns else (), self._publish)
             else:
                 _, truncated, send_errors = batched.pump(
                     self.pipeline.decide, self.pipeline.counters, self._transmit_bytes,
