@@ -66,6 +66,20 @@ def thread_times(tid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def cpu_busy_s(cpu: int) -> float:
+    """Seconds CPU ``cpu`` was not idle, from /proc/stat. Unlike a thread's utime and
+    stime (charged a whole clock tick at a time, to whatever runs when the tick
+    fires), idle time is measured exactly on a tickless kernel, so this stays
+    right when the server sleeps between requests."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == f"cpu{cpu}":
+            ticks = [int(value) for value in fields[1:8]]
+            idle = ticks[3] + ticks[4]   # idle, iowait
+            return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+    raise ValueError(f"no cpu{cpu} in /proc/stat")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", type=int, default=1_000_000)
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.3)
             before = pipeline.counters.total()
             user0, system0 = thread_times(server_thread)
+            busy0 = cpu_busy_s(args.server_cpu)
             perf = None
             if args.perf:
                 perf = subprocess.Popen(
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if perf is not None:
                 perf.wait(timeout=60)
             user1, system1 = thread_times(server_thread)
+            busy1 = cpu_busy_s(args.server_cpu)
             packets = pipeline.counters.total() - before
             report.update(json.loads(output))
             report["packets"] = packets
@@ -147,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             if packets:
                 report["user_us_per_packet"] = round((user1 - user0) * 1e6 / packets, 2)
                 report["kernel_us_per_packet"] = round((system1 - system0) * 1e6 / packets, 2)
+                report["cpu_busy_us_per_packet"] = round((busy1 - busy0) * 1e6 / packets, 2)
             server.stop()
 
         threading.Thread(target=load, daemon=True).start()
