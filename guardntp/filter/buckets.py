@@ -109,6 +109,8 @@ class BucketTable:
 
     def insert(self, key: bytes, record: MutableSequence[Any]) -> None:
         """Put ``record`` under ``key`` whatever the size (the caller checked for room)."""
+        # The dict first: should the index then fail (out of memory), it only lacks
+        # the key, and the compiled loop hands that source to Pipeline.decide.
         self.records[key] = record
         if self.index is not None:
             self.index.put(key, record)
