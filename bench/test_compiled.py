@@ -64,6 +64,17 @@ def test_compiled_time_reply_a_million_tracked_sources(benchmark, lane_for,
     assert lane.fast_decisions > before
 
 
+def test_compiled_time_reply_ipv6_sources(benchmark, lane_for):
+    """IPv6 clients (each its own /64, 16 per /56) on the compiled path: the access
+    list has no IPv6 entry, so no lookup is needed (AccessList.covers_ipv6)."""
+    addresses = [bytes((0x20, 0x01, 0x0d, 0xb8, (index >> 12) & 0xFF, (index >> 4) & 0xFF,
+                        0, index & 0xF)) + bytes(7) + b"\x01" for index in range(200_000)]
+    lane = lane_for(make_pipeline(max_sources=1 << 20))
+    one = visit_in_turn(lane, addresses)
+    result = benchmark(one)
+    assert result[0] == Reason.ANSWERED and result[3] is True
+
+
 def test_compiled_rate_limited_drop_a_million_tracked_sources(benchmark, lane_for,
                                                               million_addresses):
     pipeline = build_million_pipeline(million_addresses, drained=True, leak_one_in=0,

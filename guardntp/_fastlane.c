@@ -18,13 +18,14 @@
  *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
  *     4-7, bad versions) -> that drop, counted;
  *   - a source port on the reflection list -> drop, counted;
- *   - an IPv4 source already in the source table, whose prefix is already in
- *     the prefix table, whose cached access-list result is "no entry":
- *     both buckets conforming -> a time reply (or the global cap's drop);
- *     over either -> the random leak's time reply, a RATE KoD, or a drop.
- * Everything else (newcomers, access-list hits, MACs, IPv6, odd lengths,
- * NTPv1) goes to Pipeline.decide unchanged, before anything here has been
- * modified. tests/test_fastlane.py runs random traffic through both and
+ *   - a source already in the source table, whose prefix is already in the
+ *     prefix table, with no access-list entry (IPv4: its cached result; IPv6:
+ *     the list has no IPv6 entry at all): both buckets conforming -> a time
+ *     reply (or the global cap's drop); over either -> the random leak's time
+ *     reply, a RATE KoD, or a drop.
+ * Everything else (newcomers, access-list hits, MACs, IPv6 while the list has
+ * an IPv6 entry, odd lengths, NTPv1) goes to Pipeline.decide unchanged, before
+ * anything here has been modified. tests/test_fastlane.py runs random traffic through both and
  * compares every reply, counter and record.
  */
 #define PY_SSIZE_T_CLEAN
@@ -82,6 +83,7 @@ typedef struct {
     int has_global;
     int64_t global_interval, global_tolerance;
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
+    int v6_fast, v6_source_bytes, v6_prefix_bytes;  /* v6_fast: both keys indexable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
@@ -94,6 +96,7 @@ typedef struct {
 
     /* per pump */
     int64_t acl_generation, global_tat, kod_tat, offset_ns;
+    int acl_covers_v6;                 /* the access list has an IPv6 entry */
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
     int64_t count_acc[MAX_COUNTS];
     int64_t label_acc[256];
@@ -175,6 +178,16 @@ begin(Lane *L)
     if ((obj = get_attr_i64(L->acl, "generation", &L->acl_generation)) == NULL)
         return -1;
     Py_DECREF(obj);
+    if (L->v6_fast) {
+        int covers;
+        if ((obj = PyObject_CallMethod(L->acl, "covers_ipv6", NULL)) == NULL)
+            return -1;
+        covers = PyObject_IsTrue(obj);
+        Py_DECREF(obj);
+        if (covers < 0)
+            return -1;
+        L->acl_covers_v6 = covers;
+    }
     if (buckets_in(L) < 0)
         return -1;
     snapshot = PyObject_GetAttrString(L->responder, "wire_snapshot");
@@ -477,10 +490,11 @@ static PyTypeObject RecordType = {
 /* ------------------------------------------------------------------ AddressIndex */
 
 /*
- * A second way into a BucketTable for IPv4 keys (a 4-byte source, a 3- or
- * 4-byte prefix): a C open-addressing table from the key, stored in the slot
- * itself, to the same record object the table's dict holds. BucketTable keeps
- * it in step (filter/buckets.py: insert, remove); longer keys (IPv6) are not
+ * A second way into a BucketTable for keys of 1-8 bytes (an IPv4 source, a
+ * /24 or other IPv4 prefix, an IPv6 /64 source, a b"6" + 7-byte IPv6 /56
+ * prefix): a C open-addressing table from the key, stored in the slot itself,
+ * to the same record object the table's dict holds. BucketTable keeps it in
+ * step (filter/buckets.py: insert, admit, eviction); longer keys are not
  * indexed and stay on the Python path.
  *
  * Why: a dict lookup in the million-source table is three dependent cache and
@@ -492,10 +506,16 @@ static PyTypeObject RecordType = {
  * cannot choose addresses that share a probe run. Linear probing, at most half
  * full, deletion by backward shift (no tombstones). Holds a reference to each
  * value; not tracked by the cyclic GC (records refer to nothing that could
- * lead back here).
+ * lead back here). Slots come from PyMem_Raw*, so tracemalloc (and with it
+ * contrib/sizing/measure.py) counts them.
  */
 typedef struct {
-    uint64_t key;          /* 0: empty; else (length << 32) | big-endian address bytes */
+    uint64_t bytes;        /* the key's bytes, big-endian */
+    uint32_t length;       /* 1-8; 0 in an empty slot */
+} Key;
+
+typedef struct {
+    Key key;
     PyObject *value;
 } Slot;
 
@@ -510,57 +530,65 @@ static PyTypeObject AddressIndexType;
 static uint64_t index_seed;
 
 #define INDEX_MIN_CAPACITY 16
+#define INDEX_MAX_KEY 8
 
 static inline uint64_t
-index_hash(uint64_t key)
+index_hash(Key key)
 {
-    uint64_t x = key ^ index_seed;   /* splitmix64's finaliser */
-    x ^= x >> 30;
+    uint64_t x = (key.bytes ^ index_seed) + key.length * 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 30;          /* splitmix64's finaliser */
     x *= 0xbf58476d1ce4e5b9ULL;
     x ^= x >> 27;
     x *= 0x94d049bb133111ebULL;
     return x ^ (x >> 31);
 }
 
-static inline uint64_t
-address_key(const unsigned char *bytes, int length)
+static inline int
+key_equal(Key a, Key b)
 {
-    uint64_t value = 0;
-    int i;
-    for (i = 0; i < length; i++)
-        value = (value << 8) | bytes[i];
-    return ((uint64_t)length << 32) | value;
+    return a.bytes == b.bytes && a.length == b.length;
 }
 
-/* The key of a bytes object, or 0 when it is not indexable (not 1-4 bytes). */
-static uint64_t
-key_of(PyObject *key)
+static inline Key
+address_key(const unsigned char *bytes, int length)
 {
+    Key key = {0, (uint32_t)length};
+    int i;
+    for (i = 0; i < length; i++)
+        key.bytes = (key.bytes << 8) | bytes[i];
+    return key;
+}
+
+/* The key of a bytes object; length 0 when it is not indexable (not 1-8 bytes). */
+static Key
+key_of(PyObject *object)
+{
+    Key none = {0, 0};
     Py_ssize_t length;
-    if (!PyBytes_Check(key))
-        return 0;
-    length = PyBytes_GET_SIZE(key);
-    if (length < 1 || length > 4)
-        return 0;
-    return address_key((const unsigned char *)PyBytes_AS_STRING(key), (int)length);
+    if (!PyBytes_Check(object))
+        return none;
+    length = PyBytes_GET_SIZE(object);
+    if (length < 1 || length > INDEX_MAX_KEY)
+        return none;
+    return address_key((const unsigned char *)PyBytes_AS_STRING(object), (int)length);
 }
 
 static inline Slot *
-index_home(AddressIndex *ix, uint64_t key)
+index_home(AddressIndex *ix, Key key)
 {
     return &ix->slots[index_hash(key) & ix->mask];
 }
 
 /* The value under key (borrowed), or NULL. */
 static inline PyObject *
-index_find(AddressIndex *ix, uint64_t key)
+index_find(AddressIndex *ix, Key key)
 {
     uint64_t i = index_hash(key) & ix->mask;
     for (;;) {
         Slot *s = &ix->slots[i];
-        if (s->key == key)
+        if (key_equal(s->key, key))
             return s->value;
-        if (s->key == 0)
+        if (s->key.length == 0)
             return NULL;
         i = (i + 1) & ix->mask;
     }
@@ -570,35 +598,35 @@ static int
 index_grow(AddressIndex *ix)
 {
     uint64_t capacity = (ix->mask + 1) * 2, i;
-    Slot *old = ix->slots, *fresh = calloc(capacity, sizeof(Slot));
+    Slot *old = ix->slots, *fresh = PyMem_RawCalloc(capacity, sizeof(Slot));
     if (fresh == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     for (i = 0; i <= ix->mask; i++)
-        if (old[i].key != 0) {
+        if (old[i].key.length != 0) {
             uint64_t j = index_hash(old[i].key) & (capacity - 1);
-            while (fresh[j].key != 0)
+            while (fresh[j].key.length != 0)
                 j = (j + 1) & (capacity - 1);
             fresh[j] = old[i];
         }
     ix->slots = fresh;
     ix->mask = capacity - 1;
-    free(old);
+    PyMem_RawFree(old);
     return 0;
 }
 
 static int
-index_put(AddressIndex *ix, uint64_t key, PyObject *value)
+index_put(AddressIndex *ix, Key key, PyObject *value)
 {
     uint64_t i;
     if ((uint64_t)(ix->count + 1) * 2 > ix->mask + 1 && index_grow(ix) < 0)
         return -1;
     i = index_hash(key) & ix->mask;
-    while (ix->slots[i].key != 0 && ix->slots[i].key != key)
+    while (ix->slots[i].key.length != 0 && !key_equal(ix->slots[i].key, key))
         i = (i + 1) & ix->mask;
     Py_INCREF(value);
-    if (ix->slots[i].key == key) {
+    if (ix->slots[i].key.length != 0) {
         Py_SETREF(ix->slots[i].value, value);
         return 0;
     }
@@ -610,12 +638,12 @@ index_put(AddressIndex *ix, uint64_t key, PyObject *value)
 
 /* Remove key; the removed value (a new reference) or NULL if absent. */
 static PyObject *
-index_pop(AddressIndex *ix, uint64_t key)
+index_pop(AddressIndex *ix, Key key)
 {
     uint64_t i = index_hash(key) & ix->mask, j;
     PyObject *value;
-    while (ix->slots[i].key != key) {
-        if (ix->slots[i].key == 0)
+    while (!key_equal(ix->slots[i].key, key)) {
+        if (ix->slots[i].key.length == 0)
             return NULL;
         i = (i + 1) & ix->mask;
     }
@@ -626,7 +654,7 @@ index_pop(AddressIndex *ix, uint64_t key)
     for (;;) {
         uint64_t home;
         j = (j + 1) & ix->mask;
-        if (ix->slots[j].key == 0)
+        if (ix->slots[j].key.length == 0)
             break;
         home = index_hash(ix->slots[j].key) & ix->mask;
         if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
@@ -634,7 +662,8 @@ index_pop(AddressIndex *ix, uint64_t key)
         ix->slots[i] = ix->slots[j];
         i = j;
     }
-    ix->slots[i].key = 0;
+    ix->slots[i].key.length = 0;
+    ix->slots[i].key.bytes = 0;
     ix->slots[i].value = NULL;
     ix->count--;
     return value;
@@ -645,8 +674,9 @@ index_clear(AddressIndex *ix)
 {
     uint64_t i;
     for (i = 0; i <= ix->mask; i++)
-        if (ix->slots[i].key != 0) {
-            ix->slots[i].key = 0;
+        if (ix->slots[i].key.length != 0) {
+            ix->slots[i].key.length = 0;
+            ix->slots[i].key.bytes = 0;
             Py_CLEAR(ix->slots[i].value);
         }
     ix->count = 0;
@@ -663,7 +693,7 @@ AddressIndex_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     ix = (AddressIndex *)type->tp_alloc(type, 0);
     if (ix == NULL)
         return NULL;
-    ix->slots = calloc(INDEX_MIN_CAPACITY, sizeof(Slot));
+    ix->slots = PyMem_RawCalloc(INDEX_MIN_CAPACITY, sizeof(Slot));
     if (ix->slots == NULL) {
         Py_DECREF(ix);
         return PyErr_NoMemory();
@@ -677,7 +707,7 @@ AddressIndex_dealloc(AddressIndex *ix)
 {
     if (ix->slots != NULL) {
         index_clear(ix);
-        free(ix->slots);
+        PyMem_RawFree(ix->slots);
     }
     Py_TYPE(ix)->tp_free((PyObject *)ix);
 }
@@ -692,11 +722,11 @@ static PyObject *
 AddressIndex_put(AddressIndex *ix, PyObject *args)
 {
     PyObject *key, *value;
-    uint64_t k;
+    Key k;
     if (!PyArg_ParseTuple(args, "OO:put", &key, &value))
         return NULL;
     k = key_of(key);
-    if (k == 0)
+    if (k.length == 0)
         Py_RETURN_FALSE;
     if (index_put(ix, k, value) < 0)
         return NULL;
@@ -706,8 +736,8 @@ AddressIndex_put(AddressIndex *ix, PyObject *args)
 static PyObject *
 AddressIndex_discard(AddressIndex *ix, PyObject *key)
 {
-    uint64_t k = key_of(key);
-    PyObject *value = k != 0 ? index_pop(ix, k) : NULL;
+    Key k = key_of(key);
+    PyObject *value = k.length != 0 ? index_pop(ix, k) : NULL;
     if (value == NULL)
         Py_RETURN_FALSE;
     Py_DECREF(value);
@@ -717,8 +747,8 @@ AddressIndex_discard(AddressIndex *ix, PyObject *key)
 static PyObject *
 AddressIndex_get(AddressIndex *ix, PyObject *key)
 {
-    uint64_t k = key_of(key);
-    PyObject *value = k != 0 ? index_find(ix, k) : NULL;
+    Key k = key_of(key);
+    PyObject *value = k.length != 0 ? index_find(ix, k) : NULL;
     if (value == NULL)
         Py_RETURN_NONE;
     Py_INCREF(value);
@@ -743,15 +773,14 @@ AddressIndex_items(AddressIndex *ix, PyObject *unused)
     if (list == NULL)
         return NULL;
     for (i = 0; i <= ix->mask; i++) {
-        uint64_t key = ix->slots[i].key;
-        unsigned char bytes[4];
-        int length, b, rc;
+        Key key = ix->slots[i].key;
+        unsigned char bytes[INDEX_MAX_KEY];
+        int length = (int)key.length, b, rc;
         PyObject *pair;
-        if (key == 0)
+        if (length == 0)
             continue;
-        length = (int)(key >> 32);
         for (b = 0; b < length; b++)
-            bytes[b] = (unsigned char)(key >> (8 * (length - 1 - b)));
+            bytes[b] = (unsigned char)(key.bytes >> (8 * (length - 1 - b)));
         pair = Py_BuildValue("(y#O)", bytes, (Py_ssize_t)length, ix->slots[i].value);
         rc = pair == NULL ? -1 : PyList_Append(list, pair);
         Py_XDECREF(pair);
@@ -765,7 +794,7 @@ AddressIndex_items(AddressIndex *ix, PyObject *unused)
 
 static PyMethodDef AddressIndex_methods[] = {
     {"put", (PyCFunction)AddressIndex_put, METH_VARARGS,
-     "put(key, value) -> bool: index value under key (False: key is not 1-4 bytes)"},
+     "put(key, value) -> bool: index value under key (False: key is not 1-8 bytes)"},
     {"discard", (PyCFunction)AddressIndex_discard, METH_O,
      "discard(key) -> bool: remove key if present"},
     {"get", (PyCFunction)AddressIndex_get, METH_O, "get(key) -> value or None"},
@@ -784,7 +813,7 @@ static PyTypeObject AddressIndexType = {
     .tp_name = "guardntp._fastlane.AddressIndex",
     .tp_basicsize = sizeof(AddressIndex),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "AddressIndex(): 1-4 byte keys -> objects, for the compiled loop "
+    .tp_doc = "AddressIndex(): 1-8 byte keys -> objects, for the compiled loop "
               "(see guardntp/_fastlane.c)",
     .tp_new = AddressIndex_new,
     .tp_dealloc = (destructor)AddressIndex_dealloc,
@@ -812,23 +841,37 @@ record_set_int(Record *r, int i, int64_t value)
 /* What fast_decide left in its output buffer. */
 enum { REPLY_NONE, REPLY_TIME, REPLY_KOD };
 
-/* The source's record in the index, if it is one the fast path may use. */
-static inline Record *
-source_record(Lane *L, const unsigned char *packed)
+/* May the fast path take a source of this address length at all? IPv6 only
+ * where configure() found its keys indexable and begin() found no IPv6 entry in
+ * the access list (Pipeline.decide looks IPv6 sources up in it every time). */
+static inline int
+fast_source(Lane *L, int packed_len)
 {
-    PyObject *found = index_find((AddressIndex *)L->index, address_key(packed, 4));
-    if (found == NULL || Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
-        return NULL;
-    return (Record *)found;
+    return packed_len == 4 || (packed_len == 16 && L->v6_fast && !L->acl_covers_v6);
 }
 
-/* Pipeline._prefix_key for IPv4, as an index key: the default /24 is a 3-byte
- * slice, any other length the address shifted right, as 4 bytes. */
-static inline uint64_t
-prefix_key(Lane *L, const unsigned char *packed)
+/* Pipeline.decide's source key: the IPv4 address, or the IPv6 address's first
+ * v6_source_bytes (its /64 by default). */
+static inline Key
+source_key(Lane *L, const unsigned char *packed, int packed_len)
+{
+    return address_key(packed, packed_len == 4 ? 4 : L->v6_source_bytes);
+}
+
+/* Pipeline._prefix_key, as an index key. IPv4: the default /24 is a 3-byte
+ * slice, any other length the address shifted right, as 4 bytes. IPv6: b"6"
+ * and the prefix's bytes (configure() admits only whole bytes, at most 7). */
+static inline Key
+prefix_key(Lane *L, const unsigned char *packed, int packed_len)
 {
     uint32_t a;
     unsigned char masked[4];
+    if (packed_len == 16) {
+        Key key = address_key(packed, L->v6_prefix_bytes);
+        key.bytes |= (uint64_t)'6' << (8 * L->v6_prefix_bytes);
+        key.length += 1;
+        return key;
+    }
     if (L->v4_prefix_bits % 8 == 0)
         return address_key(packed, L->v4_prefix_bits / 8);
     a = ((uint32_t)packed[0] << 24) | ((uint32_t)packed[1] << 16)
@@ -839,6 +882,16 @@ prefix_key(Lane *L, const unsigned char *packed)
     masked[2] = a >> 8;
     masked[3] = a;
     return address_key(masked, 4);
+}
+
+/* The source's record in the index, if it is one the fast path may use. */
+static inline Record *
+source_record(Lane *L, const unsigned char *packed, int packed_len)
+{
+    PyObject *found = index_find((AddressIndex *)L->index, source_key(L, packed, packed_len));
+    if (found == NULL || Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
+        return NULL;
+    return (Record *)found;
 }
 
 /* Pipeline._global_allows: take one reply from the global budget if it has one. */
@@ -920,17 +973,21 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         *reason = L->reason_reflection;
         return 1;
     }
-    if (packed_len != 4)
+    if (!fast_source(L, packed_len))
         return 0;
 
     /* Read everything first: a packet that leaves here must leave nothing changed. */
-    record = source_record(L, packed);
+    record = source_record(L, packed, packed_len);
     if (record == NULL)
         return 0;                                            /* a newcomer */
-    if (!IS_OBJECT(record, L->i_acl_entry) || record->cell[L->i_acl_entry].o != Py_None
-            || !IS_OBJECT(record, L->i_label)                 /* 3. access list */
-            || !record_int(record, L->i_acl_generation, &generation)
-            || generation != L->acl_generation)
+    if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
+            || !record_int(record, L->i_acl_generation, &generation))
+        return 0;
+    /* 3. access list. IPv4: the record's cached result must be "no entry" for the
+     * current list. IPv6: Python looks the list up anew, and (fast_source) it has
+     * no IPv6 entry, so the result is "no entry", cached below as Python would. */
+    if (packed_len == 4
+            && (record->cell[L->i_acl_entry].o != Py_None || generation != L->acl_generation))
         return 0;
     if (!record_int(record, L->i_tat, &tat) || !record_int(record, L->i_requests, &requests)
             || !record_int(record, L->i_time_replies, &replies)
@@ -944,7 +1001,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
      * the fast path when any source must authenticate. 5. buckets: */
     if (tat < now_ns)
         tat = now_ns;
-    found = index_find((AddressIndex *)L->prefix_index, prefix_key(L, packed));
+    found = index_find((AddressIndex *)L->prefix_index, prefix_key(L, packed, packed_len));
     if (found == NULL || Py_TYPE(found) != &RecordType
             || !record_int(prefix = (Record *)found, 0, &prefix_tat))
         return 0;
@@ -980,6 +1037,15 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         Py_DECREF(old);
     }
     record_set_int(record, L->i_port, port);
+    if (packed_len == 16) {
+        record_set_int(record, L->i_acl_generation, L->acl_generation);
+        if (record->cell[L->i_acl_entry].o != Py_None) {
+            PyObject *old = record->cell[L->i_acl_entry].o;
+            Py_INCREF(Py_None);
+            record->cell[L->i_acl_entry].o = Py_None;
+            Py_DECREF(old);
+        }
+    }
     if (over) {
         if (leak) {
             *reason = L->reason_leaked;
@@ -1318,6 +1384,15 @@ Lane_configure(Lane *L, PyObject *config)
     if (need_int(config, "v4_prefix_bits", &v) < 0)
         goto fail;
     L->v4_prefix_bits = (int)v;
+    /* IPv6 sources take the fast path when both their keys fit the index. */
+    if (need_int(config, "v6_source_bytes", &v) < 0)
+        goto fail;
+    L->v6_source_bytes = (int)v;
+    if (need_int(config, "v6_prefix_bits", &v) < 0)
+        goto fail;
+    L->v6_prefix_bytes = (int)(v / 8);
+    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= INDEX_MAX_KEY
+                 && v >= 0 && v % 8 == 0 && v / 8 + 1 <= INDEX_MAX_KEY;
     if (need_int(config, "n_reasons", &v) < 0)
         goto fail;
     L->n_reasons = (int)v;
@@ -1548,18 +1623,22 @@ prefetch(Lane *L, int count)
         for (i = 0; i < count; i++) {
             const unsigned char *head = L->heads + i * HEAD;
             PyObject *found;
-            if (L->rh[i].msg_len != HEAD || !L->eligible[head[0]] || source_of(L, i, &packed) != 4)
+            int packed_len;
+            if (L->rh[i].msg_len != HEAD || !L->eligible[head[0]])
+                continue;
+            packed_len = source_of(L, i, &packed);
+            if (!fast_source(L, packed_len))
                 continue;
             if (pass == 0) {
-                __builtin_prefetch(index_home(sources, address_key(packed, 4)));
-                __builtin_prefetch(index_home(prefixes, prefix_key(L, packed)));
+                __builtin_prefetch(index_home(sources, source_key(L, packed, packed_len)));
+                __builtin_prefetch(index_home(prefixes, prefix_key(L, packed, packed_len)));
                 continue;
             }
-            if ((found = index_find(sources, address_key(packed, 4))) != NULL) {
+            if ((found = index_find(sources, source_key(L, packed, packed_len))) != NULL) {
                 __builtin_prefetch(found);
                 __builtin_prefetch((const char *)found + 64);
             }
-            if ((found = index_find(prefixes, prefix_key(L, packed))) != NULL)
+            if ((found = index_find(prefixes, prefix_key(L, packed, packed_len))) != NULL)
                 __builtin_prefetch(found);
         }
 }

@@ -3,8 +3,9 @@
 Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
-dropped by its first byte or its source port, or an established IPv4 source:
-answered, leaked, sent a RATE KoD or dropped); for everything else it calls
+dropped by its first byte or its source port, or an established source with
+no access-list entry: answered, leaked, sent a RATE KoD or dropped); for
+everything else it calls
 ``Pipeline.decide`` before touching anything. It reads and updates the pipeline's own records and
 counters, so ``guardntp clients``, metrics, reload and the blocklist see one
 state whichever path a packet took. ``tests/test_fastlane.py`` feeds random

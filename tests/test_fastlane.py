@@ -94,7 +94,7 @@ def assert_indexed(pipeline: Pipeline) -> None:
         assert table.index is not None
         indexed = {key: id(value) for key, value in table.index.items()}
         assert indexed == {key: id(value) for key, value in table.records.items()
-                           if len(key) <= 4}
+                           if len(key) <= 8}
         assert len(table.index) == len(indexed)
 
 
@@ -144,6 +144,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
     fast = slow = 0
     decided_in_c: set[Reason] = set()
+    v6_in_c = 0
     now_ns = 10 * NS_PER_S
     try:
         for step in range(1500):
@@ -162,6 +163,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
             if in_c:
                 fast += 1
                 decided_in_c.add(Reason(reason))
+                v6_in_c += len(source) == 16 and reason in (Reason.ANSWERED, Reason.RATE_KOD)
             else:
                 slow += 1
             if step % 100 == 0:
@@ -170,8 +172,12 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 for pipeline in (reference, compiled):
                     pipeline.apply_policy(dataclasses.replace(
                         pipeline.policy, source_burst=pipeline.policy.source_burst + 1))
-                    pipeline.set_blocklist([AclEntry(ipaddress.ip_network("203.0.113.6/32"),
-                                                     Action.DROP, "manual")])
+                    # An IPv6 entry too: from here on IPv6 sources need Python's
+                    # lookup (the compiled path checks AccessList.covers_ipv6).
+                    pipeline.set_blocklist([
+                        AclEntry(ipaddress.ip_network("203.0.113.6/32"), Action.DROP, "manual"),
+                        AclEntry(ipaddress.ip_network("2001:db8::1/128"), Action.DROP,
+                                 "manual")])
     finally:
         sock.close()
     assert slow > 0
@@ -181,6 +187,8 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         assert lane.fast_decisions == 0
     else:
         assert lane.fast_decisions >= 5, (fast, slow)
+    if variant in ("defaults", "tight-acl"):
+        assert v6_in_c > 0   # established IPv6 sources decided in C (before step 700)
     if variant in ("tight", "tight-acl", "no-global-cap", "prefix-20"):
         # Over-limit requests of established sources are decided in C too.
         assert {Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD, Reason.RATE_LIMITED} \
@@ -227,7 +235,8 @@ def test_address_index_matches_a_dict_under_random_churn() -> None:
     index = AddressIndex()
     model: dict[bytes, object] = {}
     rng = random.Random(5)
-    keys = [rng.randbytes(rng.choice((3, 4))) for _ in range(3000)]
+    # IPv4 sources and prefixes, IPv6 /64s, b"6" + /56s; an all-zero key too.
+    keys = [rng.randbytes(rng.choice((3, 4, 8))) for _ in range(3000)] + [bytes(8), bytes(4)]
     for _ in range(30_000):
         key = rng.choice(keys)
         if rng.random() < 0.55:
@@ -241,8 +250,8 @@ def test_address_index_matches_a_dict_under_random_churn() -> None:
             assert {k: id(v) for k, v in index.items()} == {k: id(v) for k, v in model.items()}
     assert len(index) == len(model)
     assert all(index.get(key) is model.get(key) for key in keys)
-    # Keys that are not 1-4 bytes are refused, never indexed.
-    assert index.put(bytes(8), 1) is False and index.put(b"", 1) is False
+    # Keys that are not 1-8 bytes are refused, never indexed.
+    assert index.put(bytes(9), 1) is False and index.put(b"", 1) is False
     assert index.put("1234", 1) is False   # type: ignore[arg-type]
     assert index.discard(bytes(16)) is False and index.get(bytes(5)) is None
     index.clear()

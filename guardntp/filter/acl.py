@@ -89,6 +89,11 @@ class AccessList:
         self.__init__(entries)  # type: ignore[misc]
         self.generation = generation + 1
 
+    def covers_ipv6(self) -> bool:
+        """Is there any IPv6 entry? (If not, every IPv6 lookup is None: the compiled
+        loop then skips the lookup Pipeline.decide makes for each IPv6 packet.)"""
+        return bool(self._lengths[16])
+
     def entries(self) -> list[AclEntry]:
         return [entry for table in self._tables.values() for entry in table.values()]
 

@@ -90,7 +90,8 @@ class BucketTable:
     Read ``records`` freely; change its membership only through :meth:`insert`,
     :meth:`admit` and eviction, which keep ``index`` in step: where the compiled
     loop is built, an :class:`~guardntp._fastlane.AddressIndex` of the same records
-    under their IPv4 keys (1-4 bytes), which the loop looks up instead of the dict.
+    under their keys of 1-8 bytes (IPv4 sources and prefixes, IPv6 /64 sources and
+    /56 prefixes), which the loop looks up instead of the dict.
     """
 
     __slots__ = ("records", "index", "max_entries", "evictions", "admissions_refused")

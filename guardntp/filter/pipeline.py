@@ -214,6 +214,7 @@ class Pipeline:
             "prefix_interval": self.prefix_limit.interval_ns,
             "prefix_tolerance": self.prefix_limit.tolerance_ns,
             "v4_prefix_bits": self.v4_prefix_bits,
+            "v6_source_bytes": self.v6_source_bytes, "v6_prefix_bits": self.v6_prefix_bits,
             "n_reasons": N_REASONS, "reason_reflection": int(Reason.REFLECTION_PORT),
             "reason_global_cap": int(Reason.GLOBAL_CAP),
             "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),

@@ -94,8 +94,8 @@ class FilterPolicy:
     deny_action: Action = Action.DROP
 
     # -- bounded memory
-    #: 242-431 bytes each in CPython 3.11 with the compiled records, 370-615 without
-    #: (contrib/sizing/measure.py), ~75 MiB when full. chrony's default
+    #: 290-560 bytes each in CPython 3.11 with the compiled records and index, 370-615
+    #: without (contrib/sizing/measure.py), ~90 MiB when full. chrony's default
     #: clientloglimit (512 KiB) tracks only ~4096 addresses.
     max_sources: int = 262_144
     max_prefixes: int = 65_536
