@@ -23,8 +23,10 @@
  *     the list has no IPv6 entry at all): both buckets conforming -> a time
  *     reply (or the global cap's drop); over either -> the random leak's time
  *     reply, a RATE KoD, or a drop.
+ * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
+ * sanity verdict and label depend on the source port too (label_slot).
  * Everything else (newcomers, access-list hits, MACs, IPv6 while the list has
- * an IPv6 entry, odd lengths, NTPv1) goes to Pipeline.decide unchanged, before
+ * an IPv6 entry, odd lengths) goes to Pipeline.decide unchanged, before
  * anything here has been modified. tests/test_fastlane.py runs random traffic through both and
  * compares every reply, counter and record.
  */
@@ -51,6 +53,10 @@
 #define CONTROL_SPACE CMSG_SPACE(sizeof(struct timespec))
 #define NS_PER_S 1000000000LL
 #define NTP_UNIX_OFFSET_S 2208988800LL
+#define NTP_PORT 123
+#define V1_NETGEAR 256        /* label slots of NTPv1 requests: from the Netgear port */
+#define V1_OTHER 257          /* ... and from any other */
+#define LABEL_SLOTS 258
 
 enum { Q_TIME, Q_PLAIN, Q_DEFERRED, Q_SKIP };
 
@@ -75,10 +81,14 @@ typedef struct {
     int configured, enabled;
     PyObject *pipeline, *decide, *index, *prefix_index, *counts, *label_counts;
     PyObject *acl, *responder, *random;
-    PyObject *labels[256];
-    signed char drop_reason[256];
+    /* Per label slot: the first byte, or for NTPv1 (whose label depends on the
+     * source port) V1_NETGEAR / V1_OTHER; see label_slot(). */
+    PyObject *labels[LABEL_SLOTS];
+    int64_t interval[LABEL_SLOTS], tolerance[LABEL_SLOTS];
+    unsigned char kod_of_first[LABEL_SLOTS];
+    int netgear_port;
+    signed char drop_reason[256], drop_reason_ntp_port[256];  /* the latter: port 123 */
     unsigned char eligible[256], reply_mode[256];
-    int64_t interval[256], tolerance[256];
     int64_t prefix_interval, prefix_tolerance;
     int has_global;
     int64_t global_interval, global_tolerance;
@@ -87,7 +97,6 @@ typedef struct {
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
-    unsigned char kod_of_first[256];
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
     Py_ssize_t record_len;
     int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
@@ -99,7 +108,7 @@ typedef struct {
     int acl_covers_v6;                 /* the access list has an IPv6 entry */
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
     int64_t count_acc[MAX_COUNTS];
-    int64_t label_acc[256];
+    int64_t label_acc[LABEL_SLOTS];
     int64_t fast_decisions;
     int counted;                       /* count_acc or label_acc may be non-zero */
 } Lane;
@@ -274,7 +283,7 @@ flush_counts(Lane *L)
         }
         L->count_acc[i] = 0;
     }
-    for (i = 0; rc == 0 && i < 256; i++) {
+    for (i = 0; rc == 0 && i < LABEL_SLOTS; i++) {
         PyObject *label = L->labels[i], *old, *now;
         int64_t base = 0;
         if (L->label_acc[i] == 0)
@@ -841,6 +850,15 @@ record_set_int(Record *r, int i, int64_t value)
 /* What fast_decide left in its output buffer. */
 enum { REPLY_NONE, REPLY_TIME, REPLY_KOD };
 
+/* fingerprint.packet_label: by first byte, except NTPv1, by source port. */
+static inline int
+label_slot(Lane *L, unsigned first, int port)
+{
+    if (((first >> 3) & 7) != 1)
+        return (int)first;
+    return port == L->netgear_port ? V1_NETGEAR : V1_OTHER;
+}
+
 /* May the fast path take a source of this address length at all? IPv6 only
  * where configure() found its keys indexable and begin() found no IPv6 entry in
  * the access list (Pipeline.decide looks IPv6 sources up in it every time). */
@@ -953,7 +971,8 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
-    int drop = L->drop_reason[first], over, leak = 0;
+    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+    int slot = label_slot(L, first, port), over, leak = 0;
     PyObject *found;
     Record *record, *prefix;
     int64_t generation, tat, prefix_tat, requests, replies, drops, kods, last_kod, ignored;
@@ -1007,7 +1026,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         return 0;
     if (prefix_tat < now_ns)
         prefix_tat = now_ns;
-    over = tat - now_ns > L->tolerance[first] || prefix_tat - now_ns > L->prefix_tolerance;
+    over = tat - now_ns > L->tolerance[slot] || prefix_tat - now_ns > L->prefix_tolerance;
     if (over) {
         /* 6. over the limit (Pipeline._over_limit). The KoD guard's subtraction is
          * Python's unbounded one: a difference beyond 64 bits is left to Python. */
@@ -1027,13 +1046,13 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     }
 
     /* Commit, as Pipeline.decide would have. Nothing here allocates. */
-    L->label_acc[first]++;
+    L->label_acc[slot]++;
     record_set_int(record, L->i_requests, requests + 1);
     record_set_int(record, L->i_last_seen, now_ns);
-    if (record->cell[L->i_label].o != L->labels[first]) {
+    if (record->cell[L->i_label].o != L->labels[slot]) {
         PyObject *old = record->cell[L->i_label].o;
-        Py_INCREF(L->labels[first]);
-        record->cell[L->i_label].o = L->labels[first];
+        Py_INCREF(L->labels[slot]);
+        record->cell[L->i_label].o = L->labels[slot];
         Py_DECREF(old);
     }
     record_set_int(record, L->i_port, port);
@@ -1051,7 +1070,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             *reason = L->reason_leaked;
         } else {
             int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
-            if (L->send_kod && L->kod_of_first[first] && since_kod >= L->kod_interval
+            if (L->send_kod && L->kod_of_first[slot] && since_kod >= L->kod_interval
                     && kod_tat - now_ns <= L->kod_bucket_tolerance && global_allows(L, now_ns)) {
                 L->kod_tat = kod_tat + L->kod_bucket_interval;
                 record_set_int(record, L->i_last_kod, now_ns);
@@ -1069,7 +1088,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         }
     } else {
         prefix->cell[0].n = prefix_tat + L->prefix_interval;
-        record_set_int(record, L->i_tat, tat + L->interval[first]);
+        record_set_int(record, L->i_tat, tat + L->interval[slot]);
         if (!global_allows(L, now_ns)) {
             L->count_acc[base + L->reason_global_cap]++;
             record_set_int(record, L->i_drops, drops + 1);
@@ -1142,7 +1161,7 @@ release_config(Lane *L)
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
     Py_CLEAR(L->responder);
-    for (i = 0; i < 256; i++)
+    for (i = 0; i < LABEL_SLOTS; i++)
         Py_CLEAR(L->labels[i]);
     L->configured = 0;
 }
@@ -1293,7 +1312,7 @@ Lane_configure(Lane *L, PyObject *config)
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random};
     PyObject *labels, *value;
     int64_t v, layout[11], global[3], kod[4];
-    unsigned char drop[256];
+    unsigned char drop[256], drop_ntp_port[256];
     size_t i;
     if (!PyDict_Check(config)) {
         PyErr_SetString(PyExc_TypeError, "configure takes a dict");
@@ -1315,21 +1334,22 @@ Lane_configure(Lane *L, PyObject *config)
     }
     if ((labels = need(config, "labels")) == NULL)
         goto fail;
-    if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != 256) {
-        PyErr_SetString(PyExc_TypeError, "labels must be a tuple of 256");
+    if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != LABEL_SLOTS) {
+        PyErr_SetString(PyExc_TypeError, "labels must be a tuple of 258 (per label slot)");
         goto fail;
     }
-    for (i = 0; i < 256; i++) {
+    for (i = 0; i < LABEL_SLOTS; i++) {
         value = PyTuple_GET_ITEM(labels, i);
         L->labels[i] = value == Py_None ? NULL : (Py_INCREF(value), value);
     }
     if (need_bytes(config, "drop_reason", drop, 256) < 0
+            || need_bytes(config, "drop_reason_ntp_port", drop_ntp_port, 256) < 0
             || need_bytes(config, "eligible", L->eligible, 256) < 0
             || need_bytes(config, "reply_mode", L->reply_mode, 256) < 0
             || need_bytes(config, "reflection", L->reflection, 8192) < 0
-            || need_int_tuple(config, "interval", L->interval, 256) < 0
-            || need_int_tuple(config, "tolerance", L->tolerance, 256) < 0
-            || need_bytes(config, "kod_of_first", L->kod_of_first, 256) < 0
+            || need_int_tuple(config, "interval", L->interval, LABEL_SLOTS) < 0
+            || need_int_tuple(config, "tolerance", L->tolerance, LABEL_SLOTS) < 0
+            || need_bytes(config, "kod_of_first", L->kod_of_first, LABEL_SLOTS) < 0
             || need_int_tuple(config, "layout", layout, 11) < 0
             || need_int_tuple(config, "global", global, 3) < 0
             || need_int_tuple(config, "kod", kod, 4) < 0)
@@ -1345,12 +1365,18 @@ Lane_configure(Lane *L, PyObject *config)
     if (L->leak_share == -1.0 && PyErr_Occurred())
         goto fail;
     for (i = 0; i < 256; i++) {
+        int labelled = ((i >> 3) & 7) == 1 ? L->labels[V1_NETGEAR] && L->labels[V1_OTHER]
+                                            : L->labels[i] != NULL;
         L->drop_reason[i] = drop[i] == 255 ? -1 : (signed char)drop[i];
-        if (L->eligible[i] && (L->labels[i] == NULL || L->reply_mode[i] > 7)) {
+        L->drop_reason_ntp_port[i] = drop_ntp_port[i] == 255 ? -1 : (signed char)drop_ntp_port[i];
+        if (L->eligible[i] && (!labelled || L->reply_mode[i] > 7)) {
             PyErr_SetString(PyExc_ValueError, "an eligible first byte needs a label and a mode");
             goto fail;
         }
     }
+    if (need_int(config, "netgear_port", &v) < 0)
+        goto fail;
+    L->netgear_port = (int)v;
     L->has_global = global[0] != 0;
     L->global_interval = global[1];
     L->global_tolerance = global[2];
@@ -1432,7 +1458,7 @@ Lane_configure(Lane *L, PyObject *config)
         goto fail;
     }
     for (i = 0; i < 256; i++)
-        if (L->drop_reason[i] >= L->n_reasons) {
+        if (L->drop_reason[i] >= L->n_reasons || L->drop_reason_ntp_port[i] >= L->n_reasons) {
             PyErr_SetString(PyExc_ValueError, "a drop reason outside the reasons");
             goto fail;
         }

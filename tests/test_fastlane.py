@@ -144,7 +144,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
     fast = slow = 0
     decided_in_c: set[Reason] = set()
-    v6_in_c = 0
+    v6_in_c = v1_in_c = 0
     now_ns = 10 * NS_PER_S
     try:
         for step in range(1500):
@@ -164,6 +164,8 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 fast += 1
                 decided_in_c.add(Reason(reason))
                 v6_in_c += len(source) == 16 and reason in (Reason.ANSWERED, Reason.RATE_KOD)
+                v1_in_c += (data[0] >> 3) & 7 == 1 and reason in (
+                    Reason.ANSWERED, Reason.RATE_LIMITED, Reason.LEAKED)
             else:
                 slow += 1
             if step % 100 == 0:
@@ -189,6 +191,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         assert lane.fast_decisions >= 5, (fast, slow)
     if variant in ("defaults", "tight-acl"):
         assert v6_in_c > 0   # established IPv6 sources decided in C (before step 700)
+        assert v1_in_c > 0   # NTPv1 requests (labelled by source port) decided in C
     if variant in ("tight", "tight-acl", "no-global-cap", "prefix-20"):
         # Over-limit requests of established sources are decided in C too.
         assert {Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD, Reason.RATE_LIMITED} \

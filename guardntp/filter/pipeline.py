@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, MutableSequence
 from typing import Any, Protocol
 
-from ..responder import Request, Responder, inspect_request
+from ..responder import NTP_PORT, Request, Responder, inspect_request
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
@@ -138,7 +138,7 @@ class Pipeline:
         self.global_limit = (Limit.per_second(policy.global_reply_rate, policy.global_reply_burst)
                              if policy.global_reply_rate > 0 else None)
         self.kod_limit = Limit.per_second(policy.kod_rate, policy.kod_burst)
-        self.kod_interval_ns = int(policy.kod_interval_s * NS_PER_S)
+        self.kod_interval_ns = round(policy.kod_interval_s * NS_PER_S)  # 1.001 s, not 1000999999
         self.leak_share = 1.0 / policy.leak_one_in if policy.leak_one_in > 0 else 0.0
         self.random = random.Random(policy.random_seed)
         self.reflection_ports = policy.reflection_ports
@@ -170,25 +170,38 @@ class Pipeline:
         """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
         common cases exactly as :meth:`decide` does: the objects it reads and updates in
         place, and per first byte of a 48-byte request the sanity verdict, label, reply
-        mode and bucket limit. Valid until ``config_version`` changes."""
+        mode and bucket limit. Valid until ``config_version`` changes.
+
+        NTPv1 is the exception where the source port matters: mode 0 from port 123
+        is dropped (``drop_reason_ntp_port``), and the label (so the limit and the
+        KoD choice) is the Netgear one from port 23457, else SNTPv1. Labels, limits
+        and KoD choices are therefore given per *label slot*: 256 first bytes, then
+        NTPv1 from the Netgear port, then NTPv1 from any other port."""
+        padding = bytes(HEADER_LEN - 1)
+        answer_symmetric = self.policy.answer_symmetric
         drop_reason = bytearray(b"\xff" * 256)
+        drop_reason_ntp_port = bytearray(b"\xff" * 256)
         eligible = bytearray(256)
         reply_mode = bytearray(256)
-        limits: list[Limit] = []
         for first in range(256):
+            packet = bytes((first,)) + padding
             sane = self._sanity_48[first]
-            label = self._label_of_first[first]
+            if sane is None:   # NTPv1 mode 0: decided by the port; this is any port but 123
+                sane = inspect_request(packet, 0, answer_symmetric)
+            at_ntp_port = inspect_request(packet, NTP_PORT, answer_symmetric)
+            if isinstance(at_ntp_port, Reason):
+                drop_reason_ntp_port[first] = at_ntp_port
             if isinstance(sane, Reason):
                 drop_reason[first] = sane
-            elif (sane is not None and label is not None and sane.mac_key_id is None
-                  and sane.whole_tail_mac is None):
+            elif sane.mac_key_id is None and sane.whole_tail_mac is None:
                 eligible[first] = 1
                 reply_mode[first] = sane.reply_mode
-            limits.append(self.label_limits.get(label, self.source_limit) if label
-                          else self.source_limit)
+        labels = (*self._label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1)
+        limits = [self.label_limits.get(label, self.source_limit) if label
+                  else self.source_limit for label in labels]
         kod_of_first = bytearray(
             1 if label is not None and self.label_kod.get(label, True) else 0
-            for label in self._label_of_first)
+            for label in labels)
         reflection = bytearray(8192)
         for port in self.reflection_ports:
             if 0 <= port < 65536:
@@ -201,8 +214,9 @@ class Pipeline:
             "pipeline": self, "decide": self.decide, "index": self.sources.index,
             "prefix_index": self.prefixes.index, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
-            "labels": tuple(self._label_of_first),
-            "drop_reason": bytes(drop_reason), "eligible": bytes(eligible),
+            "labels": labels, "netgear_port": fingerprint.NETGEAR_PORT,
+            "drop_reason": bytes(drop_reason),
+            "drop_reason_ntp_port": bytes(drop_reason_ntp_port), "eligible": bytes(eligible),
             "reply_mode": bytes(reply_mode), "reflection": bytes(reflection),
             "interval": tuple(limit.interval_ns for limit in limits),
             "tolerance": tuple(limit.tolerance_ns for limit in limits),
