@@ -22,13 +22,14 @@
  *     prefix table, with no access-list entry (IPv4: its cached result; IPv6:
  *     the list has no IPv6 entry at all): both buckets conforming -> a time
  *     reply (or the global cap's drop); over either -> the random leak's time
- *     reply, a RATE KoD, or a drop.
+ *     reply, a RATE KoD, or a drop;
+ *   - such an IPv4 source whose cached entry is an unexpired DROP -> drop.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
- * Everything else (newcomers, access-list hits, MACs, IPv6 while the list has
- * an IPv6 entry, odd lengths) goes to Pipeline.decide unchanged, before
- * anything here has been modified. tests/test_fastlane.py runs random traffic through both and
- * compares every reply, counter and record.
+ * Everything else (newcomers, other access-list entries, MACs, IPv6 while the
+ * list has an IPv6 entry, odd lengths) goes to Pipeline.decide unchanged,
+ * before anything here has been modified. tests/test_fastlane.py runs random
+ * traffic through both and compares every reply, counter and record.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -80,7 +81,7 @@ typedef struct {
     /* configuration (configure) */
     int configured, enabled;
     PyObject *pipeline, *decide, *index, *prefix_index, *counts, *label_counts;
-    PyObject *acl, *responder, *random;
+    PyObject *acl, *responder, *random, *action_drop;
     /* Per label slot: the first byte, or for NTPv1 (whose label depends on the
      * source port) V1_NETGEAR / V1_OTHER; see label_slot(). */
     PyObject *labels[LABEL_SLOTS];
@@ -95,6 +96,7 @@ typedef struct {
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
     int v6_fast, v6_source_bytes, v6_prefix_bytes;  /* v6_fast: both keys indexable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
+    int reason_acl_deny, reason_blocklisted;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
@@ -958,6 +960,53 @@ rate_kod_reply(Lane *L, const unsigned char *d, unsigned char *out)
     memcpy(out + 40, d + 40, 8);
 }
 
+static PyObject *str_action, *str_expires_ns, *str_origin;   /* interned at import */
+
+static inline void
+set_label(Lane *L, Record *record, int slot)
+{
+    if (record->cell[L->i_label].o != L->labels[slot]) {
+        PyObject *old = record->cell[L->i_label].o;
+        Py_INCREF(L->labels[slot]);
+        record->cell[L->i_label].o = L->labels[slot];
+        Py_DECREF(old);
+    }
+}
+
+/*
+ * A source whose cached access-list entry (still current: same list
+ * generation) drops it silently: the reason to count, 0 to leave the packet to
+ * Python (another action, an expired entry, anything unexpected), -1 on error.
+ * Only Action.DROP: ALLOW and EXEMPT change the rate limits that follow, and
+ * DENY may send a KoD. Why here: a blocklisted flooder keeps sending, and
+ * each of its packets would otherwise cost a Pipeline.decide call.
+ */
+static int
+acl_drop_reason(Lane *L, PyObject *entry, int64_t recv_ns)
+{
+    PyObject *value;
+    int64_t expires;
+    int config, drop;
+    if ((value = PyObject_GetAttr(entry, str_action)) == NULL)
+        return -1;
+    drop = value == L->action_drop;
+    Py_DECREF(value);
+    if (!drop)
+        return 0;
+    if ((value = PyObject_GetAttr(entry, str_expires_ns)) == NULL)
+        return -1;
+    if (value != Py_None && (!as_i64(value, &expires) || recv_ns >= expires)) {
+        Py_DECREF(value);
+        return 0;       /* expired (or odd): Python looks the list up again */
+    }
+    Py_DECREF(value);
+    if ((value = PyObject_GetAttr(entry, str_origin)) == NULL)
+        return -1;
+    config = PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "config") == 0;
+    Py_DECREF(value);
+    return config ? L->reason_acl_deny : L->reason_blocklisted;
+}
+
 /*
  * The common paths of Pipeline.decide for a 48-byte datagram (see the top of
  * this file). Returns 1 when decided here (*reason and *reply set: a time
@@ -1002,11 +1051,11 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
             || !record_int(record, L->i_acl_generation, &generation))
         return 0;
-    /* 3. access list. IPv4: the record's cached result must be "no entry" for the
-     * current list. IPv6: Python looks the list up anew, and (fast_source) it has
-     * no IPv6 entry, so the result is "no entry", cached below as Python would. */
-    if (packed_len == 4
-            && (record->cell[L->i_acl_entry].o != Py_None || generation != L->acl_generation))
+    /* 3. access list. IPv4: the record's cached result for the current list
+     * must be "no entry", or a DROP entry (acl_drop_reason, below). IPv6: Python
+     * looks the list up anew, and (fast_source) it has no IPv6 entry, so the
+     * result is "no entry", cached below as Python would. */
+    if (packed_len == 4 && generation != L->acl_generation)
         return 0;
     if (!record_int(record, L->i_tat, &tat) || !record_int(record, L->i_requests, &requests)
             || !record_int(record, L->i_time_replies, &replies)
@@ -1016,6 +1065,20 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             || !record_int(record, L->i_last_seen, &ignored)   /* cells the commit writes */
             || !record_int(record, L->i_port, &ignored))      /* must hold ints already */
         return 0;
+    if (packed_len == 4 && record->cell[L->i_acl_entry].o != Py_None) {
+        int acl_reason = acl_drop_reason(L, record->cell[L->i_acl_entry].o, recv_ns);
+        if (acl_reason <= 0)
+            return acl_reason;
+        L->label_acc[slot]++;
+        record_set_int(record, L->i_requests, requests + 1);
+        record_set_int(record, L->i_last_seen, now_ns);
+        set_label(L, record, slot);
+        record_set_int(record, L->i_port, port);
+        record_set_int(record, L->i_drops, drops + 1);
+        L->count_acc[base + acl_reason]++;
+        *reason = acl_reason;
+        return 1;
+    }
     /* 4. authentication: a 48-byte request has no MAC, and configure() disables
      * the fast path when any source must authenticate. 5. buckets: */
     if (tat < now_ns)
@@ -1049,12 +1112,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     L->label_acc[slot]++;
     record_set_int(record, L->i_requests, requests + 1);
     record_set_int(record, L->i_last_seen, now_ns);
-    if (record->cell[L->i_label].o != L->labels[slot]) {
-        PyObject *old = record->cell[L->i_label].o;
-        Py_INCREF(L->labels[slot]);
-        record->cell[L->i_label].o = L->labels[slot];
-        Py_DECREF(old);
-    }
+    set_label(L, record, slot);
     record_set_int(record, L->i_port, port);
     if (packed_len == 16) {
         record_set_int(record, L->i_acl_generation, L->acl_generation);
@@ -1157,6 +1215,7 @@ release_config(Lane *L)
     Py_CLEAR(L->index);
     Py_CLEAR(L->prefix_index);
     Py_CLEAR(L->random);
+    Py_CLEAR(L->action_drop);
     Py_CLEAR(L->counts);
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
@@ -1307,9 +1366,11 @@ static PyObject *
 Lane_configure(Lane *L, PyObject *config)
 {
     static const char *objects[] = {"pipeline", "decide", "index", "prefix_index",
-                                    "counts", "label_counts", "acl", "responder", "random"};
+                                    "counts", "label_counts", "acl", "responder", "random",
+                                    "action_drop"};
     PyObject **slots[] = {&L->pipeline, &L->decide, &L->index, &L->prefix_index,
-                          &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random};
+                          &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
+                          &L->action_drop};
     PyObject *labels, *value;
     int64_t v, layout[11], global[3], kod[4];
     unsigned char drop[256], drop_ntp_port[256];
@@ -1441,6 +1502,12 @@ Lane_configure(Lane *L, PyObject *config)
     if (need_int(config, "reason_rate_limited", &v) < 0)
         goto fail;
     L->reason_rate_limited = (int)v;
+    if (need_int(config, "reason_acl_deny", &v) < 0)
+        goto fail;
+    L->reason_acl_deny = (int)v;
+    if (need_int(config, "reason_blocklisted", &v) < 0)
+        goto fail;
+    L->reason_blocklisted = (int)v;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;
     L->send_kod = v != 0;
@@ -1453,7 +1520,9 @@ Lane_configure(Lane *L, PyObject *config)
             || L->reason_global_cap < 0 || L->reason_global_cap >= L->n_reasons
             || L->reason_leaked < 0 || L->reason_leaked >= L->n_reasons
             || L->reason_rate_kod < 0 || L->reason_rate_kod >= L->n_reasons
-            || L->reason_rate_limited < 0 || L->reason_rate_limited >= L->n_reasons) {
+            || L->reason_rate_limited < 0 || L->reason_rate_limited >= L->n_reasons
+            || L->reason_acl_deny < 0 || L->reason_acl_deny >= L->n_reasons
+            || L->reason_blocklisted < 0 || L->reason_blocklisted >= L->n_reasons) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
         goto fail;
     }
@@ -2062,6 +2131,11 @@ PyInit__fastlane(void)
     PyObject *m;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
             || PyType_Ready(&AddressIndexType) < 0)
+        return NULL;
+    str_action = PyUnicode_InternFromString("action");
+    str_expires_ns = PyUnicode_InternFromString("expires_ns");
+    str_origin = PyUnicode_InternFromString("origin");
+    if (str_action == NULL || str_expires_ns == NULL || str_origin == NULL)
         return NULL;
     if (getrandom(&index_seed, sizeof(index_seed), GRND_NONBLOCK) != sizeof(index_seed))
         index_seed = (uint64_t)monotonic_ns() * 0x9E3779B97F4A7C15ULL;   /* early boot only */

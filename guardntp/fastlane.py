@@ -4,7 +4,8 @@ Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
 dropped by its first byte or its source port, or an established source with
-no access-list entry: answered, leaked, sent a RATE KoD or dropped); for
+no access-list entry: answered, leaked, sent a RATE KoD or dropped; or with a
+cached ``drop`` entry: dropped); for
 everything else it calls
 ``Pipeline.decide`` before touching anything. It reads and updates the pipeline's own records and
 counters, so ``guardntp clients``, metrics, reload and the blocklist see one

@@ -144,7 +144,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
     fast = slow = 0
     decided_in_c: set[Reason] = set()
-    v6_in_c = v1_in_c = 0
+    v6_in_c = v1_in_c = acl_drops_in_c = 0
     now_ns = 10 * NS_PER_S
     try:
         for step in range(1500):
@@ -164,6 +164,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 fast += 1
                 decided_in_c.add(Reason(reason))
                 v6_in_c += len(source) == 16 and reason in (Reason.ANSWERED, Reason.RATE_KOD)
+                acl_drops_in_c += reason in (Reason.ACL_DENY, Reason.BLOCKLISTED)
                 v1_in_c += (data[0] >> 3) & 7 == 1 and reason in (
                     Reason.ANSWERED, Reason.RATE_LIMITED, Reason.LEAKED)
             else:
@@ -192,6 +193,8 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     if variant in ("defaults", "tight-acl"):
         assert v6_in_c > 0   # established IPv6 sources decided in C (before step 700)
         assert v1_in_c > 0   # NTPv1 requests (labelled by source port) decided in C
+    if variant == "tight-acl" and seed in (1, 3, 5):
+        assert acl_drops_in_c > 0   # sources with a DROP entry (config, blocklist) too
     if variant in ("tight", "tight-acl", "no-global-cap", "prefix-20"):
         # Over-limit requests of established sources are decided in C too.
         assert {Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD, Reason.RATE_LIMITED} \
@@ -231,6 +234,38 @@ def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
         sock.close()
     assert set(seen) >= {Reason.ANSWERED, Reason.RATE_KOD, Reason.RATE_LIMITED,
                          Reason.LEAKED, Reason.GLOBAL_CAP}, seen
+
+
+def test_access_list_drops_are_decided_in_c_until_the_entry_expires() -> None:
+    drop = AclEntry(ipaddress.ip_network("192.0.2.4/32"), Action.DROP)
+    settings = dict(acl=(drop, AclEntry(ipaddress.ip_network("192.0.2.5/32"), Action.DENY),
+                         AclEntry(ipaddress.ip_network("192.0.2.6/32"), Action.EXEMPT)),
+                    deny_action=Action.DENY)
+    reference, compiled, lane, sock = pair(settings, 4)
+    expires_ns = WALL_BASE_NS + 60 * NS_PER_S
+    for pipeline in (reference, compiled):
+        pipeline.set_blocklist([AclEntry(ipaddress.ip_network("192.0.2.7/32"), Action.DROP,
+                                         "manual", "flood", expires_ns)])
+    data = bytes((0x23, 0, 6)) + bytes(45)
+    seen: dict[tuple[int, Reason], set[bool]] = {}
+    try:
+        now_ns = 10 * NS_PER_S
+        for step in range(80):
+            now_ns += NS_PER_S
+            source = bytes((192, 0, 2, 4 + step % 4))
+            expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            reason, reply, _, in_c = lane.decide_one(data, source, 40_000,
+                                                     WALL_BASE_NS + now_ns, now_ns)
+            assert (reason, reply) == expected[:2], step
+            assert state(compiled) == state(reference), step
+            seen.setdefault((source[3], Reason(reason)), set()).add(in_c)
+    finally:
+        sock.close()
+    assert seen[(4, Reason.ACL_DENY)] == {False, True}      # the first one in Python
+    assert seen[(7, Reason.BLOCKLISTED)] == {False, True}
+    assert seen[(7, Reason.ANSWERED)] == {False, True}      # expired: Python, then C
+    assert True not in seen.get((5, Reason.ACL_DENY), set())   # DENY: Python (KoD)
+    assert seen[(6, Reason.ANSWERED)] == {False}             # EXEMPT: Python
 
 
 def test_address_index_matches_a_dict_under_random_churn() -> None:

@@ -234,6 +234,9 @@ class Pipeline:
             "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),
             "reason_rate_kod": int(Reason.RATE_KOD),
             "reason_rate_limited": int(Reason.RATE_LIMITED),
+            # A cached access-list entry whose action is a silent drop is decided in C.
+            "action_drop": Action.DROP, "reason_acl_deny": int(Reason.ACL_DENY),
+            "reason_blocklisted": int(Reason.BLOCKLISTED),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
             "random": self.random.random, "leak_share": self.leak_share,
             "send_kod": int(self.policy.send_kod), "kod_of_first": bytes(kod_of_first),
