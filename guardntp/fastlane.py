@@ -13,7 +13,7 @@ state whichever path a packet took. ``tests/test_fastlane.py`` feeds random
 traffic through both and compares replies, counters and records.
 
 Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
-at ~0.4x chronyd's answer rate; compiled, it answers at 1.06-1.18x (``docs/benchmarks.md``).
+at ~0.4x chronyd's answer rate; compiled, it answers at 1.06-1.22x (``docs/benchmarks.md``).
 
 The extension is built by ``pip install`` where a C compiler is present; without
 it, or with ``GUARDNTP_NO_FASTLANE=1``, the server uses ``fastio.BatchSocket``
