@@ -1327,6 +1327,21 @@ need_int(PyObject *config, const char *name, int64_t *out)
     return 0;
 }
 
+/* A Reason value: the column of the counters it is counted in. */
+static int
+need_reason(PyObject *config, const char *name, int n_reasons, int *out)
+{
+    int64_t v;
+    if (need_int(config, name, &v) < 0)
+        return -1;
+    if (v < 0 || v >= n_reasons) {
+        PyErr_Format(PyExc_ValueError, "fast lane configuration: %s is not a reason", name);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
 static int
 need_bytes(PyObject *config, const char *name, unsigned char *out, Py_ssize_t size)
 {
@@ -1484,30 +1499,17 @@ Lane_configure(Lane *L, PyObject *config)
         goto fail;
     L->n_reasons = (int)v;
     L->n_counts = 8 * L->n_reasons;
-    if (need_int(config, "reason_reflection", &v) < 0)
+    if (need_reason(config, "reason_reflection", L->n_reasons, &L->reason_reflection) < 0
+            || need_reason(config, "reason_global_cap", L->n_reasons, &L->reason_global_cap) < 0
+            || need_reason(config, "last_time_reason", L->n_reasons, &L->last_time_reason) < 0
+            || need_reason(config, "reason_leaked", L->n_reasons, &L->reason_leaked) < 0
+            || need_reason(config, "reason_rate_kod", L->n_reasons, &L->reason_rate_kod) < 0
+            || need_reason(config, "reason_rate_limited", L->n_reasons,
+                           &L->reason_rate_limited) < 0
+            || need_reason(config, "reason_acl_deny", L->n_reasons, &L->reason_acl_deny) < 0
+            || need_reason(config, "reason_blocklisted", L->n_reasons,
+                           &L->reason_blocklisted) < 0)
         goto fail;
-    L->reason_reflection = (int)v;
-    if (need_int(config, "reason_global_cap", &v) < 0)
-        goto fail;
-    L->reason_global_cap = (int)v;
-    if (need_int(config, "last_time_reason", &v) < 0)
-        goto fail;
-    L->last_time_reason = (int)v;
-    if (need_int(config, "reason_leaked", &v) < 0)
-        goto fail;
-    L->reason_leaked = (int)v;
-    if (need_int(config, "reason_rate_kod", &v) < 0)
-        goto fail;
-    L->reason_rate_kod = (int)v;
-    if (need_int(config, "reason_rate_limited", &v) < 0)
-        goto fail;
-    L->reason_rate_limited = (int)v;
-    if (need_int(config, "reason_acl_deny", &v) < 0)
-        goto fail;
-    L->reason_acl_deny = (int)v;
-    if (need_int(config, "reason_blocklisted", &v) < 0)
-        goto fail;
-    L->reason_blocklisted = (int)v;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;
     L->send_kod = v != 0;
@@ -1515,14 +1517,7 @@ Lane_configure(Lane *L, PyObject *config)
         goto fail;
     L->enabled = v != 0;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
-            || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32
-            || L->reason_reflection < 0 || L->reason_reflection >= L->n_reasons
-            || L->reason_global_cap < 0 || L->reason_global_cap >= L->n_reasons
-            || L->reason_leaked < 0 || L->reason_leaked >= L->n_reasons
-            || L->reason_rate_kod < 0 || L->reason_rate_kod >= L->n_reasons
-            || L->reason_rate_limited < 0 || L->reason_rate_limited >= L->n_reasons
-            || L->reason_acl_deny < 0 || L->reason_acl_deny >= L->n_reasons
-            || L->reason_blocklisted < 0 || L->reason_blocklisted >= L->n_reasons) {
+            || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
         goto fail;
     }

@@ -5,12 +5,12 @@ for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
 dropped by its first byte or its source port, or an established source with
 no access-list entry: answered, leaked, sent a RATE KoD or dropped; or with a
-cached ``drop`` entry: dropped); for
-everything else it calls
-``Pipeline.decide`` before touching anything. It reads and updates the pipeline's own records and
-counters, so ``guardntp clients``, metrics, reload and the blocklist see one
-state whichever path a packet took. ``tests/test_fastlane.py`` feeds random
-traffic through both and compares replies, counters and records.
+cached ``drop`` entry: dropped); for everything else it calls
+``Pipeline.decide`` before touching anything. It reads and updates the
+pipeline's own records and counters, so ``guardntp clients``, metrics, reload
+and the blocklist see one state whichever path a packet took.
+``tests/test_fastlane.py`` feeds random traffic through both and compares
+replies, counters and records.
 
 Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
 at ~0.4x chronyd's answer rate; compiled, it answers at 1.06-1.22x (``docs/benchmarks.md``).
