@@ -15,6 +15,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 #: <linux/prctl.h>
@@ -96,9 +97,18 @@ def _no_new_privileges() -> None:
 
 
 def chown_for(path: str, identity: Identity) -> None:
-    """Give the state directory to the user we are about to become (we may have made it)."""
-    if os.geteuid() == 0:
-        os.chown(path, identity.uid, identity.gid)
+    """Give the state directory to the user we are about to become (we may have made it).
+
+    Never through a symlink: a link there is refused, and the change is made on the
+    name itself (``lchown``), so a link swapped in after the check gets the new owner
+    instead of what it points to. Raises :class:`PrivilegeError` or :class:`OSError`.
+    """
+    if os.geteuid() != 0:
+        return
+    if stat.S_ISLNK(os.lstat(path).st_mode):
+        raise PrivilegeError(f"{path} is a symbolic link; refusing to give what it points "
+                             f"to to {identity.user}")
+    os.chown(path, identity.uid, identity.gid, follow_symlinks=False)
 
 
 def status_ids(pid: int) -> dict[str, list[int]]:

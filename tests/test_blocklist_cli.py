@@ -93,14 +93,29 @@ def test_state_dir_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     assert json.loads(capsys.readouterr().out)[0]["cidr"] == "192.0.2.1/32"
 
 
-def test_reading_commands_create_nothing(tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    state = tmp_path / "never-made"
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["export"],
+                                  ["export", "--format", "nft"], ["remove", "192.0.2.0/24"]])
+def test_reading_commands_create_nothing_and_say_the_directory_is_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    state = tmp_path / "never-made"  # a mistyped --state-dir is not an empty blocklist
+    assert block(state, *args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"guardntp: blocklist: state directory {state} does not exist"]
+    assert not state.exists()
+
+
+def test_a_directory_without_a_blocklist_is_an_empty_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
     assert block(state, "list") == 0
     assert "empty" in capsys.readouterr().out
     assert block(state, "export", "--format", "nft") == 0
     assert block(state, "remove", "192.0.2.0/24") == 1
-    assert not state.exists()
+    assert "there is no blocklist" in capsys.readouterr().err
+    assert list(state.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -126,6 +141,76 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert message in err
     assert "Traceback" not in err
     assert rows(state) == 1
+
+
+@pytest.mark.parametrize("cidr", ["::/0", "0.0.0.0/0", "128.0.0.0/1", "10.0.0.0/7",
+                                  "2000::/3", "2000::/15"])
+def test_a_wide_network_needs_allow_wide(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         cidr: str) -> None:
+    state = tmp_path / "state"
+    assert block(state, "add", "203.0.113.0/24") == 0
+    capsys.readouterr()
+    assert block(state, "add", cidr) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cidr} (" in err and "--allow-wide" in err
+    assert rows(state) == 1
+
+    assert block(state, "add", cidr, "--allow-wide") == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"guardntp: warning: blocking {cidr} (")
+    assert captured.err.count("\n") == 1
+    assert captured.out.startswith(f"blocked {cidr}: drop")
+    assert rows(state) == 2
+
+
+def test_the_widest_networks_taken_without_allow_wide(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    assert block(state, "add", "10.0.0.0/8") == 0
+    assert block(state, "add", "2001::/16") == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_an_import_with_a_wide_network_needs_allow_wide(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    feed = tmp_path / "feed.txt"
+    feed.write_text("192.0.2.0/24\n0.0.0.0/0  # a template line left in\n::/0\n")
+    assert block(state, "import", str(feed)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{feed}: 0.0.0.0/0 (all of IPv4), ::/0 (all of IPv6): wider than" in err
+    assert not (state / FILENAME).exists() or rows(state) == 0
+    assert block(state, "import", str(feed), "--allow-wide") == 0
+    assert "warning: " in capsys.readouterr().err
+    assert rows(state) == 3
+
+
+def test_a_full_disk_is_reported_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from guardntp.blocklist.store import BlockStore
+
+    state = tmp_path / "state"
+    assert block(state, "add", "203.0.113.0/24") == 0
+    opened = BlockStore.in_state_dir.__func__  # type: ignore[attr-defined]
+
+    def nearly_full(cls: type[BlockStore], *args: object, **kwargs: object) -> BlockStore:
+        store = opened(cls, *args, **kwargs)
+        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+        store.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a disk that is full
+        return store
+
+    monkeypatch.setattr(BlockStore, "in_state_dir", classmethod(nearly_full))
+    feed = tmp_path / "feed.txt"
+    feed.write_text("".join(f"10.{i // 256}.{i % 256}.0/24\n" for i in range(5000)))
+    capsys.readouterr()
+    assert block(state, "import", str(feed)) == 1
+    err = capsys.readouterr().err
+    assert "database or disk is full; nothing imported" in err, err
+    assert "rollback" not in err
+    monkeypatch.undo()
+    assert rows(state) == 1
+    assert block(state, "add", "192.0.2.0/24") == 0  # the file is fine for the next write
 
 
 def test_bad_import_file_imports_nothing_and_names_lines(

@@ -15,12 +15,23 @@ import contextlib
 import ipaddress
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..statedir import (
+    StateDirError,
+    check_state_file,
+    hand_over_fd,
+    open_state_file,
+    prepare_state_dir,
+    same_file,
+)
 from .entries import ACTIONS, ORIGINS, BlockEntry, Network
 
 FILENAME = "blocklist.sqlite3"
+#: Files SQLite makes next to the database, by the database's name plus these.
+SIDE_FILES = ("-wal", "-shm", "-journal")
 SCHEMA_VERSION = 1
 
 _SCHEMA = (f"""
@@ -42,18 +53,66 @@ class BlockStore:
     """One connection to the blocklist file. Not shared between threads."""
 
     def __init__(self, path: Path, busy_timeout_ms: int = 10_000, create: bool = True) -> None:
+        """Open (or make, with ``create``) the file; its directory is checked and made the
+        way :func:`guardntp.statedir.prepare_state_dir` says. Raises :class:`StoreError`."""
         self.path = path
-        if not create and not path.exists():
-            raise StoreError(f"{path}: no blocklist yet")
         try:
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            prepare_state_dir(path.parent, create)
+            # SQLite opens these by name too: its own O_NOFOLLOW stops a symlink there
+            # (with an unhelpful message), but not a hard link to someone else's file.
+            for suffix in SIDE_FILES:
+                check_state_file(path.parent / (path.name + suffix))
+            # Made here, 0600 and never through a link, so that SQLite never makes it.
+            fd = open_state_file(path, create)
+        except FileNotFoundError as error:
+            raise StoreError(f"{path}: no blocklist yet" if not create
+                             else f"{path}: {error.strerror}") from None
+        except StateDirError as error:
+            raise StoreError(str(error)) from None
+        try:
+            # Before SQLite makes the side files: it gives them the database's owner.
+            _hand_to_directory_owner(path)
+            self._connect(fd, busy_timeout_ms)
+        finally:
+            os.close(fd)
+
+    def _connect(self, fd: int, busy_timeout_ms: int) -> None:
+        # mode=rw: SQLite opens the file made or checked above and never creates one.
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+        try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000)
+            self.db = sqlite3.connect(uri, isolation_level=None,
+                                      timeout=busy_timeout_ms / 1000, uri=True)
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+        try:
+            self._check_opened(fd)
+            self._set_up(busy_timeout_ms)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_opened(self, fd: int) -> None:
+        """SQLite opened the name, which may have pointed elsewhere for a moment: before
+        it writes anything or opens a side file (so far it has read the 100-byte header
+        at most), check that it has the file checked on ``fd``."""
+        try:
+            opened = self.db.execute("PRAGMA database_list").fetchone()[2]
+            named = os.stat(self.path, follow_symlinks=False)
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+        except OSError as error:
+            raise StoreError(f"{self.path}: {error.strerror}") from None
+        expected = os.path.join(os.path.realpath(self.path.parent), self.path.name)
+        if opened != expected or not same_file(named, os.fstat(fd)):
+            raise StoreError(f"{self.path} changed while it was being opened; refusing it")
+
+    def _set_up(self, busy_timeout_ms: int) -> None:
+        try:
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
-                raise StoreError(f"{path}: cannot switch to WAL mode (got {mode})")
+                raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
             self.db.execute("PRAGMA synchronous = FULL")
             if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 # Statement by statement: executescript() would COMMIT our transaction.
@@ -62,10 +121,7 @@ class BlockStore:
                         self.db.execute(statement)
                     self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as error:
-            raise StoreError(f"{path}: {error}") from None
-        except OSError as error:
-            raise StoreError(f"{path.parent}: {error.strerror}") from None
-        _hand_to_directory_owner(path)
+            raise StoreError(f"{self.path}: {error}") from None
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, busy_timeout_ms: int = 10_000,
@@ -78,9 +134,7 @@ class BlockStore:
     def hand_over(self, uid: int, gid: int) -> None:
         """Give the file (and its -wal, -shm) to the user a server is about to become."""
         for name in (self.path.name, self.path.name + "-wal", self.path.name + "-shm"):
-            candidate = self.path.parent / name
-            if candidate.exists():
-                os.chown(candidate, uid, gid)
+            _hand_over_file(self.path.parent / name, uid, gid)
 
     def set_busy_timeout(self, busy_timeout_ms: int) -> None:
         self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -91,10 +145,14 @@ class BlockStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite has already rolled back after some errors (a full disk, say); a
+            # ROLLBACK then fails and must not hide the error that says what happened.
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
 
@@ -183,14 +241,33 @@ def entry_from_row(row: tuple[str, str, str, int, int | None, str]) -> BlockEntr
 
 def _hand_to_directory_owner(path: Path) -> None:
     """Root running the CLI must not leave files the server's own user cannot write:
-    SQLite in WAL mode needs write access to the -wal and -shm files even to read."""
+    SQLite in WAL mode needs write access to the -wal and -shm files even to read.
+    Only files root owns are given away, each on its own checked descriptor."""
     if os.geteuid() != 0:
         return
     try:
-        owner = path.parent.stat()
-        for name in (path.name, path.name + "-wal", path.name + "-shm"):
-            candidate = path.parent / name
-            if candidate.exists() and candidate.stat().st_uid != owner.st_uid:
-                os.chown(candidate, owner.st_uid, owner.st_gid)
+        owner = os.stat(path.parent)
     except OSError:
-        pass  # best effort: the server reports a permission problem itself
+        return  # best effort: the server reports a permission problem itself
+    if owner.st_uid == 0:
+        return
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        # Best effort, as above; a refusal (StoreError) is not.
+        with contextlib.suppress(OSError):
+            _hand_over_file(path.parent / name, owner.st_uid, owner.st_gid, only_from_uid=0)
+
+
+def _hand_over_file(path: Path, uid: int, gid: int, only_from_uid: int | None = None) -> None:
+    """Give a state file, if there is one, to ``uid``:``gid``, on a checked descriptor
+    (never following its name); with ``only_from_uid``, only if that uid owns it."""
+    try:
+        fd = open_state_file(path)
+    except FileNotFoundError:
+        return
+    except StateDirError as error:
+        raise StoreError(str(error)) from None
+    try:
+        if only_from_uid is None or os.fstat(fd).st_uid == only_from_uid:
+            hand_over_fd(fd, uid, gid)
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ from ..blocklist.entries import (
     BadDuration,
     BadImportFile,
     BlockEntry,
+    Network,
     describe_expiry,
     entry_json,
     format_table,
@@ -31,9 +32,16 @@ from ..blocklist.store import FILENAME, BlockStore, StoreError
 from ..cli import CommandError
 from ..config import ConfigError, load_config, resolve_state_dir
 from ..netaddr import BadAddress
+from ..statedir import StateDirError, prepare_state_dir
 
 #: An import with more bad lines than this lists the first ones and a count.
 MAX_REPORTED_LINES = 50
+
+#: The shortest prefix taken without ``--allow-wide``, by IP version. An IPv4 /8 is
+#: the largest block ever given to one organisation; an IPv6 /16 is already wider
+#: than almost any allocation (the RIRs themselves hold /12s). Anything wider is far
+#: more likely a typo (``::/0``, ``0.0.0.0/0``) than a flood.
+MIN_PREFIX = {4: 8, 6: 16}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              "that is already listed replaces its action, reason and TTL.")
     add.add_argument("cidr", metavar="CIDR", help="e.g. 192.0.2.0/24, 198.51.100.7, 2001:db8::/48")
     add_entry_options(add)
+    add_wide_option(add)
     add.set_defaults(func=run_add)
 
     remove = actions.add_parser("remove", parents=[common], help="unblock a CIDR")
@@ -71,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_entry_options(importing)
     importing.add_argument("--replace", action="store_true",
                            help="first remove every earlier imported entry (same transaction)")
+    add_wide_option(importing)
     importing.set_defaults(func=run_import)
 
     export = actions.add_parser(
@@ -101,6 +111,12 @@ def add_entry_options(parser: argparse.ArgumentParser) -> None:
                         help="drop silently (default) or send a DENY Kiss-o'-Death")
 
 
+def add_wide_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-wide", action="store_true",
+                        help=f"take networks wider than /{MIN_PREFIX[4]} (IPv4) or "
+                        f"/{MIN_PREFIX[6]} (IPv6), such as 0.0.0.0/0 (refused without it)")
+
+
 def state_dir_from(args: argparse.Namespace) -> Path:
     """``--state-dir``, else ``GUARDNTP_STATE_DIR``, else the configuration's, else the default."""
     if args.state_dir:
@@ -114,11 +130,45 @@ def state_dir_from(args: argparse.Namespace) -> Path:
     return resolve_state_dir(configured)
 
 
-def _open(args: argparse.Namespace, create: bool = True) -> BlockStore:
+def _open(state_dir: Path, create: bool = True) -> BlockStore:
     try:
-        return BlockStore.in_state_dir(state_dir_from(args), create=create)
+        return BlockStore.in_state_dir(state_dir, create=create)
     except StoreError as error:
         raise CommandError(f"blocklist: {error}") from None
+
+
+def _open_existing(state_dir: Path) -> BlockStore | None:
+    """The store for a command that only reads or removes: None if the state directory
+    has no blocklist yet. A missing directory is an error (a mistyped ``--state-dir``
+    must not look like an empty blocklist), and nothing is created."""
+    try:
+        prepare_state_dir(state_dir, create=False)
+    except StateDirError as error:
+        raise CommandError(f"blocklist: {error}") from None
+    if not os.path.lexists(state_dir / FILENAME):
+        return None
+    return _open(state_dir, create=False)
+
+
+def _check_width(networks: list[Network], allow_wide: bool, what: str = "") -> None:
+    """Refuse networks wider than :data:`MIN_PREFIX` unless allowed; warn when allowed."""
+    wide = [n for n in networks if n.prefixlen < MIN_PREFIX[n.version]]
+    if not wide:
+        return
+    shown = ", ".join(f"{n} ({_share(n)})" for n in wide[:3]) + (
+        f" and {len(wide) - 3} more" if len(wide) > 3 else "")
+    limits = f"/{MIN_PREFIX[4]} (IPv4) or /{MIN_PREFIX[6]} (IPv6)"
+    if not allow_wide:
+        raise CommandError(f"{what}{shown}: wider than {limits}; refused without "
+                           "--allow-wide", 2)
+    print(f"guardntp: warning: {what}blocking {shown}, wider than {limits}",
+          file=sys.stderr)
+
+
+def _share(network: Network) -> str:
+    family = f"IPv{network.version}"
+    return f"all of {family}" if network.prefixlen == 0 else \
+        f"1/{2 ** network.prefixlen:,} of {family}"
 
 
 def _ttl_ns(args: argparse.Namespace) -> int | None:
@@ -142,10 +192,11 @@ def _cidr(text: str) -> BlockEntry:
 def run_add(args: argparse.Namespace) -> int:
     network = _cidr(args.cidr).network
     ttl_ns = _ttl_ns(args)
+    _check_width([network], args.allow_wide)
     now_ns = time.time_ns()
     entry = BlockEntry(network, args.action, _one_line(args.reason or ""), now_ns,
                        None if ttl_ns is None else now_ns + ttl_ns, "manual")
-    store = _open(args)
+    store = _open(state_dir_from(args))
     try:
         added, _ = store.upsert([entry], now_ns)
     except StoreError as error:
@@ -160,10 +211,11 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     network = _cidr(args.cidr).network
-    if not _store_exists(args):
+    state_dir = state_dir_from(args)
+    store = _open_existing(state_dir)
+    if store is None:
         raise CommandError(f"{network} is not in the blocklist (there is no blocklist in "
-                           f"{state_dir_from(args)} yet)")
-    store = _open(args, create=False)
+                           f"{state_dir} yet)")
     try:
         removed = store.remove(network, time.time_ns())
         listed = [] if removed else [e for e in store.entries()
@@ -212,13 +264,14 @@ def run_import(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         raise CommandError(f"{name}: {len(error.problems)} bad line(s); nothing imported") \
             from None
+    _check_width(networks, args.allow_wide, f"{name}: ")
     ttl_ns = _ttl_ns(args)
     now_ns = time.time_ns()
     reason = _one_line(args.reason if args.reason is not None else f"import {name}")
     expires_ns = None if ttl_ns is None else now_ns + ttl_ns
     entries = [BlockEntry(network, args.action, reason, now_ns, expires_ns, "import")
                for network in networks]
-    store = _open(args)
+    store = _open(state_dir_from(args))
     try:
         added, updated = store.upsert(entries, now_ns,
                                       replace_origin="import" if args.replace else None)
@@ -255,9 +308,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _entries(args: argparse.Namespace) -> list[BlockEntry]:
-    if not _store_exists(args):
+    store = _open_existing(state_dir_from(args))
+    if store is None:
         return []
-    store = _open(args, create=False)
     try:
         return sorted(store.entries(), key=lambda e: (e.network.version,
                                                       e.network.network_address,
@@ -266,10 +319,6 @@ def _entries(args: argparse.Namespace) -> list[BlockEntry]:
         raise CommandError(f"blocklist: {error}") from None
     finally:
         store.close()
-
-
-def _store_exists(args: argparse.Namespace) -> bool:
-    return (state_dir_from(args) / FILENAME).exists()
 
 
 def _one_line(text: str) -> str:
