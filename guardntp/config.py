@@ -8,6 +8,7 @@ where the file says it, its line: ``config.toml:12: filter.source_rate: must be 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -19,7 +20,9 @@ from typing import Any
 
 from .filter import fingerprint
 from .filter.acl import AclEntry, Action, parse_network
-from .filter.policy import FilterPolicy, LabelPolicy
+from .filter.buckets import MAX_RATE, is_finite_number
+from .filter.pipeline import compile_policy
+from .filter.policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
 from .netaddr import BadAddress, ListenSpec, parse_listen
 
 DEFAULT_STATE_DIR = Path("/var/lib/guardntp")
@@ -89,16 +92,25 @@ def resolve_state_dir(configured: str = "") -> Path:
 _Check = Callable[[Any], Any]
 
 
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError("must be a number > 0")
-    return float(value)
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else repr(number)
 
 
-def _non_negative_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError("must be a number >= 0")
-    return float(value)
+def _number(low: float, high: float, *, above_low: bool = False, unit: str = "") -> _Check:
+    """A finite number from ``low`` (or, with ``above_low``, more than ``low``) to ``high``."""
+    wanted = (f"number {'>' if above_low else '>='} {_plain(low)} and at most {_plain(high)}"
+              + (f" ({unit})" if unit else ""))
+
+    def check(value: Any) -> float:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be a finite {wanted}")
+        if not is_finite_number(value) or not low <= value <= high or (above_low and value == low):
+            raise ValueError(f"must be a {wanted}")
+        return float(value)
+    return check
+
+
+_rate = _number(0, MAX_RATE, above_low=True, unit="requests per second")
 
 
 def _int_in(low: int, high: int) -> _Check:
@@ -164,23 +176,25 @@ _CLOCK_KEYS: dict[str, _Check] = {
     "source": _choice("system", "upstream", "local"), "stratum": _int_in(1, 15),
     "refid": _string, "precision": _int_in(-32, 0), "upstreams": _strings,
     "poll": _int_in(16, 65536), "samples": _int_in(1, 16),
-    "lost_after": _positive_number, "allow_step": _bool, "chronyc_socket": _string}
+    "lost_after": _number(0, 30 * 86_400, above_low=True, unit="seconds"),
+    "allow_step": _bool, "chronyc_socket": _string}
 _FILTER_KEYS: dict[str, _Check] = {
     "answer_symmetric": _bool, "reflection_ports": _ports,
-    "source_rate": _positive_number, "source_burst": _int_in(1, 1 << 20),
-    "ipv6_source_prefix": _int_in(8, 128),
-    "prefix_rate": _positive_number, "prefix_burst": _int_in(1, 1 << 24),
+    "source_rate": _rate, "source_burst": _int_in(1, 1 << 20),
+    "ipv6_source_prefix": _int_in(8, 128),   # whole bytes only: compile_policy says so
+    "prefix_rate": _rate, "prefix_burst": _int_in(1, 1 << 24),
     "ipv4_prefix": _int_in(8, 32), "ipv6_prefix": _int_in(8, 128),
-    "global_reply_rate": _non_negative_number, "global_reply_burst": _int_in(1, 1 << 24),
+    "global_reply_rate": _number(0, MAX_RATE, unit="replies per second; 0: no cap"),
+    "global_reply_burst": _int_in(1, 1 << 24),
     "leak_one_in": _int_in(0, 1 << 20), "send_kod": _bool,
-    "kod_interval_s": _non_negative_number, "kod_rate": _positive_number,
+    "kod_interval_s": _number(0, MAX_KOD_INTERVAL_S, unit="seconds"), "kod_rate": _rate,
     "kod_burst": _int_in(1, 1 << 24), "kod_min_poll": _int_in(0, 17),
     "deny_action": _deny_action,
     "max_sources": _int_in(1, 1 << 26), "max_prefixes": _int_in(1, 1 << 26),
     "max_newcomers": _int_in(1, 1 << 26),
     "random_seed": _int_in(0, (1 << 63) - 1)}
 _LABEL_KEYS: dict[str, _Check] = {
-    "rate": _positive_number, "burst": _int_in(1, 1 << 20), "send_kod": _bool}
+    "rate": _rate, "burst": _int_in(1, 1 << 20), "send_kod": _bool}
 _ACL_ACTIONS = ("allow", "exempt", "deny", "drop", "deny-kod")
 
 #: Sections other features validate themselves (they must be tables).
@@ -203,7 +217,8 @@ _EXTRA_KEYS: dict[str, dict[str, _Check]] = {
     "metrics": {"listen": _metrics_listen},
     "log": {"format": _choice("text", "json"),
             "level": _choice("debug", "info", "warning", "error"),
-            "repeat_limit": _int_in(1, 1 << 20), "repeat_interval_s": _positive_number},
+            "repeat_limit": _int_in(1, 1 << 20),
+            "repeat_interval_s": _number(0, 86_400, above_low=True, unit="seconds")},
 }
 
 
@@ -273,6 +288,11 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     filter_values["acl"] = _acl(reader, data.get("acl", []),
                                 filter_values.get("deny_action", Action.DROP))
     policy = FilterPolicy(**filter_values)
+    try:  # what the filter itself refuses (a reload would): e.g. a bucket that never refills
+        compile_policy(policy)
+    except BadPolicy as error:
+        key = error.key if error.key.startswith("acl") else f"filter.{error.key}"
+        raise reader.fail(key, error.message) from None
     extra = {}
     for name in EXTRA_SECTIONS:
         table = data.get(name, {})
@@ -280,8 +300,23 @@ def parse_config(text: str, path: str = "<config>") -> Config:
             raise reader.fail(name, f"must be a table ([{name}])")
         if name in _EXTRA_KEYS:
             table = reader.section(data, name, _EXTRA_KEYS[name])
+        else:  # checked by its feature; no setting anywhere is nan or infinite
+            _refuse_non_finite(reader, name, table)
         extra[name] = table
     return Config(server=server, clock=clock, filter=policy, extra=extra, path=path)
+
+
+def _refuse_non_finite(reader: _Reader, dotted: str, value: Any) -> None:
+    """TOML reads ``nan`` and ``inf`` as floats: refuse them in a section whose own
+    checks live elsewhere, here where the line can still be named."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise reader.fail(dotted, "must be a finite number (nan and inf are not settings)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(reader, f"{dotted}.{key}", item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_non_finite(reader, f"{dotted}[{index}]", item)
 
 
 def _labels(reader: _Reader, table: Any) -> dict[str, LabelPolicy]:
@@ -319,23 +354,50 @@ def _acl(reader: _Reader, items: Any, deny_action: Action) -> tuple[AclEntry, ..
             raise reader.fail(f"{where}.action", "must be one of " + ", ".join(_ACL_ACTIONS))
         action = {"allow": Action.ALLOW, "exempt": Action.EXEMPT, "drop": Action.DROP,
                   "deny-kod": Action.DENY, "deny": deny_action}[action_text]
-        entries.append(AclEntry(network, action, "config", str(item.get("reason", ""))))
+        try:
+            reason = _string(item.get("reason", ""))
+        except ValueError as error:
+            raise reader.fail(f"{where}.reason", str(error)) from None
+        entries.append(AclEntry(network, action, "config", reason))
     return tuple(entries)
 
 
 def default_config_text() -> str:
-    return resources.files("guardntp").joinpath("data/default.toml").read_text()
+    """The embedded default; a broken install is a one-line ConfigError."""
+    try:
+        return resources.files("guardntp").joinpath("data/default.toml").read_text(
+            encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"the embedded default configuration cannot be read ({error}): "
+                          "reinstall guardntp") from None
 
 
 def load_config(path: str | None) -> Config:
     """The file at ``path``, or the embedded default. Raises :class:`ConfigError`."""
     if path is None:
         return parse_config(default_config_text(), "<embedded default>")
+    return parse_config(read_config_text(path), path)
+
+
+def read_config_text(path: str) -> str:
+    """The text of a configuration file: UTF-8, as TOML requires (a leading BOM is
+    skipped). Raises :class:`ConfigError` naming the file, and the line for a bad byte."""
+    if not path.strip():
+        raise ConfigError("the configuration file name is empty")
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    return parse_config(text, path)
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except ValueError as error:   # a NUL in the name
+        raise ConfigError(f"{path!r}: cannot read: {error}") from None
+    try:
+        # A leading byte-order mark is allowed; stripped by hand, as the utf-8-sig codec
+        # is imported lazily and a server that dropped privileges may not read it.
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                          "a TOML file must be UTF-8") from None
 
 
 def apply_overrides(config: Config, assignments: list[str]) -> Config:

@@ -28,8 +28,15 @@ class ListenSpec:
 
 
 def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
-    """``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or ``:PORT`` (all IPv4 addresses)."""
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``.
+
+    The host is never implied: every address is an explicit ``0.0.0.0`` or ``[::]``,
+    so an empty value (an unset shell variable in ``--listen "$ADDR:123"``, say)
+    cannot quietly open the server on every interface."""
     text = text.strip()
+    if not text:
+        raise BadAddress("empty listen address: expected HOST[:PORT], e.g. 192.0.2.1:123 "
+                         "(0.0.0.0 or [::] for every address)")
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -39,7 +46,10 @@ def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
         host, port_text = text, ""
     else:
         host, _, port_text = text.partition(":")
-    host = host or "0.0.0.0"
+    if not host.strip():
+        suffix = f":{port_text}" if port_text else ""
+        raise BadAddress(f"{text!r}: no host: write 0.0.0.0{suffix} or [::]{suffix} "
+                         "for every address")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -61,6 +71,3 @@ def packed_from_sockaddr(sockaddr: tuple[object, ...]) -> bytes:
     packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
     return packed[12:] if packed[:12] == _V4_MAPPED_PREFIX else packed
 
-
-def text_from_packed(packed: bytes) -> str:
-    return str(ipaddress.ip_address(packed))

@@ -183,39 +183,5 @@ class Responder:
                 + bytes(8) + xmt + xmt + xmt)
 
 
-def stamp_transmit(reply: bytearray, transmit_ts: int) -> None:
-    """Write the transmit timestamp into a reply, as late as possible before sending."""
-    reply[40:48] = transmit_ts.to_bytes(8, "big")
-
-
 def _int8(byte: int) -> int:
     return byte - 256 if byte > 127 else byte
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The fate of one packet: its reason (which implies the verdict) and any reply."""
-
-    reason: Reason
-    reply: bytes | None = None
-    version: int = 0
-
-
-def respond(data: bytes, source_port: int, receive_ns: int, clock: ClockState, now_ns: int,
-            answer_symmetric: bool = True) -> Outcome:
-    """The whole stateless responder as one pure function (filter not included).
-
-    Requests carrying a MAC are dropped here (``AUTH_FAILED``): without a key
-    table nothing can verify or sign them; ``guardntp/auth`` handles them.
-    """
-    inspected = inspect_request(data, source_port, answer_symmetric)
-    version = (data[0] >> 3) & 7 if data else 0
-    if isinstance(inspected, Reason):
-        return Outcome(inspected, None, version)
-    if inspected.mac_key_id is not None:
-        return Outcome(Reason.AUTH_FAILED, None, version)
-    responder = Responder(clock, now_ns)
-    reply = responder.time_reply(data, inspected, responder.served_ntp(receive_ns),
-                                 responder.served_ntp(now_ns))
-    assert len(reply) <= len(data)
-    return Outcome(Reason.ANSWERED, reply, version)

@@ -67,8 +67,3 @@ def ns_to_short(ns: int) -> int:
 def short_to_ns(short: int) -> int:
     """NTP short format -> nanoseconds."""
     return (short * NS_PER_S) >> 16
-
-
-def ns_to_seconds(ns: int) -> float:
-    """For display only."""
-    return ns / NS_PER_S

@@ -149,11 +149,6 @@ class NtpPacket:
         return "".join(chr(b) if 32 < b < 127 else "?" for b in self.refid).rstrip("?")
 
 
-def peek_version_mode(first_byte: int) -> tuple[int, int]:
-    """(version, mode) from the first byte: the cheapest look the filter can take."""
-    return (first_byte >> 3) & 7, first_byte & 7
-
-
 def parse(data: bytes) -> NtpPacket:
     """Parse a packet of any version 1-4. Raises :class:`MalformedPacket`."""
     length = len(data)

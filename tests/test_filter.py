@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardntp import fastlane
 from guardntp.clock import ClockState
 from guardntp.filter import fingerprint
-from guardntp.filter.acl import AccessList, AclEntry, Action
-from guardntp.filter.pipeline import Pipeline
-from guardntp.filter.policy import FilterPolicy
+from guardntp.filter.acl import AccessList, AclEntry, Action, parse_network
+from guardntp.filter.buckets import NewcomerTable
+from guardntp.filter.pipeline import Pipeline, compile_policy
+from guardntp.filter.policy import BadPolicy, FilterPolicy, LabelPolicy
 from guardntp.responder import Responder
 from guardntp.timestamps import NS_PER_S
 from guardntp.verdicts import Reason
@@ -244,6 +247,186 @@ def test_reload_keeps_bucket_state():
     h.pipeline.apply_policy(replace(h.policy, kod_interval_s=30.0, prefix_rate=20.0))
     assert h.send("192.0.2.7")[0] is Reason.RATE_LIMITED   # still drained
     assert len(h.pipeline.sources) == 1
+
+
+# ------------------------------------------------------------------- reload: all or nothing
+
+NET = ipaddress.ip_network
+
+#: Policies no filter can run, built in code (config.py would refuse each with its line),
+#: each changing the source burst too: none of it may take effect. (setting, changes)
+BAD_POLICIES = {
+    "kod_interval_s": {"source_burst": 100, "kod_interval_s": math.nan},
+    "prefix_rate": {"source_burst": 100, "prefix_rate": -1.0},
+    "labels.sntpv1.rate": {"source_burst": 100, "label_policies": {
+        fingerprint.SNTPV1: LabelPolicy(math.inf, 4)}},
+    "max_newcomers": {"source_burst": 100, "max_newcomers": 0,
+                      "acl": (AclEntry(NET("203.0.113.0/24"), Action.DROP),)},
+    "ipv6_source_prefix": {"source_burst": 100, "ipv6_source_prefix": 60},
+    "kod_rate": {"source_burst": 100, "kod_rate": 1e-12},   # ~30,000 years to refill
+    "global_reply_rate": {"source_burst": 100, "global_reply_rate": math.inf},
+    "leak_one_in": {"source_burst": 100, "leak_one_in": -4},
+}
+
+
+def observable(pipeline: Pipeline) -> dict[str, object]:
+    """What a reload may change, by value, beside the attributes compared by identity."""
+    return {
+        "limits": (pipeline.source_limit, pipeline.prefix_limit, pipeline.kod_limit,
+                   pipeline.global_limit, dict(pipeline.label_limits)),
+        "sizes": (pipeline.sources.max_entries, pipeline.prefixes.max_entries,
+                  pipeline.newcomers.max_entries),
+        "acl": (pipeline.acl.generation, sorted(str(e.network) for e in pipeline.acl.entries())),
+        "counts": list(pipeline.counters.counts),
+        "records": {key: list(record) for key, record in pipeline.sources.records.items()},
+        "lane": pipeline.fast_lane_config(),
+    }
+
+
+@pytest.mark.parametrize("setting", sorted(BAD_POLICIES))
+def test_a_refused_policy_changes_nothing(setting: str) -> None:
+    h = Harness(leak_one_in=0, acl=(AclEntry(NET("192.0.2.128/25"), Action.DROP),))
+    for _ in range(16):
+        assert h.send("198.51.100.9")[0] is Reason.ANSWERED
+    before, attributes = observable(h.pipeline), dict(vars(h.pipeline))
+    with pytest.raises(BadPolicy) as caught:
+        h.pipeline.apply_policy(replace(h.policy, **BAD_POLICIES[setting]))
+    assert caught.value.key == setting and str(caught.value).startswith(f"{setting}: ")
+    changed = [name for name, value in vars(h.pipeline).items() if attributes[name] is not value]
+    assert changed == [] and vars(h.pipeline).keys() == attributes.keys()
+    assert observable(h.pipeline) == before
+    # The burst of 16 is still the one that counts, and so is the guard time.
+    assert h.send("198.51.100.9")[0] is Reason.RATE_KOD
+    assert h.send("198.51.100.9")[0] is Reason.RATE_LIMITED
+    assert h.send("192.0.2.200")[0] is Reason.ACL_DENY
+    assert h.send("203.0.113.1")[0] is Reason.ANSWERED
+
+
+def test_a_good_policy_applies_fully_and_keeps_the_records() -> None:
+    h = Harness(leak_one_in=0)
+    for _ in range(17):
+        h.send("198.51.100.9")
+    record = h.pipeline.sources.records[ip("198.51.100.9")]
+    version = h.pipeline.config_version
+    new = replace(h.policy, source_burst=100, kod_interval_s=30.0, max_newcomers=1000,
+                  acl=(AclEntry(NET("203.0.113.0/24"), Action.DROP),),
+                  label_policies={fingerprint.SNTPV1: LabelPolicy(1.0, 7, send_kod=True)})
+    h.pipeline.apply_policy(new)
+    p = h.pipeline
+    assert p.policy is new and p.config_version == version + 1
+    assert (p.source_limit.burst, p.kod_interval_ns, p.newcomers.max_entries) == \
+        (100, 30 * NS_PER_S, 1000)
+    assert p.label_limits[fingerprint.SNTPV1].burst == 7 and p.label_kod[fingerprint.SNTPV1]
+    assert fingerprint.NETGEAR not in p.label_limits   # the label table is replaced whole
+    assert p.sources.records[ip("198.51.100.9")] is record and record[1] == 17
+    assert p.fast_lane_config()["tolerance"][0x23] == 99 * p.source_limit.interval_ns
+    assert h.send("203.0.113.1")[0] is Reason.ACL_DENY
+    # The drained bucket is kept (TAT 17 x 2 s ahead); the larger burst now covers it.
+    assert h.send("198.51.100.9")[0] is Reason.ANSWERED
+
+
+@pytest.mark.skipif(not fastlane.available(), reason="compiled loop not built")
+def test_the_compiled_loop_sees_a_refused_policy_not_at_all_and_a_good_one_whole() -> None:
+    policy = FilterPolicy(random_seed=1, leak_one_in=0)
+    pipeline = Pipeline(policy, Responder(CLOCK, WALL))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        lane = fastlane.FastLane(sock, pipeline)
+        source, now = ip("198.51.100.9"), 10 * NS_PER_S
+
+        def send() -> Reason:
+            reason, _reply, _signer, in_c = lane.decide_one(req(), source, 40000, WALL + now, now)
+            return Reason(reason)
+
+        assert [send() for _ in range(16)] == [Reason.ANSWERED] * 16
+        version = pipeline.config_version
+        with pytest.raises(BadPolicy, match="kod_interval_s"):
+            pipeline.apply_policy(replace(policy, source_burst=100, kod_interval_s=math.nan))
+        assert pipeline.config_version == version    # the lane is not reconfigured
+        assert send() is Reason.RATE_KOD             # burst 16, decided in C or not
+        pipeline.apply_policy(replace(policy, source_burst=100))
+        assert send() is Reason.ANSWERED             # burst 100, reconfigured
+        assert lane.fast_decisions > 0
+    finally:
+        sock.close()
+
+
+def test_access_list_replace_is_all_or_nothing() -> None:
+    acl = AccessList([AclEntry(NET("192.0.2.0/24"), Action.DROP)])
+    generation = acl.generation
+    with pytest.raises(AttributeError):
+        acl.replace([AclEntry(NET("198.51.100.0/24"), Action.DROP), object()])  # type: ignore[list-item]
+    assert acl.generation == generation
+    assert [str(entry.network) for entry in acl.entries()] == ["192.0.2.0/24"]
+    acl.replace([AclEntry(NET("198.51.100.0/24"), Action.DROP)])
+    assert acl.generation == generation + 1 and acl.lookup(ip("192.0.2.1"), 0) is None
+
+
+def test_a_resized_newcomer_table_keeps_the_most_recent() -> None:
+    table = NewcomerTable(4)
+    for i in range(4):
+        table.remember(bytes((i,)), i)
+    assert table.resized(4) is table
+    smaller = table.resized(2)
+    assert smaller.tats == {b"\x02": 2, b"\x03": 3} and table.tats[b"\x00"] == 0
+    assert smaller.max_entries == 2
+
+
+# ----------------------------------------------------------------------------- prefix lengths
+
+def test_an_ipv6_source_prefix_must_be_whole_bytes() -> None:
+    with pytest.raises(BadPolicy, match=r"^ipv6_source_prefix: must be a multiple of 8"):
+        Pipeline(FilterPolicy(ipv6_source_prefix=60), Responder(CLOCK, WALL))
+    assert compile_policy(FilterPolicy(ipv6_source_prefix=56)).v6_source_bytes == 7
+
+
+PREFIX_CASES = {
+    # policy, sources in one prefix, a source just outside it
+    "ipv4 /22": ({"ipv4_prefix": 22}, ["192.0.0.1", "192.0.1.2", "192.0.3.255"], "192.0.4.1"),
+    "ipv4 /20": ({"ipv4_prefix": 20}, ["10.0.0.1", "10.0.15.1"], "10.0.16.1"),
+    "ipv6 /60": ({"ipv6_prefix": 60}, ["2001:db8:0:10::1", "2001:db8:0:1f::1"],
+                 "2001:db8:0:20::1"),
+    "ipv6 /52": ({"ipv6_prefix": 52}, ["2001:db8:0:0::1", "2001:db8:0:fff::1"],
+                 "2001:db8:0:1000::1"),
+}
+
+
+def prefix_reasons(decide, inside: list[str], outside: str) -> list[Reason]:
+    """A prefix bucket of 3: three requests spread over ``inside`` drain it."""
+    now = 10 * NS_PER_S
+    reasons = [decide(req(), ip(source), 40000, WALL + now, now)[0]
+               for source in (inside * 3)[:4] + [outside]]
+    return [Reason(reason) for reason in reasons]
+
+
+@pytest.mark.parametrize("case", sorted(PREFIX_CASES))
+def test_prefix_buckets_of_any_length_are_masked_bit_by_bit(case: str) -> None:
+    settings, inside, outside = PREFIX_CASES[case]
+    policy = FilterPolicy(random_seed=1, leak_one_in=0, send_kod=False, prefix_burst=3,
+                          prefix_rate=0.001, **settings)  # type: ignore[arg-type]
+    expected = [Reason.ANSWERED] * 3 + [Reason.RATE_LIMITED, Reason.ANSWERED]
+    pipeline = Pipeline(policy, Responder(CLOCK, WALL))
+    assert prefix_reasons(pipeline.decide, inside, outside) == expected
+    if fastlane.available():   # and the compiled loop keys them the same way
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            lane = fastlane.FastLane(sock, Pipeline(policy, Responder(CLOCK, WALL)))
+            assert prefix_reasons(lane.decide_one, inside, outside) == expected
+        finally:
+            sock.close()
+
+
+# ----------------------------------------------------------------------------- mapped addresses
+
+def test_an_ipv4_mapped_network_is_the_ipv4_network_sources_are_seen_as() -> None:
+    assert parse_network("::ffff:192.0.2.0/120") == NET("192.0.2.0/24")
+    assert parse_network("::ffff:192.0.2.9") == NET("192.0.2.9/32")
+    assert parse_network("::ffff:0:0/96") == NET("0.0.0.0/0")
+    assert parse_network("::/0") == NET("::/0")                       # all IPv6 stays IPv6
+    assert parse_network("::fffe:0:0/96") == NET("::fffe:0:0/96")
+    entry = AclEntry(parse_network("::ffff:192.0.2.0/120"), Action.DROP)
+    h = Harness(acl=(entry,))
+    assert h.send("192.0.2.77")[0] is Reason.ACL_DENY   # a dual-stack socket's IPv4 client
 
 
 # ----------------------------------------------------------------------------- bounded memory

@@ -1,11 +1,17 @@
-"""The stateless responder as a pure function (protocol-rules.md, RFC 5905 §8-9)."""
+"""The stateless responder (protocol-rules.md, RFC 5905 §8-9), driven the way the server
+drives it: ``Pipeline.decide`` (sanity, then the responder's reply), then the transmit
+timestamp the socket loop writes just before sending."""
+
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardntp.clock import ClockState, unsynchronized
-from guardntp.responder import Responder, inspect_request, respond
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.policy import FilterPolicy
+from guardntp.responder import Responder, inspect_request
 from guardntp.timestamps import NS_PER_S, short_to_ns, unix_ns_to_ntp
 from guardntp.verdicts import VERDICT_OF, Reason, Verdict
 from guardntp.wire import Leap, Mode, NtpPacket, encode, parse
@@ -20,8 +26,25 @@ def request(version=4, mode=Mode.CLIENT, poll=6, xmt=0xDEAD_BEEF_0123_4567, **fi
     return encode(NtpPacket(version=version, mode=mode, poll=poll, transmit_ts=xmt, **fields))
 
 
-def answer(data, port=40000, clock=CLOCK, **kwargs):
-    return respond(data, port, NOW, clock, NOW + 1000, **kwargs)
+SOURCE = bytes((192, 0, 2, 10))
+SENT = NOW + 1000   # when the socket loop stamps the transmit field
+
+
+class Answer(NamedTuple):
+    reason: Reason
+    reply: bytes | None
+
+
+def answer(data, port=40000, clock=CLOCK, answer_symmetric=True) -> Answer:
+    """One request from a fresh source, as ``server.py`` handles it: received at NOW,
+    decided, and a time reply's transmit field written at SENT."""
+    responder = Responder(clock, SENT)
+    pipeline = Pipeline(FilterPolicy(answer_symmetric=answer_symmetric, max_newcomers=1),
+                        responder)
+    reason, reply, _signer = pipeline.decide(data, SOURCE, port, NOW, NOW)
+    if reply is not None and VERDICT_OF[reason] is Verdict.TIME:
+        reply = reply[:40] + responder.served_ntp(SENT).to_bytes(8, "big") + reply[48:]
+    return Answer(reason, reply)
 
 
 @settings(max_examples=500)
@@ -52,7 +75,7 @@ def test_versions_1_to_4_answered_in_kind(version, mode, poll, xmt):
 def test_timestamps_receive_and_transmit():
     reply = parse(answer(request()).reply)
     assert reply.receive_ts == unix_ns_to_ntp(NOW)
-    assert reply.transmit_ts == unix_ns_to_ntp(NOW + 1000)
+    assert reply.transmit_ts == unix_ns_to_ntp(SENT)
     assert reply.reference_ts == unix_ns_to_ntp(NOW - 64 * NS_PER_S)
 
 

@@ -62,11 +62,6 @@ class KeyType(enum.Enum):
     def is_cmac(self) -> bool:
         return self in (KeyType.AES128, KeyType.AES256)
 
-    @property
-    def guardntp_only(self) -> bool:
-        """No other NTP implementation speaks this type."""
-        return self is KeyType.HMAC_SHA256
-
 
 #: What a type name in the file may be spelled as (upper-cased before lookup).
 _TYPE_NAMES: dict[str, KeyType] = {

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from ..netaddr import BadAddress
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class Action(enum.Enum):
     ALLOW = "allow"      # normal service, subject to rate limits
@@ -24,7 +26,7 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class AclEntry:
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: Network
     action: Action
     origin: str = "config"          # config, manual, import, auto
     reason: str = ""
@@ -34,17 +36,39 @@ class AclEntry:
         return self.expires_ns is None or now_ns < self.expires_ns
 
 
-def parse_network(text: str, strict: bool = True) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR or a bare address. With ``strict``, host bits past the prefix are an error."""
+#: ::ffff:0:0/96, where IPv4-mapped IPv6 addresses live (RFC 4291 section 2.5.5.2).
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def as_seen_by_the_filter(network: Network) -> Network:
+    """An IPv4-mapped IPv6 network as the IPv4 network it stands for
+    (``::ffff:192.0.2.0/120`` -> ``192.0.2.0/24``); any other network unchanged.
+
+    A dual-stack socket reports an IPv4 client as ``::ffff:a.b.c.d``, but the filter
+    keys every source on its packed address, where such a client is plain IPv4
+    (``netaddr.packed_from_sockaddr``): written as mapped IPv6, an entry would never match.
+    """
+    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
+            and network.subnet_of(_V4_MAPPED)):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def parse_network(text: str, strict: bool = True) -> Network:
+    """A CIDR or a bare address. With ``strict``, host bits past the prefix are an error.
+    IPv4-mapped IPv6 comes back as the IPv4 network (:func:`as_seen_by_the_filter`)."""
     try:
-        return ipaddress.ip_network(text.strip(), strict=strict)
+        network = ipaddress.ip_network(text.strip(), strict=strict)
     except ValueError as error:
         message = str(error)
         if "host bits set" in message:
             network = ipaddress.ip_network(text.strip(), strict=False)
             raise BadAddress(f"{text.strip()!r} has host bits set past the /{network.prefixlen}; "
-                             f"did you mean {network}?") from None
+                             f"did you mean {as_seen_by_the_filter(network)}?") from None
         raise BadAddress(f"{text.strip()!r} is not an IPv4 or IPv6 address or CIDR") from None
+    return as_seen_by_the_filter(network)
 
 
 class AccessList:
@@ -72,7 +96,7 @@ class AccessList:
             lengths.sort(reverse=True)
         self.generation += 1
 
-    def remove(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    def remove(self, network: Network) -> bool:
         width = 4 if network.version == 4 else 16
         table = self._tables.get((width, network.prefixlen))
         if not table or table.pop(int(network.network_address), None) is None:
@@ -84,10 +108,17 @@ class AccessList:
         return True
 
     def replace(self, entries: list[AclEntry]) -> None:
-        """Swap in a whole new list (reload, blocklist refresh); bumps the generation."""
-        generation = self.generation
-        self.__init__(entries)  # type: ignore[misc]
-        self.generation = generation + 1
+        """Swap in a whole new list (reload, blocklist refresh); bumps the generation.
+        All or nothing: the new tables are built before any of these is touched."""
+        self.adopt(AccessList(entries))
+
+    def adopt(self, other: AccessList) -> None:
+        """Take ``other``'s entries in place of these, keeping this object (the compiled
+        loop holds it) and bumping the generation so cached lookups are redone.
+        Plain assignments only, so it cannot fail halfway; ``other`` is not used again."""
+        self._tables = other._tables
+        self._lengths = other._lengths
+        self.generation += 1
 
     def covers_ipv6(self) -> bool:
         """Is there any IPv6 entry? (If not, every IPv6 lookup is None: the compiled

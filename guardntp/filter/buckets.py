@@ -27,6 +27,7 @@ bucket, never waved through.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import MutableSequence
 from dataclasses import dataclass
@@ -40,6 +41,34 @@ except ImportError:  # no C compiler at install: no compiled loop to index for
     AddressIndex = None  # type: ignore[assignment, misc]
 
 
+#: The fastest rate a bucket can hold: one request per nanosecond, the unit TATs count in.
+MAX_RATE = float(NS_PER_S)
+#: The longest a bucket may take to refill from empty (burst / rate): ten years, far
+#: past any useful setting, so a TAT stays well inside 64 bits (the compiled loop
+#: keeps them as int64) however long the server runs.
+MAX_REFILL_NS = 10 * 365 * 86_400 * NS_PER_S
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or a float that is neither nan nor infinite (TOML has both); never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def is_whole_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class BadLimit(ValueError):
+    """A rate or burst no bucket can have; ``part`` says which ("rate" or "burst")."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(f"{part} {message}")
+        self.part = part
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A rate (requests per second, may be fractional) and a burst, as GCRA integers."""
@@ -49,11 +78,18 @@ class Limit:
 
     @classmethod
     def per_second(cls, rate: float, burst: int) -> Limit:
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, not {rate}")
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1, not {burst}")
+        """Raises :class:`BadLimit` unless 0 < rate <= MAX_RATE, burst >= 1 and the
+        bucket refills within MAX_REFILL_NS."""
+        if not is_finite_number(rate) or not 0 < rate <= MAX_RATE:
+            raise BadLimit("rate", f"must be a finite number > 0 and at most {MAX_RATE:.0f} "
+                           "(requests per second)")
+        if not is_whole_number(burst) or burst < 1:
+            raise BadLimit("burst", "must be a whole number >= 1")
         interval_ns = max(1, round(NS_PER_S / rate))
+        if burst * interval_ns > MAX_REFILL_NS:
+            raise BadLimit("rate", f"{rate:g}/s with a burst of {burst} takes "
+                           f"{burst * interval_ns / NS_PER_S:.3g} s to refill, more than "
+                           f"{MAX_REFILL_NS // NS_PER_S} s (ten years)")
         return cls(interval_ns, (burst - 1) * interval_ns)
 
     @property
@@ -63,16 +99,6 @@ class Limit:
     @property
     def burst(self) -> int:
         return self.tolerance_ns // self.interval_ns + 1
-
-
-def conforms(tat: int, now_ns: int, limit: Limit) -> bool:
-    """Would a request at ``now_ns`` fit the bucket whose TAT is ``tat``?"""
-    return tat - now_ns <= limit.tolerance_ns
-
-
-def charge(tat: int, now_ns: int, limit: Limit) -> int:
-    """The new TAT after a conforming request."""
-    return (tat if tat > now_ns else now_ns) + limit.interval_ns
 
 
 #: How many entries one admission may look at for an evictable one. Bounded, so a
@@ -173,11 +199,15 @@ class NewcomerTable:
         tats[key] = tat
         self._next = slot + 1 if slot + 1 < self.max_entries else 0
 
-    def resize(self, max_entries: int) -> None:
-        """Take a new size (reload); keeps the most recent entries that fit."""
+    def resized(self, max_entries: int) -> NewcomerTable:
+        """This table at a new size (reload), keeping the most recent entries that fit.
+
+        A new table (this one when the size is unchanged), so that the caller can
+        swap it in whole once everything else of a new policy is ready."""
         if max_entries == self.max_entries:
-            return
-        kept = list(self.tats.items())[-max_entries:]
-        self.__init__(max_entries)  # type: ignore[misc]
-        for key, tat in kept:
-            self.remember(key, tat)
+            return self
+        table = NewcomerTable(max_entries)
+        for key, tat in list(self.tats.items())[-max_entries:]:
+            table.remember(key, tat)
+        table.evictions = self.evictions
+        return table

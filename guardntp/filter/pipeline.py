@@ -19,8 +19,10 @@ Stages, in order; the first that decides ends the packet:
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable, MutableSequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..responder import NTP_PORT, Request, Responder, inspect_request
@@ -29,8 +31,8 @@ from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
 from . import fingerprint
 from .acl import AccessList, AclEntry, Action
-from .buckets import BucketTable, Limit, NewcomerTable
-from .policy import FilterPolicy
+from .buckets import BadLimit, BucketTable, Limit, NewcomerTable, is_finite_number, is_whole_number
+from .policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
 
 Signer = Callable[[bytes], bytes]
 Decision = tuple[Reason, bytes | None, Signer | None]
@@ -57,8 +59,10 @@ _NEVER = -(1 << 62)
 #: kept unboxed, which the compiled loop updates in place (``guardntp/_fastlane.c``).
 SourceRecord = MutableSequence[Any]
 try:
+    from .._fastlane import Lane as _Lane
     from .._fastlane import Record as _Record
-except ImportError:  # no C compiler at install: plain lists
+except ImportError:  # no C compiler at install: plain lists, and no compiled loop to configure
+    _Lane = None  # type: ignore[assignment, misc]
     _Record = None  # type: ignore[assignment, misc]
 
 # Hot-path aliases: a module global is one cached load, an enum class attribute is not.
@@ -94,6 +98,131 @@ def new_prefix_record(now_ns: int) -> SourceRecord:
     return [now_ns] if _Record is None else _Record((now_ns,))
 
 
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """What :class:`Pipeline` derives from a :class:`FilterPolicy`, all of it checked:
+    built by :func:`compile_policy` before a reload touches the running pipeline."""
+
+    policy: FilterPolicy
+    source_limit: Limit
+    prefix_limit: Limit
+    label_limits: dict[str, Limit]
+    label_kod: dict[str, bool]
+    global_limit: Limit | None
+    kod_limit: Limit
+    kod_interval_ns: int
+    leak_share: float
+    random: random.Random
+    reflection_ports: frozenset[int]
+    v6_source_bytes: int
+    v4_prefix_bits: int
+    v6_prefix_bits: int
+    #: IPv4 prefix keys on a byte boundary are a slice (the default /24); else 0.
+    v4_prefix_bytes: int
+    #: A 48-byte request's sanity verdict and packet label depend on its first byte
+    #: alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
+    #: those entries are None and take the full path. Shared Requests are immutable.
+    sanity_48: list[Request | Reason | None]
+    label_of_first: list[str | None]
+
+
+def _whole(key: str, value: object, low: int, high: int, why: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadPolicy(key, f"must be a whole number from {low} to {high}{why}")
+    return value
+
+
+def _flag(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BadPolicy(key, "must be true or false")
+    return value
+
+
+def _limit(rate_key: str, rate: float, burst_key: str, burst: int) -> Limit:
+    try:
+        return Limit.per_second(rate, burst)
+    except BadLimit as error:
+        raise BadPolicy(rate_key if error.part == "rate" else burst_key, error.message) from None
+
+
+def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
+    """Everything :meth:`Pipeline.apply_policy` needs from ``policy``, checked.
+
+    Pure: no pipeline is touched, so a reload can build this first and fail with
+    nothing half-applied. Raises :class:`BadPolicy` naming the setting for a value
+    the filter cannot run (nan, inf, a rate <= 0, a bucket that would take more
+    than ten years to refill, an IPv6 source prefix that is not whole bytes, ...).
+    ``config.py`` calls it too, so ``check-config`` refuses what a reload would."""
+    answer_symmetric = _flag("answer_symmetric", policy.answer_symmetric)
+    _flag("send_kod", policy.send_kod)
+    ports = policy.reflection_ports
+    if not isinstance(ports, frozenset | set) or not all(
+            is_whole_number(port) and 0 <= port <= 65535 for port in ports):
+        raise BadPolicy("reflection_ports", "must be a set of port numbers 0-65535")
+    source_limit = _limit("source_rate", policy.source_rate, "source_burst", policy.source_burst)
+    prefix_limit = _limit("prefix_rate", policy.prefix_rate, "prefix_burst", policy.prefix_burst)
+    label_limits: dict[str, Limit] = {}
+    label_kod: dict[str, bool] = {}
+    if not isinstance(policy.label_policies, dict):
+        raise BadPolicy("labels", "must map packet labels to label policies")
+    for label, label_policy in policy.label_policies.items():
+        where = f"labels.{label}"
+        if not isinstance(label_policy, LabelPolicy):
+            raise BadPolicy(where, "must be a LabelPolicy (rate, burst, send_kod)")
+        label_limits[label] = _limit(f"{where}.rate", label_policy.rate,
+                                     f"{where}.burst", label_policy.burst)
+        label_kod[label] = _flag(f"{where}.send_kod", label_policy.send_kod)
+    global_rate = policy.global_reply_rate
+    if not is_finite_number(global_rate) or global_rate < 0:
+        raise BadPolicy("global_reply_rate", "must be a finite number >= 0 (0: no cap)")
+    global_limit = (_limit("global_reply_rate", global_rate,
+                           "global_reply_burst", policy.global_reply_burst)
+                    if global_rate > 0 else None)
+    kod_limit = _limit("kod_rate", policy.kod_rate, "kod_burst", policy.kod_burst)
+    kod_interval_s = policy.kod_interval_s
+    if not is_finite_number(kod_interval_s) or not 0 <= kod_interval_s <= MAX_KOD_INTERVAL_S:
+        raise BadPolicy("kod_interval_s", f"must be a finite number from 0 to "
+                        f"{MAX_KOD_INTERVAL_S:.0f} (seconds)")
+    _whole("kod_min_poll", policy.kod_min_poll, -128, 127, " (a poll exponent)")
+    leak_one_in = _whole("leak_one_in", policy.leak_one_in, 0, 1 << 62, " (0: off)")
+    # Source keys are whole bytes of the address, here and in the compiled loop
+    # (its index keys are byte strings), so a /60 cannot be honoured: refuse it
+    # rather than key on /56 behind the operator's back.
+    v6_source_bits = _whole("ipv6_source_prefix", policy.ipv6_source_prefix, 8, 128)
+    if v6_source_bits % 8:
+        raise BadPolicy("ipv6_source_prefix", f"must be a multiple of 8 (sources are keyed on "
+                        f"whole bytes of the address): {v6_source_bits // 8 * 8} or "
+                        f"{v6_source_bits // 8 * 8 + 8}?")
+    # Prefix keys of any length are masked bit by bit (_prefix_key; the compiled loop
+    # does the same for IPv4 and hands IPv6 with a non-byte prefix to decide()).
+    v4_prefix_bits = _whole("ipv4_prefix", policy.ipv4_prefix, 1, 32)
+    v6_prefix_bits = _whole("ipv6_prefix", policy.ipv6_prefix, 1, 128)
+    for key in ("max_sources", "max_prefixes", "max_newcomers"):
+        _whole(key, getattr(policy, key), 1, 1 << 32)
+    if policy.random_seed is not None:
+        _whole("random_seed", policy.random_seed, 0, (1 << 64) - 1)
+    for index, entry in enumerate(policy.acl):
+        if not isinstance(entry, AclEntry) or not isinstance(entry.action, Action) or not \
+                isinstance(entry.network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise BadPolicy(f"acl[{index}]", "must be an AclEntry with a network and an action")
+    padding = bytes(HEADER_LEN - 1)
+    return CompiledPolicy(
+        policy=policy, source_limit=source_limit, prefix_limit=prefix_limit,
+        label_limits=label_limits, label_kod=label_kod, global_limit=global_limit,
+        kod_limit=kod_limit,
+        kod_interval_ns=round(kod_interval_s * NS_PER_S),  # 1.001 s, not 1000999999
+        leak_share=1.0 / leak_one_in if leak_one_in > 0 else 0.0,
+        random=random.Random(policy.random_seed),
+        reflection_ports=frozenset(ports), v6_source_bytes=v6_source_bits // 8,
+        v4_prefix_bits=v4_prefix_bits, v6_prefix_bits=v6_prefix_bits,
+        v4_prefix_bytes=v4_prefix_bits // 8 if v4_prefix_bits % 8 == 0 else 0,
+        sanity_48=[None if (first >> 3) & 7 == 1 and first & 7 == 0
+                   else inspect_request(bytes((first,)) + padding, 0, answer_symmetric)
+                   for first in range(256)],
+        label_of_first=[None if (first >> 3) & 7 == 1 else fingerprint.packet_label(first, 0)
+                        for first in range(256)])
+
+
 class Pipeline:
     def __init__(self, policy: FilterPolicy, responder: Responder,
                  authenticator: Authenticator | None = None) -> None:
@@ -105,14 +234,16 @@ class Pipeline:
         self.counters = Counters()
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
         self.table_full = 0   # second requests that found no room among established sources
-        self.sources = BucketTable(policy.max_sources)
-        self.prefixes = BucketTable(policy.max_prefixes)
-        self.newcomers = NewcomerTable(policy.max_newcomers)
-        self.acl = AccessList(list(policy.acl))
-        self._config_acl: list[AclEntry] = list(policy.acl)
+        # Sized, like everything the policy decides, by apply_policy below.
+        self.sources = BucketTable(1)
+        self.prefixes = BucketTable(1)
+        self.newcomers = NewcomerTable(1)
+        self.acl = AccessList()
+        self._config_acl: list[AclEntry] = []
         self._blocklist: list[AclEntry] = []
         self._global_tat = 0
         self._kod_tat = 0
+        self._prefix_overflow: SourceRecord = [0]
         self.apply_policy(policy)
 
     # ------------------------------------------------------------------ configuration
@@ -127,50 +258,75 @@ class Pipeline:
         self.config_version += 1
 
     def apply_policy(self, policy: FilterPolicy) -> None:
-        """Take new settings (reload) keeping every bucket and counter."""
-        self.config_version += 1
+        """Take new settings (reload) keeping every bucket, record and counter.
+
+        All or nothing: everything the new settings need (limits, tables, the access
+        list, the compiled loop's configuration) is built and checked first, and only
+        then swapped in by plain assignments that cannot fail. Raises
+        :class:`BadPolicy` with the running settings untouched."""
+        compiled = compile_policy(policy)
+        config_acl = list(policy.acl)
+        acl = AccessList(config_acl + self._blocklist) if config_acl != self._config_acl else None
+        newcomers = self.newcomers.resized(policy.max_newcomers)
+        lane_settings = self._lane_settings(compiled)
+        if _Lane is not None:
+            # The compiled loop checks its configuration as it copies it; try it on a
+            # scratch lane (no socket is touched) so that FastLane cannot refuse it later.
+            try:
+                _Lane(-1, False, 1, HEADER_LEN + 1).configure(
+                    {**lane_settings, **self._lane_objects()})
+            except (KeyError, TypeError, ValueError, OverflowError) as error:
+                raise BadPolicy("", f"the compiled packet loop refuses these settings: "
+                                f"{error}") from None
+        # -- the swap: from here on nothing can fail
         self.policy = policy
-        self.source_limit = Limit.per_second(policy.source_rate, policy.source_burst)
-        self.prefix_limit = Limit.per_second(policy.prefix_rate, policy.prefix_burst)
-        self.label_limits = {
-            label: Limit.per_second(p.rate, p.burst) for label, p in policy.label_policies.items()}
-        self.label_kod = {label: p.send_kod for label, p in policy.label_policies.items()}
-        self.global_limit = (Limit.per_second(policy.global_reply_rate, policy.global_reply_burst)
-                             if policy.global_reply_rate > 0 else None)
-        self.kod_limit = Limit.per_second(policy.kod_rate, policy.kod_burst)
-        self.kod_interval_ns = round(policy.kod_interval_s * NS_PER_S)  # 1.001 s, not 1000999999
-        self.leak_share = 1.0 / policy.leak_one_in if policy.leak_one_in > 0 else 0.0
-        self.random = random.Random(policy.random_seed)
-        self.reflection_ports = policy.reflection_ports
-        self.v6_source_bytes = policy.ipv6_source_prefix // 8
-        self.v4_prefix_bits = policy.ipv4_prefix
-        self.v6_prefix_bits = policy.ipv6_prefix
+        self.source_limit = compiled.source_limit
+        self.prefix_limit = compiled.prefix_limit
+        self.label_limits = compiled.label_limits
+        self.label_kod = compiled.label_kod
+        self.global_limit = compiled.global_limit
+        self.kod_limit = compiled.kod_limit
+        self.kod_interval_ns = compiled.kod_interval_ns
+        self.leak_share = compiled.leak_share
+        self.random = compiled.random
+        self.reflection_ports = compiled.reflection_ports
+        self.v6_source_bytes = compiled.v6_source_bytes
+        self.v4_prefix_bits = compiled.v4_prefix_bits
+        self.v6_prefix_bits = compiled.v6_prefix_bits
+        self._v4_prefix_bytes = compiled.v4_prefix_bytes
+        self._sanity_48 = compiled.sanity_48
+        self._label_of_first = compiled.label_of_first
         self.sources.max_entries = policy.max_sources
         self.prefixes.max_entries = policy.max_prefixes
-        if list(policy.acl) != self._config_acl:
-            self._config_acl = list(policy.acl)
-            self._rebuild_acl()
-        self.newcomers.resize(policy.max_newcomers)
+        self.newcomers = newcomers
+        if acl is not None:
+            self._config_acl = config_acl
+            self.acl.adopt(acl)
         self._prefix_overflow = [0]
-        # A 48-byte request's sanity verdict and packet label depend on its first byte
-        # alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
-        # those entries are None and take the full path. Shared Requests are immutable.
-        padding = bytes(HEADER_LEN - 1)
-        self._sanity_48: list[Request | Reason | None] = [
-            None if (first >> 3) & 7 == 1 and first & 7 == 0
-            else inspect_request(bytes((first,)) + padding, 0, policy.answer_symmetric)
-            for first in range(256)]
-        self._label_of_first: list[str | None] = [
-            None if (first >> 3) & 7 == 1 else fingerprint.packet_label(first, 0)
-            for first in range(256)]
-        # IPv4 prefix keys on a byte boundary are a slice (the default /24).
-        self._v4_prefix_bytes = self.v4_prefix_bits // 8 if self.v4_prefix_bits % 8 == 0 else 0
+        self._lane_config = lane_settings
+        self.config_version += 1
 
     def fast_lane_config(self) -> dict[str, Any]:
         """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
         common cases exactly as :meth:`decide` does: the objects it reads and updates in
         place, and per first byte of a 48-byte request the sanity verdict, label, reply
-        mode and bucket limit. Valid until ``config_version`` changes.
+        mode and bucket limit. Valid until ``config_version`` changes."""
+        return {**self._lane_config, **self._lane_objects()}
+
+    def _lane_objects(self) -> dict[str, Any]:
+        """The part of :meth:`fast_lane_config` that is this pipeline's live objects."""
+        authenticator = self._authenticator
+        requires_any = getattr(authenticator, "requires_any", None)
+        enabled = authenticator is None or (requires_any is not None and not requires_any())
+        return {
+            "pipeline": self, "decide": self.decide, "index": self.sources.index,
+            "prefix_index": self.prefixes.index, "counts": self.counters.counts,
+            "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
+            "enabled": int(enabled)}
+
+    @staticmethod
+    def _lane_settings(compiled: CompiledPolicy) -> dict[str, Any]:
+        """The part of :meth:`fast_lane_config` that a policy decides.
 
         NTPv1 is the exception where the source port matters: mode 0 from port 123
         is dropped (``drop_reason_ntp_port``), and the label (so the limit and the
@@ -178,14 +334,14 @@ class Pipeline:
         and KoD choices are therefore given per *label slot*: 256 first bytes, then
         NTPv1 from the Netgear port, then NTPv1 from any other port."""
         padding = bytes(HEADER_LEN - 1)
-        answer_symmetric = self.policy.answer_symmetric
+        answer_symmetric = compiled.policy.answer_symmetric
         drop_reason = bytearray(b"\xff" * 256)
         drop_reason_ntp_port = bytearray(b"\xff" * 256)
         eligible = bytearray(256)
         reply_mode = bytearray(256)
         for first in range(256):
             packet = bytes((first,)) + padding
-            sane = self._sanity_48[first]
+            sane = compiled.sanity_48[first]
             if sane is None:   # NTPv1 mode 0: decided by the port; this is any port but 123
                 sane = inspect_request(packet, 0, answer_symmetric)
             at_ntp_port = inspect_request(packet, NTP_PORT, answer_symmetric)
@@ -196,24 +352,19 @@ class Pipeline:
             elif sane.mac_key_id is None and sane.whole_tail_mac is None:
                 eligible[first] = 1
                 reply_mode[first] = sane.reply_mode
-        labels = (*self._label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1)
-        limits = [self.label_limits.get(label, self.source_limit) if label
-                  else self.source_limit for label in labels]
+        labels = (*compiled.label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1)
+        source_limit = compiled.source_limit
+        limits = [compiled.label_limits.get(label, source_limit) if label else source_limit
+                  for label in labels]
         kod_of_first = bytearray(
-            1 if label is not None and self.label_kod.get(label, True) else 0
+            1 if label is not None and compiled.label_kod.get(label, True) else 0
             for label in labels)
         reflection = bytearray(8192)
-        for port in self.reflection_ports:
-            if 0 <= port < 65536:
-                reflection[port >> 3] |= 1 << (port & 7)
-        authenticator = self._authenticator
-        requires_any = getattr(authenticator, "requires_any", None)
-        enabled = authenticator is None or (requires_any is not None and not requires_any())
-        global_limit = self.global_limit
+        for port in compiled.reflection_ports:
+            reflection[port >> 3] |= 1 << (port & 7)
+        global_limit = compiled.global_limit
+        kod_limit = compiled.kod_limit
         return {
-            "pipeline": self, "decide": self.decide, "index": self.sources.index,
-            "prefix_index": self.prefixes.index, "counts": self.counters.counts,
-            "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
             "labels": labels, "netgear_port": fingerprint.NETGEAR_PORT,
             "drop_reason": bytes(drop_reason),
             "drop_reason_ntp_port": bytes(drop_reason_ntp_port), "eligible": bytes(eligible),
@@ -225,10 +376,11 @@ class Pipeline:
             "record_len": RECORD_LEN,
             "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
                        if global_limit is not None else (0, 0, 0)),
-            "prefix_interval": self.prefix_limit.interval_ns,
-            "prefix_tolerance": self.prefix_limit.tolerance_ns,
-            "v4_prefix_bits": self.v4_prefix_bits,
-            "v6_source_bytes": self.v6_source_bytes, "v6_prefix_bits": self.v6_prefix_bits,
+            "prefix_interval": compiled.prefix_limit.interval_ns,
+            "prefix_tolerance": compiled.prefix_limit.tolerance_ns,
+            "v4_prefix_bits": compiled.v4_prefix_bits,
+            "v6_source_bytes": compiled.v6_source_bytes,
+            "v6_prefix_bits": compiled.v6_prefix_bits,
             "n_reasons": N_REASONS, "reason_reflection": int(Reason.REFLECTION_PORT),
             "reason_global_cap": int(Reason.GLOBAL_CAP),
             "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),
@@ -238,11 +390,10 @@ class Pipeline:
             "action_drop": Action.DROP, "reason_acl_deny": int(Reason.ACL_DENY),
             "reason_blocklisted": int(Reason.BLOCKLISTED),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
-            "random": self.random.random, "leak_share": self.leak_share,
-            "send_kod": int(self.policy.send_kod), "kod_of_first": bytes(kod_of_first),
-            "kod": (self.kod_interval_ns, self.kod_limit.interval_ns,
-                    self.kod_limit.tolerance_ns, self.policy.kod_min_poll),
-            "enabled": int(enabled),
+            "random": compiled.random.random, "leak_share": compiled.leak_share,
+            "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),
+            "kod": (compiled.kod_interval_ns, kod_limit.interval_ns,
+                    kod_limit.tolerance_ns, compiled.policy.kod_min_poll),
         }
 
     def set_blocklist(self, entries: list[AclEntry]) -> None:

@@ -1,7 +1,9 @@
 """The filter's settings, each default with the reason for its number.
 
 Rule: this is plain data. ``guardntp/config.py`` fills it from TOML and CLI
-flags; ``pipeline.py`` turns it into GCRA limits once, at (re)load.
+flags, checking each value against the ranges a person may sensibly set;
+``pipeline.compile_policy`` turns it into GCRA limits once, at (re)load, and
+refuses (:class:`BadPolicy`) what the filter cannot run, whoever built it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ from .acl import AclEntry, Action
 #: NTPsec clients send from it.
 DEFAULT_REFLECTION_PORTS = frozenset(
     {0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 137, 138, 161, 162, 389, 1900, 3702, 5353, 11211})
+
+#: The longest per-source KoD guard time. A day is past any use (a client that was
+#: kissed once has long since backed off), and it keeps the guard a small integer.
+MAX_KOD_INTERVAL_S = 86_400.0
+
+
+class BadPolicy(ValueError):
+    """A :class:`FilterPolicy` the filter cannot run; ``key`` names the setting as
+    under ``[filter]`` (``source_rate``, ``labels.sntpv1.burst``, ``acl[2]``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
