@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
@@ -24,6 +25,11 @@ COMMAND_MODULES = (
     "capture",
     "replay",
 )
+
+
+#: Exit status when stdout's reader went away (``guardntp stats | head -1``): 128 + SIGPIPE,
+#: as git and coreutils do, so ``set -o pipefail`` still sees the output was cut short.
+CLOSED_STDOUT = 141
 
 
 class CommandError(Exception):
@@ -63,13 +69,31 @@ def main(argv: list[str] | None = None) -> int:
             args.command == "serve" else logging.WARNING,
             format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
         status: int = args.func(args)
+        sys.stdout.flush()
         return status
+    except BrokenPipeError:
+        discard_stdout()
+        return CLOSED_STDOUT
     except CommandError as error:
         print(f"guardntp: {error}" if not str(error).startswith("guardntp") else str(error),
               file=sys.stderr)
         return error.status
     except KeyboardInterrupt:
         return 130
+
+
+def discard_stdout() -> None:
+    # Python flushes stdout once more at exit and would report that failure too;
+    # pointed at /dev/null, what is still buffered goes nowhere, quietly.
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

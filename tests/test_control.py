@@ -15,10 +15,18 @@ from pathlib import Path
 
 import pytest
 from conftest import free_udp_port, guardntp_server
+from test_control_channel import attacker
 
 from guardntp import client
 from guardntp.cli import main
-from guardntp.control.channel import MAX_REQUEST, peer_allowed, socket_path
+from guardntp.control.channel import (
+    MAX_CONNECTIONS,
+    MAX_REQUEST,
+    ControlError,
+    peer_allowed,
+    request,
+    socket_path,
+)
 from guardntp.control.reports import client_rows, format_clients, source_text
 from guardntp.filter.pipeline import new_record
 
@@ -254,6 +262,55 @@ def test_a_second_server_on_the_same_state_directory_is_refused(running) -> None
     assert "Traceback" not in result.stderr
     # ... and the first one's socket is untouched.
     assert raw_request(running.state_dir, b'{"command": "stats"}')["ok"]
+
+
+def test_a_deeply_nested_frame_leaves_the_server_serving(
+        running, capsys: pytest.CaptureFixture[str]) -> None:
+    state = running.state_dir
+    for frame in (b"[" * 1000, b'{"a":' * 1000, b"[" * 1000 + b"]" * 1000):
+        reply = raw_request(state, frame)
+        assert reply["ok"] is False and "deeper than" in reply["error"]
+    assert raw_request(state, b"\xff\xfe{")["error"] == "request is not JSON"
+    assert running.process.poll() is None
+    status, out, _ = ask(capsys, "stats", "--json", "--state-dir", str(state))
+    assert status == 0 and json.loads(out)["packets"] >= 1
+    client.exchange("127.0.0.1", running.port, timeout_s=2)
+    log = running.log()
+    assert "Traceback" not in log and "RecursionError" not in log
+    assert "control: bad request: request nests" in log
+
+
+def test_idle_connections_reopened_in_a_loop_do_not_lock_out_stats(running) -> None:
+    state = running.state_dir
+    with attacker(socket_path(state).parent, MAX_CONNECTIONS + 8, seconds=6.0):
+        for _ in range(10):
+            assert request(state, {"command": "stats"}, timeout_s=5)["ok"] is True
+            time.sleep(0.2)
+        client.exchange("127.0.0.1", running.port, timeout_s=2)
+    assert running.process.poll() is None
+    assert "Traceback" not in running.log()
+
+
+def test_a_removed_state_directory_gets_its_control_socket_back(running) -> None:
+    state = running.state_dir
+    shutil.rmtree(state)
+    deadline = time.monotonic() + 10
+    reply: dict = {}
+    while time.monotonic() < deadline and not reply:
+        try:
+            reply = request(state, {"command": "stats"}, timeout_s=2)
+        except ControlError:
+            time.sleep(0.2)
+    assert reply.get("ok") is True
+    assert oct(os.lstat(socket_path(state).parent).st_mode & 0o777) == "0o700"
+    # ... so a second server on the same directory is still refused.
+    result = subprocess.run(
+        [sys.executable, "-m", "guardntp", "serve", "--clock", "local", "--listen",
+         f"127.0.0.1:{free_udp_port()}", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode != 0 and "another guardntp server already uses" in result.stderr
+    log = running.log()
+    assert log.count("re-created it") == 1 and "Traceback" not in log
 
 
 # ---------------------------------------------------------------------------- pure parts

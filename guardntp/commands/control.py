@@ -2,6 +2,10 @@
 
 They talk to the control socket in the server's state directory, so give them
 the same ``--state-dir`` (or ``GUARDNTP_STATE_DIR``, or ``-c FILE``) as the server.
+
+Output goes out in one write and flush; when the reader has gone (``| head``) the
+command ends quietly with status 141 (128 + SIGPIPE, what a tool killed by the
+signal reports, so ``set -o pipefail`` still sees that output was cut short).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from ..cli import CommandError
+from ..cli import CLOSED_STDOUT, CommandError, discard_stdout
 from ..control.channel import ControlError, request
 from ..control.reports import SORT_KEYS, format_clients, format_stats
 from .block import add_state_arguments, state_dir_from
@@ -58,35 +62,42 @@ def _ask(args: argparse.Namespace, message: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+#: The exit status when stdout's reader went away before all was written.
+
+
+def emit(text: str) -> int:
+    """Write ``text`` to stdout and flush: 0, or CLOSED_STDOUT if the reader has gone."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        return CLOSED_STDOUT
+    return 0
+
+
 def run_clients(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CommandError("--limit must be 0 (all) or more", 2)
     reply = _ask(args, {"command": "clients", "sort": args.sort, "limit": args.limit})
     if args.json:
-        json.dump({"clients": reply["clients"], "total": reply["total"],
-                   "truncated": reply["truncated"]}, sys.stdout, indent=2)
-        print()
-        return 0
+        return emit(json.dumps({"clients": reply["clients"], "total": reply["total"],
+                                "truncated": reply["truncated"]}, indent=2) + "\n")
     rows = reply["clients"]
     if not rows:
-        print("no clients yet")
-        return 0
-    sys.stdout.write(format_clients(rows))
+        return emit("no clients yet\n")
+    text = format_clients(rows)
     if reply["truncated"] or len(rows) < reply["total"]:
-        print(f"({len(rows)} of {reply['total']} sources"
-              + ("; the server sends at most 5000 rows" if reply["truncated"] else "") + ")")
-    return 0
+        text += (f"({len(rows)} of {reply['total']} sources"
+                 + ("; the server sends at most 5000 rows" if reply["truncated"] else "")
+                 + ")\n")
+    return emit(text)
 
 
 def run_stats(args: argparse.Namespace) -> int:
     reply = _ask(args, {"command": "stats"})
     reply.pop("ok", None)
-    if args.json:
-        json.dump(reply, sys.stdout, indent=2)
-        print()
-    else:
-        sys.stdout.write(format_stats(reply))
-    return 0
+    return emit(json.dumps(reply, indent=2) + "\n" if args.json else format_stats(reply))
 
 
 def run_reload(args: argparse.Namespace) -> int:
@@ -94,5 +105,4 @@ def run_reload(args: argparse.Namespace) -> int:
     if not reply.get("reloaded"):
         raise CommandError(f"reload refused, the running configuration is kept: "
                            f"{reply.get('error')}")
-    print(reply.get("message", "reloaded"))
-    return 0
+    return emit(f"{reply.get('message', 'reloaded')}\n")
