@@ -159,7 +159,9 @@ class Server:
                 self.batched[sock] = fastlane.FastLane(sock, pipeline)
             elif fastio.available(sock):
                 self.batched[sock] = fastio.BatchSocket(sock)
-        if sockets and fastio.available() and not fastlane.available():
+        if sockets and fastlane.available():
+            log.info("packet loop: compiled (guardntp._fastlane)")
+        elif sockets and fastio.available():
             log.info("packet loop in Python: %s", fastlane.unavailable_because())
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,20 @@ from conftest import (
 )
 
 from guardntp import client
-from guardntp.clock import ClockState
+from guardntp.cli import main
+from guardntp.clock import ClockState, unsynchronized
+from guardntp.control.reports import format_stats, stats_report
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.policy import FilterPolicy
 from guardntp.responder import Responder
-from guardntp.timesources import refid_bytes
+from guardntp.timesources import refid_bytes, sync_change
 from guardntp.timesources.kernel import STA_INS, STA_UNSYNC, KernelClock, read_kernel_clock
-from guardntp.timesources.system import SystemClock, clock_state_from, parse_chronyc_tracking
+from guardntp.timesources.system import (
+    KERNEL_REFRESH_NS,
+    SystemClock,
+    clock_state_from,
+    parse_chronyc_tracking,
+)
 from guardntp.timesources.upstream import Measurement, Upstream, UpstreamClock, parse_upstream
 from guardntp.timesources.upstream import clock_state_from as upstream_state
 from guardntp.timestamps import NS_PER_S, unix_ns_to_ntp
@@ -30,6 +42,7 @@ NOW = 1_800_000_000 * NS_PER_S
 REAL_TRACKING = ("7F7F0101,,8,1795294628.107179862,0.000000000,0.000000000,0.000000000,0.000,"
                  "0.000,0.000,0.001500000,0.000250000,0.0,Normal")
 SYNCED = KernelClock(state=0, status=0, maxerror_us=1500, esterror_us=20)
+UNSYNCED = KernelClock(state=5, status=STA_UNSYNC, maxerror_us=16_000_000, esterror_us=0)
 
 
 def test_parse_chronyc_tracking_line_from_chrony_4_3():
@@ -89,16 +102,17 @@ def test_system_source_reads_a_real_chronyd(tmp_path: Path):
             source._refresh_tracking(NOW)
             if source._tracking is not None:
                 break
-            import time
             time.sleep(0.1)
         assert source._tracking is not None and source._tracking.stratum == 7
         state = clock_state_from(SYNCED, source._tracking, 2, b"\0" * 4, -20, NOW)
         assert state.stratum == 7
 
 
-def test_system_clock_served_on_this_machine_matches_the_kernel(tmp_path: Path):
+def test_system_clock_served_on_this_machine_matches_the_kernel(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """Here the kernel says "unsynchronised" (no NTP daemon disciplines it), so replies
-    must be LI=3 — and our client must refuse to take time from them."""
+    must be LI=3 — and our client must refuse to take time from them. The server
+    says so once in its log, and ``guardntp stats`` shows the clock it serves."""
     synced = read_kernel_clock().synchronized
     with guardntp_server(tmp_path, "--clock", "system", wait=False) as server:
         for _ in range(100):
@@ -110,10 +124,143 @@ def test_system_clock_served_on_this_machine_matches_the_kernel(tmp_path: Path):
                 assert not synced and "not synchronised" in str(error)
                 break
             except OSError:   # not listening yet (refused) or timed out
-                import time
                 time.sleep(0.1)
         else:
             pytest.fail("server never answered")
+        # Several clock refreshes (every 0.25 s) pass: still one warning at most.
+        time.sleep(1.0)
+        capsys.readouterr()
+        assert main(["stats", "--json", "--state-dir", str(server.state_dir)]) == 0
+        clock = json.loads(capsys.readouterr().out)["clock"]
+        assert main(["stats", "--state-dir", str(server.state_dir)]) == 0
+        text = capsys.readouterr().out
+        log = server.log()
+    assert clock["source"] == "system" and clock["synchronized"] is synced
+    assert log.count("system clock NOT synchronised") == (0 if synced else 1), log
+    if not synced:
+        assert clock["leap"] == "unsynchronized" and clock["stratum"] == 0
+        assert "kernel reports the clock unsynchronised" in log
+        assert text.startswith("clock        system, NOT synchronised (")
+
+
+def _counting(readings: list[KernelClock | OSError]):
+    """A fake adjtimex: the readings in turn (the last one repeats), and a call count."""
+    calls = []
+
+    def read() -> KernelClock:
+        calls.append(1)
+        reading = readings[min(len(calls), len(readings)) - 1]
+        if isinstance(reading, OSError):
+            raise reading
+        return reading
+    return read, calls
+
+
+def test_sync_change_logs_only_changes_and_no_first_synchronised_reading():
+    synced = clock_state_from(SYNCED, None, 2, b"GPS\0", -20, NOW)
+    lost = clock_state_from(UNSYNCED, None, 2, b"GPS\0", -20, NOW)
+    assert sync_change(None, synced) is None
+    assert sync_change(True, synced) is None and sync_change(False, lost) is None
+    level, message = sync_change(None, lost) or (0, "")
+    assert level == logging.WARNING
+    assert message.startswith("system clock NOT synchronised (kernel reports the clock "
+                              "unsynchronised)") and "leap indicator 3" in message
+    assert sync_change(True, lost) == (level, message)
+    level, message = sync_change(False, synced) or (0, "")
+    assert level == logging.INFO and "synchronised again" in message
+    assert "stratum 2" in message and "refid 71.80.83.0" in message
+    assert "leap none" in message
+
+
+def test_system_clock_warns_once_when_the_kernel_loses_sync_and_tells_when_it_is_back(
+        caplog: pytest.LogCaptureFixture):
+    read, calls = _counting([SYNCED, SYNCED, UNSYNCED, UNSYNCED, OSError(1, "nope"),
+                             UNSYNCED, SYNCED, SYNCED])
+    source = SystemClock(stratum=3, read_kernel=read, read_tracking=lambda: None)
+    caplog.set_level(logging.DEBUG, logger="guardntp.clock")
+    served = []
+    for step in range(10):
+        now = NOW + step * KERNEL_REFRESH_NS
+        served.append(source.state(now).synchronized)
+        # Within the refresh interval the cached reading is served: no adjtimex call.
+        assert source.state(now + KERNEL_REFRESH_NS - 1).synchronized is served[-1]
+    assert len(calls) == 10
+    assert served == [True, True, False, False, False, False, True, True, True, True]
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in records] == [logging.WARNING, logging.INFO], records
+    assert "NOT synchronised (kernel reports the clock unsynchronised)" in records[0][1]
+    assert "synchronised again" in records[1][1] and "stratum 3" in records[1][1]
+
+
+def test_system_clock_unsynchronised_from_the_start_warns_at_the_first_reading(
+        caplog: pytest.LogCaptureFixture):
+    read, _ = _counting([OSError(38, "Function not implemented")])
+    source = SystemClock(read_kernel=read, read_tracking=lambda: None)
+    caplog.set_level(logging.INFO, logger="guardntp.clock")
+    for step in range(5):
+        assert not source.state(NOW + step * KERNEL_REFRESH_NS).synchronized
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "NOT synchronised (adjtimex: " in caplog.records[0].getMessage()
+
+
+def test_system_clock_with_fake_chronyc_reports_chronyds_stratum_when_back(
+        caplog: pytest.LogCaptureFixture):
+    read, _ = _counting([UNSYNCED, SYNCED])
+    tracking = parse_chronyc_tracking(REAL_TRACKING)
+    source = SystemClock(read_kernel=read, read_tracking=lambda: tracking)
+    caplog.set_level(logging.INFO, logger="guardntp.clock")
+    source.state(NOW)
+    state = source.state(NOW + KERNEL_REFRESH_NS)
+    assert state.synchronized and state.stratum == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "disciplined by chronyd" in messages[1]
+    assert "stratum 8, refid 127.127.1.1, leap none" in messages[1]
+
+
+def test_stats_report_has_the_served_clock():
+    state = clock_state_from(SYNCED, parse_chronyc_tracking(REAL_TRACKING), 2, b"\0" * 4,
+                             -20, NOW)
+    report = stats_report(Pipeline(FilterPolicy(), Responder(state, NOW)))
+    clock = report["clock"]
+    assert clock["source"] == "system" and clock["synchronized"] is True
+    assert clock["detail"] == "kernel clock disciplined by chronyd"
+    assert (clock["leap"], clock["stratum"], clock["refid"]) == ("none", 8, "127.127.1.1")
+    assert clock["precision"] == -20 and clock["offset_s"] == 0
+    assert clock["root_delay_s"] == pytest.approx(0.0015, abs=2e-5)
+    # Root dispersion as served at NOW: 0.25 ms grown by 15 ppm of the reference's age.
+    age_s = (NOW - tracking_reference_ns()) / NS_PER_S
+    assert clock["root_dispersion_s"] == pytest.approx(min(16.0, 0.00025 + age_s * 15e-6),
+                                                       abs=2e-5)
+    json.dumps(report)   # sent as JSON over the control socket
+    text = format_stats(report)
+    assert text.splitlines()[:2] == [
+        "clock        system, synchronised (kernel clock disciplined by chronyd)",
+        "  serving    leap none, stratum 8, refid 127.127.1.1, root delay 0.001495 s, "
+        f"root dispersion {clock['root_dispersion_s']:.6f} s"]
+
+
+def tracking_reference_ns() -> int:
+    return parse_chronyc_tracking(REAL_TRACKING).reference_unix_ns
+
+
+def test_stats_report_for_an_unsynchronised_clock_says_what_replies_carry():
+    state = unsynchronized("system", "kernel reports the clock unsynchronised")
+    clock = stats_report(Pipeline(FilterPolicy(), Responder(state, NOW)))["clock"]
+    assert clock["synchronized"] is False
+    assert (clock["leap"], clock["stratum"], clock["refid"]) == ("unsynchronized", 0, "")
+    assert clock["root_dispersion_s"] == 16.0
+    lines = format_stats({**stats_report(Pipeline(FilterPolicy(), Responder(state, NOW))),
+                          "clock": clock}).splitlines()
+    assert lines[0] == ("clock        system, NOT synchronised (kernel reports the clock "
+                        "unsynchronised)")
+    assert lines[1].startswith("  serving    leap unsynchronized, stratum 0, refid -,")
+
+
+def test_format_stats_without_a_clock_section_from_an_older_server():
+    state = unsynchronized("system", "x")
+    report = stats_report(Pipeline(FilterPolicy(), Responder(state, NOW)))
+    del report["clock"]
+    assert format_stats(report).startswith("packets ")
 
 
 # ----------------------------------------------------------------------------- upstream
@@ -164,7 +311,6 @@ def test_upstream_source_polls_a_real_chronyd_and_chronyd_accepts_the_result(tmp
         poller = UpstreamClock([Upstream("127.0.0.1", port)], samples=2, sample_spacing_s=0.2)
         chosen = poller.poll_once()
         assert chosen is not None
-        import time
         state: ClockState = poller.state(time.time_ns())
         assert state.stratum == 7 and state.refid == bytes([127, 0, 0, 1])
         assert abs(state.offset_ns) < 1_000_000

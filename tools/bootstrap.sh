@@ -5,6 +5,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian's chrony package starts chronyd when installed: it would steer this
+# machine's clock during the tests and hold port 123. Maintainer scripts start
+# services through invoke-rc.d (deb-systemd-invoke under systemd), which asks
+# /usr/sbin/policy-rc.d first; exit status 101 means "not now". Ours is there
+# only while apt-get install runs; an operator's own policy-rc.d is put back.
+# A chronyd that was already running is this machine's and is left alone.
+policy_rc=/usr/sbin/policy-rc.d
+policy_backup=""
+policy_ours=0
+
+forbid_service_starts() {
+    trap allow_service_starts EXIT
+    trap 'exit 1' HUP INT TERM
+    if [ -e "$policy_rc" ] || [ -L "$policy_rc" ]; then
+        local saved
+        saved=$(mktemp "$policy_rc.guardntp-saved.XXXXXX")
+        mv -f "$policy_rc" "$saved" || { rm -f "$saved"; return 1; }
+        policy_backup=$saved
+    fi
+    policy_ours=1
+    printf '#!/bin/sh\n# guardntp tools/bootstrap.sh: no service starts during its apt-get install\nexit 101\n' \
+        >"$policy_rc"
+    chmod 755 "$policy_rc"
+}
+
+allow_service_starts() {
+    if [ "$policy_ours" = 1 ]; then
+        rm -f "$policy_rc"
+        policy_ours=0
+    fi
+    if [ -n "$policy_backup" ]; then
+        mv -f "$policy_backup" "$policy_rc"
+        policy_backup=""
+    fi
+    trap - EXIT HUP INT TERM
+}
+
 want_test_deps=0
 [ "${1:-}" = "--test-deps" ] && want_test_deps=1
 
@@ -26,11 +63,10 @@ if [ "$want_test_deps" = 1 ]; then
         echo "bootstrap: installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
+        forbid_service_starts
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        allow_service_starts
     fi
-    # Debian's chrony package may start a daemon; it must not steer this machine's
-    # clock during tests nor hold port 123.
-    if command -v pkill >/dev/null 2>&1; then pkill -x chronyd 2>/dev/null || true; fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Callable, Mapping, MutableSequence
 from typing import Any
 
+from ..clock import ClockState
 from ..filter import fingerprint
 from ..filter.pipeline import (
     DROPS,
@@ -23,7 +24,8 @@ from ..filter.pipeline import (
     TIME_REPLIES,
     Pipeline,
 )
-from ..timestamps import NS_PER_S
+from ..timestamps import NS_PER_S, short_to_ns
+from ..wire import refid_to_text
 
 _NO_INTERVAL = 1 << 62
 
@@ -95,6 +97,30 @@ def stats_report(pipeline: Pipeline) -> dict[str, Any]:
         "table_full": pipeline.table_full,
         "access_list_entries": len(pipeline.policy.acl),
         "lookup_table_entries": len(pipeline.acl),   # configuration + live blocklist
+        "clock": clock_report(pipeline.responder.clock, pipeline.responder.wire_snapshot[1]),
+    }
+
+
+def clock_report(clock: ClockState, served_fields: bytes) -> dict[str, Any]:
+    """The served clock: the source's snapshot and what replies carry.
+
+    ``served_fields`` are bytes 3-23 of a time reply as the responder caches
+    them (precision, root delay, root dispersion, refid, reference timestamp):
+    root dispersion there is the one computed at the last clock refresh (at
+    most a fraction of a second old), i.e. what clients are being told.
+    """
+    stratum = clock.wire_stratum
+    return {
+        "source": clock.source,
+        "synchronized": clock.synchronized,
+        "detail": clock.detail,
+        "leap": clock.wire_leap.name.lower(),
+        "stratum": stratum,
+        "refid": refid_to_text(served_fields[9:13], stratum),
+        "precision": clock.precision,
+        "root_delay_s": short_to_ns(int.from_bytes(served_fields[1:5], "big")) / NS_PER_S,
+        "root_dispersion_s": short_to_ns(int.from_bytes(served_fields[5:9], "big")) / NS_PER_S,
+        "offset_s": clock.offset_ns / NS_PER_S,
     }
 
 
@@ -116,6 +142,9 @@ def format_clients(rows: list[dict[str, Any]]) -> str:
 
 def format_stats(report: Mapping[str, Any]) -> str:
     lines = [f"packets      {report['packets']}"]
+    clock = report.get("clock")   # absent from servers older than this client
+    if clock:
+        lines[:0] = _clock_lines(clock)
     lines += [f"  {verdict:<10} {count}" for verdict, count in report["verdicts"].items()]
     lines.append("reasons")
     lines += [f"  {reason:<18} {count}" for reason, count in
@@ -139,6 +168,18 @@ def format_stats(report: Mapping[str, Any]) -> str:
     if "uptime_s" in report:
         lines.append(f"uptime       {report['uptime_s']:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def _clock_lines(clock: Mapping[str, Any]) -> list[str]:
+    state = "synchronised" if clock["synchronized"] else "NOT synchronised"
+    lines = [f"clock        {clock['source']}, {state}"
+             + (f" ({clock['detail']})" if clock["detail"] else ""),
+             f"  serving    leap {clock['leap']}, stratum {clock['stratum']}, "
+             f"refid {clock['refid'] or '-'}, root delay {clock['root_delay_s']:.6f} s, "
+             f"root dispersion {clock['root_dispersion_s']:.6f} s"]
+    if clock["offset_s"]:
+        lines.append(f"  offset     {clock['offset_s']:+.6f} s added to the system clock")
+    return lines
 
 
 def _seconds(value: float | None) -> str:

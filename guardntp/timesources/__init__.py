@@ -8,12 +8,14 @@ immutable :class:`~guardntp.clock.ClockState` per call of :meth:`TimeSource.stat
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import time
 from typing import Protocol
 
 from ..clock import ClockState
 from ..config import ClockConfig
+from ..wire import refid_to_text
 
 
 class TimeSource(Protocol):
@@ -31,6 +33,43 @@ class TimeSource(Protocol):
 
 
 CLOCK_CHOICES = ("system", "upstream", "local")
+
+
+def sync_change(was_synchronized: bool | None, state: ClockState) -> tuple[int, str] | None:
+    """The log record (level, message) a reading deserves, or None (pure).
+
+    Only changes are logged: replies go LI=3 silently otherwise, and a line per
+    refresh (several a second) would bury everything else. ``None`` for
+    ``was_synchronized`` is the first reading: it is logged only when
+    unsynchronised, since the start-up line already names the clock.
+    """
+    if state.synchronized == was_synchronized:
+        return None
+    if not state.synchronized:
+        return logging.WARNING, (
+            f"{state.source} clock NOT synchronised ({state.detail}): replies carry "
+            "leap indicator 3 (alarm) and stratum 0, so clients will not take our time")
+    if was_synchronized is None:
+        return None
+    return logging.INFO, (
+        f"{state.source} clock synchronised again ({state.detail}): serving stratum "
+        f"{state.wire_stratum}, refid {refid_to_text(state.refid, state.wire_stratum)}, "
+        f"leap {state.wire_leap.name.lower()}")
+
+
+class SyncWatch:
+    """Logs a time source's changes between synchronised and not, once per change."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        #: None until the first reading.
+        self.synchronized: bool | None = None
+
+    def observe(self, state: ClockState) -> None:
+        change = sync_change(self.synchronized, state)
+        self.synchronized = state.synchronized
+        if change is not None:
+            self.logger.log(*change)
 
 
 def measure_precision(samples: int = 64) -> int:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..clock import ClockState, unsynchronized
 from ..timestamps import NS_PER_S
 from ..wire import STRATUM_UNSPECIFIED, Leap
+from . import SyncWatch
 from .kernel import KernelClock, read_kernel_clock
 
 log = logging.getLogger("guardntp.clock")
@@ -91,17 +93,39 @@ def clock_state_from(kernel: KernelClock, tracking: Tracking | None, stratum: in
         detail="kernel clock (stratum and refid from configuration)")
 
 
+def read_state(read_kernel: Callable[[], KernelClock], tracking: Tracking | None, stratum: int,
+               refid: bytes, precision: int, now_ns: int) -> ClockState:
+    """One reading: the kernel's view (an adjtimex failure means unsynchronised) and chronyd's."""
+    try:
+        kernel = read_kernel()
+    except OSError as error:
+        return unsynchronized("system", f"adjtimex: {error}", precision)
+    return clock_state_from(kernel, tracking, stratum, refid, precision, now_ns)
+
+
 class SystemClock:
+    """The kernel clock, read at most every 0.25 s, with chronyc's view every 16 s.
+
+    ``read_kernel`` and ``read_tracking`` stand in for adjtimex and chronyc
+    (tests pass fakes); without ``read_tracking`` chronyc is run when found.
+    """
+
     name = "system"
 
     def __init__(self, stratum: int = 2, refid: bytes = b"\0\0\0\0", precision: int = -20,
-                 use_chronyc: bool = True, chronyc_socket: str = "") -> None:
+                 use_chronyc: bool = True, chronyc_socket: str = "",
+                 read_kernel: Callable[[], KernelClock] = read_kernel_clock,
+                 read_tracking: Callable[[], Tracking | None] | None = None) -> None:
         self.stratum = stratum
         self.refid = refid
         self.precision = precision
-        self.chronyc = shutil.which("chronyc") if use_chronyc else None
+        self.chronyc = shutil.which("chronyc") if use_chronyc and read_tracking is None \
+            else None
         # chronyc's -h: a Unix socket path or host of chronyd's command port.
         self.chronyc_host = ["-h", chronyc_socket] if chronyc_socket else []
+        self.read_kernel = read_kernel
+        self.read_tracking = read_tracking if read_tracking is not None else self._chronyc_tracking
+        self.watch = SyncWatch(log)
         self._tracking: Tracking | None = None
         self._tracking_at = -CHRONYC_REFRESH_NS
         self._state: ClockState | None = None
@@ -113,31 +137,29 @@ class SystemClock:
     def stop(self) -> None:
         pass
 
-    def _refresh_tracking(self, now_ns: int) -> None:
-        self._tracking_at = now_ns
+    def _chronyc_tracking(self) -> Tracking | None:
         if self.chronyc is None:
-            return
+            return None
         try:
             result = subprocess.run([self.chronyc, *self.chronyc_host, "-c", "-n", "tracking"],
                                     capture_output=True,
                                     text=True, timeout=2, check=False)
-            self._tracking = parse_chronyc_tracking(result.stdout) if result.returncode == 0 \
-                else None
+            return parse_chronyc_tracking(result.stdout) if result.returncode == 0 else None
         except (OSError, ValueError, subprocess.TimeoutExpired) as error:
             log.debug("chronyc tracking unavailable: %s", error)
-            self._tracking = None
+            return None
+
+    def _refresh_tracking(self, now_ns: int) -> None:
+        self._tracking_at = now_ns
+        self._tracking = self.read_tracking()
 
     def state(self, now_ns: int) -> ClockState:
         if self._state is not None and now_ns - self._state_at < KERNEL_REFRESH_NS:
             return self._state
         if now_ns - self._tracking_at >= CHRONYC_REFRESH_NS:
             self._refresh_tracking(now_ns)
-        try:
-            kernel = read_kernel_clock()
-        except OSError as error:
-            self._state = unsynchronized("system", f"adjtimex: {error}", self.precision)
-        else:
-            self._state = clock_state_from(kernel, self._tracking, self.stratum, self.refid,
-                                           self.precision, now_ns)
+        self._state = read_state(self.read_kernel, self._tracking, self.stratum, self.refid,
+                                 self.precision, now_ns)
         self._state_at = now_ns
+        self.watch.observe(self._state)
         return self._state
