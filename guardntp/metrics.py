@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .filter import fingerprint
@@ -58,21 +58,78 @@ def require_prometheus() -> Any:
     return prometheus_client
 
 
+_TABLES = ("sources", "prefixes", "newcomers")
+
+
+class _SocketCounts(Protocol):
+    send_errors: int
+    truncated: int
+
+
+def counter_snapshot(pipeline: Pipeline, server: _SocketCounts | None = None
+                     ) -> dict[str, Any]:
+    """Every count a scrape reports, as plain JSON-able data (one worker's share)."""
+    newcomers = pipeline.newcomers
+    tables = {name: {"entries": len(table), "capacity": table.max_entries,
+                     "evictions": table.evictions, "refused": table.admissions_refused}
+              for name, table in (("sources", pipeline.sources),
+                                  ("prefixes", pipeline.prefixes))}
+    tables["newcomers"] = {"entries": len(newcomers), "capacity": newcomers.max_entries,
+                           "evictions": newcomers.evictions, "refused": 0}
+    return {
+        "counts": list(pipeline.counters.counts),
+        "labels": dict(pipeline.label_counts),
+        "bytes_in": pipeline.counters.bytes_in, "bytes_out": pipeline.counters.bytes_out,
+        "send_errors": server.send_errors if server is not None else None,
+        "truncated": server.truncated if server is not None else None,
+        "tables": tables,
+        "table_full": pipeline.table_full,
+    }
+
+
+def add_snapshots(total: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Add another worker's :func:`counter_snapshot` into ``total``."""
+    counts = total["counts"]
+    for index, value in enumerate(other.get("counts", ())[:len(counts)]):
+        counts[index] += int(value)
+    for label, value in other.get("labels", {}).items():
+        total["labels"][label] = total["labels"].get(label, 0) + int(value)
+    for key in ("bytes_in", "bytes_out", "table_full", "send_errors", "truncated"):
+        if total.get(key) is not None and other.get(key) is not None:
+            total[key] += int(other[key])
+    for name, table in other.get("tables", {}).items():
+        if name in total["tables"]:
+            for field, value in table.items():
+                total["tables"][name][field] += int(value)
+
+
 class GuardntpCollector:
-    """Reads the live counters at scrape time (register it with a CollectorRegistry)."""
+    """Reads the live counters at scrape time (register it with a CollectorRegistry).
+
+    ``peers``: with ``--workers``, returns the other workers' :func:`counter_snapshot`
+    so the figures are the whole server's. The clock is the same in every worker.
+    """
 
     def __init__(self, pipeline: Pipeline, server: Server | None = None,
                  reloads: Mapping[str, int] | None = None,
                  log_suppressed: Callable[[], int] | None = None,
-                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 peers: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.pipeline = pipeline
         self.server = server
         self.reloads = reloads
         self.log_suppressed = log_suppressed
         self.wall_ns = wall_ns
+        self.peers = peers
 
     def describe(self) -> Iterator[Any]:
         return self.collect()
+
+    def snapshot(self) -> dict[str, Any]:
+        total = counter_snapshot(self.pipeline, self.server)
+        for other in self.peers() if self.peers is not None else ():
+            add_snapshots(total, other)
+        return total
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -81,8 +138,8 @@ class GuardntpCollector:
             InfoMetricFamily,
         )
 
-        pipeline = self.pipeline
-        counts = list(pipeline.counters.counts)
+        snapshot = self.snapshot()
+        counts = snapshot["counts"]
 
         packets = CounterMetricFamily(
             "guardntp_packets", "Datagrams received, by NTP version, verdict and reason "
@@ -108,23 +165,23 @@ class GuardntpCollector:
         labels = CounterMetricFamily(
             "guardntp_requests_by_label", "Requests past the sanity and reflection checks, "
             "by client fingerprint", labels=["label"])
-        label_counts = dict(pipeline.label_counts)
+        label_counts = snapshot["labels"]
         for label in fingerprint.PACKET_LABELS:
             labels.add_metric([label], label_counts.get(label, 0))
         yield labels
 
         yield CounterMetricFamily("guardntp_received_bytes", "UDP payload bytes received",
-                                  value=pipeline.counters.bytes_in)
+                                  value=snapshot["bytes_in"])
         yield CounterMetricFamily("guardntp_sent_bytes", "UDP payload bytes sent",
-                                  value=pipeline.counters.bytes_out)
-        if self.server is not None:
+                                  value=snapshot["bytes_out"])
+        if snapshot["send_errors"] is not None:
             yield CounterMetricFamily("guardntp_send_errors", "sendto() calls that failed",
-                                      value=self.server.send_errors)
+                                      value=snapshot["send_errors"])
             yield CounterMetricFamily("guardntp_truncated_datagrams",
                                       "Datagrams longer than the receive buffer",
-                                      value=self.server.truncated)
+                                      value=snapshot["truncated"])
 
-        yield from self._tables(CounterMetricFamily, GaugeMetricFamily)
+        yield from self._tables(snapshot, CounterMetricFamily, GaugeMetricFamily)
         yield from self._clock(GaugeMetricFamily, InfoMetricFamily)
 
         if self.reloads is not None:
@@ -141,8 +198,8 @@ class GuardntpCollector:
         info.add_metric([], {"version": __version__})
         yield info
 
-    def _tables(self, counter: Any, gauge: Any) -> Iterator[Any]:
-        pipeline = self.pipeline
+    def _tables(self, snapshot: Mapping[str, Any], counter: Any, gauge: Any
+                ) -> Iterator[Any]:
         entries = gauge("guardntp_table_entries", "Entries in the rate-limit tables",
                         labels=["table"])
         capacity = gauge("guardntp_table_capacity", "Maximum entries of the rate-limit tables",
@@ -153,22 +210,21 @@ class GuardntpCollector:
         refused = counter("guardntp_table_admissions_refused",
                           "New keys refused because the table was full of active entries",
                           labels=["table"])
-        for name, table in (("sources", pipeline.sources), ("prefixes", pipeline.prefixes)):
-            entries.add_metric([name], len(table))
-            capacity.add_metric([name], table.max_entries)
-            evictions.add_metric([name], table.evictions)
-            refused.add_metric([name], table.admissions_refused)
-        entries.add_metric(["newcomers"], len(pipeline.newcomers))
-        capacity.add_metric(["newcomers"], pipeline.newcomers.max_entries)
-        evictions.add_metric(["newcomers"], pipeline.newcomers.evictions)
+        for name in _TABLES:
+            table = snapshot["tables"][name]
+            entries.add_metric([name], table["entries"])
+            capacity.add_metric([name], table["capacity"])
+            evictions.add_metric([name], table["evictions"])
+            if name != "newcomers":
+                refused.add_metric([name], table["refused"])
         yield from (entries, capacity, evictions, refused)
         yield counter("guardntp_promotions_refused",
                       "Second requests that found no room among established sources "
                       "(the source stays a newcomer, limited by its remembered bucket)",
-                      value=pipeline.table_full)
+                      value=snapshot["table_full"])
         yield gauge("guardntp_access_list_entries",
                     "Access-list entries in force (configuration and blocklist)",
-                    value=len(pipeline.acl))
+                    value=len(self.pipeline.acl))
 
     def _clock(self, gauge: Any, info: Any) -> Iterator[Any]:
         clock = self.pipeline.responder.clock

@@ -11,7 +11,20 @@ import pytest
 from conftest import guardntp_server
 
 from guardntp import client
+from guardntp.blocklist.auto import parse_auto_policy
+from guardntp.blocklist.entries import BlockEntry
+from guardntp.blocklist.live import REFRESH_S, setup_blocklist
+from guardntp.blocklist.store import BlockStore
 from guardntp.cli import main
+from guardntp.filter.acl import parse_network
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.policy import FilterPolicy
+from guardntp.responder import Responder
+from guardntp.timesources.local import LocalClock
+from guardntp.verdicts import Reason
+
+NS = 1_000_000_000
+REQUEST = bytes([0x23]) + bytes(47)
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +93,55 @@ def test_add_deny_and_remove_apply_live_keeping_buckets(
         assert "Traceback" not in server.log()
 
 
-def test_a_prefix_and_an_expiry_apply_on_time(tmp_path: Path) -> None:
-    with guardntp_server(tmp_path, *LOOSE) as server:
-        block(server.state_dir, "add", "127.0.0.0/8", "--ttl", "3s")
-        added = time.monotonic()
-        seconds_until(server.port, "silent", WITHIN_S)
-        # Still blocked well before the TTL ...
-        time.sleep(max(0.0, added + 1.5 - time.monotonic()))
-        assert outcome(server.port) == "silent"
-        # ... and served again once it lapses, without any command.
-        seconds_until(server.port, "time", 3.0)
-        assert time.monotonic() - added == pytest.approx(3.0, abs=1.0)
+class _Clock:
+    """Wall and monotonic time the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall_ns = 1_800_000_000 * NS
+        self.mono_ns = 5_000 * NS
+
+    def advance(self, seconds: float) -> None:
+        self.wall_ns += int(seconds * NS)
+        self.mono_ns += int(seconds * NS)
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.periodic: list[tuple[float, object]] = []
+
+    def add_periodic(self, interval_s: float, callback: object) -> None:
+        self.periodic.append((interval_s, callback))
+
+
+def test_a_prefix_and_an_expiry_apply_on_time_with_virtual_clocks(tmp_path: Path) -> None:
+    clock = _Clock()
+    now = clock.wall_ns
+    pipeline = Pipeline(FilterPolicy(), Responder(LocalClock().state(now), now))
+    timers = _Timers()
+    live = setup_blocklist(tmp_path, pipeline, timers, parse_auto_policy({}))
+    live.wall_ns, live.monotonic_ns = (lambda: clock.wall_ns), (lambda: clock.mono_ns)
+    assert [interval for interval, _ in timers.periodic] == [REFRESH_S]
+    writer = BlockStore.in_state_dir(tmp_path)
+    try:
+        def reason() -> Reason:
+            return pipeline.decide(REQUEST, bytes([127, 0, 0, 1]), 40000, clock.wall_ns,
+                                   clock.mono_ns)[0]
+
+        assert reason() is Reason.ANSWERED
+        writer.upsert([BlockEntry(parse_network("127.0.0.0/8"), expires_ns=now + 3 * NS,
+                                  created_ns=now)], now)
+        assert reason() is Reason.ANSWERED     # not before the server's next tick
+        live.refresh()
+        assert reason() is not Reason.ANSWERED and live.active_entries == 1
+        clock.advance(2.999)
+        live.refresh()
+        assert reason() is not Reason.ANSWERED   # still in force just before the TTL
+        clock.advance(0.002)
+        live.refresh()                           # lapsed: no command needed
+        assert reason() is Reason.ANSWERED and live.active_entries == 0
+    finally:
+        writer.close()
+        live.close()
 
 
 def test_entries_survive_a_restart(tmp_path: Path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import (
     REPO,
     free_udp_port,
@@ -43,7 +45,8 @@ def test_privileged_port_without_privilege_is_explained():
     import tempfile
 
     state = tempfile.mkdtemp(prefix="guardntp-nobody-")
-    Path(state).chmod(0o777)   # user nobody must be able to write its state dir
+    if os.geteuid() == 0:   # user nobody must own its state dir (others may not write it)
+        os.chown(state, 65534, 65534)
     config = Path(state) / "guardntp.toml"   # readable by nobody, unlike a private checkout
     config.write_text('[server]\nlisten = ["127.0.0.1:123"]\n')
     config.chmod(0o644)
@@ -83,3 +86,14 @@ def test_sigterm_stops_cleanly_and_reports_counts(tmp_path: Path):
 
 def test_free_port_helper_gives_distinct_ports():
     assert free_udp_port() > 1023
+
+
+@pytest.mark.parametrize("argv", [["check-config"], ["query", "--help"]])
+def test_a_closed_stdout_ends_any_command_quietly(argv: list[str]) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "guardntp", *argv], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()   # the reader is gone before the command writes
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=30) in (0, 141)
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -16,8 +16,10 @@ from conftest import ServerProcess, free_udp_port, guardntp_server
 
 from guardntp import client
 from guardntp.cli import build_parser
-from guardntp.commands.serve import Service, build_config
-from guardntp.config import ConfigError
+from guardntp.commands.serve import build_config
+from guardntp.config import Config
+from guardntp.daemon.errors import ReloadRejected
+from guardntp.daemon.service import Service
 from guardntp.filter.pipeline import TAT
 from guardntp.signals import DeferredSignals
 from guardntp.verdicts import Reason
@@ -124,7 +126,7 @@ def _service(tmp_path: Path, config_text: str) -> Service:
     args = build_parser().parse_args([
         "serve", "-c", str(path), "--listen", f"127.0.0.1:{free_udp_port()}",
         "--state-dir", str(tmp_path / "state")])
-    return Service(args, build_config(args))
+    return Service(build_config(args), lambda: build_config(args))
 
 
 REQUEST = bytes([0x23]) + bytes(47)  # NTPv4 client, mode 3
@@ -151,7 +153,7 @@ def test_service_reload_keeps_tables_and_records_and_applies_the_new_policy(
         assert service.operations.reloads == {"ok": 1, "rejected": 0}
 
         (tmp_path / "guardntp.toml").write_text("[filter]\nsource_burst = 0\n")
-        with pytest.raises(ConfigError, match=r"guardntp.toml:2: filter.source_burst"):
+        with pytest.raises(ReloadRejected, match=r"guardntp.toml:2: filter.source_burst"):
             service.reload()
         assert pipeline.source_limit.burst == 5
         assert service.config.filter.source_burst == 5
@@ -188,3 +190,73 @@ def test_sighup_work_runs_from_the_loop_not_inside_the_handler() -> None:
         assert calls == ["reload"]
     finally:
         signals.close()
+
+
+# ------------------------------------------------- one reload path, all or nothing
+
+GOOD = STRICT.format(burst=2, prefix_rate=16.0)
+
+
+@pytest.mark.parametrize("bad_part", [
+    "kod_interval_s = nan",                         # refused by the core's checks
+    "[blocklist]\nauto = \"maybe\"\n",              # refused by a feature's section
+    "[control]\nenabled = 3\n",
+    "[auth]\nkey_file = \"/no/such/guardntp.keys\"\n",
+])
+def test_a_refused_reload_applies_nothing_and_is_counted(tmp_path: Path, bad_part: str) -> None:
+    service = _service(tmp_path, GOOD)
+    try:
+        pipeline = service.pipeline
+        auto_before = service.blocklist.auto.policy
+        # The new burst comes first in the file: nothing of it may become live.
+        text = GOOD.replace("source_burst = 2", "source_burst = 100")
+        text = text.replace("kod_interval_s = 0", bad_part) \
+            if bad_part.startswith("kod") else text + bad_part
+        (tmp_path / "guardntp.toml").write_text(text)
+        with pytest.raises(ReloadRejected):
+            service.reload()
+        assert pipeline.source_limit.burst == 2
+        assert pipeline.policy.source_burst == 2
+        assert service.config.filter.source_burst == 2
+        assert service.blocklist.auto.policy == auto_before
+        assert service.operations.reloads == {"ok": 0, "rejected": 1}
+        # The control socket's reload is the same path: refused, one line, counted.
+        answer = service.commands.reload({"command": "reload"}, 1 << 16)
+        assert answer["reloaded"] is False and "\n" not in answer["error"]
+        assert service.operations.reloads == {"ok": 0, "rejected": 2}
+        assert pipeline.source_limit.burst == 2
+    finally:
+        service.blocklist.close()
+        for sock in service.sockets:
+            sock.close()
+
+
+def test_a_reload_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = _service(tmp_path, GOOD)
+    try:
+        reads: list[str] = []
+        real = service.load_config
+
+        def counting() -> Config:
+            reads.append("read")
+            return real()
+
+        monkeypatch.setattr(service, "load_config", counting)
+        answer = service.commands.reload({"command": "reload"}, 1 << 16)
+        assert answer["reloaded"] is True
+        assert reads == ["read"]
+    finally:
+        service.blocklist.close()
+        for sock in service.sockets:
+            sock.close()
+
+
+def test_a_refused_sighup_reload_logs_one_line_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "guardntp.toml"
+    path.write_text(GOOD)
+    with guardntp_server(tmp_path, "-c", str(path)) as server:
+        path.write_text(GOOD.replace("source_burst = 2", "source_burst = 100")
+                        .replace("kod_interval_s = 0", "kod_interval_s = inf"))
+        log = hup_and_wait(server, "reload rejected")
+        assert "Traceback" not in log
+        assert outcome(server.port) == "time"

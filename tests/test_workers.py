@@ -7,26 +7,30 @@ kernel's own reuseport selection is what is tested.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from conftest import REPO, free_udp_port, wait_until_answering
 
-from guardntp.filter.policy import FilterPolicy
-from guardntp.netaddr import ListenSpec
-from guardntp.wire import Mode, NtpPacket, encode
-from guardntp.workers import (
+from guardntp.daemon.steering import (
     SKF_NET_OFF,
     open_worker_sockets,
     split_budgets,
     steering_program,
     worker_for,
 )
+from guardntp.filter.policy import FilterPolicy
+from guardntp.netaddr import ListenSpec
+from guardntp.wire import Mode, NtpPacket, encode
 
 
 def run_classic_bpf(program, ip_header: bytes) -> int:
@@ -144,20 +148,71 @@ def _query(source: str, port: int, xmt: int) -> bytes:
         return client.recv(100)
 
 
+def _notify_socket(directory) -> socket.socket:
+    """A stand-in for systemd's notify socket that records each sender's pid."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(directory / "notify"))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.settimeout(0.2)
+    return sock
+
+
+def _notices(sock: socket.socket) -> list[tuple[int, str]]:
+    """(sender pid, message) for every notice received so far."""
+    received = []
+    while True:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except TimeoutError:
+            return received
+        pid = next(struct.unpack("3i", cdata)[0] for level, kind, cdata in ancillary
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+        received.append((pid, data.decode()))
+
+
 @pytest.mark.slow
-def test_serve_with_workers_answers_and_relays_signals(tmp_path):
-    port = free_udp_port()
+def test_workers_are_one_server_to_the_operator_and_to_systemd(tmp_path):
+    port, metrics_port = free_udp_port(), free_tcp_port()
+    state_dir = tmp_path / "state"
     log_path = tmp_path / "serve.log"
+    notify = _notify_socket(tmp_path)
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "guardntp", "serve", "--listen", f"127.0.0.1:{port}",
-             "--state-dir", str(tmp_path / "state"), "--workers", "2"],
-            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+             "--state-dir", str(state_dir), "--workers", "2",
+             "--metrics", f"127.0.0.1:{metrics_port}"],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
     try:
         wait_until_answering(port)
-        for i in range(1, 40):      # sources in many /24s: both workers answer
-            reply = _query(f"127.{i}.{i}.9", port, 0x1234_0000 + i)
+        sources = [f"127.{i}.{i}.9" for i in range(1, 40)]   # many /24s: both workers
+        for i, source in enumerate(sources, start=1):
+            reply = _query(source, port, 0x1234_0000 + i)
             assert int.from_bytes(reply[24:32], "big") == 0x1234_0000 + i
+        answered = 40   # with wait_until_answering's first answer
+        assert {worker_for(ipaddress.IPv4Address(s).packed, 24, 56, 2) for s in sources} == {0, 1}
+
+        stats = _cli_json(state_dir, "stats")
+        assert stats["workers"] == 2 and stats["workers_answered"] == 2
+        assert stats["verdicts"]["time"] == answered
+        clients = _cli_json(state_dir, "clients", "--limit", "100")
+        assert clients["total"] == answered
+        assert {row["source"] for row in clients["clients"]} == {*sources, "127.0.0.1"}
+        scrape = _scrape(metrics_port)
+        assert scrape['guardntp_packets_total{reason="answered",verdict="time",version="4"}'] \
+            == answered
+        assert scrape['guardntp_table_entries{table="sources"}'] == answered
+
+        # A second instance on the same port is refused, workers or not.
+        for extra in (["--workers", "2"], []):
+            second = subprocess.run(
+                [sys.executable, "-m", "guardntp", "serve", "--listen", f"127.0.0.1:{port}",
+                 "--state-dir", str(tmp_path / "second"), *extra],
+                capture_output=True, text=True, timeout=60, cwd=REPO)
+            assert second.returncode != 0, second.stderr
+            assert "address already in use" in second.stderr
+            assert "Traceback" not in second.stderr
+
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while log_path.read_text().count("SIGHUP: reloading") < 2 and time.monotonic() < deadline:
@@ -166,14 +221,42 @@ def test_serve_with_workers_answers_and_relays_signals(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
         log = log_path.read_text()
-        assert log.count("stopped:") == 2
-        answered = [int(line.split("(time ")[1].split(",")[0])
-                    for line in log.splitlines() if "stopped:" in line]
-        assert sum(answered) >= 39 and all(count > 0 for count in answered), answered
+        stopped = [line for line in log.splitlines() if "stopped:" in line]
+        assert len(stopped) == 1, stopped
+        assert f"stopped: {answered} packets (time {answered}," in stopped[0]
+        assert "from 2 workers" in stopped[0]
+        notices = _notices(notify)
+        assert {pid for pid, _ in notices} == {process.pid}, notices
+        states = [message.split("\n")[0] for _, message in notices]
+        assert states[0] == "READY=1" and states[-1] == "STOPPING=1", states
+        assert "RELOADING=1" in states
     finally:
+        notify.close()
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cli_json(state_dir, command: str, *extra: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "guardntp", command, "--state-dir", str(state_dir), "--json",
+         *extra],
+        capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path):

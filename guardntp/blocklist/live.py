@@ -16,19 +16,16 @@ next tick instead.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Protocol
 
 from ..filter.acl import AclEntry
-from .auto import AutoBlocker, AutoPolicy, BadAutoSettings, network_of_key, parse_auto_policy
+from ..filter.pipeline import Pipeline
+from .auto import AutoBlocker, AutoPolicy, network_of_key
 from .entries import BlockEntry, format_duration
 from .store import BlockStore, StoreError, entry_from_row
-
-if TYPE_CHECKING:
-    from ..commands.serve import Service
-    from ..filter.pipeline import Pipeline
 
 log = logging.getLogger("guardntp.blocklist")
 
@@ -37,7 +34,7 @@ REFRESH_S = 0.25
 #: How long the server's connection waits for a lock before trying again next tick.
 BUSY_MS = 20
 #: Expired rows are deleted from the file this often (by whoever writes first).
-PURGE_S = 60.0
+PURGE_NS = 60 * 1_000_000_000
 #: Automatic blocks waiting for the lock; beyond this a flood of new offenders waits.
 MAX_PENDING_AUTO = 4096
 
@@ -58,8 +55,7 @@ class LiveBlocklist:
         self._next_expiry_ns: int | None = None
         self._cache: dict[_Row, AclEntry] = {}
         self._pending_auto: dict[bytes, BlockEntry] = {}
-        self._last_purge = 0.0
-        self._settings_source: object = None
+        self._last_purge_ns: int | None = None
         # What `guardntp stats` reports.
         self.active_entries = 0
         self.loads = 0
@@ -79,8 +75,9 @@ class LiveBlocklist:
             if version != self._version or (expiry is not None and now_ns >= expiry):
                 self._version = version
                 self.load(now_ns)
-            if time.monotonic() - self._last_purge >= PURGE_S:
-                self._last_purge = time.monotonic()
+            mono_ns = self.monotonic_ns()
+            if self._last_purge_ns is None or mono_ns - self._last_purge_ns >= PURGE_NS:
+                self._last_purge_ns = mono_ns
                 self.store.purge_expired(now_ns)
             self.last_error = ""
         except StoreError as error:
@@ -138,16 +135,6 @@ class LiveBlocklist:
                      f"{format_duration(policy.ttl_s)})" if policy.enabled else "off")
             log.info("blocklist: automatic blocking %s", state)
 
-    def follow_settings(self, section: dict[str, Any] | None) -> None:
-        """Take ``[blocklist]`` anew after a reload (checked by identity: cheap per tick)."""
-        if section is self._settings_source:
-            return
-        self._settings_source = section
-        try:
-            self.set_auto_policy(parse_auto_policy(section or {}))
-        except BadAutoSettings as error:
-            log.error("reload: %s; keeping the previous automatic-blocking settings", error)
-
     def _scan(self, wall_now_ns: int) -> None:
         due = self.auto.scan(self.pipeline.sources.records, self.monotonic_ns())
         policy = self.auto.policy
@@ -181,49 +168,40 @@ class LiveBlocklist:
         self.store.close()
 
 
-def future_owner(service: Service) -> tuple[int, int] | None:
-    """(uid, gid) the server drops to after start (``server.user``), if it does."""
-    identity = getattr(getattr(service, "operations", None), "identity", None)
-    if identity is None or os.geteuid() != 0:
-        return None
-    return int(identity.uid), int(identity.gid)
+class BlocklistError(Exception):
+    """The blocklist cannot be opened or read at start; the message is one line."""
 
 
-def setup_blocklist(service: Service) -> LiveBlocklist:
-    """Open the store under the state directory, apply it, and start the timer."""
-    from ..cli import CommandError
+class _Loop(Protocol):
+    def add_periodic(self, interval_s: float, callback: Callable[[], None]) -> None: ...
 
-    section = service.config.extra.get("blocklist", {})
-    try:
-        policy = parse_auto_policy(section)
-    except BadAutoSettings as error:
-        raise CommandError(f"{service.config.path}: {error}", 2) from None
+
+def setup_blocklist(state_dir: Path, pipeline: Pipeline, loop: _Loop, auto: AutoPolicy,
+                    owner: tuple[int, int] | None = None) -> LiveBlocklist:
+    """Open the store under the state directory, apply it, and start the timer.
+
+    ``owner``: the (uid, gid) the server drops to after start, who must be able to
+    write the file. Raises :class:`BlocklistError`.
+    """
     try:
         # Patient while starting (an import may hold the lock), brief once serving.
-        store = BlockStore.in_state_dir(service.state_dir)
+        store = BlockStore.in_state_dir(state_dir)
     except StoreError as error:
-        raise CommandError(f"blocklist: {error}") from None
-    live = LiveBlocklist(store, service.pipeline, policy)
-    live._settings_source = section
+        raise BlocklistError(f"blocklist: {error}") from None
+    live = LiveBlocklist(store, pipeline, auto)
     try:
         live._version = store.data_version()
         live.load(live.wall_ns())
         store.set_busy_timeout(BUSY_MS)
-        owner = future_owner(service)
         if owner is not None:
             store.hand_over(*owner)
     except StoreError as error:
         store.close()
-        raise CommandError(f"blocklist: {error}") from None
+        raise BlocklistError(f"blocklist: {error}") from None
     except OSError as error:
         store.close()
-        raise CommandError(f"blocklist: {store.path}: {error.strerror}") from None
+        raise BlocklistError(f"blocklist: {store.path}: {error.strerror}") from None
     if live.active_entries:
         log.info("blocklist: %d active entries from %s", live.active_entries, store.path)
-
-    def tick() -> None:
-        live.follow_settings(service.config.extra.get("blocklist"))
-        live.refresh()
-
-    service.server.add_periodic(REFRESH_S, tick)
+    loop.add_periodic(REFRESH_S, live.refresh)
     return live

@@ -1,12 +1,16 @@
-"""``guardntp check-config FILE``: validate a configuration without starting."""
+"""``guardntp check-config FILE``: validate a configuration without starting.
+
+It runs the checks a start or a reload runs (:func:`guardntp.daemon.settings.check_sections`),
+so it accepts exactly the files a reload accepts.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from ..auth.settings import check_auth_config
 from ..cli import CommandError
 from ..config import ConfigError, load_config
+from ..daemon.settings import check_sections
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
-        auth = check_auth_config(config)  # [auth] and its key file
+        sections = check_sections(config)
     except ConfigError as error:
         raise CommandError(str(error), 1) from None
     listen = ", ".join(str(spec) for spec in config.server.listen)
     print(f"{config.path}: OK (listen {listen}; clock {config.clock.source}; "
-          f"{len(config.filter.acl)} access-list entries; {auth})")
+          f"{len(config.filter.acl)} access-list entries; {sections.auth_summary})")
     return 0

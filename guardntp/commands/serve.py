@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import socket
-import time
 from dataclasses import replace
+from typing import Any
 
-from .. import operations
-from ..auth.settings import authenticator_for
-from ..blocklist.live import setup_blocklist
 from ..cli import CommandError
-from ..config import Config, ConfigError, apply_overrides, load_config
-from ..control.service import setup_control
-from ..filter.pipeline import Pipeline
-from ..logs import LogSetup
+from ..config import Config, ConfigError, ServerConfig, apply_overrides, load_config
+from ..daemon.errors import DaemonError
+from ..daemon.service import Service
+from ..daemon.workers import serve_workers
+from ..logs import LogSettings, LogSetup
 from ..netaddr import BadAddress, parse_listen
-from ..responder import Responder
-from ..server import ListenError, Server, open_socket
-from ..systemd import describe_sockets
-from ..timesources import make_source, measure_precision
-from ..workers import serve_workers, split_budgets
-
-log = logging.getLogger("guardntp")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +56,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    """The file (or embedded default), then --set, then the named flags. Raises CommandError."""
+    """The file (or embedded default), then --set, then the named flags.
+
+    Raises ConfigError (one line); a reload calls this again with the same arguments.
+    """
     try:
         config = apply_overrides(load_config(args.config), args.set)
         server, clock = config.server, config.clock
@@ -87,113 +78,66 @@ def build_config(args: argparse.Namespace) -> Config:
             if not 1 <= workers <= 64:
                 raise ConfigError(f"--workers {workers}: must be 1-64")
             server = replace(server, workers=workers)
-        server, extra = operations.apply_flags(args, server, config.extra)
+        server, extra = apply_flags(args, server, config.extra)
         return replace(config, server=server, clock=clock, extra=extra,
                        state_dir_flag=args.state_dir or "")
-    except (ConfigError, BadAddress) as error:
-        raise CommandError(str(error), 2) from None
+    except BadAddress as error:
+        raise ConfigError(str(error)) from None
 
 
-class Service:
-    """A running server and everything around it: the one place features hook into.
+def apply_flags(args: argparse.Namespace, server: ServerConfig,
+                extra: dict[str, dict[str, Any]]) -> tuple[ServerConfig, dict[str, dict[str, Any]]]:
+    """``--user --group --metrics --log-format --log-level`` over the file's values.
 
-    ``reload()`` re-reads the configuration file and applies filter settings and
-    access lists without touching sockets or bucket state (SIGHUP and
-    ``guardntp reload`` both call it). Features (control socket, blocklist,
-    metrics) register readers and timers on ``self.server``.
+    Raises ConfigError or BadAddress (``build_config`` turns the latter into the former).
     """
+    if getattr(args, "user", None):
+        server = replace(server, user=args.user)
+    if getattr(args, "group", None):
+        server = replace(server, group=args.group)
+    metrics = dict(extra.get("metrics", {}))
+    flag = getattr(args, "metrics", None)
+    if flag is not None:
+        if flag.strip().lower() in ("", "off", "none"):
+            metrics["listen"] = None
+        else:
+            spec = parse_listen(flag, default_port=0)
+            if spec.port == 0:
+                raise ConfigError(f"--metrics {flag}: needs a port, e.g. 127.0.0.1:9976")
+            metrics["listen"] = spec
+    log_section = dict(extra.get("log", {}))
+    if getattr(args, "log_format", None):
+        log_section["format"] = args.log_format
+    if getattr(args, "log_level", None):
+        log_section["level"] = args.log_level
+    return server, {**extra, "metrics": metrics, "log": log_section}
 
-    def __init__(self, args: argparse.Namespace, config: Config,
-                 log_setup: LogSetup | None = None,
-                 sockets: list[socket.socket] | None = None, workers: int = 1) -> None:
-        self.args = args
-        self.config = config
-        #: Processes sharing the server-wide budgets (``--workers``; this is one of them).
-        self.workers = workers
-        self.operations = operations.Operations(config, log_setup)
-        self.state_dir = config.state_dir
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        except OSError as error:
-            raise CommandError(f"state directory {self.state_dir}: {error.strerror} "
-                               "(use --state-dir or GUARDNTP_STATE_DIR)") from None
-        precision = measure_precision()
-        try:
-            self.source = make_source(config.clock, precision)
-        except ValueError as error:
-            raise CommandError(str(error), 2) from None
-        try:  # keys before sockets: a bad key file fails fast, before binding port 123
-            self.authenticator = authenticator_for(config, getattr(args, "key_file", None))
-        except ConfigError as error:
-            raise CommandError(str(error), 2) from None
-        try:
-            self.sockets = sockets if sockets is not None else (
-                self.operations.inherited_sockets()
-                or [open_socket(spec) for spec in config.server.listen])
-        except ListenError as error:
-            raise CommandError(str(error)) from None
-        now = time.time_ns()
-        self.pipeline = Pipeline(split_budgets(config.filter, workers),
-                                 Responder(self.source.state(now), now),
-                                 authenticator=self.authenticator)
-        self.server = Server(self.sockets, self.pipeline, self.source)
-        self.blocklist = setup_blocklist(self)  # the store's entries, live; auto blocks
-        self.control = setup_control(self)      # clients, stats, reload over a Unix socket
 
-    def reload(self) -> str:
-        """Re-read the configuration; raises ConfigError (the running one is kept)."""
-        try:
-            new = build_config(self.args)
-        except CommandError as error:
-            self.operations.reload_rejected()
-            raise ConfigError(str(error)) from None
-        # Keys are re-read too (a rotated key file takes effect); a bad one keeps the old.
-        authenticator = authenticator_for(new, getattr(self.args, "key_file", None))
-        if new.server.listen != self.config.server.listen or new.clock != self.config.clock:
-            log.warning("reload: listen addresses and clock settings need a restart; "
-                        "applying the filter settings only")
-        self.pipeline.apply_policy(split_budgets(new.filter, self.workers))
-        self.authenticator = self.pipeline.authenticator = authenticator
-        self.operations.reload_applied(self.config, new)
-        self.config = replace(self.config, filter=new.filter, extra=new.extra)
-        message = (f"reloaded {new.path}: {len(new.filter.acl)} access-list entries, "
-                   f"source rate {new.filter.source_rate}/s burst {new.filter.source_burst}")
-        log.info("%s", message)
-        return message
-
-    def run(self) -> int:
-        self.server.install_signal_handlers()
-        self.operations.start(self)  # SIGHUP, metrics, privilege drop, READY=1
-        log.info("guardntp %s serving %s with the %s clock (pid %d, state in %s)",
-                 _version(), describe_sockets(self.sockets),
-                 self.source.name, os.getpid(), self.state_dir)
-        try:
-            self.server.run()
-        finally:
-            self.operations.stop()
-            if self.control is not None:
-                self.control.close()
-            self.blocklist.close()
-            for sock in self.sockets:
-                sock.close()
-            totals = self.pipeline.counters.by_verdict()
-            log.info("stopped: %d packets (%s)", self.pipeline.counters.total(),
-                     ", ".join(f"{k} {v}" for k, v in totals.items()))
-        return 0
+def install_logging(args: argparse.Namespace, config: Config) -> LogSetup:
+    """Replace the CLI's plain stderr handler with the configured, rate-limited one."""
+    verbose = getattr(args, "verbose", 0)
+    explicit_level = getattr(args, "log_level", None)
+    override = None if explicit_level else "debug" if verbose > 1 else "info" if verbose else None
+    settings = LogSettings.from_section(config.extra.get("log", {}))
+    return LogSetup(settings, level_override=override).install()
 
 
 def run(args: argparse.Namespace) -> int:
-    config = build_config(args)
-    log_setup = operations.install_logging(args, config)
+    try:
+        config = build_config(args)
+    except ConfigError as error:
+        raise CommandError(str(error), 2) from None
+    log_setup = install_logging(args, config)
+    key_file = getattr(args, "key_file", None)
+
+    def reread() -> Config:
+        return build_config(args)
+
     try:
         if config.server.workers > 1:
-            return serve_workers(args, config, log_setup)
-        return Service(args, config, log_setup).run()
+            return serve_workers(config, reread, key_file, log_setup)
+        return Service(config, reread, key_file=key_file, log_setup=log_setup).run()
+    except DaemonError as error:
+        raise CommandError(str(error), error.status) from None
     finally:
         log_setup.uninstall()
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -2,5 +2,6 @@
 
 * ``reports``  top talkers and counters from the filter's tables (pure)
 * ``channel``  the Unix socket: non-blocking on the server's loop, peer uid checked
-* ``service``  the commands bound to a running ``Service``; ``setup_control``
+* ``merge``    the workers' figures added up into the server's (pure)
+* ``service``  the commands bound to a server's pipeline, loop and blocklist; ``setup_control``
 """
