@@ -13,16 +13,22 @@ Map of the package (a newcomer's guide):
                                 cases, sendmmsg; per-source records and the tables'
                                 address index (optional C build)
 * ``fastio``                    the same batched recvmmsg/sendmmsg in Python (fallback)
-* ``workers``                   ``--workers N``: processes on one port, steered by prefix
+* ``daemon/``                   the running server: ``Service`` and its one reload path,
+                                the settings check shared with check-config, signals and
+                                systemd (``operations``), ``--workers N`` as one server
 * ``blocklist/``                the persistent blocklist, live refresh, nftables export
 * ``control/``                  the Unix control socket behind clients / stats / reload
-* ``operations``, ``metrics``, ``logs``, ``privileges``, ``systemd``, ``signals``
-                                running as a service: reload, Prometheus, quiet logs,
+* ``statedir``                  the state directory's files: no symlinks, fchown on fds
+* ``metrics``, ``logs``, ``privileges``, ``systemd``, ``signals``
+                                running as a service: Prometheus, quiet logs,
                                 privilege drop, socket activation
 * ``replay/``                   flood captures (scapy) and their replay and report
 * ``client``, ``setclock``      the SNTP client behind ``guardntp query``
 * ``config``, ``netaddr``       the TOML file and its validation; listen addresses
 * ``commands/``, ``cli``        the command line
+
+Layers point one way: ``cli``/``commands`` -> ``daemon`` -> features -> the core
+(``docs/design.md``; ``tests/test_layers.py`` holds the rule).
 """
 
 __version__ = "0.1.0"

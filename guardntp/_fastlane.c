@@ -1,7 +1,7 @@
 /*
  * guardntp._fastlane: the server's packet loop for one UDP socket, compiled.
  *
- * Why C: issue 6 asks for chronyd's answer rate on one core. The kernel's share
+ * Why C: the server must answer at chronyd's rate on one core. The kernel's share
  * per answer is the same for both servers (~2.3 us); chronyd's user space costs
  * ~0.4 us and the interpreter alone cannot get near it (docs/benchmarks.md).
  *

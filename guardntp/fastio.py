@@ -10,8 +10,8 @@ carrying a transmit timestamp read just before that call (a MAC signer runs
 after the stamp, as it must).
 
 Why: on loopback one ``recvmsg`` + ``sendto`` pair per packet costs about
-9.6 us of a core with kernel timestamps, against about 4.9 us batched (issue 6's
-table; ``docs/benchmarks.md`` has this machine's figures). The kernel work per
+9.6 us of a core with kernel timestamps, against about 4.9 us batched
+(``docs/benchmarks.md`` has this machine's figures). The kernel work per
 packet is the same; what batching removes is one system call entry and one
 Python-level socket call, tuple and ancillary-data list per packet.
 
