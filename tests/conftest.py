@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +251,15 @@ def run_guardntp_as_nobody(argv: list[str], timeout_s: float = 30
                               text=True, timeout=timeout_s, check=False, cwd=REPO)
     return subprocess.run([sys.executable, "-c", _AS_NOBODY, *argv], capture_output=True,
                           text=True, timeout=timeout_s, check=False, cwd="/")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user (nobody, or the server after its privilege drop) can
+    reach: pytest's tmp_path is root-only."""
+    path = Path(tempfile.mkdtemp(prefix="guardntp-shared-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=False)

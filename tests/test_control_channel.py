@@ -127,6 +127,16 @@ def raw(state: Path, payload: bytes, timeout_s: float = 5) -> bytes:
         return sock.recv(1 << 20)
 
 
+@contextlib.contextmanager
+def connected(state: Path) -> Iterator[socket.socket]:
+    """A client connection to the control socket, closed afterwards."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+        client.settimeout(5)
+        with channel._short_path(socket_path(state)) as address:
+            client.connect(address)
+        yield client
+
+
 def one_line_error(reply: bytes) -> str:
     assert b"\n" not in reply
     decoded = json.loads(reply)
@@ -350,10 +360,7 @@ def test_eviction_takes_a_refused_peer_first_then_the_busiest_process() -> None:
 
 def test_a_request_waiting_in_a_connection_is_served_not_swept(state: Path) -> None:
     with control_server(state) as (server, loop):
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with client, channel._short_path(socket_path(state)) as address:
-            client.settimeout(5)
-            client.connect(address)
+        with connected(state) as client:
             loop.run_once()                              # accepted, nothing to read yet
             assert len(server.connections) == 1
             client.send(b'{"command": "stats"}')
@@ -364,10 +371,7 @@ def test_a_request_waiting_in_a_connection_is_served_not_swept(state: Path) -> N
 
 def test_an_idle_connection_goes_after_the_first_byte_timeout(state: Path) -> None:
     with control_server(state) as (server, loop):
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with client, channel._short_path(socket_path(state)) as address:
-            client.settimeout(5)
-            client.connect(address)
+        with connected(state) as client:
             loop.run_once()
             server.sweep()
             assert len(server.connections) == 1          # not yet

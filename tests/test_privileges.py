@@ -8,9 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,17 +75,6 @@ def test_after_the_drop_root_cannot_be_regained_and_the_socket_still_works() -> 
     assert result["bind80"] == "refused"
     assert result["socket"] == "still here"
     assert result["no_new_privs"] == "1"
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the dropped server can still read (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="guardntp-privileges-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def _all_tasks(pid: int) -> list[dict[str, list[int]]]:

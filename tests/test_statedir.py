@@ -16,9 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -270,17 +268,6 @@ def test_a_file_is_not_a_state_directory(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("")
     with pytest.raises(StateDirError, match="not a directory"):
         prepare_state_dir(tmp_path / "state")
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory user nobody can reach (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="guardntp-statedir-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @needs_root
