@@ -118,6 +118,15 @@ def hand_over_fd(fd: int, uid: int, gid: int, mode: int | None = None) -> None:
         os.chmod(target, mode)
 
 
+def restrict_mode(fd: int, allowed: int = 0o600) -> None:
+    """Take away any permission outside ``allowed`` from the open file (one an older
+    version made 0644, say), when it is ours or we are root; otherwise leave it."""
+    info = os.fstat(fd)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & ~allowed and os.geteuid() in (0, info.st_uid):
+        os.chmod(f"/proc/self/fd/{fd}", mode & allowed)
+
+
 def same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 

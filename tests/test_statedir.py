@@ -202,6 +202,14 @@ def test_a_new_blocklist_is_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o750
 
 
+def test_an_old_world_readable_blocklist_is_made_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    BlockStore.in_state_dir(state).close()
+    (state / FILENAME).chmod(0o644)   # as guardntp made it before
+    BlockStore.in_state_dir(state).close()
+    assert stat.S_IMODE((state / FILENAME).stat().st_mode) == 0o600
+
+
 WRITE_AND_CLOSE = """
 import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None)

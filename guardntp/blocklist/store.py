@@ -25,6 +25,7 @@ from ..statedir import (
     hand_over_fd,
     open_state_file,
     prepare_state_dir,
+    restrict_mode,
     same_file,
 )
 from .entries import ACTIONS, ORIGINS, BlockEntry, Network
@@ -70,6 +71,7 @@ class BlockStore:
         except StateDirError as error:
             raise StoreError(str(error)) from None
         try:
+            restrict_mode(fd)
             # Before SQLite makes the side files: it gives them the database's owner.
             _hand_to_directory_owner(path)
             self._connect(fd, busy_timeout_ms)
