@@ -454,7 +454,7 @@ def test_query_rejects_a_reply_with_a_bad_mac(tmp_path: Path, capsys) -> None:
     finally:
         forger.close()
     err = capsys.readouterr().err
-    assert status == 1
+    assert status == 5   # rejected reply
     assert err.strip() == (f"guardntp: 127.0.0.1:{forger.port}: rejected reply: reply MAC does "
                            "not verify with key 5 (AES128): wrong key on one side, or a forged "
                            "or corrupted reply")

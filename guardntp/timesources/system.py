@@ -1,9 +1,12 @@
 """``--clock system``: serve the kernel clock that chronyd or ntpd disciplines.
 
 This is how a pool server is usually run: a full NTP daemon keeps the clock
-right, guardntp only answers the public. Synchronisation status, leap flags and
-error estimates come from the kernel; stratum and refid from ``chronyc -c
-tracking`` when a local chronyd answers, else from configuration.
+right, guardntp only answers the public. When a local chronyd answers ``chronyc
+-c tracking``, the clock is served as chronyd itself would serve it: its
+stratum, refid, root delay and dispersion and leap status, and LI=3 when
+either chronyd or the kernel calls the clock unsynchronised. Without chronyd,
+sync status, leap flags and error estimate come from the kernel (``adjtimex``)
+and stratum and refid from configuration.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..client import root_distance_problem
 from ..clock import ClockState, unsynchronized
 from ..timestamps import NS_PER_S
 from ..wire import STRATUM_UNSPECIFIED, Leap
@@ -72,20 +76,37 @@ def _seconds_to_ns(text: str) -> int:
 
 def clock_state_from(kernel: KernelClock, tracking: Tracking | None, stratum: int,
                      refid: bytes, precision: int, now_ns: int) -> ClockState:
-    """Combine the kernel's view and chronyd's (pure: tested with fakes)."""
+    """Combine the kernel's view and chronyd's (pure: tested with fakes).
+
+    Both must call the clock synchronised. When chronyd answers, its word wins
+    for everything else: it serves the same clock, so guardntp serves chronyd's
+    own stratum, refid, root delay and dispersion (another interface of the same
+    server, not one more hop), and chronyd's leap status, which its ``leapsecmode
+    slew`` and ``step`` never write into the kernel's STA_INS/STA_DEL bits.
+    """
     if not kernel.synchronized:
         return unsynchronized("system", "kernel reports the clock unsynchronised", precision)
-    leap = (Leap.INSERT_SECOND if kernel.leap_insert
-            else Leap.DELETE_SECOND if kernel.leap_delete else Leap.NONE)
-    if tracking is not None and tracking.synchronized:
+    if tracking is not None:
+        if not tracking.synchronized:
+            said = ("Not synchronised" if tracking.leap is Leap.UNSYNCHRONIZED
+                    else f"stratum {tracking.stratum}")
+            return unsynchronized("system", f"chronyd reports {said}", precision)
+        problem = root_distance_problem(tracking.root_delay_ns, tracking.root_dispersion_ns)
+        if problem is not None:
+            return unsynchronized("system", f"chronyd's {problem}", precision)
         return ClockState(
             synchronized=True, stratum=tracking.stratum, refid=tracking.refid,
             precision=precision, root_delay_ns=tracking.root_delay_ns,
             root_dispersion_ns=tracking.root_dispersion_ns,
-            reference_unix_ns=tracking.reference_unix_ns, leap=leap, source="system",
+            reference_unix_ns=tracking.reference_unix_ns, leap=tracking.leap, source="system",
             detail="kernel clock disciplined by chronyd")
     # No chronyd to ask: the kernel's estimated error stands in for root
     # dispersion, and the reference time is "now" since ntpd keeps maxerror fresh.
+    problem = root_distance_problem(0, kernel.maxerror_us * 1000)
+    if problem is not None:
+        return unsynchronized("system", f"kernel maxerror: {problem}", precision)
+    leap = (Leap.INSERT_SECOND if kernel.leap_insert
+            else Leap.DELETE_SECOND if kernel.leap_delete else Leap.NONE)
     return ClockState(
         synchronized=True, stratum=stratum, refid=refid, precision=precision,
         root_delay_ns=0, root_dispersion_ns=kernel.maxerror_us * 1000,
