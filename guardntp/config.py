@@ -40,10 +40,20 @@ class ClockConfig:
     precision: int = -20
     upstreams: tuple[str, ...] = ("pool.ntp.org",)
     poll: float = 64.0
-    samples: int = 4
+    samples: int = 1
     lost_after: float = 1024.0
     allow_step: bool = False
     chronyc_socket: str = ""
+    #: upstream: addresses used per name (a pool), like chrony's maxsources.
+    max_sources: int = 4
+    #: upstream: sources with a larger root distance (s) are not used (chrony's maxdistance).
+    max_distance: float = 3.0
+    #: upstream: how long (s) a majority must report a jump beyond 128 ms before we follow.
+    stepout: float = 300.0
+    #: upstream: follow offsets of 1000 s or more (ntpd's panic threshold) at all.
+    allow_panic: bool = False
+    #: upstream: four quick exchanges per source at start-up.
+    iburst: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,10 @@ _CLOCK_KEYS: dict[str, _Check] = {
     "refid": _string, "precision": _int_in(-32, 0), "upstreams": _strings,
     "poll": _int_in(16, 65536), "samples": _int_in(1, 16),
     "lost_after": _number(0, 30 * 86_400, above_low=True, unit="seconds"),
-    "allow_step": _bool, "chronyc_socket": _string}
+    "allow_step": _bool, "chronyc_socket": _string,
+    "max_sources": _int_in(1, 16),
+    "max_distance": _number(0, 16, above_low=True, unit="seconds"),
+    "stepout": _number(0, 86_400, unit="seconds"), "allow_panic": _bool, "iburst": _bool}
 _FILTER_KEYS: dict[str, _Check] = {
     "answer_symmetric": _bool, "reflection_ports": _ports,
     "source_rate": _rate, "source_burst": _int_in(1, 1 << 20),
@@ -410,6 +423,10 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
         if not equals or "." not in dotted:
             raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
         section, _, key = dotted.strip().partition(".")
+        if section == "filter" and key.split(".")[0] == "labels" and key.count(".") != 2:
+            raise ConfigError(f"--set {dotted.strip()}: expected filter.labels.LABEL.KEY=VALUE "
+                              "(labels: " + ", ".join(fingerprint.PACKET_LABELS) + "; keys: "
+                              + ", ".join(_LABEL_KEYS) + ")")
         value = value.strip()
         try:
             tomllib.loads(f"x = {value}")
@@ -430,8 +447,8 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
     # --set metrics.listen=... and the like: the checked keys over the file's section.
     extra = {name: {**table, **(merged.extra.get(name, {}) if name in base else {})}
              for name, table in config.extra.items()}
-    return replace(merged, filter=replace(merged.filter, acl=config.filter.acl,
-                                          label_policies=config.filter.label_policies),
+    # The label policies went through the text (the file's, then --set filter.labels.*).
+    return replace(merged, filter=replace(merged.filter, acl=config.filter.acl),
                    extra=extra, path=config.path)
 
 
@@ -447,6 +464,10 @@ def _to_toml_tables(config: Config) -> dict[str, dict[str, str]]:
             value = [str(v) for v in value]
         if isinstance(value, bool):
             return "true" if value else "false"
+        if isinstance(value, float) and value.is_integer():
+            # A whole float (ClockConfig.poll = 64.0) as an integer: the number checks take
+            # it and return floats, and the whole-number checks refuse "64.0".
+            return str(int(value))
         return json.dumps(value)
 
     tables: dict[str, dict[str, str]] = {}
@@ -459,4 +480,9 @@ def _to_toml_tables(config: Config) -> dict[str, dict[str, str]]:
             if f.name in schema and value is not None and value != "":
                 table[f.name] = literal(value)
         tables[name] = table
+    # Per-label policies as dotted keys of [filter] (``labels.sntpv1.rate = ...``), the
+    # spelling ``--set filter.labels.sntpv1.rate=...`` gives, so that one replaces it.
+    for label, policy in config.filter.label_policies.items():
+        for f in fields(policy):
+            tables["filter"][f"labels.{label}.{f.name}"] = literal(getattr(policy, f.name))
     return tables

@@ -246,6 +246,21 @@ class GuardntpCollector:
         source = info("guardntp_clock_source", "Where the served time comes from")
         source.add_metric([], {"source": clock.source})
         yield source
+        summary = getattr(getattr(self.server, "source", None), "selection_summary", None)
+        if summary is not None:   # --clock upstream: what the selection made of them
+            figures = summary()
+            upstreams = gauge("guardntp_clock_upstream_sources",
+                              "Upstream sources by the selection's verdict", labels=["status"])
+            for status, count in dict(figures["sources"]).items():
+                upstreams.add_metric([status], count)
+            yield upstreams
+            yield gauge("guardntp_clock_frequency_ppm",
+                        "Frequency of the local clock against the upstreams",
+                        value=figures["frequency_ppm"])
+            pending = figures["pending_jump_s"]
+            yield gauge("guardntp_clock_jump_pending",
+                        "1 while the majority reports a jump not yet followed (stepout)",
+                        value=0 if pending is None else 1)
 
 
 def make_registry(collector: GuardntpCollector) -> CollectorRegistry:

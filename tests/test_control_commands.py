@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 
 from guardntp.control.merge import merge_client_rows, merge_stats
+from guardntp.control.reports import format_stats
 from guardntp.control.service import ControlCommands
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
+from guardntp.metrics import GuardntpCollector
 from guardntp.responder import Responder
 from guardntp.timesources.local import LocalClock
 
@@ -102,3 +104,42 @@ def test_merged_rows_follow_the_sort_of_each_worker() -> None:
     assert order("last") == ["2001:db8::/64", "192.0.2.9", "10.0.0.1"]
     assert order("address") == ["10.0.0.1", "192.0.2.9", "2001:db8::/64"]
     assert len(merge_client_rows(rows, "requests", 2)) == 2
+
+
+class _Upstreams:
+    def selection_report(self) -> list[dict[str, object]]:
+        return [{"source": "127.0.0.2:123", "status": "selected", "reason": "",
+                 "system_peer": True, "stratum": 2, "offset_s": 0.000012,
+                 "root_distance_s": 0.0251},
+                {"source": "127.0.0.3:123", "status": "falseticker",
+                 "reason": "offset +2.000 s misses the majority's interval",
+                 "system_peer": False, "stratum": 1, "offset_s": 2.0, "root_distance_s": 0.001}]
+
+    def selection_summary(self) -> dict[str, object]:
+        return {"sources": {"selected": 1, "falseticker": 1, "outlier": 0, "unusable": 0},
+                "frequency_ppm": 1.5, "system_peer": "127.0.0.2:123", "pending_jump_s": None,
+                "note": ""}
+
+
+def test_stats_say_which_upstreams_are_selected_and_why() -> None:
+    commands = _commands([bytes([192, 0, 2, 1])])
+    commands.upstreams = _Upstreams()
+    report = commands.stats({"command": "stats"}, 1 << 16)
+    assert [row["status"] for row in report["upstreams"]] == ["selected", "falseticker"]
+    text = format_stats(report)
+    assert "upstream   127.0.0.2:123: selected (system peer), offset +0.012 ms" in text
+    assert "127.0.0.3:123: falseticker" in text and "misses the majority" in text
+
+
+def test_metrics_count_upstreams_by_verdict() -> None:
+    pytest.importorskip("prometheus_client")
+    commands = _commands([])
+
+    class Server(_Loop):
+        source = _Upstreams()
+
+    collector = GuardntpCollector(commands.pipeline, Server())  # type: ignore[arg-type]
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in collector.collect() for sample in family.samples}
+    assert samples[("guardntp_clock_upstream_sources", (("status", "falseticker"),))] == 1
+    assert samples[("guardntp_clock_jump_pending", ())] == 0

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 #: The same in every worker (configuration, or worker 0's own view): not added up.
-SHARED_KEYS = frozenset({"access_list_entries", "lookup_table_entries", "clock", "uptime_s"})
+SHARED_KEYS = frozenset({"access_list_entries", "lookup_table_entries", "clock", "uptime_s",
+                         "upstreams", "selection"})
 
 
 def merge_stats(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Callable, Mapping, MutableSequence
+from collections.abc import Callable, Iterable, Mapping, MutableSequence
 from typing import Any
 
 from ..clock import ClockState
@@ -144,7 +144,7 @@ def format_stats(report: Mapping[str, Any]) -> str:
     lines = [f"packets      {report['packets']}"]
     clock = report.get("clock")   # absent from servers older than this client
     if clock:
-        lines[:0] = _clock_lines(clock)
+        lines[:0] = _clock_lines(clock) + _upstream_lines(report.get("upstreams", ()))
     lines += [f"  {verdict:<10} {count}" for verdict, count in report["verdicts"].items()]
     lines.append("reasons")
     lines += [f"  {reason:<18} {count}" for reason, count in
@@ -179,6 +179,21 @@ def _clock_lines(clock: Mapping[str, Any]) -> list[str]:
              f"root dispersion {clock['root_dispersion_s']:.6f} s"]
     if clock["offset_s"]:
         lines.append(f"  offset     {clock['offset_s']:+.6f} s added to the system clock")
+    return lines
+
+
+def _upstream_lines(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per upstream: what the selection made of it, and why."""
+    lines = []
+    for row in rows:
+        status = str(row["status"]) + (" (system peer)" if row.get("system_peer") else "")
+        offset = row.get("offset_s")
+        distance = row.get("root_distance_s")
+        figures = (f"offset {offset * 1000:+.3f} ms" if offset is not None else "no offset") \
+            + (f", distance {distance * 1000:.1f} ms" if distance is not None else "") \
+            + (f", stratum {row['stratum']}" if row.get("stratum") is not None else "")
+        reason = f"; {row['reason']}" if row.get("reason") else ""
+        lines.append(f"  upstream   {row['source']}: {status}, {figures}{reason}")
     return lines
 
 

@@ -63,6 +63,14 @@ class _Peers(Protocol):
     def ask(self, request: dict[str, Any]) -> list[dict[str, Any]]: ...
 
 
+class _SelectingSource(Protocol):
+    """A time source that chooses among upstreams (``--clock upstream``)."""
+
+    def selection_report(self) -> list[dict[str, object]]: ...
+
+    def selection_summary(self) -> dict[str, object]: ...
+
+
 class ReloadFailed(Exception):
     """What a reload callable raises when it kept the running configuration."""
 
@@ -71,8 +79,10 @@ class ControlCommands:
     """``clients``, ``stats`` and ``reload`` for one server (all its workers)."""
 
     def __init__(self, pipeline: Pipeline, loop: _Loop, blocklist: LiveBlocklist | None,
-                 reload: Callable[[], str], peers: _Peers | None = None) -> None:
+                 reload: Callable[[], str], peers: _Peers | None = None,
+                 upstreams: _SelectingSource | None = None) -> None:
         self.pipeline = pipeline
+        self.upstreams = upstreams
         self.loop = loop
         self.blocklist = blocklist
         self.reload_config = reload
@@ -119,6 +129,9 @@ class ControlCommands:
                 "active_entries": live.active_entries, "loads": live.loads,
                 "auto": live.auto.policy.enabled, "auto_blocked": live.auto_blocked,
                 "watched": len(live.auto.suspects), "error": live.last_error}
+        if self.upstreams is not None:
+            report["upstreams"] = self.upstreams.selection_report()
+            report["selection"] = self.upstreams.selection_summary()
         return report | self._workers(len(reports))
 
     def _local_stats(self) -> dict[str, Any]:

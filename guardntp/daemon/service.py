@@ -37,6 +37,7 @@ from ..server import ListenError, Server, open_socket
 from ..statedir import StateDirError, prepare_state_dir
 from ..systemd import describe_sockets
 from ..timesources import make_source, measure_precision
+from ..timesources.upstream import UpstreamClock
 from .errors import DaemonError, ReloadRejected
 from .operations import Operations
 from .peers import PeerAnswerer, PeerLinks
@@ -107,8 +108,9 @@ class Service:
         except BlocklistError as error:
             raise DaemonError(str(error)) from None
         self.peers = peers
-        self.commands = ControlCommands(self.pipeline, self.server, self.blocklist,
-                                        self.reload_from_control, peers)
+        self.commands = ControlCommands(
+            self.pipeline, self.server, self.blocklist, self.reload_from_control, peers,
+            self.source if isinstance(self.source, UpstreamClock) else None)
         self.control: ControlServer | None = None
         if sections.control_enabled:
             try:

@@ -88,15 +88,14 @@ def make_source(clock: ClockConfig, precision: int) -> TimeSource:
     """Build the time source a :class:`~guardntp.config.ClockConfig` asks for."""
     from .local import LocalClock
     from .system import SystemClock
-    from .upstream import UpstreamClock, parse_upstream
+    from .upstream import UpstreamClock
 
     if clock.source == "local":
         return LocalClock(clock.stratum, precision)
     if clock.source == "system":
         return SystemClock(clock.stratum, refid_bytes(clock.refid), precision,
                            chronyc_socket=clock.chronyc_socket)
-    return UpstreamClock([parse_upstream(text) for text in clock.upstreams], clock.poll,
-                         clock.samples, clock.lost_after, clock.allow_step, precision)
+    return UpstreamClock.from_config(clock, precision)
 
 
 def refid_bytes(text: str) -> bytes:
