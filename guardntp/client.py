@@ -3,7 +3,9 @@
 The pure half (:func:`build_request`, :func:`stray_reason`, :func:`evaluate_reply`,
 :func:`usable`, :func:`root_distance_problem`, :func:`panic_warning`) takes every
 time as an argument; :func:`exchange` and :func:`query` are the socket edge used
-by ``guardntp query`` and by the ``upstream`` time source.
+by ``guardntp query`` and by the ``upstream`` time source, and
+:func:`exchange_request` / :func:`take_samples` the same wait and loop for a request
+made elsewhere (``guardntp query --nts`` plugs in NTS requests and their checks).
 
 Rules (RFC 4330 §5 and §8, RFC 5905 §8):
 
@@ -309,6 +311,19 @@ def resolve(host: str, port: int) -> tuple[int, tuple[object, ...]]:
     return family, sockaddr
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as :func:`exchange_request` sends it and how it judges the answer:
+    ``pending`` is the header (its random transmit field and mode decide what is a
+    stray), ``wire`` the datagram sent (the header, or the header plus a MAC or NTS
+    extension fields), ``verify`` checks a datagram that passed the stray tests and
+    returns the bytes to judge (raising :class:`BogusReply` or :class:`KissOfDeath`)."""
+
+    pending: PendingRequest
+    wire: bytes
+    verify: Callable[[bytes], bytes] | None = None
+
+
 def exchange(host: str, port: int, timeout_s: float = 2.0, version: int = 4,
              mode: Mode = Mode.CLIENT,
              sign: Callable[[bytes], bytes] | None = None,
@@ -321,10 +336,18 @@ def exchange(host: str, port: int, timeout_s: float = 2.0, version: int = 4,
     :class:`NoReply` (a ``TimeoutError``), :class:`BogusReply`, :class:`KissOfDeath`,
     or ``OSError`` (``socket.gaierror`` for a name that does not resolve).
     """
-    family, sockaddr = resolve(host, port)
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     pending = build_request(secrets.randbits(64), version, mode)
     wire = sign(pending.wire) if sign else pending.wire
+    return exchange_request(host, port, Request(pending, wire, verify), timeout_s, clock_ns)
+
+
+def exchange_request(host: str, port: int, request: Request, timeout_s: float = 2.0,
+                     clock_ns: Callable[[], int] = time.time_ns) -> Sample:
+    """:func:`exchange` for a request made elsewhere (``guardntp query --nts``): the
+    same wait, stray handling, errors and judgement of the reply."""
+    family, sockaddr = resolve(host, port)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    pending, wire, verify = request.pending, request.wire, request.verify
     strays: Counter[str] = Counter()
     last_stray = ""
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -389,18 +412,31 @@ def query(host: str, port: int, samples: int = 1, timeout_s: float = 2.0, versio
           sign: Callable[[bytes], bytes] | None = None,
           verify: Callable[[bytes], bytes] | None = None) -> tuple[Sample, list[Sample]]:
     """Take up to ``samples`` exchanges and return (best, all). A KoD ends the run at once."""
+    return take_samples(lambda: exchange(host, port, timeout_s, version, mode, sign, verify),
+                        samples, spacing_s)
+
+
+def take_samples(once: Callable[[], Sample | None], samples: int,
+                 spacing_s: float = SAMPLE_SPACING_S) -> tuple[Sample, list[Sample]]:
+    """:func:`query`'s loop over any exchange: up to ``samples`` calls of ``once``,
+    ``spacing_s`` apart, and (best, all). A timeout or a bogus reply is kept for the
+    end (raised when no sample was taken), a KoD ends the run at once; ``once``
+    returns None when it cannot make another exchange (an NTS client out of cookies)."""
     taken: list[Sample] = []
     last_error: Exception | None = None
     for index in range(samples):
         if index:
             time.sleep(spacing_s)
         try:
-            taken.append(exchange(host, port, timeout_s, version, mode, sign, verify))
+            sample = once()
         except (TimeoutError, BogusReply) as error:
             last_error = error
+            continue
+        if sample is None:
+            break
+        taken.append(sample)
     if not taken:
-        assert last_error is not None
-        raise last_error
+        raise last_error or NoReply("no exchange could be made")
     return best_sample(taken), taken
 
 

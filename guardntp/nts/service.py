@@ -1,0 +1,136 @@
+"""NTS inside a running server: the master key file, the NTS-KE server, the counters.
+
+Rule: the edge around the pure pieces. The packet path calls :meth:`NtsService.answer`
+(the pure :func:`~guardntp.nts.responder.answer` over the keys in force) for an
+NTPv4 request that carries an NTS Unique Identifier; the KE server runs on its
+own thread; a timer calls :meth:`refresh`, which re-reads or rotates the key
+file. Errors at start are :class:`NtsError`, one line each; later ones are
+logged and the keys already held stay in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..statedir import StateDirError
+from .cookies import KeyStore, KeyStoreError
+from .ke_server import KeServer, KeServerError, make_context
+from .records import KeSettings
+from .responder import NtsCounters, NtsVerdict, answer
+from .settings import NtsSettings
+
+log = logging.getLogger("guardntp.nts")
+
+#: How often the key file is looked at (a changed file, or a rotation that is due).
+KEY_REFRESH_S = 10.0
+#: A reply's NTP port is advertised only when it is not the standard one.
+NTP_PORT = 123
+
+
+class NtsError(Exception):
+    """NTS cannot start: a bad certificate or key, key file, or KE address."""
+
+
+class NtsService:
+    def __init__(self, settings: NtsSettings, state_dir: Path, ntp_port: int = NTP_PORT,
+                 wall_s: Callable[[], float] = time.time, serve_ke: bool = True) -> None:
+        """``serve_ke=False``: answer NTS requests only (the other ``--workers``: one
+        KE server per address, and every worker reads the same key file)."""
+        if settings.cert is None or settings.key is None:
+            raise NtsError("NTS needs a certificate and its key (nts.cert, nts.key)")
+        self.settings = settings
+        self.wall_s = wall_s
+        self.counters = NtsCounters()
+        self.last_error = ""
+        try:
+            self.store = KeyStore(state_dir, settings.key_period_s, settings.keys_kept,
+                                  settings.rotate_keys)
+            self.store.refresh(wall_s())
+        except (KeyStoreError, StateDirError) as error:
+            raise NtsError(f"NTS master keys: {error}") from None
+        listen = settings.ke_listen
+        self.ke: KeServer | None = None
+        if not serve_ke:
+            self.ntp_port = ntp_port
+            return
+        try:
+            self.ke = KeServer((listen.host, listen.port), settings.cert, settings.key,
+                               lambda: self.store.keys, self._ke_settings(settings, ntp_port),
+                               settings.limits)
+        except KeServerError as error:
+            raise NtsError(str(error)) from None
+        self.ntp_port = ntp_port
+
+    @staticmethod
+    def _ke_settings(settings: NtsSettings, ntp_port: int) -> KeSettings:
+        return KeSettings(ntp_server=settings.ntp_server or None, ntp_port=ntp_port,
+                          cookies=settings.cookies)
+
+    def start(self) -> None:
+        """Bind the KE port and start its thread; raises :class:`NtsError`."""
+        if self.ke is None:
+            return
+        try:
+            self.ke.start()
+        except KeServerError as error:
+            raise NtsError(str(error)) from None
+        host, port = self.ke.address
+        log.info("NTS-KE on %s:%d (TLS 1.3, ntske/1), %d master keys in %s", host, port,
+                 len(self.store.keys.by_id), self.store.path)
+
+    def stop(self) -> None:
+        if self.ke is not None:
+            self.ke.stop()
+
+    # ------------------------------------------------------------------ packet path
+
+    def answer(self, request: bytes) -> NtsVerdict:
+        verdict = answer(request, self.store.keys)
+        self.counters.add(verdict)
+        return verdict
+
+    # ------------------------------------------------------------------ timers, reload
+
+    def refresh(self) -> None:
+        try:
+            self.store.refresh(self.wall_s())
+            self.last_error = ""
+        except (KeyStoreError, StateDirError) as error:
+            if str(error) != self.last_error:
+                log.error("NTS master keys: %s (the keys held stay in force)", error)
+            self.last_error = str(error)
+
+    def prepare_reload(self, settings: NtsSettings) -> Callable[[], None]:
+        """Check ``settings`` and load the certificate and key they name (re-read even
+        when the names did not change: a renewed certificate). Returns what applies
+        them, which cannot fail; raises :class:`NtsError` and changes nothing."""
+        if settings.cert is None or settings.key is None:
+            raise NtsError("turning NTS off needs a restart")
+        try:
+            context = make_context(settings.cert, settings.key)
+        except KeServerError as error:
+            raise NtsError(str(error)) from None
+        if (settings.ke_listen, settings.key_period_s, settings.keys_kept,
+                settings.rotate_keys) != (self.settings.ke_listen, self.settings.key_period_s,
+                                          self.settings.keys_kept, self.settings.rotate_keys):
+            log.warning("reload: nts.ke_listen and the key rotation settings need a restart")
+
+        def apply() -> None:
+            if self.ke is not None:
+                self.ke.use_context(context)
+                self.ke.reconfigure(self._ke_settings(settings, self.ntp_port),
+                                    settings.limits)
+            self.settings = settings
+
+        return apply
+
+    def report(self) -> dict[str, Any]:
+        """What ``guardntp stats`` and the metrics show."""
+        return {"ke": self.ke.counters if self.ke is not None else {},
+                "ntp": self.counters.snapshot(),
+                "master_keys": len(self.store.keys.by_id), "rotations": self.store.rotations,
+                "key_error": self.last_error}
