@@ -1,5 +1,8 @@
 """The compiled decision (``guardntp/fastlane.py``) per packet, through ``decide_one``.
 
+The flood benchmarks at the end send never-seen sources only (a spoofed flood, at
+default settings, no warm-up): first sightings, decided in C as well.
+
 ``decide_one`` is the same C decision the server's loop runs, plus one Python call
 per packet (the loop itself makes none), so these are upper bounds. The answer and
 the rate-limited drop are measured the same way, among a million tracked sources
@@ -16,7 +19,7 @@ from benchutil import REQUEST, WALL_NS, Clock, make_pipeline, source_address
 from conftest import build_million_pipeline
 
 from guardntp import fastlane
-from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.pipeline import Pipeline, new_record
 from guardntp.verdicts import Reason
 
 pytestmark = pytest.mark.skipif(not fastlane.available(), reason="compiled loop not built")
@@ -101,3 +104,59 @@ def test_compiled_rate_kod_one_source(benchmark, lane_for):
     lane.decide_one(REQUEST, source, 40000, WALL_NS, clock.tick())
     result = benchmark(lambda: lane.decide_one(REQUEST, source, 40000, WALL_NS, clock.tick()))
     assert result[0] == Reason.RATE_KOD and result[1] is not None and result[3] is True
+
+
+#: A flood round: this many never-seen sources, one request each (time per round / 10,000
+#: = time per packet, the loop calling decide_one included).
+FLOOD_ROUND = 10_000
+
+
+def flood(benchmark, lane: fastlane.FastLane, first_index: int, rounds: int) -> int:
+    """``rounds`` rounds of FLOOD_ROUND sources never seen before, in the generator's
+    layout (16 per /24 across 127/8), from ``first_index`` on; no warm-up. Returns
+    how many were sent (one round only under ``--benchmark-disable``)."""
+    clock = Clock()
+    state = {"next": first_index}
+
+    def addresses() -> tuple[tuple[list[bytes]], dict[str, object]]:
+        start = state["next"]
+        state["next"] = start + FLOOD_ROUND
+        return ([source_address(index) for index in range(start, start + FLOOD_ROUND)],), {}
+
+    def one_round(batch: list[bytes]) -> tuple[int, bytes | None, object, bool]:
+        decide, tick = lane.decide_one, clock.tick
+        result = (0, None, None, False)
+        for packed in batch:
+            result = decide(REQUEST, packed, 40000, WALL_NS, tick())
+        return result
+
+    before = lane.first_sightings
+    result = benchmark.pedantic(one_round, setup=addresses, rounds=rounds)
+    assert result[0] == Reason.ANSWERED and result[3] is True
+    sent = state["next"] - first_index
+    assert lane.first_sightings - before == sent   # every one of them decided in C
+    return sent
+
+
+def test_compiled_flood_of_new_sources_while_the_table_has_room(benchmark, lane_for):
+    """Default settings, an empty table: each first request creates its record and
+    inserts it into the source table (dict and index) and, for the first 16 sources
+    of a /24, its prefix record; 200,000 sources, within the 262,144 of the table."""
+    pipeline = make_pipeline()
+    sent = flood(benchmark, lane_for(pipeline), 0, 20)
+    assert len(pipeline.sources) == sent
+
+
+def test_compiled_flood_of_new_sources_once_the_table_is_full(benchmark, lane_for):
+    """Default settings, the 262,144-source table already full: each first request
+    is remembered in the newcomer ring (524,288 entries), which the 600,000
+    sources here wrap."""
+    pipeline = make_pipeline()
+    start = Clock().now_ns
+    insert = pipeline.sources.insert
+    full = pipeline.sources.max_entries
+    for index in range(full):
+        insert(source_address(index), new_record(start, "ntpv4", 40000))
+    sent = flood(benchmark, lane_for(pipeline), full, 60)
+    assert len(pipeline.sources) == full
+    assert len(pipeline.newcomers) == min(sent, pipeline.newcomers.max_entries)

@@ -10,26 +10,35 @@
  *   sendmmsg the replies in chunks of 16, each chunk's time replies stamped
  *   just before the call.
  *
- * The filter stays in Python and stays the authority. This file decides a
- * packet itself only on the common paths, and there it reads and writes the
- * very same Python objects Pipeline.decide uses (the per-source Records, found
- * through the tables' AddressIndex, the prefix Records, the counters, the
+ * The filter stays in Python and stays the authority: Pipeline.decide is the
+ * reference model. This file decides a packet itself only on the paths below,
+ * and there it reads and writes the very same Python objects Pipeline.decide
+ * uses (the per-source Records, found through the tables' AddressIndex, the
+ * tables' dicts, the newcomer ring, the prefix Records, the counters, the
  * global and KoD buckets), with the same arithmetic:
  *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
  *     4-7, bad versions) -> that drop, counted;
  *   - a source port on the reflection list -> drop, counted;
- *   - a source already in the source table, whose prefix is already in the
- *     prefix table, with no access-list entry (IPv4: its cached result; IPv6:
- *     the list has no IPv6 entry at all): both buckets conforming -> a time
- *     reply (or the global cap's drop); over either -> the random leak's time
- *     reply, a RATE KoD, or a drop;
- *   - such an IPv4 source whose cached entry is an unexpired DROP -> drop.
+ *   - a source with no access-list entry (IPv4: its cached result, or for a
+ *     source not in the table the list's own lookup; IPv6: the list has no
+ *     IPv6 entry at all): both buckets conforming -> a time reply (or the
+ *     global cap's drop); over either -> the random leak's time reply, a RATE
+ *     KoD, or a drop;
+ *   - such an IPv4 source whose entry is an unexpired DROP -> drop.
+ * Sources the table does not hold are decided here too (first_sighting): a
+ * first request while the table has room creates the Record and inserts it
+ * (dict, then index: BucketTable.insert); once the table is full it is
+ * remembered in the NewcomerRing; a returning newcomer is promoted with
+ * BucketTable.admit's eviction scan (or stays a newcomer: table_full). A new
+ * prefix is created and admitted the same way, else it shares the overflow
+ * record.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
- * Everything else (newcomers, other access-list entries, MACs, IPv6 while the
- * list has an IPv6 entry, odd lengths) goes to Pipeline.decide unchanged,
- * before anything here has been modified. tests/test_fastlane.py runs random
- * traffic through both and compares every reply, counter and record.
+ * Everything else (other access-list entries, MACs, IPv6 while the list has
+ * an IPv6 entry, odd lengths, records or tables out of step) goes to
+ * Pipeline.decide unchanged, before anything here has been modified.
+ * tests/test_fastlane.py runs random traffic (and floods of new sources)
+ * through both and compares every reply, counter, record and the ring.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -102,16 +111,23 @@ typedef struct {
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
     Py_ssize_t record_len;
     int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
-    int i_acl_generation, i_acl_entry, i_port, i_kods, i_last_kod;
+    int i_acl_generation, i_acl_entry, i_port, i_kods, i_last_kod, i_first_seen;
     unsigned char reflection[8192];
+    /* First sightings (first_sighting): the tables and the newcomer ring. ring
+     * NULL: the pipeline's ring is not a NewcomerRing, first sightings go to Python. */
+    PyObject *sources, *prefixes, *records, *prefix_records, *ring, *prefix_overflow;
+    int64_t never, eviction_scan;
 
     /* per pump */
     int64_t acl_generation, global_tat, kod_tat, offset_ns;
     int acl_covers_v6;                 /* the access list has an IPv6 entry */
+    int acl_empty;                     /* ... no entry at all (of acl_empty_generation) */
+    int64_t acl_empty_generation;
+    int64_t max_sources, max_prefixes; /* the tables' max_entries */
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
     int64_t count_acc[MAX_COUNTS];
     int64_t label_acc[LABEL_SLOTS];
-    int64_t fast_decisions;
+    int64_t fast_decisions, first_sightings, promotions;
     int counted;                       /* count_acc or label_acc may be non-zero */
 } Lane;
 
@@ -187,6 +203,19 @@ begin(Lane *L)
         return -1;
     }
     if ((obj = get_attr_i64(L->acl, "generation", &L->acl_generation)) == NULL)
+        return -1;
+    Py_DECREF(obj);
+    if (L->acl_empty < 0 || L->acl_empty_generation != L->acl_generation) {
+        Py_ssize_t entries = PyObject_Size(L->acl);
+        if (entries < 0)
+            return -1;
+        L->acl_empty = entries == 0;
+        L->acl_empty_generation = L->acl_generation;
+    }
+    if ((obj = get_attr_i64(L->sources, "max_entries", &L->max_sources)) == NULL)
+        return -1;
+    Py_DECREF(obj);
+    if ((obj = get_attr_i64(L->prefixes, "max_entries", &L->max_prefixes)) == NULL)
         return -1;
     Py_DECREF(obj);
     if (L->v6_fast) {
@@ -832,6 +861,431 @@ static PyTypeObject AddressIndexType = {
     .tp_as_sequence = &AddressIndex_as_sequence,
 };
 
+/* ------------------------------------------------------------------ NewcomerRing */
+
+/*
+ * First sightings once the source table is full (filter/buckets.py,
+ * NewcomerTable): key -> TAT, forgotten first-in first-out. The same rules as
+ * the dict and list it replaces: a ring of max_entries keys bounds a hash of
+ * key -> TAT; writing a ring slot forgets the key that was there if it is
+ * still remembered (an eviction); a key forgotten meanwhile (promoted) leaves
+ * its old slot behind, so a key re-added after promotion may be forgotten
+ * early, which only costs it its newcomer history.
+ *
+ * Keys are 1-16 bytes (an IPv4 address, an IPv6 source prefix of up to /128),
+ * kept in the slots themselves: no object per entry. A hash slot is 32 bytes
+ * and a ring slot 24, about 90 bytes an entry at the table's load (the dict,
+ * its bytes keys, int TATs and the list cost ~130). Linear probing at most
+ * half full, keyed with the process's random seed, deletion by backward shift.
+ * Memory from PyMem_Raw*: tracemalloc (contrib/sizing/measure.py) counts it,
+ * and calloc leaves an unused ring's pages untouched.
+ */
+typedef struct {
+    uint64_t hi, lo;       /* bytes 0-7 and 8-15, big-endian, zero-padded */
+    uint32_t length;       /* 1-16; 0: empty */
+} RingKey;
+
+typedef struct {
+    uint64_t hi, lo;
+    uint32_t length;       /* 0 in an empty slot */
+    uint32_t pos;          /* the ring slot this key was last written to */
+    int64_t tat;
+} RingSlot;
+
+typedef struct {
+    PyObject_HEAD
+    RingSlot *slots;
+    uint64_t mask;
+    Py_ssize_t count;
+    RingKey *ring;         /* max_entries slots; length 0: never written */
+    Py_ssize_t max_entries, next;
+    int64_t evictions;
+} NewcomerRing;
+
+static PyTypeObject NewcomerRingType;
+
+#define RING_MAX_KEY 16
+#define RING_PRESIZED (1u << 21)   /* 64 MiB of slots; a larger ring grows past it */
+
+static inline RingKey
+ring_key(const unsigned char *bytes, int length)
+{
+    RingKey key = {0, 0, (uint32_t)length};
+    int i;
+    for (i = 0; i < length && i < 8; i++)
+        key.hi |= (uint64_t)bytes[i] << (8 * (7 - i));
+    for (i = 8; i < length; i++)
+        key.lo |= (uint64_t)bytes[i] << (8 * (15 - i));
+    return key;
+}
+
+/* The key of a bytes object; length 0 when it is not 1-16 bytes. */
+static RingKey
+ring_key_of(PyObject *object)
+{
+    RingKey none = {0, 0, 0};
+    Py_ssize_t length;
+    if (!PyBytes_Check(object))
+        return none;
+    length = PyBytes_GET_SIZE(object);
+    if (length < 1 || length > RING_MAX_KEY)
+        return none;
+    return ring_key((const unsigned char *)PyBytes_AS_STRING(object), (int)length);
+}
+
+static PyObject *
+ring_key_bytes(RingKey key)
+{
+    unsigned char bytes[RING_MAX_KEY];
+    int i;
+    for (i = 0; i < (int)key.length; i++)
+        bytes[i] = (unsigned char)(i < 8 ? key.hi >> (8 * (7 - i)) : key.lo >> (8 * (15 - i)));
+    return PyBytes_FromStringAndSize((const char *)bytes, key.length);
+}
+
+static inline uint64_t
+ring_hash(RingKey key)
+{
+    uint64_t x = (key.hi ^ index_seed) + key.length * 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= (x >> 27) ^ key.lo;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static inline int
+ring_slot_is(const RingSlot *s, RingKey key)
+{
+    return s->hi == key.hi && s->lo == key.lo && s->length == key.length;
+}
+
+static inline RingSlot *
+ring_find(NewcomerRing *nr, RingKey key)
+{
+    uint64_t i = ring_hash(key) & nr->mask;
+    for (;;) {
+        RingSlot *s = &nr->slots[i];
+        if (ring_slot_is(s, key))
+            return s;
+        if (s->length == 0)
+            return NULL;
+        i = (i + 1) & nr->mask;
+    }
+}
+
+static int
+ring_grow(NewcomerRing *nr)
+{
+    uint64_t capacity = (nr->mask + 1) * 2, i;
+    RingSlot *old = nr->slots, *fresh = PyMem_RawCalloc(capacity, sizeof(RingSlot));
+    if (fresh == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i <= nr->mask; i++)
+        if (old[i].length != 0) {
+            RingKey key = {old[i].hi, old[i].lo, old[i].length};
+            uint64_t j = ring_hash(key) & (capacity - 1);
+            while (fresh[j].length != 0)
+                j = (j + 1) & (capacity - 1);
+            fresh[j] = old[i];
+        }
+    nr->slots = fresh;
+    nr->mask = capacity - 1;
+    PyMem_RawFree(old);
+    return 0;
+}
+
+/* Add key (absent) with its TAT and ring slot. */
+static int
+ring_add(NewcomerRing *nr, RingKey key, int64_t tat, uint32_t pos)
+{
+    uint64_t i;
+    RingSlot *s;
+    if ((uint64_t)(nr->count + 1) * 2 > nr->mask + 1 && ring_grow(nr) < 0)
+        return -1;
+    i = ring_hash(key) & nr->mask;
+    while (nr->slots[i].length != 0)
+        i = (i + 1) & nr->mask;
+    s = &nr->slots[i];
+    s->hi = key.hi;
+    s->lo = key.lo;
+    s->length = key.length;
+    s->pos = pos;
+    s->tat = tat;
+    nr->count++;
+    return 0;
+}
+
+/* Forget key; 1 (and *tat) if it was remembered, else 0. */
+static int
+ring_pop(NewcomerRing *nr, RingKey key, int64_t *tat)
+{
+    uint64_t i = ring_hash(key) & nr->mask, j;
+    while (!ring_slot_is(&nr->slots[i], key)) {
+        if (nr->slots[i].length == 0)
+            return 0;
+        i = (i + 1) & nr->mask;
+    }
+    if (tat != NULL)
+        *tat = nr->slots[i].tat;
+    j = i;
+    for (;;) {   /* backward shift, as index_pop */
+        uint64_t home;
+        RingKey moved;
+        j = (j + 1) & nr->mask;
+        if (nr->slots[j].length == 0)
+            break;
+        moved.hi = nr->slots[j].hi;
+        moved.lo = nr->slots[j].lo;
+        moved.length = nr->slots[j].length;
+        home = ring_hash(moved) & nr->mask;
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+            continue;
+        nr->slots[i] = nr->slots[j];
+        i = j;
+    }
+    memset(&nr->slots[i], 0, sizeof(RingSlot));
+    nr->count--;
+    return 1;
+}
+
+/* NewcomerTable.remember: update a remembered key's TAT, else write it to the
+ * next ring slot, forgetting (an eviction) the key written there before. */
+static int
+ring_remember(NewcomerRing *nr, RingKey key, int64_t tat)
+{
+    RingSlot *s = ring_find(nr, key);
+    Py_ssize_t slot;
+    if (s != NULL) {
+        s->tat = tat;
+        return 0;
+    }
+    slot = nr->next;
+    if (nr->ring[slot].length != 0 && ring_pop(nr, nr->ring[slot], NULL))
+        nr->evictions++;
+    if (ring_add(nr, key, tat, (uint32_t)slot) < 0)
+        return -1;
+    nr->ring[slot] = key;
+    nr->next = slot + 1 < nr->max_entries ? slot + 1 : 0;
+    return 0;
+}
+
+static PyObject *
+NewcomerRing_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"max_entries", NULL};
+    Py_ssize_t max_entries;
+    uint64_t capacity = INDEX_MIN_CAPACITY;
+    NewcomerRing *nr;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:NewcomerRing", names, &max_entries))
+        return NULL;
+    if (max_entries < 1 || (uint64_t)max_entries > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a table needs room for at least one entry "
+                        "(and at most 2**32 - 1)");
+        return NULL;
+    }
+    nr = (NewcomerRing *)type->tp_alloc(type, 0);
+    if (nr == NULL)
+        return NULL;
+    /* The hash at the size a full ring needs (up to RING_PRESIZED slots), so that a
+     * flood does not stall the loop with rehashes of a growing table; calloc's
+     * pages stay untouched until newcomers arrive (once the source table is full). */
+    while (capacity < RING_PRESIZED && (uint64_t)max_entries * 2 > capacity)
+        capacity *= 2;
+    nr->slots = PyMem_RawCalloc(capacity, sizeof(RingSlot));
+    nr->ring = PyMem_RawCalloc((size_t)max_entries, sizeof(RingKey));
+    if (nr->slots == NULL || nr->ring == NULL) {
+        Py_DECREF(nr);
+        return PyErr_NoMemory();
+    }
+    nr->mask = capacity - 1;
+    nr->max_entries = max_entries;
+    return (PyObject *)nr;
+}
+
+static void
+NewcomerRing_dealloc(NewcomerRing *nr)
+{
+    PyMem_RawFree(nr->slots);
+    PyMem_RawFree(nr->ring);
+    Py_TYPE(nr)->tp_free((PyObject *)nr);
+}
+
+static Py_ssize_t
+NewcomerRing_length(NewcomerRing *nr)
+{
+    return nr->count;
+}
+
+static int
+NewcomerRing_contains(NewcomerRing *nr, PyObject *key)
+{
+    RingKey k = ring_key_of(key);
+    return k.length != 0 && ring_find(nr, k) != NULL;
+}
+
+static PyObject *
+NewcomerRing_subscript(NewcomerRing *nr, PyObject *key)
+{
+    RingKey k = ring_key_of(key);
+    RingSlot *s = k.length != 0 ? ring_find(nr, k) : NULL;
+    if (s == NULL) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return PyLong_FromLongLong(s->tat);
+}
+
+static PyObject *
+NewcomerRing_remember(NewcomerRing *nr, PyObject *args)
+{
+    PyObject *key, *tat_obj;
+    RingKey k;
+    int64_t tat;
+    if (!PyArg_ParseTuple(args, "OO:remember", &key, &tat_obj))
+        return NULL;
+    k = ring_key_of(key);
+    if (k.length == 0) {
+        PyErr_SetString(PyExc_ValueError, "a newcomer's key is 1-16 bytes");
+        return NULL;
+    }
+    if (!as_i64(tat_obj, &tat)) {
+        PyErr_SetString(PyExc_TypeError, "a TAT is an int that fits 64 bits");
+        return NULL;
+    }
+    if (ring_remember(nr, k, tat) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+NewcomerRing_get(NewcomerRing *nr, PyObject *args)
+{
+    PyObject *key, *fallback = Py_None;
+    RingKey k;
+    RingSlot *s;
+    if (!PyArg_ParseTuple(args, "O|O:get", &key, &fallback))
+        return NULL;
+    k = ring_key_of(key);
+    s = k.length != 0 ? ring_find(nr, k) : NULL;
+    if (s == NULL) {
+        Py_INCREF(fallback);
+        return fallback;
+    }
+    return PyLong_FromLongLong(s->tat);
+}
+
+static PyObject *
+NewcomerRing_discard(NewcomerRing *nr, PyObject *key)
+{
+    RingKey k = ring_key_of(key);
+    if (k.length != 0 && ring_pop(nr, k, NULL))
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+/* items() -> [(key, tat)], oldest first: the order a dict would keep them in
+ * (each key at the ring slot it was last written to). */
+static PyObject *
+NewcomerRing_items(NewcomerRing *nr, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    Py_ssize_t n;
+    (void)unused;
+    if (list == NULL)
+        return NULL;
+    for (n = 0; n < nr->max_entries; n++) {
+        Py_ssize_t slot = (nr->next + n) % nr->max_entries;
+        RingKey key = nr->ring[slot];
+        RingSlot *s;
+        PyObject *pair, *bytes;
+        int rc;
+        if (key.length == 0 || (s = ring_find(nr, key)) == NULL || s->pos != (uint32_t)slot)
+            continue;
+        bytes = ring_key_bytes(key);
+        pair = bytes == NULL ? NULL : Py_BuildValue("(NL)", bytes, (long long)s->tat);
+        rc = pair == NULL ? -1 : PyList_Append(list, pair);
+        Py_XDECREF(pair);
+        if (rc < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+static PyObject *
+NewcomerRing_get_max_entries(NewcomerRing *nr, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(nr->max_entries);
+}
+
+static PyObject *
+NewcomerRing_get_evictions(NewcomerRing *nr, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLongLong(nr->evictions);
+}
+
+static int
+NewcomerRing_set_evictions(NewcomerRing *nr, PyObject *value, void *closure)
+{
+    int64_t v;
+    (void)closure;
+    if (value == NULL || !as_i64(value, &v)) {
+        PyErr_SetString(PyExc_TypeError, "evictions is an int");
+        return -1;
+    }
+    nr->evictions = v;
+    return 0;
+}
+
+static PyMethodDef NewcomerRing_methods[] = {
+    {"remember", (PyCFunction)NewcomerRing_remember, METH_VARARGS,
+     "remember(key, tat): as NewcomerTable.remember"},
+    {"get", (PyCFunction)NewcomerRing_get, METH_VARARGS,
+     "get(key, default=None) -> the remembered TAT or default"},
+    {"discard", (PyCFunction)NewcomerRing_discard, METH_O,
+     "discard(key) -> bool: forget key (its ring slot stays behind)"},
+    {"items", (PyCFunction)NewcomerRing_items, METH_NOARGS,
+     "items() -> [(key, tat)], oldest first"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef NewcomerRing_getset[] = {
+    {"max_entries", (getter)NewcomerRing_get_max_entries, NULL, "ring slots", NULL},
+    {"evictions", (getter)NewcomerRing_get_evictions, (setter)NewcomerRing_set_evictions,
+     "keys forgotten because their ring slot was written again", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods NewcomerRing_as_sequence = {
+    .sq_contains = (objobjproc)NewcomerRing_contains,
+};
+
+static PyMappingMethods NewcomerRing_as_mapping = {
+    .mp_length = (lenfunc)NewcomerRing_length,
+    .mp_subscript = (binaryfunc)NewcomerRing_subscript,
+};
+
+static PyTypeObject NewcomerRingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.NewcomerRing",
+    .tp_basicsize = sizeof(NewcomerRing),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NewcomerRing(max_entries): first sightings, key -> TAT, forgotten first-in "
+              "first-out (filter/buckets.py, NewcomerTable)",
+    .tp_new = NewcomerRing_new,
+    .tp_dealloc = (destructor)NewcomerRing_dealloc,
+    .tp_methods = NewcomerRing_methods,
+    .tp_getset = NewcomerRing_getset,
+    .tp_as_sequence = &NewcomerRing_as_sequence,
+    .tp_as_mapping = &NewcomerRing_as_mapping,
+};
+
 static inline int
 record_int(Record *r, int i, int64_t *out)
 {
@@ -841,11 +1295,6 @@ record_int(Record *r, int i, int64_t *out)
     return 1;
 }
 
-static inline void
-record_set_int(Record *r, int i, int64_t value)
-{
-    r->cell[i].n = value;   /* only on cells record_int just read as ints */
-}
 
 /* ------------------------------------------------------------------ the decision */
 
@@ -1007,9 +1456,439 @@ acl_drop_reason(Lane *L, PyObject *entry, int64_t recv_ns)
     return config ? L->reason_acl_deny : L->reason_blocklisted;
 }
 
+/* ---- the tables' own rules (filter/buckets.py), for first sightings */
+
+static PyObject *str_move_to_end, *str_evictions, *str_admissions_refused, *str_table_full;
+static PyObject *str_lookup, *long_one;
+
+/* obj.name += 1 (a table's or the pipeline's counter). */
+static int
+bump_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *old = PyObject_GetAttr(obj, name), *now;
+    int rc;
+    if (old == NULL)
+        return -1;
+    now = PyNumber_Add(old, long_one);
+    Py_DECREF(old);
+    if (now == NULL)
+        return -1;
+    rc = PyObject_SetAttr(obj, name, now);
+    Py_DECREF(now);
+    return rc;
+}
+
+static PyObject *
+key_bytes(Key key)
+{
+    unsigned char bytes[INDEX_MAX_KEY];
+    int b, length = (int)key.length;
+    for (b = 0; b < length; b++)
+        bytes[b] = (unsigned char)(key.bytes >> (8 * (length - 1 - b)));
+    return PyBytes_FromStringAndSize((const char *)bytes, length);
+}
+
+/* One side of the filter's state: a BucketTable, its dict and its index. */
+typedef struct {
+    PyObject *table, *records;
+    AddressIndex *index;
+    int64_t max_entries;
+} Table;
+
+/* BucketTable.insert: the dict first, then the index (so an index that fails
+ * leaves the key only in the dict, where the consistency check below sees it). */
+static int
+table_insert(Table *t, PyObject *key, Key k, PyObject *record)
+{
+    if (PyObject_SetItem(t->records, key, record) < 0)
+        return -1;
+    return index_put(t->index, k, record);
+}
+
+/* BucketTable._evict_one: 1 if an entry was evicted, 0 if none, -1 on error. */
+static int
+evict_one(Lane *L, Table *t, int64_t now_ns)
+{
+    Py_ssize_t scan = PyDict_GET_SIZE(t->records), i;
+    if (scan > L->eviction_scan)
+        scan = (Py_ssize_t)L->eviction_scan;
+    for (i = 0; i < scan; i++) {
+        PyObject *it = PyObject_GetIter(t->records), *oldest, *record, *moved;
+        int full;
+        if (it == NULL)
+            return -1;
+        oldest = PyIter_Next(it);
+        Py_DECREF(it);
+        if (oldest == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        record = PyDict_GetItemWithError(t->records, oldest);   /* borrowed */
+        if (record == NULL) {
+            Py_DECREF(oldest);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "a table changed during eviction");
+            return -1;
+        }
+        if (Py_TYPE(record) == &RecordType && !IS_OBJECT((Record *)record, 0))
+            full = ((Record *)record)->cell[0].n <= now_ns;
+        else {
+            PyObject *tat = PySequence_GetItem(record, 0), *now = PyLong_FromLongLong(now_ns);
+            full = tat && now ? PyObject_RichCompareBool(tat, now, Py_LE) : -1;
+            Py_XDECREF(tat);
+            Py_XDECREF(now);
+            if (full < 0) {
+                Py_DECREF(oldest);
+                return -1;
+            }
+        }
+        if (full) {
+            Key k = key_of(oldest);
+            int rc = PyObject_DelItem(t->records, oldest);
+            if (rc == 0 && k.length != 0)
+                Py_XDECREF(index_pop(t->index, k));
+            Py_DECREF(oldest);
+            if (rc < 0 || bump_attr(t->table, str_evictions) < 0)
+                return -1;
+            return 1;
+        }
+        moved = PyObject_CallMethodOneArg(t->records, str_move_to_end, oldest);
+        Py_DECREF(oldest);
+        if (moved == NULL)
+            return -1;
+        Py_DECREF(moved);
+    }
+    return 0;
+}
+
+/* BucketTable.admit: 1 if record went in under key, 0 if there was no room. */
+static int
+table_admit(Lane *L, Table *t, PyObject *key, Key k, PyObject *record, int64_t now_ns)
+{
+    if (PyDict_GET_SIZE(t->records) >= t->max_entries) {
+        int evicted = evict_one(L, t, now_ns);
+        if (evicted <= 0)
+            return evicted < 0 || bump_attr(t->table, str_admissions_refused) < 0 ? -1 : 0;
+    }
+    return table_insert(t, key, k, record) < 0 ? -1 : 1;
+}
+
+/* Is a key absent from the index also absent from the dict? Certain when both
+ * hold as many keys (every indexed key is in the dict); otherwise ask the dict.
+ * 1: absent, 0: the dict has it (Python decides), -1: error. */
+static int
+absent_from(Table *t, PyObject *key)
+{
+    PyObject *present;
+    if (PyDict_GET_SIZE(t->records) == t->index->count)
+        return 1;
+    present = PyDict_GetItemWithError(t->records, key);
+    if (present != NULL)
+        return 0;
+    return PyErr_Occurred() ? -1 : 1;
+}
+
+/* new_record(now_ns, label, port) as a Record. */
+static Record *
+new_source_record(Lane *L, int64_t now_ns, int slot, int port)
+{
+    Record *r = (Record *)RecordType.tp_alloc(&RecordType, RECORD_CELLS);
+    if (r == NULL)
+        return NULL;
+    r->cell[L->i_tat].n = now_ns;
+    r->cell[L->i_first_seen].n = now_ns;
+    r->cell[L->i_last_seen].n = now_ns;
+    r->cell[L->i_last_kod].n = L->never;
+    r->cell[L->i_acl_generation].n = -1;
+    r->cell[L->i_port].n = port;
+    Py_INCREF(L->labels[slot]);
+    r->cell[L->i_label].o = L->labels[slot];
+    Py_INCREF(Py_None);
+    r->cell[L->i_acl_entry].o = Py_None;
+    r->objects = (1u << L->i_label) | (1u << L->i_acl_entry);
+    return r;
+}
+
+/* A first sighting once the table is full: Pipeline.decide's `newcomer`. */
+typedef struct {
+    int newcomer;          /* not in the source table (yet) */
+    const unsigned char *packed;
+    PyObject *key;         /* the source key as bytes, once needed (sighting_key) */
+    Key k;
+    RingKey rk;
+} Sighting;
+
+/* The source key as bytes (borrowed): made only when a dict or the access list
+ * needs it, so that a newcomer remembered in the ring allocates nothing. */
+static PyObject *
+sighting_key(Sighting *s)
+{
+    if (s->key == NULL)
+        s->key = PyBytes_FromStringAndSize((const char *)s->packed, s->k.length);
+    return s->key;
+}
+
+/* Pipeline._establish: move a newcomer into the source table. */
+static int
+establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
+{
+    Table sources = {L->sources, L->records, (AddressIndex *)L->index, L->max_sources};
+    int admitted = sighting_key(s) == NULL ? -1
+        : table_admit(L, &sources, s->key, s->k, (PyObject *)record, now_ns);
+    if (admitted > 0) {
+        ring_pop((NewcomerRing *)L->ring, s->rk, NULL);
+        s->newcomer = 0;
+    }
+    return admitted;
+}
+
 /*
- * The common paths of Pipeline.decide for a 48-byte datagram (see the top of
- * this file). Returns 1 when decided here (*reason and *reply set: a time
+ * Stages 5-7 of Pipeline.decide on a record already updated for this request
+ * (from `if not exempt:` on): the source and prefix buckets, over the limit
+ * (Pipeline._over_limit: leak, RATE KoD, drop), the global cap, the reply.
+ * prefix NULL: the prefix is not in its table yet (created and admitted here,
+ * else the shared overflow record). s: a first sighting, or NULL. Called only
+ * once every check is passed: it decides, it never hands back to Python.
+ */
+static int
+buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pkey, int slot,
+        int base, int64_t recv_ns, int64_t now_ns, Sighting *s, unsigned char *out,
+        int *reason, int *reply)
+{
+    int64_t tat = record->cell[L->i_tat].n, prefix_tat;
+    int over, leak = 0;
+    if (tat < now_ns)
+        tat = now_ns;
+    if (prefix == NULL) {
+        Table prefixes = {L->prefixes, L->prefix_records, (AddressIndex *)L->prefix_index,
+                          L->max_prefixes};
+        PyObject *key = key_bytes(pkey);
+        Record *fresh = (Record *)RecordType.tp_alloc(&RecordType, 1);
+        int admitted = key && fresh ? 0 : -1;
+        if (fresh != NULL)
+            fresh->cell[0].n = now_ns;
+        if (admitted == 0)
+            admitted = table_admit(L, &prefixes, key, pkey, (PyObject *)fresh, now_ns);
+        Py_XDECREF(key);
+        Py_XDECREF(fresh);   /* held by the table if admitted */
+        if (admitted < 0)
+            return -1;
+        prefix = admitted ? fresh : (Record *)L->prefix_overflow;
+    }
+    prefix_tat = prefix->cell[0].n;
+    if (prefix_tat < now_ns)
+        prefix_tat = now_ns;
+    over = tat - now_ns > L->tolerance[slot] || prefix_tat - now_ns > L->prefix_tolerance;
+    if (over) {
+        /* 6. over the limit: the leak draws from the pipeline's own stream, as Python does */
+        if (L->leak_share > 0.0) {
+            PyObject *drawn = PyObject_CallNoArgs(L->random);
+            double x;
+            if (drawn == NULL)
+                return -1;
+            x = PyFloat_AsDouble(drawn);
+            Py_DECREF(drawn);
+            if (x == -1.0 && PyErr_Occurred())
+                return -1;
+            leak = x < L->leak_share && global_allows(L, now_ns);
+        }
+        if (leak) {
+            *reason = L->reason_leaked;
+            goto answer;
+        }
+        if (L->send_kod && L->kod_of_first[slot]) {
+            int kod = 1;
+            if (s != NULL && s->newcomer && (kod = establish(L, s, record, now_ns)) < 0)
+                return -1;
+            if (kod) {   /* Pipeline._kod_allowed */
+                int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
+                if (now_ns - record->cell[L->i_last_kod].n >= L->kod_interval
+                        && kod_tat - now_ns <= L->kod_bucket_tolerance
+                        && global_allows(L, now_ns)) {
+                    L->kod_tat = kod_tat + L->kod_bucket_interval;
+                    record->cell[L->i_last_kod].n = now_ns;
+                    record->cell[L->i_kods].n++;
+                    L->count_acc[base + L->reason_rate_kod]++;
+                    rate_kod_reply(L, d, out);
+                    *reason = L->reason_rate_kod;
+                    *reply = REPLY_KOD;
+                    return 1;
+                }
+            }
+        }
+        L->count_acc[base + L->reason_rate_limited]++;
+        record->cell[L->i_drops].n++;
+        *reason = L->reason_rate_limited;
+        return 1;
+    }
+    prefix->cell[0].n = prefix_tat + L->prefix_interval;
+    record->cell[L->i_tat].n = tat + L->interval[slot];
+    if (s != NULL && s->newcomer
+            && ring_remember((NewcomerRing *)L->ring, s->rk, record->cell[L->i_tat].n) < 0)
+        return -1;
+    if (!global_allows(L, now_ns)) {
+        L->count_acc[base + L->reason_global_cap]++;
+        record->cell[L->i_drops].n++;
+        *reason = L->reason_global_cap;
+        return 1;
+    }
+    *reason = 0;                                             /* Reason.ANSWERED */
+answer:
+    L->count_acc[base + *reason]++;
+    record->cell[L->i_time_replies].n++;
+    L->fast_decisions++;
+    time_reply_head(L, d, recv_ns, out);                     /* 7. the reply */
+    *reply = REPLY_TIME;
+    return 1;
+}
+
+/* The prefix's record for buckets(): *prefix set (NULL: not in the table, to be
+ * created) and 1, or 0 when Python must decide (an odd record, or a key in
+ * the dict but not the index), -1 on error. */
+static int
+find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefix, Key *pkey)
+{
+    PyObject *found;
+    *pkey = prefix_key(L, packed, packed_len);
+    found = index_find((AddressIndex *)L->prefix_index, *pkey);
+    if (found != NULL) {
+        if (Py_TYPE(found) != &RecordType || IS_OBJECT((Record *)found, 0))
+            return 0;
+        *prefix = (Record *)found;
+        return 1;
+    }
+    *prefix = NULL;
+    if (L->ring == NULL)   /* configure() found no way to create records here */
+        return 0;
+    if (PyDict_GET_SIZE(L->prefix_records) != ((AddressIndex *)L->prefix_index)->count) {
+        Table prefixes = {L->prefixes, L->prefix_records, (AddressIndex *)L->prefix_index,
+                          L->max_prefixes};
+        PyObject *key = key_bytes(*pkey);
+        int absent;
+        if (key == NULL)
+            return -1;
+        absent = absent_from(&prefixes, key);
+        Py_DECREF(key);
+        return absent;
+    }
+    return 1;
+}
+
+/*
+ * A source the table does not hold (Pipeline.decide's `record is None`): a
+ * first request while there is room (inserted), once the table is full a
+ * newcomer (remembered in the ring), or a returning newcomer (promoted if the
+ * table admits it). Everything that could send the packet to Python is checked
+ * before anything changes: the source is in neither the index nor the dict,
+ * its access-list entry (looked up as Python would; lookup() is pure) is none
+ * or a silent drop, its prefix record is usable.
+ */
+static int
+first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
+               int port, int slot, int base, int64_t recv_ns, int64_t now_ns,
+               unsigned char *out, int *reason, int *reply)
+{
+    Table sources = {L->sources, L->records, (AddressIndex *)L->index, L->max_sources};
+    NewcomerRing *ring = (NewcomerRing *)L->ring;
+    Sighting s;
+    PyObject *entry = Py_None;
+    Record *record = NULL, *prefix = NULL;
+    RingSlot *remembered;
+    Key pkey = {0, 0};
+    int64_t since_kod;
+    int acl_reason = 0, rc;
+
+    if (ring == NULL || __builtin_sub_overflow(now_ns, L->never, &since_kod))
+        return 0;   /* (the KoD guard's subtraction, as for an established source) */
+    s.newcomer = 0;
+    s.packed = packed;
+    s.key = NULL;
+    s.k = source_key(L, packed, packed_len);
+    s.rk = ring_key(packed, (int)s.k.length);
+    Py_INCREF(entry);
+    if (PyDict_GET_SIZE(L->records) != sources.index->count) {
+        if (sighting_key(&s) == NULL) {
+            rc = -1;
+            goto done;
+        }
+        if ((rc = absent_from(&sources, s.key)) <= 0)
+            goto done;
+    }
+    if (packed_len == 4 && !L->acl_empty) {   /* 3. IPv6: fast_source() saw no IPv6 entry */
+        PyObject *recv = PyLong_FromLongLong(recv_ns);
+        Py_DECREF(entry);
+        entry = recv && sighting_key(&s)
+            ? PyObject_CallMethodObjArgs(L->acl, str_lookup, s.key, recv, NULL) : NULL;
+        Py_XDECREF(recv);
+        if (entry == NULL) {
+            rc = -1;
+            goto done;
+        }
+        if (entry != Py_None && (rc = acl_reason = acl_drop_reason(L, entry, recv_ns)) <= 0)
+            goto done;   /* another action, or expired: Python */
+    }
+    if (acl_reason == 0 && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
+        goto done;
+
+    /* From here on this packet is decided here, in Pipeline.decide's order. */
+    L->label_acc[slot]++;
+    if ((record = new_source_record(L, now_ns, slot, port)) == NULL) {
+        rc = -1;
+        goto done;
+    }
+    remembered = ring_find(ring, s.rk);
+    if (remembered == NULL) {
+        if (PyDict_GET_SIZE(L->records) < L->max_sources) {
+            if (sighting_key(&s) == NULL
+                    || table_insert(&sources, s.key, s.k, (PyObject *)record) < 0) {
+                rc = -1;
+                goto done;
+            }
+        } else
+            s.newcomer = 1;
+    } else {   /* a returning newcomer: promoted if the table admits it */
+        int admitted;
+        record->cell[L->i_tat].n = remembered->tat;
+        record->cell[L->i_requests].n = 1;
+        admitted = sighting_key(&s) == NULL ? -1
+            : table_admit(L, &sources, s.key, s.k, (PyObject *)record, now_ns);
+        if (admitted < 0) {
+            rc = -1;
+            goto done;
+        }
+        if (admitted) {
+            ring_pop(ring, s.rk, NULL);
+            L->promotions++;
+        } else {
+            s.newcomer = 1;
+            if (bump_attr(L->pipeline, str_table_full) < 0) {
+                rc = -1;
+                goto done;
+            }
+        }
+    }
+    record->cell[L->i_requests].n++;
+    record->cell[L->i_acl_generation].n = L->acl_generation;
+    Py_INCREF(entry);
+    Py_SETREF(record->cell[L->i_acl_entry].o, entry);
+    L->first_sightings++;
+    if (acl_reason > 0) {
+        record->cell[L->i_drops].n++;
+        L->count_acc[base + acl_reason]++;
+        *reason = acl_reason;
+        rc = 1;
+        goto done;
+    }
+    rc = buckets(L, d, record, prefix, pkey, slot, base, recv_ns, now_ns, &s, out, reason,
+                 reply);
+done:
+    Py_XDECREF(record);
+    Py_DECREF(entry);
+    Py_XDECREF(s.key);
+    return rc;
+}
+
+/*
+ * The paths of Pipeline.decide for a 48-byte datagram that this file takes
+ * (see its top). Returns 1 when decided here (*reason and *reply set: a time
  * reply's first 40 bytes or a KoD's 48 are in out), 0 to leave the packet to
  * Pipeline.decide with nothing modified, -1 on a Python error.
  */
@@ -1021,11 +1900,11 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
     int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
-    int slot = label_slot(L, first, port), over, leak = 0;
+    int slot = label_slot(L, first, port), rc;
     PyObject *found;
     Record *record, *prefix;
-    int64_t generation, tat, prefix_tat, requests, replies, drops, kods, last_kod, ignored;
-    int64_t since_kod = 0;
+    Key pkey;
+    int64_t generation, last_kod, since_kod, ignored;
 
     *reply = REPLY_NONE;
     L->counted = 1;
@@ -1045,9 +1924,13 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         return 0;
 
     /* Read everything first: a packet that leaves here must leave nothing changed. */
-    record = source_record(L, packed, packed_len);
-    if (record == NULL)
-        return 0;                                            /* a newcomer */
+    found = index_find((AddressIndex *)L->index, source_key(L, packed, packed_len));
+    if (found == NULL)
+        return first_sighting(L, d, packed, packed_len, port, slot, base, recv_ns, now_ns,
+                              out, reason, reply);
+    if (Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
+        return 0;
+    record = (Record *)found;
     if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
             || !record_int(record, L->i_acl_generation, &generation))
         return 0;
@@ -1057,110 +1940,54 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
      * result is "no entry", cached below as Python would. */
     if (packed_len == 4 && generation != L->acl_generation)
         return 0;
-    if (!record_int(record, L->i_tat, &tat) || !record_int(record, L->i_requests, &requests)
-            || !record_int(record, L->i_time_replies, &replies)
-            || !record_int(record, L->i_drops, &drops)
-            || !record_int(record, L->i_kods, &kods)
+    if (!record_int(record, L->i_tat, &ignored) || !record_int(record, L->i_requests, &ignored)
+            || !record_int(record, L->i_time_replies, &ignored)
+            || !record_int(record, L->i_drops, &ignored)
+            || !record_int(record, L->i_kods, &ignored)
             || !record_int(record, L->i_last_kod, &last_kod)
-            || !record_int(record, L->i_last_seen, &ignored)   /* cells the commit writes */
-            || !record_int(record, L->i_port, &ignored))      /* must hold ints already */
+            || !record_int(record, L->i_last_seen, &ignored)
+            || !record_int(record, L->i_port, &ignored))
         return 0;
     if (packed_len == 4 && record->cell[L->i_acl_entry].o != Py_None) {
         int acl_reason = acl_drop_reason(L, record->cell[L->i_acl_entry].o, recv_ns);
         if (acl_reason <= 0)
             return acl_reason;
         L->label_acc[slot]++;
-        record_set_int(record, L->i_requests, requests + 1);
-        record_set_int(record, L->i_last_seen, now_ns);
+        record->cell[L->i_requests].n++;
+        record->cell[L->i_last_seen].n = now_ns;
         set_label(L, record, slot);
-        record_set_int(record, L->i_port, port);
-        record_set_int(record, L->i_drops, drops + 1);
+        record->cell[L->i_port].n = port;
+        record->cell[L->i_drops].n++;
         L->count_acc[base + acl_reason]++;
         *reason = acl_reason;
         return 1;
     }
     /* 4. authentication: a 48-byte request has no MAC, and configure() disables
-     * the fast path when any source must authenticate. 5. buckets: */
-    if (tat < now_ns)
-        tat = now_ns;
-    found = index_find((AddressIndex *)L->prefix_index, prefix_key(L, packed, packed_len));
-    if (found == NULL || Py_TYPE(found) != &RecordType
-            || !record_int(prefix = (Record *)found, 0, &prefix_tat))
+     * the fast path when any source must authenticate. 5. buckets. The KoD
+     * guard's subtraction is Python's unbounded one: beyond 64 bits, Python. */
+    if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
         return 0;
-    if (prefix_tat < now_ns)
-        prefix_tat = now_ns;
-    over = tat - now_ns > L->tolerance[slot] || prefix_tat - now_ns > L->prefix_tolerance;
-    if (over) {
-        /* 6. over the limit (Pipeline._over_limit). The KoD guard's subtraction is
-         * Python's unbounded one: a difference beyond 64 bits is left to Python. */
-        if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
-            return 0;
-        if (L->leak_share > 0.0) {   /* the pipeline's own random stream, as Python draws it */
-            PyObject *drawn = PyObject_CallNoArgs(L->random);
-            double x;
-            if (drawn == NULL)
-                return -1;
-            x = PyFloat_AsDouble(drawn);
-            Py_DECREF(drawn);
-            if (x == -1.0 && PyErr_Occurred())
-                return -1;
-            leak = x < L->leak_share && global_allows(L, now_ns);
-        }
-    }
+    if ((rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
+        return rc;
 
-    /* Commit, as Pipeline.decide would have. Nothing here allocates. */
+    /* Commit, as Pipeline.decide would have. */
     L->label_acc[slot]++;
-    record_set_int(record, L->i_requests, requests + 1);
-    record_set_int(record, L->i_last_seen, now_ns);
+    record->cell[L->i_requests].n++;
+    record->cell[L->i_last_seen].n = now_ns;
     set_label(L, record, slot);
-    record_set_int(record, L->i_port, port);
+    record->cell[L->i_port].n = port;
     if (packed_len == 16) {
-        record_set_int(record, L->i_acl_generation, L->acl_generation);
+        record->cell[L->i_acl_generation].n = L->acl_generation;
         if (record->cell[L->i_acl_entry].o != Py_None) {
-            PyObject *old = record->cell[L->i_acl_entry].o;
             Py_INCREF(Py_None);
-            record->cell[L->i_acl_entry].o = Py_None;
-            Py_DECREF(old);
+            Py_SETREF(record->cell[L->i_acl_entry].o, Py_None);
         }
     }
-    if (over) {
-        if (leak) {
-            *reason = L->reason_leaked;
-        } else {
-            int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
-            if (L->send_kod && L->kod_of_first[slot] && since_kod >= L->kod_interval
-                    && kod_tat - now_ns <= L->kod_bucket_tolerance && global_allows(L, now_ns)) {
-                L->kod_tat = kod_tat + L->kod_bucket_interval;
-                record_set_int(record, L->i_last_kod, now_ns);
-                record_set_int(record, L->i_kods, kods + 1);
-                L->count_acc[base + L->reason_rate_kod]++;
-                rate_kod_reply(L, d, out);
-                *reason = L->reason_rate_kod;
-                *reply = REPLY_KOD;
-                return 1;
-            }
-            L->count_acc[base + L->reason_rate_limited]++;
-            record_set_int(record, L->i_drops, drops + 1);
-            *reason = L->reason_rate_limited;
-            return 1;
-        }
-    } else {
-        prefix->cell[0].n = prefix_tat + L->prefix_interval;
-        record_set_int(record, L->i_tat, tat + L->interval[slot]);
-        if (!global_allows(L, now_ns)) {
-            L->count_acc[base + L->reason_global_cap]++;
-            record_set_int(record, L->i_drops, drops + 1);
-            *reason = L->reason_global_cap;
-            return 1;
-        }
-        *reason = 0;                                         /* Reason.ANSWERED */
-    }
-    L->count_acc[base + *reason]++;
-    record_set_int(record, L->i_time_replies, replies + 1);
-    L->fast_decisions++;
-    time_reply_head(L, d, recv_ns, out);                     /* 7. the reply */
-    *reply = REPLY_TIME;
-    return 1;
+    Py_INCREF(record);   /* a prefix eviction runs Python-visible code: keep it alive */
+    rc = buckets(L, d, record, prefix, pkey, slot, base, recv_ns, now_ns, NULL, out, reason,
+                 reply);
+    Py_DECREF(record);
+    return rc;
 }
 
 /* Pipeline.decide(data, packed, port, recv_ns, now_ns) -> new reference to its tuple. */
@@ -1220,6 +2047,12 @@ release_config(Lane *L)
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
     Py_CLEAR(L->responder);
+    Py_CLEAR(L->sources);
+    Py_CLEAR(L->prefixes);
+    Py_CLEAR(L->records);
+    Py_CLEAR(L->prefix_records);
+    Py_CLEAR(L->ring);
+    Py_CLEAR(L->prefix_overflow);
     for (i = 0; i < LABEL_SLOTS; i++)
         Py_CLEAR(L->labels[i]);
     L->configured = 0;
@@ -1382,10 +2215,12 @@ Lane_configure(Lane *L, PyObject *config)
 {
     static const char *objects[] = {"pipeline", "decide", "index", "prefix_index",
                                     "counts", "label_counts", "acl", "responder", "random",
-                                    "action_drop"};
+                                    "action_drop", "sources", "prefixes", "newcomers",
+                                    "prefix_overflow"};
     PyObject **slots[] = {&L->pipeline, &L->decide, &L->index, &L->prefix_index,
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
-                          &L->action_drop};
+                          &L->action_drop, &L->sources, &L->prefixes, &L->ring,
+                          &L->prefix_overflow};
     PyObject *labels, *value;
     int64_t v, layout[11], global[3], kod[4];
     unsigned char drop[256], drop_ntp_port[256];
@@ -1408,6 +2243,33 @@ Lane_configure(Lane *L, PyObject *config)
                         "the indexes must be AddressIndex, counts a list, random callable");
         goto fail;
     }
+    /* The tables' dicts, which first sightings write as BucketTable does (their
+     * index must be the one given above). */
+    L->records = PyObject_GetAttrString(L->sources, "records");
+    L->prefix_records = PyObject_GetAttrString(L->prefixes, "records");
+    if (L->records == NULL || L->prefix_records == NULL)
+        goto fail;
+    if (!PyDict_Check(L->records) || !PyDict_Check(L->prefix_records)) {
+        PyErr_SetString(PyExc_TypeError, "a table's records must be a dict");
+        goto fail;
+    }
+    if ((value = PyObject_GetAttrString(L->sources, "index")) == NULL)
+        goto fail;
+    Py_DECREF(value);
+    if (value != L->index) {
+        PyErr_SetString(PyExc_ValueError, "index must be the source table's own");
+        goto fail;
+    }
+    if ((value = PyObject_GetAttrString(L->prefixes, "index")) == NULL)
+        goto fail;
+    Py_DECREF(value);
+    if (value != L->prefix_index) {
+        PyErr_SetString(PyExc_ValueError, "prefix_index must be the prefix table's own");
+        goto fail;
+    }
+    if (Py_TYPE(L->ring) != &NewcomerRingType || Py_TYPE(L->prefix_overflow) != &RecordType
+            || IS_OBJECT((Record *)L->prefix_overflow, 0))
+        Py_CLEAR(L->ring);   /* no C ring (or no Record to overflow into): Python's job */
     if ((labels = need(config, "labels")) == NULL)
         goto fail;
     if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != LABEL_SLOTS) {
@@ -1467,6 +2329,14 @@ Lane_configure(Lane *L, PyObject *config)
     L->i_port = (int)layout[8];
     L->i_kods = (int)layout[9];
     L->i_last_kod = (int)layout[10];
+    if (need_int(config, "first_seen", &v) < 0 || need_int(config, "never", &L->never) < 0
+            || need_int(config, "eviction_scan", &L->eviction_scan) < 0)
+        goto fail;
+    L->i_first_seen = (int)v;
+    if (v < 0 || v >= RECORD_CELLS) {
+        PyErr_SetString(PyExc_ValueError, "record layout outside the record");
+        goto fail;
+    }
     if (need_int(config, "record_len", &v) < 0)
         goto fail;
     L->record_len = (Py_ssize_t)v;
@@ -1528,6 +2398,7 @@ Lane_configure(Lane *L, PyObject *config)
         }
     memset(L->count_acc, 0, sizeof(L->count_acc));
     memset(L->label_acc, 0, sizeof(L->label_acc));
+    L->acl_empty = -1;
     L->configured = 1;
     Py_RETURN_NONE;
 fail:
@@ -1707,8 +2578,17 @@ static void
 prefetch(Lane *L, int count)
 {
     AddressIndex *sources = (AddressIndex *)L->index, *prefixes = (AddressIndex *)L->prefix_index;
+    /* A full table: first sightings look the ring up (a flood's every packet). */
+    NewcomerRing *ring = L->ring != NULL && PyDict_GET_SIZE(L->records) >= L->max_sources
+                         ? (NewcomerRing *)L->ring : NULL;
     const unsigned char *packed;
     int i, pass;
+    if (ring != NULL)   /* the keys the next newcomers will make the ring forget */
+        for (i = 0; i < count; i++) {
+            RingKey old = ring->ring[(ring->next + i) % ring->max_entries];
+            if (old.length != 0)
+                __builtin_prefetch(&ring->slots[ring_hash(old) & ring->mask]);
+        }
     for (pass = 0; pass < 2; pass++)
         for (i = 0; i < count; i++) {
             const unsigned char *head = L->heads + i * HEAD;
@@ -1722,6 +2602,10 @@ prefetch(Lane *L, int count)
             if (pass == 0) {
                 __builtin_prefetch(index_home(sources, source_key(L, packed, packed_len)));
                 __builtin_prefetch(index_home(prefixes, prefix_key(L, packed, packed_len)));
+                if (ring != NULL) {
+                    RingKey rk = ring_key(packed, (int)source_key(L, packed, packed_len).length);
+                    __builtin_prefetch(&ring->slots[ring_hash(rk) & ring->mask]);
+                }
                 continue;
             }
             if ((found = index_find(sources, source_key(L, packed, packed_len))) != NULL) {
@@ -2096,9 +2980,27 @@ static PyMethodDef Lane_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+Lane_get_first_sightings(Lane *L, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLongLong(L->first_sightings);
+}
+
+static PyObject *
+Lane_get_promotions(Lane *L, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLongLong(L->promotions);
+}
+
 static PyGetSetDef Lane_getset[] = {
     {"fast_decisions", (getter)Lane_get_fast_decisions, NULL,
      "time replies decided in C so far", NULL},
+    {"first_sightings", (getter)Lane_get_first_sightings, NULL,
+     "requests from sources not in the source table decided in C so far", NULL},
+    {"promotions", (getter)Lane_get_promotions, NULL,
+     "of those, newcomers promoted into the source table", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -2125,12 +3027,21 @@ PyInit__fastlane(void)
 {
     PyObject *m;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
-            || PyType_Ready(&AddressIndexType) < 0)
+            || PyType_Ready(&AddressIndexType) < 0 || PyType_Ready(&NewcomerRingType) < 0)
         return NULL;
     str_action = PyUnicode_InternFromString("action");
     str_expires_ns = PyUnicode_InternFromString("expires_ns");
     str_origin = PyUnicode_InternFromString("origin");
-    if (str_action == NULL || str_expires_ns == NULL || str_origin == NULL)
+    str_move_to_end = PyUnicode_InternFromString("move_to_end");
+    str_evictions = PyUnicode_InternFromString("evictions");
+    str_admissions_refused = PyUnicode_InternFromString("admissions_refused");
+    str_table_full = PyUnicode_InternFromString("table_full");
+    str_lookup = PyUnicode_InternFromString("lookup");
+    long_one = PyLong_FromLong(1);
+    if (str_action == NULL || str_expires_ns == NULL || str_origin == NULL
+            || str_move_to_end == NULL || str_evictions == NULL
+            || str_admissions_refused == NULL || str_table_full == NULL || str_lookup == NULL
+            || long_one == NULL)
         return NULL;
     if (getrandom(&index_seed, sizeof(index_seed), GRND_NONBLOCK) != sizeof(index_seed))
         index_seed = (uint64_t)monotonic_ns() * 0x9E3779B97F4A7C15ULL;   /* early boot only */
@@ -2152,6 +3063,12 @@ PyInit__fastlane(void)
     Py_INCREF(&AddressIndexType);
     if (PyModule_AddObject(m, "AddressIndex", (PyObject *)&AddressIndexType) < 0) {
         Py_DECREF(&AddressIndexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&NewcomerRingType);
+    if (PyModule_AddObject(m, "NewcomerRing", (PyObject *)&NewcomerRingType) < 0) {
+        Py_DECREF(&NewcomerRingType);
         Py_DECREF(m);
         return NULL;
     }

@@ -3,10 +3,13 @@
 Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
-dropped by its first byte or its source port, or an established source with
-no access-list entry: answered, leaked, sent a RATE KoD or dropped; or with a
-cached ``drop`` entry: dropped); for everything else it calls
-``Pipeline.decide`` before touching anything. It reads and updates the
+dropped by its first byte or its source port, or a source with no access-list
+entry: answered, leaked, sent a RATE KoD or dropped; or with a ``drop`` entry:
+dropped). That includes first sightings: a new source is inserted into the
+source table while it has room, remembered in the newcomer ring once it is full,
+and promoted at its second request, with the tables' own rules
+(``filter/buckets.py``). For everything else it calls ``Pipeline.decide``
+before touching anything. It reads and updates the
 pipeline's own records and counters, so ``guardntp clients``, metrics, reload
 and the blocklist see one state whichever path a packet took.
 ``tests/test_fastlane.py`` feeds random traffic through both and compares
@@ -105,3 +108,14 @@ class FastLane:
     def fast_decisions(self) -> int:
         """Time replies the compiled path decided itself."""
         return self.lane.fast_decisions
+
+    @property
+    def first_sightings(self) -> int:
+        """Requests from sources the source table did not hold, decided in C (first
+        requests, newcomers in the ring, promotions)."""
+        return self.lane.first_sightings
+
+    @property
+    def promotions(self) -> int:
+        """Of those, returning newcomers the compiled path moved into the source table."""
+        return self.lane.promotions

@@ -7,6 +7,10 @@ decision, over random traffic that reaches every stage (bad first bytes,
 reflection ports, newcomers in full tables, over-limit sources with leaks and
 KoDs, access-list and blocklist hits, MACs, IPv6, the global cap, reloads), and
 compare every reply and, after every packet, every counter and every record.
+The flood tests send mostly never-seen sources through small tables, so that
+first sightings fill the source table, then the newcomer ring (which wraps),
+and returning newcomers are promoted (evicting refilled entries) or refused;
+the reference pipeline keeps its newcomers in the pure-Python ring.
 The socket tests check the compiled loop end to end on loopback.
 """
 
@@ -28,7 +32,7 @@ from guardntp.auth.keys import parse_key_line
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
-from guardntp.filter.buckets import AddressIndex
+from guardntp.filter.buckets import AddressIndex, NewcomerRing, PyNewcomerRing
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
@@ -81,6 +85,11 @@ def state(pipeline: Pipeline) -> dict[str, object]:
         "sources": [(k, list(v)) for k, v in pipeline.sources.records.items()],
         "prefixes": [(k, list(v)) for k, v in pipeline.prefixes.records.items()],
         "newcomers": dict(pipeline.newcomers.tats),
+        # The ring's order (oldest first) and what it forgot, not just its contents.
+        "ring": pipeline.newcomers.ring.items(),
+        "ring_evictions": pipeline.newcomers.evictions,
+        "refused": (pipeline.sources.admissions_refused, pipeline.prefixes.admissions_refused),
+        "prefix_overflow": list(pipeline._prefix_overflow),
         "global_tat": pipeline._global_tat,
         "kod_tat": pipeline._kod_tat,
         "table_full": pipeline.table_full,
@@ -132,6 +141,8 @@ def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fa
     auth = settings.pop("_auth", None)
     policy = FilterPolicy(random_seed=seed, **settings)  # type: ignore[arg-type]
     reference = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
+    # The reference model keeps its newcomers in Python (the compiled side's ring is C).
+    reference.newcomers.ring = PyNewcomerRing(policy.max_newcomers)
     compiled = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     return reference, compiled, fastlane.FastLane(sock, compiled), sock
@@ -214,10 +225,12 @@ def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
     seen: dict[Reason, int] = {}
     try:
         now_ns = 50 * NS_PER_S
-        for source in sources:   # first sightings: Python
-            reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
-            assert lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)[3] \
-                is False
+        for source in sources:   # first sightings: in C too
+            expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            got = lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            assert got[3] is True and got[:2] == expected[:2]
+            assert state(compiled) == state(reference)
+        assert lane.first_sightings == len(sources)
         for step in range(40):
             now_ns += NS_PER_S // 8
             source = sources[0] if step < 30 else sources[step % 4]
@@ -261,11 +274,163 @@ def test_access_list_drops_are_decided_in_c_until_the_entry_expires() -> None:
             seen.setdefault((source[3], Reason(reason)), set()).add(in_c)
     finally:
         sock.close()
-    assert seen[(4, Reason.ACL_DENY)] == {False, True}      # the first one in Python
-    assert seen[(7, Reason.BLOCKLISTED)] == {False, True}
+    assert seen[(4, Reason.ACL_DENY)] == {True}             # the first one in C too
+    assert seen[(7, Reason.BLOCKLISTED)] == {True}
     assert seen[(7, Reason.ANSWERED)] == {False, True}      # expired: Python, then C
     assert True not in seen.get((5, Reason.ACL_DENY), set())   # DENY: Python (KoD)
     assert seen[(6, Reason.ANSWERED)] == {False}             # EXEMPT: Python
+
+
+FLOOD = dict(max_sources=40, max_prefixes=12, max_newcomers=25, source_rate=2.0,
+             source_burst=3, prefix_rate=1.0, prefix_burst=4, global_reply_rate=0.0,
+             kod_interval_s=1.0, kod_rate=5.0, kod_burst=3)
+FLOOD_ACL = (AclEntry(ipaddress.ip_network("10.0.3.0/24"), Action.DROP),
+             AclEntry(ipaddress.ip_network("10.0.5.0/24"), Action.DENY),
+             AclEntry(ipaddress.ip_network("10.0.7.0/24"), Action.EXEMPT),
+             AclEntry(ipaddress.ip_network("10.0.9.0/24"), Action.ALLOW))
+FLOOD_VARIANTS = {
+    "flood": FLOOD,
+    "flood-global-cap": dict(FLOOD, global_reply_rate=40.0, global_reply_burst=10),
+    "flood-acl": dict(FLOOD, acl=FLOOD_ACL, deny_action=Action.DENY),
+    "flood-no-kod-no-leak": dict(FLOOD, send_kod=False, leak_one_in=0),
+    "flood-prefix-20": dict(FLOOD, ipv4_prefix=20, max_prefixes=5),
+    "flood-default-limits": dict(max_sources=64, max_prefixes=16, max_newcomers=32),
+}
+
+
+def flood_source(rng: random.Random, serial: int) -> bytes:
+    if rng.random() < 0.15:   # IPv6: each its own /64, a handful of /56s
+        return ipaddress.IPv6Address(f"2001:db8:0:{serial % 5 * 256 + serial % 7:x}::1").packed \
+            if rng.random() < 0.2 else \
+            ipaddress.IPv6Address((0x2001_0db8_1000 << 80) | (serial << 64) | 1).packed
+    return bytes((10, 0, (serial >> 4) & 0xFF, serial & 0xF))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("variant", sorted(FLOOD_VARIANTS))
+def test_floods_of_new_sources_are_decided_in_c_as_python_decides(variant: str,
+                                                                   seed: int) -> None:
+    """Never-seen sources (most of them once), some returning within the ring's
+    lifetime, a few offenders that keep their buckets drained, time jumps that
+    refill everything: every first sighting of a plain request with no access-list
+    entry (or a drop) is decided in C, with the same result, tables and ring."""
+    rng = random.Random(f"{variant}-{seed}")
+    reference, compiled, lane, sock = pair(FLOOD_VARIANTS[variant], seed)
+    serial = 0
+    recent: list[bytes] = []
+    offenders = [bytes((10, 1, 0, i)) for i in range(4)]
+    first_in_c = first_in_python = 0
+    reasons: set[Reason] = set()
+    now_ns = 10 * NS_PER_S
+    try:
+        for step in range(2500):
+            now_ns += int(rng.expovariate(1 / 20_000_000)) if rng.random() < 0.995 \
+                else rng.choice((3, 40)) * NS_PER_S
+            recv_ns = WALL_BASE_NS + now_ns + rng.randrange(1000)
+            kind = rng.random()
+            if kind < 0.6 or not recent:
+                serial += 1
+                source = flood_source(rng, serial)
+                recent = (recent + [source])[-40:]
+            elif kind < 0.85:
+                source = rng.choice(recent)      # a second sighting: maybe a promotion
+            else:
+                source = rng.choice(offenders)
+            if rng.random() < 0.92:
+                data = bytes((rng.choice((0x23, 0x23, 0x1B, 0x0B)), 0, 6)) + rng.randbytes(45)
+            else:
+                data = packet(rng)
+            port = rng.choice(PORTS) if rng.random() < 0.1 else 40_000 + step % 7
+            key = source if len(source) == 4 else source[: reference.v6_source_bytes]
+            new = key not in reference.sources.records
+            plain = (len(data) == 48 and data[0] in (0x23, 0x1B, 0x0B)
+                     and port not in reference.reflection_ports
+                     and (len(source) == 4 or not reference.acl.covers_ipv6()))
+            entry = reference.acl.lookup(source, recv_ns)
+            before = lane.first_sightings
+            expected = reference.decide(data, source, port, recv_ns, now_ns)
+            reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns)
+            where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
+            assert (reason, reply) == (expected[0], expected[1]), where
+            assert (signer is None) == (expected[2] is None), where
+            assert state(compiled) == state(reference), where
+            if lane.first_sightings > before:
+                assert new and in_c, where
+            if new and plain and (entry is None or entry.action is Action.DROP):
+                assert in_c and lane.first_sightings == before + 1, where
+                first_in_c += 1
+                reasons.add(Reason(reason))
+            elif new and not in_c:
+                first_in_python += 1
+            if step % 100 == 0:
+                assert_indexed(compiled)
+    finally:
+        sock.close()
+    assert_indexed(compiled)
+    assert first_in_c > 1000, (first_in_c, first_in_python)
+    # The table filled, the ring took over and wrapped, newcomers were promoted.
+    assert compiled.newcomers.evictions > 0 and len(compiled.newcomers) > 0
+    assert lane.promotions > 10 and compiled.sources.evictions > 0
+    assert Reason.ANSWERED in reasons, reasons
+    if variant != "flood-default-limits":   # (its prefix buckets are the default, generous)
+        assert compiled.prefixes.admissions_refused > 0 and compiled.prefixes.evictions > 0
+        assert Reason.RATE_LIMITED in reasons, reasons
+        if "no-kod" not in variant:
+            assert {Reason.RATE_KOD, Reason.LEAKED} <= reasons, reasons
+    if variant == "flood-acl":   # drops in C; DENY, EXEMPT and ALLOW entries in Python
+        assert Reason.ACL_DENY in reasons and first_in_python > 0
+
+
+def test_a_full_table_of_drained_offenders_refuses_promotion_in_c_as_in_python() -> None:
+    """Returning newcomers that find no evictable entry stay newcomers (table_full),
+    limited by their remembered bucket; over it, a KoD first tries to establish them."""
+    settings = dict(max_sources=4, max_newcomers=8, source_rate=1.0, source_burst=2,
+                    prefix_rate=1e6, prefix_burst=10**6, leak_one_in=0, kod_interval_s=0.0)
+    reference, compiled, lane, sock = pair(settings, 2)
+    data = bytes((0x23, 0, 6)) + bytes(45)
+    try:
+        now_ns = 20 * NS_PER_S
+        sources = [bytes((192, 0, 2, i)) for i in range(4)] * 3 + \
+            [bytes((198, 51, 100, i % 3)) for i in range(30)]
+        for source in sources:
+            now_ns += 1000
+            expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            got = lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
+            assert got[3] is True and got[:2] == expected[:2]
+            assert state(compiled) == state(reference)
+    finally:
+        sock.close()
+    assert compiled.table_full > 20 and compiled.sources.admissions_refused > 20
+    assert lane.promotions == 0 and len(compiled.newcomers) == 3
+    assert compiled.counters.by_reason()["rate_kod"] > 0
+
+
+def test_the_compiled_newcomer_ring_keeps_the_python_rings_rules() -> None:
+    assert NewcomerRing is not None
+    rng = random.Random(9)
+    keys = [rng.randbytes(rng.choice((1, 4, 7, 8, 9, 16))) for _ in range(60)]
+    for size in (1, 5, 17):
+        ring, model = NewcomerRing(size), PyNewcomerRing(size)
+        for step in range(4000):
+            key = rng.choice(keys)
+            if rng.random() < 0.7:
+                tat = rng.randrange(-(1 << 63), 1 << 63)
+                ring.remember(key, tat)
+                model.remember(key, tat)
+            else:
+                assert ring.discard(key) is model.discard(key)
+            assert ring.get(key) == model.get(key) and (key in ring) is (key in model)
+            if step % 50 == 0:
+                assert ring.items() == model.items() and len(ring) == len(model)
+                assert ring.evictions == model.evictions
+        assert ring.items() == model.items() and ring.max_entries == size
+    with pytest.raises(ValueError):
+        ring.remember(bytes(17), 1)
+    with pytest.raises(ValueError):
+        NewcomerRing(0)
+    with pytest.raises(KeyError):
+        ring[b"never"]
+    assert ring.get(b"") is None and b"" not in ring and ring.discard(bytes(20)) is False
 
 
 def test_address_index_matches_a_dict_under_random_churn() -> None:
@@ -344,9 +509,9 @@ def test_a_real_server_answers_on_the_compiled_path() -> None:
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.settimeout(2)
     try:
-        client.sendto(request(1), sock.getsockname())    # a newcomer: Python decides
+        client.sendto(request(1), sock.getsockname())    # a first sighting: in C too
         serve_once(server, sock)
-        assert lane.fast_decisions == 0
+        assert lane.fast_decisions == 1 and lane.first_sightings == 1
         client.recv(100)
         before = time.time_ns()
         batch = [request(0x100 + i) for i in range(150)] + [request(9, first=0x26)] * 3
@@ -354,7 +519,7 @@ def test_a_real_server_answers_on_the_compiled_path() -> None:
             client.sendto(data, sock.getsockname())
         after = time.time_ns()
         serve_once(server, sock)
-        assert lane.fast_decisions == 150
+        assert lane.fast_decisions == 151
         assert pipeline.counters.by_reason() == {"answered": 151, "control_mode": 3}
         replies = [client.recv(100) for _ in range(150)]
         assert sorted(int.from_bytes(r[24:32], "big") for r in replies) == \
@@ -373,6 +538,41 @@ def test_a_real_server_answers_on_the_compiled_path() -> None:
         assert pipeline.counters.bytes_out == 151 * 48
     finally:
         client.close()
+        sock.close()
+
+
+def test_the_compiled_loop_takes_new_sources_into_the_table_and_then_the_ring() -> None:
+    """On loopback from five addresses, a two-source table: two first requests go in,
+    three wait in the newcomer ring, their second requests are promoted; all in C."""
+    sock = open_socket(ListenSpec("127.0.0.1", 0))
+    source = LocalClock()
+    now = time.time_ns()
+    pipeline = Pipeline(FilterPolicy(max_sources=2), Responder(source.state(now), now))
+    server = Server([sock], pipeline, source)
+    lane = server.batched[sock]
+    assert isinstance(lane, fastlane.FastLane)
+    clients = []
+    try:
+        for i in range(1, 6):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.bind((f"127.0.0.{i}", 0))
+            client.settimeout(2)
+            clients.append(client)
+            client.sendto(request(i), sock.getsockname())
+        serve_once(server, sock)
+        assert [c.recv(100)[24:32] for c in clients] == [i.to_bytes(8, "big") for i in range(1, 6)]
+        assert lane.first_sightings == 5 and lane.fast_decisions == 5
+        assert len(pipeline.sources) == 2 and len(pipeline.newcomers) == 3
+        time.sleep(0.02)
+        clients[4].sendto(request(6), sock.getsockname())   # a full table, no room yet
+        serve_once(server, sock)
+        clients[4].recv(100)
+        assert lane.first_sightings == 6 and lane.promotions == 0
+        assert pipeline.table_full == 1 and len(pipeline.newcomers) == 3
+        assert pipeline.counters.by_reason() == {"answered": 6}
+    finally:
+        for client in clients:
+            client.close()
         sock.close()
 
 

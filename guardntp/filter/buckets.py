@@ -16,8 +16,8 @@ sources, however many arrive.
 
 Once that table is full, a source enters it only on its *second* request: a
 first request is remembered in a :class:`NewcomerTable`, just the TAT, in a
-large FIFO ring at ~120 bytes an entry. Spoofed one-packet sources therefore
-churn only the newcomer ring, never the established table, so returning
+large FIFO ring at ~90 bytes an entry (compiled; ~130 in Python). Spoofed
+one-packet sources therefore churn only the newcomer ring, never the established table, so returning
 legitimate clients always find room. An offender is promoted at its second request as
 long as the ring outlives its polling interval (524,288 entries at 200,000
 new sources a second: 2.6 s). When the established table is full of draining
@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import MutableSequence
+from collections.abc import Iterator, Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..timestamps import NS_PER_S
 
 try:
-    from .._fastlane import AddressIndex
+    from .._fastlane import AddressIndex, NewcomerRing
 except ImportError:  # no C compiler at install: no compiled loop to index for
     AddressIndex = None  # type: ignore[assignment, misc]
+    NewcomerRing = None  # type: ignore[assignment, misc]
 
 
 #: The fastest rate a bucket can hold: one request per nanosecond, the unit TATs count in.
@@ -164,19 +165,13 @@ class BucketTable:
         return False
 
 
-class NewcomerTable:
-    """First sightings: packed address -> TAT, forgotten first-in first-out.
-
-    A ring of keys bounds the dict: writing a slot forgets the key that was
-    there (unless it was promoted meanwhile). A key re-added after promotion
-    may be forgotten early, which only costs it its newcomer history.
-    """
+class PyNewcomerRing:
+    """:class:`~guardntp._fastlane.NewcomerRing` in Python, where it is not compiled:
+    a dict key -> TAT bounded by a ring of keys (the same rules, the same methods)."""
 
     __slots__ = ("tats", "_ring", "_next", "max_entries", "evictions")
 
     def __init__(self, max_entries: int) -> None:
-        if max_entries < 1:
-            raise ValueError("a table needs room for at least one entry")
         self.tats: dict[bytes, int] = {}
         self._ring: list[bytes | None] = [None] * max_entries
         self._next = 0
@@ -185,6 +180,21 @@ class NewcomerTable:
 
     def __len__(self) -> int:
         return len(self.tats)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tats
+
+    def __getitem__(self, key: bytes) -> int:
+        return self.tats[key]
+
+    def get(self, key: bytes, default: int | None = None) -> int | None:
+        return self.tats.get(key, default)
+
+    def discard(self, key: bytes) -> bool:
+        return self.tats.pop(key, None) is not None
+
+    def items(self) -> list[tuple[bytes, int]]:
+        return list(self.tats.items())
 
     def remember(self, key: bytes, tat: int) -> None:
         tats = self.tats
@@ -199,6 +209,76 @@ class NewcomerTable:
         tats[key] = tat
         self._next = slot + 1 if slot + 1 < self.max_entries else 0
 
+
+class NewcomerTats(Mapping[bytes, int]):
+    """A read-only view of a newcomer table's key -> TAT (stats, metrics, tests)."""
+
+    __slots__ = ("_ring",)
+
+    def __init__(self, ring: NewcomerRing | PyNewcomerRing) -> None:
+        self._ring = ring
+
+    def __getitem__(self, key: bytes) -> int:
+        return self._ring[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ring
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter([key for key, _ in self._ring.items()])
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+
+class NewcomerTable:
+    """First sightings: packed address -> TAT, forgotten first-in first-out.
+
+    A ring of keys bounds the table: writing a slot forgets the key that was
+    there (unless it was promoted meanwhile). A key re-added after promotion
+    may be forgotten early, which only costs it its newcomer history.
+
+    The entries live in ``ring``: where the compiled loop is built a
+    :class:`~guardntp._fastlane.NewcomerRing` (keys of 1-16 bytes kept in C,
+    ~90 bytes an entry), which the loop reads and writes itself; else a
+    :class:`PyNewcomerRing`. ``tats`` is a read-only mapping view of them.
+    """
+
+    __slots__ = ("ring",)
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError("a table needs room for at least one entry")
+        self.ring: NewcomerRing | PyNewcomerRing = (
+            NewcomerRing(max_entries) if NewcomerRing is not None
+            else PyNewcomerRing(max_entries))
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+    @property
+    def max_entries(self) -> int:
+        return self.ring.max_entries
+
+    @property
+    def evictions(self) -> int:
+        return self.ring.evictions
+
+    @property
+    def tats(self) -> NewcomerTats:
+        return NewcomerTats(self.ring)
+
+    def get(self, key: bytes) -> int | None:
+        """The TAT remembered for ``key``, if any."""
+        return self.ring.get(key)
+
+    def forget(self, key: bytes) -> bool:
+        """Drop ``key`` (promoted); its ring slot stays behind."""
+        return self.ring.discard(key)
+
+    def remember(self, key: bytes, tat: int) -> None:
+        self.ring.remember(key, tat)
+
     def resized(self, max_entries: int) -> NewcomerTable:
         """This table at a new size (reload), keeping the most recent entries that fit.
 
@@ -207,7 +287,7 @@ class NewcomerTable:
         if max_entries == self.max_entries:
             return self
         table = NewcomerTable(max_entries)
-        for key, tat in list(self.tats.items())[-max_entries:]:
+        for key, tat in self.ring.items()[-max_entries:]:
             table.remember(key, tat)
-        table.evictions = self.evictions
+        table.ring.evictions = self.evictions
         return table

@@ -5,6 +5,11 @@ clock, for the reply and for access-list expiry) and ``now_ns`` (monotonic, for
 buckets, so a clock step cannot open or shut every bucket at once). Every packet
 is counted exactly once, by (NTP version, :class:`~guardntp.verdicts.Reason`).
 
+Where the compiled loop is built (``guardntp/_fastlane.c``) it decides the common
+paths itself, first sightings and the newcomer ring included, on these same
+tables: this method is then the reference model ``tests/test_fastlane.py`` holds
+it to, and the path for what the loop hands over (``guardntp/fastlane.py``).
+
 Stages, in order; the first that decides ends the packet:
 
 1. sanity      length, alignment, version, mode, tail (``responder.inspect_request``)
@@ -31,7 +36,15 @@ from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
 from . import fingerprint
 from .acl import AccessList, AclEntry, Action
-from .buckets import BadLimit, BucketTable, Limit, NewcomerTable, is_finite_number, is_whole_number
+from .buckets import (
+    EVICTION_SCAN,
+    BadLimit,
+    BucketTable,
+    Limit,
+    NewcomerTable,
+    is_finite_number,
+    is_whole_number,
+)
 from .policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
 
 Signer = Callable[[bytes], bytes]
@@ -243,7 +256,7 @@ class Pipeline:
         self._blocklist: list[AclEntry] = []
         self._global_tat = 0
         self._kod_tat = 0
-        self._prefix_overflow: SourceRecord = [0]
+        self._prefix_overflow: SourceRecord = new_prefix_record(0)
         self.apply_policy(policy)
 
     # ------------------------------------------------------------------ configuration
@@ -302,7 +315,7 @@ class Pipeline:
         if acl is not None:
             self._config_acl = config_acl
             self.acl.adopt(acl)
-        self._prefix_overflow = [0]
+        self._prefix_overflow = new_prefix_record(0)
         self._lane_config = lane_settings
         self.config_version += 1
 
@@ -322,7 +335,12 @@ class Pipeline:
             "pipeline": self, "decide": self.decide, "index": self.sources.index,
             "prefix_index": self.prefixes.index, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
-            "enabled": int(enabled)}
+            "enabled": int(enabled),
+            # First sightings: the tables the loop inserts into and evicts from as
+            # BucketTable does, the newcomer ring (a NewcomerRing, else None: first
+            # sightings stay here) and the record a prefix overflows into.
+            "sources": self.sources, "prefixes": self.prefixes,
+            "newcomers": self.newcomers.ring, "prefix_overflow": self._prefix_overflow}
 
     @staticmethod
     def _lane_settings(compiled: CompiledPolicy) -> dict[str, Any]:
@@ -373,7 +391,8 @@ class Pipeline:
             "tolerance": tuple(limit.tolerance_ns for limit in limits),
             "layout": (TAT, REQUESTS, TIME_REPLIES, DROPS, LAST_SEEN, LABEL, ACL_GENERATION,
                        ACL_ENTRY, PORT, KODS, LAST_KOD),
-            "record_len": RECORD_LEN,
+            "record_len": RECORD_LEN, "first_seen": FIRST_SEEN, "never": _NEVER,
+            "eviction_scan": EVICTION_SCAN,
             "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
                        if global_limit is not None else (0, 0, 0)),
             "prefix_interval": compiled.prefix_limit.interval_ns,
@@ -438,7 +457,7 @@ class Pipeline:
         newcomer = False
         if record is None:
             record = new_record(now_ns, label, port)
-            remembered_tat = self.newcomers.tats.get(key)
+            remembered_tat = self.newcomers.get(key)
             if remembered_tat is None:
                 # A first request: straight in while there is room; once the table is
                 # full, first sightings are remembered by TAT only, in the newcomer ring.
@@ -450,7 +469,7 @@ class Pipeline:
                 record[TAT] = remembered_tat
                 record[REQUESTS] = 1
                 if sources.admit(key, record, now_ns):
-                    del self.newcomers.tats[key]
+                    self.newcomers.forget(key)
                 else:
                     newcomer = True   # no room among established sources: stays a newcomer
                     self.table_full += 1
@@ -582,7 +601,7 @@ class Pipeline:
         """Move a newcomer into the established table (a KoD's guard time must be kept)."""
         if not self.sources.admit(key, record, now_ns):
             return False
-        self.newcomers.tats.pop(key, None)
+        self.newcomers.forget(key)
         return True
 
     def _over_limit(self, data: bytes, request: Request, record: SourceRecord, base: int,
