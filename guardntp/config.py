@@ -211,7 +211,7 @@ _LABEL_KEYS: dict[str, _Check] = {
 _ACL_ACTIONS = ("allow", "exempt", "deny", "drop", "deny-kod")
 
 #: Sections other features validate themselves (they must be tables).
-EXTRA_SECTIONS = ("auth", "control", "metrics", "log", "blocklist")
+EXTRA_SECTIONS = ("auth", "control", "metrics", "log", "blocklist", "nts")
 
 
 def _metrics_listen(value: Any) -> ListenSpec | None:

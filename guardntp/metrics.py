@@ -84,7 +84,15 @@ def counter_snapshot(pipeline: Pipeline, server: _SocketCounts | None = None
         "truncated": server.truncated if server is not None else None,
         "tables": tables,
         "table_full": pipeline.table_full,
+        "nts": _nts_counts(pipeline),
     }
+
+
+def _nts_counts(pipeline: Pipeline) -> dict[str, int]:
+    """NTS requests by outcome (``nts_answered``, ``nts_nak_*``, ``nts_drop_*``, cookies)."""
+    counters = getattr(pipeline.nts, "counters", None)
+    snapshot = getattr(counters, "snapshot", None)
+    return dict(snapshot()) if snapshot is not None else {}
 
 
 def add_snapshots(total: dict[str, Any], other: Mapping[str, Any]) -> None:
@@ -97,6 +105,8 @@ def add_snapshots(total: dict[str, Any], other: Mapping[str, Any]) -> None:
     for key in ("bytes_in", "bytes_out", "table_full", "send_errors", "truncated"):
         if total.get(key) is not None and other.get(key) is not None:
             total[key] += int(other[key])
+    for name, value in other.get("nts", {}).items():
+        total["nts"][name] = total["nts"].get(name, 0) + int(value)
     for name, table in other.get("tables", {}).items():
         if name in total["tables"]:
             for field, value in table.items():
@@ -182,6 +192,7 @@ class GuardntpCollector:
                                       value=snapshot["truncated"])
 
         yield from self._tables(snapshot, CounterMetricFamily, GaugeMetricFamily)
+        yield from self._nts(snapshot, CounterMetricFamily)
         yield from self._clock(GaugeMetricFamily, InfoMetricFamily)
 
         if self.reloads is not None:
@@ -225,6 +236,25 @@ class GuardntpCollector:
         yield gauge("guardntp_access_list_entries",
                     "Access-list entries in force (configuration and blocklist)",
                     value=len(self.pipeline.acl))
+
+    def _nts(self, snapshot: Mapping[str, Any], counter: Any) -> Iterator[Any]:
+        """NTS requests by outcome, and NTS-KE events (only where NTS is on)."""
+        nts = self.pipeline.nts
+        if nts is None:
+            return
+        requests = counter("guardntp_nts_requests", "NTS-protected requests by outcome "
+                           "(answered, nak_*, drop_*) and cookies issued", labels=["outcome"])
+        for name, value in snapshot["nts"].items():
+            requests.add_metric([name.removeprefix("nts_")], value)
+        yield requests
+        report = getattr(nts, "report", None)
+        ke = report()["ke"] if report is not None else {}
+        if ke:   # worker 0's KE server (the other workers answer NTS requests only)
+            events = counter("guardntp_nts_ke", "NTS-KE connections and handshakes by event",
+                             labels=["event"])
+            for name, value in ke.items():
+                events.add_metric([name.removeprefix("ke_")], value)
+            yield events
 
     def _clock(self, gauge: Any, info: Any) -> Iterator[Any]:
         clock = self.pipeline.responder.clock

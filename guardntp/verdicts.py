@@ -38,12 +38,15 @@ class Reason(enum.IntEnum):
     AUTH_FAILED = 15         # bad MAC, or unknown key
     AUTH_REQUIRED = 16       # unauthenticated request where policy requires a MAC
     CRYPTO_NAK = 17          # a crypto-NAK tail in a request
+    # -- NTS (RFC 8915)
+    NTS_NAK = 18             # a cookie that does not open: Kiss-o'-Death NTSN
+    NTS_REJECTED = 19        # malformed NTS fields, or an authenticator that fails
 
 
 VERDICT_OF: dict[Reason, Verdict] = {
     reason: (
         Verdict.TIME if reason in (Reason.ANSWERED, Reason.LEAKED)
-        else Verdict.KOD if reason in (Reason.RATE_KOD, Reason.DENY_KOD)
+        else Verdict.KOD if reason in (Reason.RATE_KOD, Reason.DENY_KOD, Reason.NTS_NAK)
         else Verdict.DROP
     )
     for reason in Reason

@@ -15,17 +15,13 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
-
-from OpenSSL import SSL
+from typing import Any, TextIO
 
 from .. import client
 from ..auth.client import Transform, client_key, client_signing
 from ..auth.keys import MAX_KEY_ID
 from ..cli import CommandError
 from ..config import ConfigError
-from ..nts import aead, ke_client
-from ..nts.client import NtsSession
 from ..setclock import ClockChangeError, apply_offset
 from ..timestamps import short_to_ns
 from ..wire import KISS_CODES, Mode, NtpPacket, refid_to_text
@@ -46,8 +42,8 @@ USAGE_STATUS = 2
 KOD_STATUS = EXIT_STATUS["kod"]
 #: RFC 8915 §4: the NTS-KE service's TCP port.
 NTS_KE_PORT = 4460
-AEAD_NAMES = {aead.AES_SIV_CMAC_256: "AEAD_AES_SIV_CMAC_256",
-              aead.AES_SIV_CMAC_512: "AEAD_AES_SIV_CMAC_512"}
+#: RFC 8915's AEAD ids (``guardntp.nts.aead``), by name for the report.
+AEAD_NAMES = {15: "AEAD_AES_SIV_CMAC_256", 17: "AEAD_AES_SIV_CMAC_512"}
 
 _PANIC_S = f"{client.seconds(client.PANIC_THRESHOLD_NS):g}"
 _DISTANCE_S = f"{client.seconds(client.MAX_ROOT_DISTANCE_NS):g}"
@@ -210,8 +206,23 @@ def _sampled(args: argparse.Namespace, host: str,
     return report, None
 
 
+def nts_modules() -> tuple[Any, Any, Any]:
+    """(OpenSSL.SSL, nts.ke_client, nts.client.NtsSession): imported only for ``--nts``,
+    so a plain install without the ``nts`` extra still queries."""
+    try:
+        from OpenSSL import SSL
+
+        from ..nts import ke_client
+        from ..nts.client import NtsSession
+    except ImportError as error:
+        raise CommandError(f"--nts needs the 'nts' extra ({error.name} is missing): "
+                           "pip install 'guardntp[nts]'", USAGE_STATUS) from None
+    return SSL, ke_client, NtsSession
+
+
 def check_nts_args(args: argparse.Namespace) -> None:
     """Usage errors of ``--nts`` (exit 2, before any connection)."""
+    SSL, ke_client, _ = nts_modules()
     if args.key_id is not None or args.key_file:
         raise CommandError("--nts and --key-id/--key-file exclude each other: NTS brings "
                            "its own keys", USAGE_STATUS)
@@ -232,6 +243,7 @@ def nts_outcome(args: argparse.Namespace, host: str, port: int,
                 ) -> tuple[dict[str, object], str | None]:
     """NTS-KE with ``host``, then ``--samples`` NTS exchanges with the NTP server it
     names: (the JSON report, the one-line error or None when ok)."""
+    _, ke_client, NtsSession = nts_modules()
     server = args.server
     ke_port = NTS_KE_PORT if args.nts_port is None else args.nts_port
     ke_server = f"[{host}]:{ke_port}" if ":" in host else f"{host}:{ke_port}"

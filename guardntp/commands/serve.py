@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -50,6 +51,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log line format (overrides log.format)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="least severe level logged (overrides log.level and -v)")
+    parser.add_argument("--nts-cert", metavar="FILE",
+                        help="serve NTS (RFC 8915) with this PEM certificate chain "
+                        "(overrides nts.cert; docs/nts.md)")
+    parser.add_argument("--nts-key", metavar="FILE",
+                        help="the certificate's private key (overrides nts.key)")
+    parser.add_argument("--nts-ke-listen", metavar="HOST[:PORT]",
+                        help="NTS-KE address, port 4460 when omitted (overrides nts.ke_listen)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="worker processes sharing the port, requests steered by source "
                         "prefix (overrides server.workers; docs/benchmarks.md)")
@@ -87,7 +95,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def apply_flags(args: argparse.Namespace, server: ServerConfig,
                 extra: dict[str, dict[str, Any]]) -> tuple[ServerConfig, dict[str, dict[str, Any]]]:
-    """``--user --group --metrics --log-format --log-level`` over the file's values.
+    """``--user --group --metrics --nts-* --log-format --log-level`` over the file's values.
 
     Raises ConfigError or BadAddress (``build_config`` turns the latter into the former).
     """
@@ -105,6 +113,15 @@ def apply_flags(args: argparse.Namespace, server: ServerConfig,
             if spec.port == 0:
                 raise ConfigError(f"--metrics {flag}: needs a port, e.g. 127.0.0.1:9976")
             metrics["listen"] = spec
+    nts = dict(extra.get("nts", {}))
+    for flag_name, key in (("nts_cert", "cert"), ("nts_key", "key")):
+        value = getattr(args, flag_name, None)
+        if value:   # relative to where the command runs, as any path on a command line
+            nts[key] = os.path.abspath(value)
+    if getattr(args, "nts_ke_listen", None):
+        nts["ke_listen"] = args.nts_ke_listen
+    if nts:
+        extra = {**extra, "nts": nts}
     log_section = dict(extra.get("log", {}))
     if getattr(args, "log_format", None):
         log_section["format"] = args.log_format

@@ -14,7 +14,8 @@ from typing import Any
 
 #: The same in every worker (configuration, or worker 0's own view): not added up.
 SHARED_KEYS = frozenset({"access_list_entries", "lookup_table_entries", "clock", "uptime_s",
-                         "upstreams", "selection"})
+                         "upstreams", "selection", "master_keys", "rotations",
+                         "key_error"})
 
 
 def merge_stats(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -164,6 +164,9 @@ def format_stats(report: Mapping[str, Any]) -> str:
                      f"{blocklist['auto_blocked']} auto-blocked, automatic blocking "
                      f"{'on' if blocklist['auto'] else 'off'}"
                      + (f"; error: {blocklist['error']}" if blocklist["error"] else ""))
+    nts = report.get("nts")
+    if nts:
+        lines += _nts_lines(nts)
     lines.append(f"bytes        {report['bytes_in']} in, {report['bytes_out']} out")
     if "uptime_s" in report:
         lines.append(f"uptime       {report['uptime_s']:.0f} s")
@@ -179,6 +182,24 @@ def _clock_lines(clock: Mapping[str, Any]) -> list[str]:
              f"root dispersion {clock['root_dispersion_s']:.6f} s"]
     if clock["offset_s"]:
         lines.append(f"  offset     {clock['offset_s']:+.6f} s added to the system clock")
+    return lines
+
+
+def _nts_lines(nts: Mapping[str, Any]) -> list[str]:
+    ke, ntp = nts.get("ke", {}), nts.get("ntp", {})
+
+    def total(table: Mapping[str, Any], prefix: str) -> int:
+        return sum(int(v) for k, v in table.items() if k.startswith(prefix))
+
+    lines = [f"nts-ke       {ke.get('ke_ok', 0)} key exchanges, "
+             f"{ke.get('ke_cookies_issued', 0)} cookies issued, "
+             f"{total(ke, 'ke_refused')} connections refused by the limits, "
+             f"{ke.get('ke_tls_failed', 0)} TLS failures, {ke.get('ke_timeout', 0)} timeouts",
+             f"nts          {ntp.get('nts_answered', 0)} answered, "
+             f"{total(ntp, 'nts_nak')} NAKs, {total(ntp, 'nts_drop')} dropped, "
+             f"{ntp.get('nts_cookies_issued', 0)} cookies issued; "
+             f"{nts.get('master_keys', 0)} master keys"
+             + (f"; error: {nts['key_error']}" if nts.get("key_error") else "")]
     return lines
 
 

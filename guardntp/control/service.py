@@ -80,9 +80,11 @@ class ControlCommands:
 
     def __init__(self, pipeline: Pipeline, loop: _Loop, blocklist: LiveBlocklist | None,
                  reload: Callable[[], str], peers: _Peers | None = None,
-                 upstreams: _SelectingSource | None = None) -> None:
+                 upstreams: _SelectingSource | None = None,
+                 nts: Callable[[], dict[str, Any]] | None = None) -> None:
         self.pipeline = pipeline
         self.upstreams = upstreams
+        self.nts = nts
         self.loop = loop
         self.blocklist = blocklist
         self.reload_config = reload
@@ -138,6 +140,8 @@ class ControlCommands:
         report = stats_report(self.pipeline)
         report["send_errors"] = self.loop.send_errors
         report["truncated"] = self.loop.truncated
+        if self.nts is not None:
+            report["nts"] = self.nts()
         return report
 
     def _workers(self, answered: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ..metrics import (
     make_registry,
     require_prometheus,
 )
+from ..nts.settings import NtsError
 from ..privileges import Identity, PrivilegeError, chown_for, drop_privileges, resolve_identity
 from ..signals import DeferredSignals
 from .errors import DaemonError, ReloadRejected
@@ -97,6 +98,11 @@ class Operations:
             try:
                 self.metrics = MetricsEndpoint(self.metrics_spec, make_registry(collector))
             except MetricsError as error:
+                raise DaemonError(str(error)) from None
+        if service.nts is not None:   # a port below 1024 for NTS-KE needs root too
+            try:
+                service.nts.start()
+            except NtsError as error:
                 raise DaemonError(str(error)) from None
         if self.identity is not None:
             try:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..auth.server import KeyAuthenticator
@@ -32,6 +33,7 @@ from ..control.channel import ControlError, ControlServer
 from ..control.service import ControlCommands, setup_control
 from ..filter.pipeline import Pipeline
 from ..logs import LogSetup
+from ..nts.settings import NtsError, NtsSettings
 from ..responder import Responder
 from ..server import ListenError, Server, open_socket
 from ..statedir import StateDirError, prepare_state_dir
@@ -43,6 +45,9 @@ from .operations import Operations
 from .peers import PeerAnswerer, PeerLinks
 from .settings import check_sections
 from .steering import split_budgets
+
+if TYPE_CHECKING:
+    from ..nts.service import NtsService
 
 log = logging.getLogger("guardntp")
 
@@ -64,7 +69,7 @@ class Service:
                  on_control_reload: Callable[[], None] | None = None,
                  peers: PeerLinks | None = None,
                  peer_answerer_socket: socket.socket | None = None,
-                 notify_systemd: bool = True) -> None:
+                 notify_systemd: bool = True, serve_nts_ke: bool = True) -> None:
         self.config = config
         self.load_config = load_config
         self.key_file = key_file
@@ -107,16 +112,28 @@ class Service:
                 self.state_dir, self.pipeline, self.server, sections.auto_blocking, owner)
         except BlocklistError as error:
             raise DaemonError(str(error)) from None
+        self.nts: NtsService | None = None
+        if sections.nts.enabled:
+            try:
+                # The certificate is read here, while still root if started as root.
+                self.nts = start_nts(sections.nts, self.state_dir,
+                                     config.server.listen[0].port, serve_nts_ke)
+            except NtsError as error:
+                self.close_features()
+                raise DaemonError(str(error)) from None
+            self.server.add_periodic(self.nts.KEY_REFRESH_S, self.nts.refresh)
+            self.pipeline.nts = self.nts
         self.peers = peers
         self.commands = ControlCommands(
             self.pipeline, self.server, self.blocklist, self.reload_from_control, peers,
-            self.source if isinstance(self.source, UpstreamClock) else None)
+            self.source if isinstance(self.source, UpstreamClock) else None,
+            self.nts.report if self.nts is not None else None)
         self.control: ControlServer | None = None
         if sections.control_enabled:
             try:
                 self.control = setup_control(self.state_dir, self.commands, self.server, owner)
             except ControlError as error:
-                self.blocklist.close()
+                self.close_features()
                 raise DaemonError(str(error)) from None
         self.peer_answerer: PeerAnswerer | None = None
         if peer_answerer_socket is not None:
@@ -136,13 +153,16 @@ class Service:
             sections = check_sections(new)
             # Keys are re-read too (a rotated key file takes effect); a bad one keeps the old.
             authenticator = authenticator_for(new, self.key_file)
+            apply_nts = self._prepare_nts_reload(sections.nts)
             self.pipeline.apply_policy(split_budgets(new.filter, self.workers))
-        except (ConfigError, ValueError) as error:
+        except (ConfigError, ValueError, NtsError) as error:
             self.operations.reload_rejected()
             log.error("reload rejected, keeping the running configuration: %s", error)
             raise ReloadRejected(str(error)) from None
         # The policy is in; what follows only assigns checked values.
         self.authenticator = self.pipeline.authenticator = authenticator
+        if apply_nts is not None:
+            apply_nts()
         self.blocklist.set_auto_policy(sections.auto_blocking)
         if new.server.listen != self.config.server.listen or new.clock != self.config.clock:
             log.warning("reload: listen addresses and clock settings need a restart; "
@@ -155,6 +175,13 @@ class Service:
                    f"source rate {new.filter.source_rate}/s burst {new.filter.source_burst}")
         log.info("%s", message)
         return message
+
+    def _prepare_nts_reload(self, settings: NtsSettings) -> Callable[[], None] | None:
+        if self.nts is not None:
+            return self.nts.prepare_reload(settings)
+        if settings.enabled:
+            log.warning("reload: turning NTS on needs a restart")
+        return None
 
     def reload_from_control(self) -> str:
         """``guardntp reload``: as :meth:`reload`, then the other workers are told."""
@@ -179,17 +206,36 @@ class Service:
                 self.control.close()
             if self.peer_answerer is not None:
                 self.peer_answerer.close()
-            self.blocklist.close()
+            self.close_features()
             for sock in self.sockets:
                 sock.close()
             if self.workers == 1:  # with workers, the parent logs the server's total
                 log.info("stopped: %s", describe_totals(self.totals()))
         return 0
 
+    def close_features(self) -> None:
+        """Stop what the features started (the NTS-KE thread, the blocklist store)."""
+        if getattr(self, "nts", None) is not None:
+            assert self.nts is not None
+            self.nts.stop()
+        self.blocklist.close()
+
     def totals(self) -> dict[str, int]:
         """Packets decided so far, by verdict, and ``"packets"`` for all of them."""
         counters = self.pipeline.counters
         return {"packets": counters.total(), **counters.by_verdict()}
+
+
+def start_nts(settings: NtsSettings, state_dir: Path, ntp_port: int,
+              serve_ke: bool) -> NtsService:
+    """The NTS service; raises NtsError, also when the ``nts`` extra is not installed
+    (a server without NTS never imports cryptography or pyOpenSSL)."""
+    try:
+        from ..nts.service import NtsService
+    except ImportError as error:
+        raise NtsError(f"NTS needs the 'nts' extra ({error.name} is missing): "
+                       "pip install 'guardntp[nts]'") from None
+    return NtsService(settings, state_dir, ntp_port, serve_ke=serve_ke)
 
 
 def describe_totals(totals: dict[str, int]) -> str:

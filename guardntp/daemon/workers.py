@@ -165,7 +165,7 @@ def _worker_main(config: Config, load_config: ConfigLoader, key_file: str | None
             on_control_reload=lambda: os.kill(parent, signal.SIGHUP),
             peers=PeerLinks(mine) if index == 0 else None,
             peer_answerer_socket=mine[0] if index else None,
-            notify_systemd=False)
+            notify_systemd=False, serve_nts_ke=index == 0)
         os.write(report, b"1")
         status = service.run()
         os.write(report, json.dumps(service.totals()).encode())

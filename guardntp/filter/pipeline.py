@@ -85,6 +85,8 @@ _GLOBAL_CAP = Reason.GLOBAL_CAP
 
 KOD_RATE = b"RATE"
 KOD_DENY = b"DENY"
+#: RFC 8915 §5.7: the NTS NAK.
+KOD_NTS_NAK = b"NTSN"
 
 
 class Authenticator(Protocol):
@@ -98,6 +100,17 @@ class Authenticator(Protocol):
 
         Optionally an authenticator also has ``requires_any() -> bool``: False there
         lets the compiled loop (``fastlane``) answer plain requests without asking."""
+
+
+class NtsStage(Protocol):
+    """What the auth stage needs of NTS (``guardntp/nts``).
+
+    ``decide(data)`` is None for a request that is no NTS request; otherwise
+    ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``, where
+    ``finish(header)`` completes a 48-byte reply header with the NTS fields.
+    """
+
+    def decide(self, request: bytes) -> tuple[str, Signer | None] | None: ...
 
 
 def new_record(now_ns: int, label: str, port: int) -> SourceRecord:
@@ -244,6 +257,8 @@ class Pipeline:
         #: changes: settings, the authenticator.
         self.config_version = 0
         self._authenticator = authenticator
+        #: NTS (``guardntp.nts.service.NtsService``) when the server offers it.
+        self.nts: NtsStage | None = None
         self.counters = Counters()
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
         self.table_full = 0   # second requests that found no room among established sources
@@ -502,10 +517,25 @@ class Pipeline:
                 record[DROPS] += 1
                 return reason, None, None
 
-        # -- authentication
+        # -- authentication: NTS (RFC 8915), else a symmetric-key MAC
         signer: Signer | None = None
+        nts = self.nts
+        if nts is not None and request.mac_key_id is None and len(data) > HEADER_LEN:
+            outcome = nts.decide(data)
+            if outcome is not None:
+                kind, finish = outcome
+                if finish is None:   # malformed, or an authenticator that fails: no reply
+                    counts[base + Reason.NTS_REJECTED] += 1
+                    record[DROPS] += 1
+                    return Reason.NTS_REJECTED, None, None
+                if kind == "nak":    # a cookie that does not open: back to NTS-KE
+                    counts[base + Reason.NTS_NAK] += 1
+                    record[KODS] += 1
+                    return (Reason.NTS_NAK,
+                            self.responder.kod_reply(data, request, KOD_NTS_NAK, 0), finish)
+                signer = finish
         authenticator = self._authenticator
-        if request.whole_tail_mac is not None and authenticator is not None:
+        if signer is None and request.whole_tail_mac is not None and authenticator is not None:
             signer = authenticator.verify(data, request.whole_tail_mac)
             if signer is not None:
                 request = request.whole_tail_mac
@@ -515,7 +545,7 @@ class Pipeline:
                 counts[base + Reason.AUTH_FAILED] += 1
                 record[DROPS] += 1
                 return Reason.AUTH_FAILED, None, None
-        elif authenticator is not None and authenticator.required_for(packed):
+        elif signer is None and authenticator is not None and authenticator.required_for(packed):
             counts[base + Reason.AUTH_REQUIRED] += 1
             record[DROPS] += 1
             return Reason.AUTH_REQUIRED, None, None

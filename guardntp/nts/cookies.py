@@ -38,13 +38,12 @@ from types import MappingProxyType
 
 from ..statedir import StateDirError, hand_over_fd, open_state_file, prepare_state_dir
 from . import aead
+from .settings import DEFAULT_KEEP, DEFAULT_PERIOD_S
 
 MASTER_KEY_LEN = 64
 COOKIE_NONCE_LEN = 16
 KEY_FILE_NAME = "nts-keys"
 LOCK_FILE_NAME = "nts-keys.lock"
-DEFAULT_PERIOD_S = 86_400
-DEFAULT_KEEP = 2
 #: More keys than this in a file is a broken file, not a rotation schedule.
 MAX_KEYS = 64
 

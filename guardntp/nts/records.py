@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import aead
+from .settings import DEFAULT_COOKIES
 
 END_OF_MESSAGE = 0
 NEXT_PROTOCOL = 1
@@ -34,7 +35,6 @@ ERROR_BAD_REQUEST = 1
 ERROR_INTERNAL = 2
 
 EXPORTER_LABEL = b"EXPORTER-network-time-security"
-DEFAULT_COOKIES = 8
 
 
 @dataclass(frozen=True, slots=True)

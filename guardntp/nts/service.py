@@ -18,10 +18,11 @@ from typing import Any
 
 from ..statedir import StateDirError
 from .cookies import KeyStore, KeyStoreError
-from .ke_server import KeServer, KeServerError, make_context
+from .extensions import has_unique_identifier
+from .ke_server import KE_COUNTERS, KeServer, KeServerError, make_context
 from .records import KeSettings
-from .responder import NtsCounters, NtsVerdict, answer
-from .settings import NtsSettings
+from .responder import NtsCounters, NtsOutcome, NtsVerdict, answer
+from .settings import NtsError, NtsSettings
 
 log = logging.getLogger("guardntp.nts")
 
@@ -31,11 +32,9 @@ KEY_REFRESH_S = 10.0
 NTP_PORT = 123
 
 
-class NtsError(Exception):
-    """NTS cannot start: a bad certificate or key, key file, or KE address."""
-
-
 class NtsService:
+    KEY_REFRESH_S = KEY_REFRESH_S
+
     def __init__(self, settings: NtsSettings, state_dir: Path, ntp_port: int = NTP_PORT,
                  wall_s: Callable[[], float] = time.time, serve_ke: bool = True) -> None:
         """``serve_ke=False``: answer NTS requests only (the other ``--workers``: one
@@ -93,6 +92,22 @@ class NtsService:
         self.counters.add(verdict)
         return verdict
 
+    def decide(self, request: bytes) -> tuple[str, Callable[[bytes], bytes] | None] | None:
+        """The packet path's question: None if ``request`` is no NTS request (no Unique
+        Identifier); else ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``,
+        where ``finish(header)`` appends the extension fields to the final 48-byte
+        header (time reply, RATE KoD, or the NTSN KoD of a NAK)."""
+        if not has_unique_identifier(request):
+            return None
+        verdict = self.answer(request)
+        if verdict.outcome is NtsOutcome.DROP:
+            return "drop", None
+
+        def finish(header: bytes) -> bytes:
+            return header + verdict.extensions(header)
+
+        return ("nak" if verdict.outcome is NtsOutcome.NAK else "reply"), finish
+
     # ------------------------------------------------------------------ timers, reload
 
     def refresh(self) -> None:
@@ -130,7 +145,8 @@ class NtsService:
 
     def report(self) -> dict[str, Any]:
         """What ``guardntp stats`` and the metrics show."""
-        return {"ke": self.ke.counters if self.ke is not None else {},
+        counts = self.ke.counters if self.ke is not None else {}
+        return {"ke": {name: counts.get(name, 0) for name in KE_COUNTERS} if self.ke else {},
                 "ntp": self.counters.snapshot(),
                 "master_keys": len(self.store.keys.by_id), "rotations": self.store.rotations,
                 "key_error": self.last_error}

@@ -3,6 +3,9 @@
 Rule: NTS is on when a certificate and its key are given. Every other key has
 a default sized for a public server; the KE limits are those of
 :class:`~guardntp.nts.limits.KeLimits`. Errors are one line naming the key.
+
+This module needs neither ``cryptography`` nor ``pyOpenSSL`` (the ``nts`` extra):
+``check-config`` and a server without NTS import it on a plain install.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from ..netaddr import BadAddress, ListenSpec, parse_listen
-from .cookies import DEFAULT_KEEP, DEFAULT_PERIOD_S
 from .limits import KeLimits
-from .records import DEFAULT_COOKIES
 
 #: RFC 8915 §4: the NTS-KE service's well-known port.
 DEFAULT_KE_PORT = 4460
+#: Cookies handed out by NTS-KE (RFC 8915 §4.1.6 suggests 8).
+DEFAULT_COOKIES = 8
+#: A new master key a day; the previous two still open cookies.
+DEFAULT_PERIOD_S = 86_400
+DEFAULT_KEEP = 2
+
+
+class NtsError(Exception):
+    """NTS cannot start: a bad certificate or key, key file, KE address, or a missing
+    library; the message is one line."""
 
 
 class BadNtsSettings(ValueError):
