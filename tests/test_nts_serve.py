@@ -109,3 +109,21 @@ def test_bad_nts_settings_are_one_line(tmp_path: Path, args: list[str], words: s
         capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
     assert result.returncode != 0
     assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_key_file_goes_to_the_user_the_server_becomes(
+        shared_dir: Path, tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to nobody")
+    _, cert, key = certs
+    state = shared_dir / "state"
+    with guardntp_server(tmp_path, "--nts-cert", str(cert), "--nts-key", str(key),
+                         "--nts-ke-listen", f"127.0.0.1:{free_tcp_port()}",
+                         "--user", "nobody", "--state-dir", str(state)) as server:
+        assert "running as user nobody" in server.log()
+        for name in ("nts-keys", "nts-keys.lock"):
+            info = (state / name).stat()
+            assert (info.st_uid, info.st_mode & 0o777) == (65534, 0o600), name
+        client.exchange("127.0.0.1", server.port, timeout_s=2)

@@ -118,6 +118,8 @@ class Service:
                 # The certificate is read here, while still root if started as root.
                 self.nts = start_nts(sections.nts, self.state_dir,
                                      config.server.listen[0].port, serve_nts_ke)
+                if owner is not None:
+                    self.nts.hand_over(*owner)
             except NtsError as error:
                 self.close_features()
                 raise DaemonError(str(error)) from None

@@ -11,13 +11,14 @@ logged and the keys already held stay in force.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..statedir import StateDirError
-from .cookies import KeyStore, KeyStoreError
+from ..statedir import StateDirError, hand_over_fd, open_state_file
+from .cookies import KEY_FILE_NAME, LOCK_FILE_NAME, KeyStore, KeyStoreError
 from .extensions import has_unique_identifier
 from .ke_server import KE_COUNTERS, KeServer, KeServerError, make_context
 from .records import KeSettings
@@ -63,6 +64,24 @@ class NtsService:
         except KeServerError as error:
             raise NtsError(str(error)) from None
         self.ntp_port = ntp_port
+
+    def hand_over(self, uid: int, gid: int) -> None:
+        """Give the key file and its lock to the user the server is about to become,
+        so that it can rotate the keys (by descriptor, never following a name)."""
+        for name in (KEY_FILE_NAME, LOCK_FILE_NAME):
+            try:
+                fd = open_state_file(self.store.state_dir / name)
+            except FileNotFoundError:
+                continue
+            except StateDirError as error:
+                raise NtsError(f"NTS master keys: {error}") from None
+            try:
+                hand_over_fd(fd, uid, gid, 0o600)
+            except OSError as error:
+                raise NtsError(f"NTS master keys: {self.store.state_dir / name}: "
+                               f"{error.strerror}") from None
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _ke_settings(settings: NtsSettings, ntp_port: int) -> KeSettings:
