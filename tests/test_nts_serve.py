@@ -61,6 +61,8 @@ def test_chronyd_accepts_nts_time_from_guardntp_serve(
         assert nts["ke"]["ke_ok"] >= 1 and nts["ke"]["ke_cookies_issued"] >= 8, nts
         assert nts["ntp"]["nts_answered"] >= 1, nts
         assert nts["master_keys"] >= 1
+        # NTS requests carry their own fingerprint label (so [filter.labels.nts] applies).
+        assert report["labels"]["nts"] >= nts["ntp"]["nts_answered"]  # type: ignore[index]
         # The same filter and counters as any request; plain clients still get time.
         assert report["verdicts"]["time"] >= nts["ntp"]["nts_answered"]  # type: ignore[index]
         client.exchange("127.0.0.1", server.port, timeout_s=2)

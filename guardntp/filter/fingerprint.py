@@ -22,10 +22,11 @@ W32TIME = "w32time-mode1"          # Windows w32time / WinXP SNTP: symmetric act
 NTPV4 = "ntpv4"                    # ordinary chrony / ntpd / NTPsec / SNTPv4 clients
 NTPV3 = "ntpv3"
 NTPV2 = "ntpv2"
+NTS = "nts"                        # NTPv4 protected by NTS (RFC 8915): cannot be spoofed
 # Behaviour label.
 FAST_POLLER = "fast-poller"        # averaging under RFC 4330's 15 s minimum poll
 
-PACKET_LABELS = (NETGEAR, SNTPV1, W32TIME, NTPV4, NTPV3, NTPV2)
+PACKET_LABELS = (NETGEAR, SNTPV1, W32TIME, NTPV4, NTPV3, NTPV2, NTS)
 ALL_LABELS = PACKET_LABELS + (FAST_POLLER,)
 
 #: RFC 4330 §10: SNTP clients must not poll more often than every 15 s.

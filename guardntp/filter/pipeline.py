@@ -105,10 +105,13 @@ class Authenticator(Protocol):
 class NtsStage(Protocol):
     """What the auth stage needs of NTS (``guardntp/nts``).
 
+    ``claims(data)``: does the request carry an NTS Unique Identifier (cheap)?
     ``decide(data)`` is None for a request that is no NTS request; otherwise
     ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``, where
     ``finish(header)`` completes a 48-byte reply header with the NTS fields.
     """
+
+    def claims(self, request: bytes) -> bool: ...
 
     def decide(self, request: bytes) -> tuple[str, Signer | None] | None: ...
 
@@ -464,6 +467,9 @@ class Pipeline:
             return _REFLECTION_PORT, None, None
 
         label = self._label_of_first[first] or fingerprint.packet_label(first, port)
+        nts = self.nts
+        if nts is not None and len(data) > HEADER_LEN and nts.claims(data):
+            label = fingerprint.NTS
         self.label_counts[label] += 1
         v4 = len(packed) == 4
         key = packed if v4 else packed[: self.v6_source_bytes]
@@ -519,8 +525,7 @@ class Pipeline:
 
         # -- authentication: NTS (RFC 8915), else a symmetric-key MAC
         signer: Signer | None = None
-        nts = self.nts
-        if nts is not None and request.mac_key_id is None and len(data) > HEADER_LEN:
+        if label == fingerprint.NTS and nts is not None and request.mac_key_id is None:
             outcome = nts.decide(data)
             if outcome is not None:
                 kind, finish = outcome

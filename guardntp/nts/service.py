@@ -111,6 +111,10 @@ class NtsService:
         self.counters.add(verdict)
         return verdict
 
+    @staticmethod
+    def claims(request: bytes) -> bool:
+        return has_unique_identifier(request)
+
     def decide(self, request: bytes) -> tuple[str, Callable[[bytes], bytes] | None] | None:
         """The packet path's question: None if ``request`` is no NTS request (no Unique
         Identifier); else ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``,
