@@ -162,7 +162,9 @@ class Server:
         if sockets and fastlane.available():
             log.info("packet loop: compiled (guardntp._fastlane)")
         elif sockets and fastio.available():
-            log.info("packet loop in Python: %s", fastlane.unavailable_because())
+            # Several times slower under a flood: an operator must see this at start.
+            log.warning("packet loop in Python, NOT compiled (%s): expect a fraction of the "
+                        "compiled loop's rate under a flood", fastlane.unavailable_because())
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)
         self.add_periodic(GC_FULL_COLLECT_S, collect_frozen_garbage)
