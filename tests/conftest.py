@@ -45,6 +45,19 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def chronyd_nts_server_config(ntp_port: int, ke_port: int, cert: Path, key: Path) -> str:
+    """chrony.conf for chronyd 4.3 serving its local clock with NTS on loopback ports."""
+    return (f"port {ntp_port}\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 10\n"
+            f"ntsport {ke_port}\nntsserverkey {key}\nntsservercert {cert}\n"
+            f"cmdport 0\nntsprocesses 0\n")
+
+
 def wait_until_answering(port: int, host: str = "127.0.0.1", timeout_s: float = 30.0) -> None:
     """Poll with guardntp's own client until the server answers (or fail)."""
     from guardntp import client

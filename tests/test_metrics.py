@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import guardntp_server
+from conftest import free_tcp_port, guardntp_server
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -147,12 +147,6 @@ def test_without_prometheus_client_the_error_names_the_package(
     err = capsys.readouterr().err
     assert status == 1
     assert "pip install 'guardntp[metrics]'" in err and "Traceback" not in err
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:

@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_chronyd, parse_chronyd_offset
+from conftest import (
+    chronyd_nts_server_config,
+    chronyd_running,
+    free_tcp_port,
+    free_udp_port,
+    needs_chronyd,
+    parse_chronyd_offset,
+)
 from test_nts_ke import make_certs
 
 from guardntp.nts.cookies import MasterKey, MasterKeys
@@ -123,25 +130,34 @@ def run_chronyd(directory: Path, ca: Path, ntp_port: int, ke_port: int,
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("scenario", ["same_keys", "rotated_since_ke"])
-def test_chronyd_accepts_nts_time_within_1ms(tmp_path: Path, certs: tuple[Path, Path, Path],
-                                             scenario: str) -> None:
+def chronyd_against_fixture(directory: Path, certs: tuple[Path, Path, Path],
+                            responder: NtsUdpResponder, timeout_s: int
+                            ) -> tuple[str, dict[str, int]]:
+    """chronyd -Q against our KE server (cookies under OLD) and ``responder``:
+    (chronyd's log, the KE server's counters)."""
     ca, cert, key = certs
-    # rotated_since_ke: the cookies come from before a rotation the responder has seen.
-    responder_keys = (MasterKeys.of((OLD,)) if scenario == "same_keys"
-                      else MasterKeys.of((OLD, NEW)))
-    with NtsUdpResponder(responder_keys) as udp:
+    with responder as udp:
         ke = KeServer(("127.0.0.1", 0), cert, key, lambda: MasterKeys.of((OLD,)),
                       KeSettings(ntp_port=udp.port))
         ke.start()
         try:
-            log = run_chronyd(tmp_path / "chrony", ca, udp.port, ke.address[1], 15)
+            log = run_chronyd(directory, ca, udp.port, ke.address[1], timeout_s)
         finally:
             ke.stop()
+    return log, ke.counters
+
+
+@pytest.mark.parametrize("scenario", ["same_keys", "rotated_since_ke"])
+def test_chronyd_accepts_nts_time_within_1ms(tmp_path: Path, certs: tuple[Path, Path, Path],
+                                             scenario: str) -> None:
+    # rotated_since_ke: the cookies come from before a rotation the responder has seen.
+    responder_keys = (MasterKeys.of((OLD,)) if scenario == "same_keys"
+                      else MasterKeys.of((OLD, NEW)))
+    udp = NtsUdpResponder(responder_keys)
+    log, counters = chronyd_against_fixture(tmp_path / "chrony", certs, udp, 15)
     offset = parse_chronyd_offset(log)
     assert offset is not None, log
     assert abs(offset) < 0.001, log
-    counters = ke.counters
     assert counters["ke_ok"] >= 1 and counters["ke_cookies_issued"] >= 8, counters
     answered = udp.counters.snapshot()
     assert answered["nts_answered"] >= 1, answered
@@ -155,8 +171,6 @@ def test_chronyd_reports_the_source_as_nts_authenticated(
         tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
     """A running chronyd (``-x -d``) polling every 0.25 s: ``chronyc ntpdata`` says
     "Authenticated : Yes" and ``authdata`` shows mode NTS with cookies."""
-    from conftest import chronyd_running
-
     ca, cert, key = certs
     directory = tmp_path / "chrony"
     socket_path = directory / "chronyd.sock"
@@ -199,15 +213,8 @@ def _chronyc(socket_path: Path, command: str) -> str:
 
 def test_chronyd_rejects_a_tampered_reply(tmp_path: Path,
                                           certs: tuple[Path, Path, Path]) -> None:
-    ca, cert, key = certs
-    with NtsUdpResponder(MasterKeys.of((OLD,)), tamper=True) as udp:
-        ke = KeServer(("127.0.0.1", 0), cert, key, lambda: MasterKeys.of((OLD,)),
-                      KeSettings(ntp_port=udp.port))
-        ke.start()
-        try:
-            log = run_chronyd(tmp_path / "chrony", ca, udp.port, ke.address[1], 8)
-        finally:
-            ke.stop()
+    udp = NtsUdpResponder(MasterKeys.of((OLD,)), tamper=True)
+    log, _ = chronyd_against_fixture(tmp_path / "chrony", certs, udp, 8)
     assert udp.counters.snapshot()["nts_answered"] >= 1
     assert parse_chronyd_offset(log) is None, log
     assert udp.plain == 0
@@ -215,15 +222,8 @@ def test_chronyd_rejects_a_tampered_reply(tmp_path: Path,
 
 def test_chronyd_gets_a_nak_for_a_cookie_of_an_unknown_key(
         tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
-    ca, cert, key = certs
-    with NtsUdpResponder(MasterKeys.of((OTHER,))) as udp:
-        ke = KeServer(("127.0.0.1", 0), cert, key, lambda: MasterKeys.of((OLD,)),
-                      KeSettings(ntp_port=udp.port))
-        ke.start()
-        try:
-            log = run_chronyd(tmp_path / "chrony", ca, udp.port, ke.address[1], 8)
-        finally:
-            ke.stop()
+    udp = NtsUdpResponder(MasterKeys.of((OTHER,)))
+    log, _ = chronyd_against_fixture(tmp_path / "chrony", certs, udp, 8)
     assert udp.counters.snapshot()["nts_nak_cookie_unknown_key"] >= 1
     assert parse_chronyd_offset(log) is None, log
     assert udp.plain == 0
@@ -233,19 +233,13 @@ def test_our_client_side_against_chronyds_own_nts_server(
         tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
     """The other direction: guardntp's KE client and NTS request/reply code (what
     ``guardntp query --nts`` builds on) against chronyd serving NTS."""
-    from conftest import chronyd_running, free_udp_port
-
     from guardntp.nts.client import build_request, check_reply, request_header
     from guardntp.nts.ke_client import key_exchange
 
     ca, cert, key = certs
     ntp_port = free_udp_port()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        ke_port = int(probe.getsockname()[1])
-    config = (f"port {ntp_port}\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 10\n"
-              f"ntsport {ke_port}\nntsserverkey {key}\nntsservercert {cert}\n"
-              f"cmdport 0\nntsprocesses 0\n")
+    ke_port = free_tcp_port()
+    config = chronyd_nts_server_config(ntp_port, ke_port, cert, key)
     with chronyd_running(tmp_path / "chrony", config):
         deadline = time.monotonic() + 10
         while True:

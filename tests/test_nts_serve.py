@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_udp_port, guardntp_server, needs_chronyd, parse_chronyd_offset
+from conftest import (
+    REPO,
+    free_tcp_port,
+    free_udp_port,
+    guardntp_server,
+    needs_chronyd,
+    parse_chronyd_offset,
+)
 from test_nts_chronyd import run_chronyd
 from test_nts_ke import make_certs
 
@@ -24,14 +31,6 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return make_certs(tmp_path_factory.mktemp("nts-serve-certs"))
-
-
-def free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stats(state_dir: Path) -> dict[str, object]:

@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import chronyd_running, free_udp_port, needs_chronyd, wait_until_answering
+from conftest import (
+    chronyd_nts_server_config,
+    chronyd_running,
+    free_tcp_port,
+    free_udp_port,
+    needs_chronyd,
+    wait_until_answering,
+)
 from test_nts_chronyd import OLD, OTHER, NtsUdpResponder
 from test_nts_ke import make_certs
 
@@ -245,9 +252,7 @@ def test_explain_a_bad_request_error_record():
 
 
 def test_nts_ke_connection_refused(capsys, certs):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = free_tcp_port()
     status, report, _ = query_nts(capsys, port, certs[0])
     assert status == 7 and report["nts"]["ke_failure"] == "connect", report
     assert report["message"] == f"127.0.0.1: NTS-KE 127.0.0.1:{port}: Connection refused"
@@ -302,12 +307,8 @@ def chronyd_nts(tmp_path_factory: pytest.TempPathFactory, certs: Certs
     """chronyd 4.3 serving NTS on loopback: (NTP port, NTS-KE port)."""
     _, cert, key = certs
     ntp_port = free_udp_port()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        ke_port = int(probe.getsockname()[1])
-    config = (f"port {ntp_port}\nbindaddress 127.0.0.1\nallow 127.0.0.1\nlocal stratum 10\n"
-              f"ntsport {ke_port}\nntsserverkey {key}\nntsservercert {cert}\n"
-              f"cmdport 0\nntsprocesses 0\n")
+    ke_port = free_tcp_port()
+    config = chronyd_nts_server_config(ntp_port, ke_port, cert, key)
     with chronyd_running(tmp_path_factory.mktemp("chrony-nts"), config):
         wait_until_answering(ntp_port, timeout_s=15)
         _wait_for_tcp(ke_port)

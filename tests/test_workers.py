@@ -19,7 +19,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, free_udp_port, wait_until_answering
+from conftest import REPO, free_tcp_port, free_udp_port, wait_until_answering
 
 from guardntp.daemon.steering import (
     SKF_NET_OFF,
@@ -235,12 +235,6 @@ def test_workers_are_one_server_to_the_operator_and_to_systemd(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cli_json(state_dir, command: str, *extra: str) -> dict:
