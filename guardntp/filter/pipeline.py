@@ -106,14 +106,14 @@ class NtsStage(Protocol):
     """What the auth stage needs of NTS (``guardntp/nts``).
 
     ``claims(data)``: does the request carry an NTS Unique Identifier (cheap)?
-    ``decide(data)`` is None for a request that is no NTS request; otherwise
-    ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``, where
-    ``finish(header)`` completes a 48-byte reply header with the NTS fields.
+    ``decide(data)``, for a request it claims: ``("reply", finish)``,
+    ``("nak", finish)`` or ``("drop", None)``, where ``finish(header)`` completes
+    a 48-byte reply header with the NTS fields.
     """
 
     def claims(self, request: bytes) -> bool: ...
 
-    def decide(self, request: bytes) -> tuple[str, Signer | None] | None: ...
+    def decide(self, request: bytes) -> tuple[str, Signer | None]: ...
 
 
 def new_record(now_ns: int, label: str, port: int) -> SourceRecord:
@@ -526,19 +526,17 @@ class Pipeline:
         # -- authentication: NTS (RFC 8915), else a symmetric-key MAC
         signer: Signer | None = None
         if label == fingerprint.NTS and nts is not None and request.mac_key_id is None:
-            outcome = nts.decide(data)
-            if outcome is not None:
-                kind, finish = outcome
-                if finish is None:   # malformed, or an authenticator that fails: no reply
-                    counts[base + Reason.NTS_REJECTED] += 1
-                    record[DROPS] += 1
-                    return Reason.NTS_REJECTED, None, None
-                if kind == "nak":    # a cookie that does not open: back to NTS-KE
-                    counts[base + Reason.NTS_NAK] += 1
-                    record[KODS] += 1
-                    return (Reason.NTS_NAK,
-                            self.responder.kod_reply(data, request, KOD_NTS_NAK, 0), finish)
-                signer = finish
+            kind, finish = nts.decide(data)
+            if finish is None:   # malformed, or an authenticator that fails: no reply
+                counts[base + Reason.NTS_REJECTED] += 1
+                record[DROPS] += 1
+                return Reason.NTS_REJECTED, None, None
+            if kind == "nak":    # a cookie that does not open: back to NTS-KE
+                counts[base + Reason.NTS_NAK] += 1
+                record[KODS] += 1
+                return (Reason.NTS_NAK,
+                        self.responder.kod_reply(data, request, KOD_NTS_NAK, 0), finish)
+            signer = finish
         authenticator = self._authenticator
         if signer is None and request.whole_tail_mac is not None and authenticator is not None:
             signer = authenticator.verify(data, request.whole_tail_mac)

@@ -115,13 +115,11 @@ class NtsService:
     def claims(request: bytes) -> bool:
         return has_unique_identifier(request)
 
-    def decide(self, request: bytes) -> tuple[str, Callable[[bytes], bytes] | None] | None:
-        """The packet path's question: None if ``request`` is no NTS request (no Unique
-        Identifier); else ``("reply", finish)``, ``("nak", finish)`` or ``("drop", None)``,
-        where ``finish(header)`` appends the extension fields to the final 48-byte
-        header (time reply, RATE KoD, or the NTSN KoD of a NAK)."""
-        if not has_unique_identifier(request):
-            return None
+    def decide(self, request: bytes) -> tuple[str, Callable[[bytes], bytes] | None]:
+        """The packet path's question, for a request :meth:`claims`: ``("reply",
+        finish)``, ``("nak", finish)`` or ``("drop", None)``, where ``finish(header)``
+        appends the extension fields to the final 48-byte header (time reply, RATE
+        KoD, or the NTSN KoD of a NAK)."""
         verdict = self.answer(request)
         if verdict.outcome is NtsOutcome.DROP:
             return "drop", None
