@@ -217,8 +217,7 @@ class Service:
 
     def close_features(self) -> None:
         """Stop what the features started (the NTS-KE thread, the blocklist store)."""
-        if getattr(self, "nts", None) is not None:
-            assert self.nts is not None
+        if self.nts is not None:
             self.nts.stop()
         self.blocklist.close()
 

@@ -72,6 +72,7 @@ class _Worker:
                 data += chunk
         os.close(self.report)
         with contextlib.suppress(ValueError):
+            # lstrip: the readiness byte is still there if the wait for it timed out.
             totals = json.loads(data.lstrip(b"1") or b"{}")
             if isinstance(totals, dict):
                 self.totals = {str(k): int(v) for k, v in totals.items()}
