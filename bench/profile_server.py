@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile guardntp's packet loop under load: where does each answer's CPU go?
 
-Runs a real :class:`~guardntp.server.Server` (batched I/O, the default filter)
+Runs a real :class:`~guardntp.server.Server` (its packet loop, the default filter)
 in this process on 127.0.0.1, pinned to one CPU, with its source table already
 holding ``--sources`` sources, while ``bench/ntpflood.c`` floods it from the
 other CPU. Everything happens inside a private network namespace (the script
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = pipeline.counters.counts
 
             def null_decide(data: bytes, packed: bytes, port: int, recv_ns: int,
-                            now_ns: int) -> tuple[Reason, bytes, None]:
+                            now_ns: int, ttl: int = -1) -> tuple[Reason, bytes, None]:
                 counts[0] += 1
                 return canned
 

@@ -8,11 +8,11 @@ Map of the package (a newcomer's guide):
 * ``filter/``                   the packet-filter front end (pure, takes ``now``)
 * ``auth/``                     symmetric keys: key files, MACs, the auth stage
 * ``clock``, ``timesources/``   what time we serve and how good it is
-* ``server``                    sockets and the event loop (the edge)
+* ``server``                    sockets and the event loop (the edge); its one-recvmsg
+                                loop serves where the compiled one was not built
 * ``fastlane``, ``_fastlane.c``  the compiled packet loop: recvmmsg, the filter's common
                                 cases, sendmmsg; per-source records and the tables'
                                 address index (optional C build)
-* ``fastio``                    the same batched recvmmsg/sendmmsg in Python (fallback)
 * ``daemon/``                   the running server: ``Service`` and its one reload path,
                                 the settings check shared with check-config, signals and
                                 systemd (``operations``), ``--workers N`` as one server

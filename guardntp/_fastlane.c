@@ -60,13 +60,15 @@
 #define MAX_COUNTS 512
 #define FIELDS_LEN 21
 #define HEADS_LEN 128
-#define CONTROL_SPACE CMSG_SPACE(sizeof(struct timespec))
+/* A receive timestamp and a TTL / hop limit (an int; both for a mapped IPv4 source). */
+#define CONTROL_SPACE (CMSG_SPACE(sizeof(struct timespec)) + 2 * CMSG_SPACE(sizeof(int)))
 #define NS_PER_S 1000000000LL
 #define NTP_UNIX_OFFSET_S 2208988800LL
 #define NTP_PORT 123
 #define V1_NETGEAR 256        /* label slots of NTPv1 requests: from the Netgear port */
 #define V1_OTHER 257          /* ... and from any other */
 #define LABEL_SLOTS 258
+#define LAYOUT_LEN 20          /* record cells named in the configuration's "layout" */
 
 enum { Q_TIME, Q_PLAIN, Q_DEFERRED, Q_SKIP };
 
@@ -112,6 +114,13 @@ typedef struct {
     Py_ssize_t record_len;
     int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
     int i_acl_generation, i_acl_entry, i_port, i_kods, i_last_kod, i_first_seen;
+    /* Traffic classes and the crowd estimate (guardntp/filter/crowd.py, Pipeline._observe) */
+    int i_home_ttl, i_other_tat, i_port_sketch, i_window_start, i_crowd, i_gap_mean,
+        i_gap_dev, i_other_ttl, i_last_crowd;
+    int64_t initial_ttls[3];
+    int ttl_classes, max_crowd, sketch_bits, ewma_shift;
+    int64_t ttl_slack, class_memory_ns, crowd_window_ns, irregular_num, irregular_den;
+    int64_t crowd_of_bits[64];
     unsigned char reflection[8192];
     /* First sightings (first_sighting): the tables and the newcomer ring. ring
      * NULL: the pipeline's ring is not a NewcomerRing, first sightings go to Python. */
@@ -357,14 +366,14 @@ flush_counts(Lane *L)
  * with one cell, its TAT). A cell holds either a 64-bit integer, kept
  * unboxed, or a reference to any other object (the label, the cached access-list
  * entry). Why: a million sources as lists of int objects cost 8-10 cache misses
- * per packet and ~500 bytes each; a Record costs two lines and ~130 bytes, and
+ * per packet and ~500 bytes each; a Record costs four lines and ~200 bytes, and
  * the compiled loop updates it without allocating.
  *
  * Not tracked by the cyclic GC: its objects are strings, None and access-list
  * entries, none of which refer back to a record. That also keeps a million
  * records out of every full collection.
  */
-#define RECORD_CELLS 12      /* a source record; a prefix record has 1 cell */
+#define RECORD_CELLS 21      /* a source record; a prefix record has 1 cell */
 #define RECORD_MAX_CELLS 32  /* the width of the objects bitmap */
 
 typedef struct {
@@ -1528,13 +1537,27 @@ evict_one(Lane *L, Table *t, int64_t now_ns)
                 PyErr_SetString(PyExc_RuntimeError, "a table changed during eviction");
             return -1;
         }
-        if (Py_TYPE(record) == &RecordType && !IS_OBJECT((Record *)record, 0))
-            full = ((Record *)record)->cell[0].n <= now_ns;
-        else {
-            PyObject *tat = PySequence_GetItem(record, 0), *now = PyLong_FromLongLong(now_ns);
-            full = tat && now ? PyObject_RichCompareBool(tat, now, Py_LE) : -1;
-            Py_XDECREF(tat);
-            Py_XDECREF(now);
+        if (Py_TYPE(record) == &RecordType && !IS_OBJECT((Record *)record, 0)
+                && (Py_SIZE(record) != RECORD_CELLS || t->table != L->sources
+                    || !IS_OBJECT((Record *)record, L->i_other_tat)))
+            /* BucketTable.tat_cells: a source's other-class bucket must be full too */
+            full = ((Record *)record)->cell[0].n <= now_ns
+                   && (Py_SIZE(record) != RECORD_CELLS || t->table != L->sources
+                       || ((Record *)record)->cell[L->i_other_tat].n <= now_ns);
+        else {   /* any other sequence: compare as Python does, cell by cell */
+            Py_ssize_t cells[2] = {0, L->i_other_tat}, n = t->table == L->sources ? 2 : 1, c;
+            Py_ssize_t length = PySequence_Size(record);
+            full = length < 0 ? -1 : 1;
+            for (c = 0; c < n && full == 1; c++) {
+                PyObject *tat, *now;
+                if (cells[c] >= length)
+                    continue;
+                tat = PySequence_GetItem(record, cells[c]);
+                now = PyLong_FromLongLong(now_ns);
+                full = tat && now ? PyObject_RichCompareBool(tat, now, Py_LE) : -1;
+                Py_XDECREF(tat);
+                Py_XDECREF(now);
+            }
             if (full < 0) {
                 Py_DECREF(oldest);
                 return -1;
@@ -1588,7 +1611,7 @@ absent_from(Table *t, PyObject *key)
 
 /* new_record(now_ns, label, port) as a Record. */
 static Record *
-new_source_record(Lane *L, int64_t now_ns, int slot, int port)
+new_source_record(Lane *L, int64_t now_ns, int slot, int port, int ttl)
 {
     Record *r = (Record *)RecordType.tp_alloc(&RecordType, RECORD_CELLS);
     if (r == NULL)
@@ -1599,6 +1622,12 @@ new_source_record(Lane *L, int64_t now_ns, int slot, int port)
     r->cell[L->i_last_kod].n = L->never;
     r->cell[L->i_acl_generation].n = -1;
     r->cell[L->i_port].n = port;
+    r->cell[L->i_home_ttl].n = ttl;
+    r->cell[L->i_other_ttl].n = -1;
+    r->cell[L->i_last_crowd].n = 1;
+    r->cell[L->i_other_tat].n = L->never;
+    r->cell[L->i_window_start].n = now_ns;
+    r->cell[L->i_crowd].n = 1;
     Py_INCREF(L->labels[slot]);
     r->cell[L->i_label].o = L->labels[slot];
     Py_INCREF(Py_None);
@@ -1641,6 +1670,98 @@ establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
 }
 
 /*
+ * Pipeline._observe: account one request to its source's traffic class and crowd
+ * estimate. Returns the cell of the bucket it is charged to; *crowd the divisor
+ * of that bucket's interval, *contested whether the address is contested (Pipeline._observe).
+ */
+/* crowd.initial_ttl */
+static inline int64_t
+initial_ttl(Lane *L, int64_t ttl)
+{
+    int i;
+    for (i = 0; i < 3; i++)
+        if (ttl <= L->initial_ttls[i])
+            return L->initial_ttls[i];
+    return L->initial_ttls[2];
+}
+
+static int
+observe(Lane *L, Record *record, int port, int ttl, int64_t gap_ns, int64_t now_ns,
+        int64_t *crowd, int *contested)
+{
+    int64_t home_ttl, other_ttl;
+    int tat_cell = L->i_tat;
+    int64_t since = now_ns - L->class_memory_ns, started, sketch, mean, dev;
+    if (L->ttl_classes && ttl >= 0) {
+        int64_t home = record->cell[L->i_home_ttl].n;
+        if (home < 0)
+            record->cell[L->i_home_ttl].n = ttl;
+        else if (ttl - home > L->ttl_slack || home - ttl > L->ttl_slack) {
+            tat_cell = L->i_other_tat;
+            record->cell[L->i_other_ttl].n = ttl;
+        }
+    }
+    /* contested: crowd.same_initial_ttl, and both classes active */
+    home_ttl = record->cell[L->i_home_ttl].n;
+    other_ttl = record->cell[L->i_other_ttl].n;
+    *contested = home_ttl >= 0 && other_ttl >= 0
+             && initial_ttl(L, home_ttl) == initial_ttl(L, other_ttl)
+             && (tat_cell == L->i_other_tat || record->cell[L->i_other_tat].n > since)
+             && (tat_cell == L->i_tat || record->cell[L->i_tat].n > since);
+    *crowd = 1;
+    if (L->max_crowd == 1)
+        return tat_cell;
+    started = record->cell[L->i_window_start].n;
+    if (now_ns - started >= L->crowd_window_ns) {
+        record->cell[L->i_crowd].n = now_ns - started < 2 * L->crowd_window_ns
+            ? L->crowd_of_bits[__builtin_popcountll(
+                  (unsigned long long)record->cell[L->i_port_sketch].n)]
+            : 1;
+        record->cell[L->i_port_sketch].n = 0;
+        record->cell[L->i_window_start].n = now_ns;
+    }
+    sketch = record->cell[L->i_port_sketch].n | (int64_t)(1ULL << (port % L->sketch_bits));
+    record->cell[L->i_port_sketch].n = sketch;
+    if (gap_ns > 0) {
+        mean = record->cell[L->i_gap_mean].n;
+        if (mean == 0) {
+            record->cell[L->i_gap_mean].n = gap_ns;
+            record->cell[L->i_gap_dev].n = gap_ns >> 1;
+        } else {
+            int64_t deviation = gap_ns >= mean ? gap_ns - mean : mean - gap_ns;
+            dev = record->cell[L->i_gap_dev].n;
+            /* >> on a negative int64 is an arithmetic (floor) shift in gcc and clang,
+             * as Python's is. */
+            record->cell[L->i_gap_mean].n = mean + ((gap_ns - mean) >> L->ewma_shift);
+            record->cell[L->i_gap_dev].n = dev + ((deviation - dev) >> L->ewma_shift);
+        }
+    }
+    mean = record->cell[L->i_gap_mean].n;
+    dev = record->cell[L->i_gap_dev].n;
+    *crowd = 1;
+    if (!*contested && mean > 0
+            && (__int128)dev * L->irregular_den >= (__int128)mean * L->irregular_num) {
+        /* crowd.extrapolated */
+        int64_t estimate = L->crowd_of_bits[__builtin_popcountll((unsigned long long)sketch)];
+        int64_t elapsed = now_ns - record->cell[L->i_window_start].n;
+        int64_t least = L->crowd_window_ns >> 3;
+        estimate = 1 + (estimate - 1) * L->crowd_window_ns / (elapsed > least ? elapsed : least);
+        if (record->cell[L->i_crowd].n > estimate)
+            estimate = record->cell[L->i_crowd].n;
+        *crowd = estimate < L->max_crowd ? estimate : L->max_crowd;
+    }
+    if (*crowd > record->cell[L->i_last_crowd].n) {   /* repriced at the bigger crowd */
+        int64_t tat = record->cell[tat_cell].n;
+        if (tat > now_ns)
+            record->cell[tat_cell].n = now_ns + (int64_t)((__int128)(tat - now_ns)
+                                                          * record->cell[L->i_last_crowd].n
+                                                          / *crowd);
+    }
+    record->cell[L->i_last_crowd].n = *crowd;
+    return tat_cell;
+}
+
+/*
  * Stages 5-7 of Pipeline.decide on a record already updated for this request
  * (from `if not exempt:` on): the source and prefix buckets, over the limit
  * (Pipeline._over_limit: leak, RATE KoD, drop), the global cap, the reply.
@@ -1650,11 +1771,13 @@ establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
  */
 static int
 buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pkey, int slot,
-        int base, int64_t recv_ns, int64_t now_ns, Sighting *s, unsigned char *out,
-        int *reason, int *reply)
+        int base, int port, int ttl, int64_t gap_ns, int64_t recv_ns, int64_t now_ns,
+        Sighting *s, unsigned char *out, int *reason, int *reply)
 {
-    int64_t tat = record->cell[L->i_tat].n, prefix_tat;
-    int over, leak = 0;
+    int64_t crowd, tat, prefix_tat;
+    int over, leak = 0, contested;
+    int tat_cell = observe(L, record, port, ttl, gap_ns, now_ns, &crowd, &contested);
+    tat = record->cell[tat_cell].n;
     if (tat < now_ns)
         tat = now_ns;
     if (prefix == NULL) {
@@ -1694,7 +1817,7 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
             *reason = L->reason_leaked;
             goto answer;
         }
-        if (L->send_kod && L->kod_of_first[slot]) {
+        if (L->send_kod && L->kod_of_first[slot] && !contested) {
             int kod = 1;
             if (s != NULL && s->newcomer && (kod = establish(L, s, record, now_ns)) < 0)
                 return -1;
@@ -1720,7 +1843,7 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
         return 1;
     }
     prefix->cell[0].n = prefix_tat + L->prefix_interval;
-    record->cell[L->i_tat].n = tat + L->interval[slot];
+    record->cell[tat_cell].n = tat + L->interval[slot] / crowd;
     if (s != NULL && s->newcomer
             && ring_remember((NewcomerRing *)L->ring, s->rk, record->cell[L->i_tat].n) < 0)
         return -1;
@@ -1783,7 +1906,7 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
  */
 static int
 first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
-               int port, int slot, int base, int64_t recv_ns, int64_t now_ns,
+               int port, int ttl, int slot, int base, int64_t recv_ns, int64_t now_ns,
                unsigned char *out, int *reason, int *reply)
 {
     Table sources = {L->sources, L->records, (AddressIndex *)L->index, L->max_sources};
@@ -1796,7 +1919,8 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     int64_t since_kod;
     int acl_reason = 0, rc;
 
-    if (ring == NULL || __builtin_sub_overflow(now_ns, L->never, &since_kod))
+    if (ring == NULL || __builtin_sub_overflow(now_ns, L->never, &since_kod)
+            || __builtin_sub_overflow(now_ns, L->class_memory_ns, &since_kod))
         return 0;   /* (the KoD guard's subtraction, as for an established source) */
     s.newcomer = 0;
     s.packed = packed;
@@ -1830,7 +1954,7 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
 
     /* From here on this packet is decided here, in Pipeline.decide's order. */
     L->label_acc[slot]++;
-    if ((record = new_source_record(L, now_ns, slot, port)) == NULL) {
+    if ((record = new_source_record(L, now_ns, slot, port, ttl)) == NULL) {
         rc = -1;
         goto done;
     }
@@ -1877,8 +2001,9 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
         rc = 1;
         goto done;
     }
-    rc = buckets(L, d, record, prefix, pkey, slot, base, recv_ns, now_ns, &s, out, reason,
-                 reply);
+    /* A new record: LAST_SEEN is now, so no gap (as in Pipeline.decide). */
+    rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, 0, recv_ns, now_ns, &s,
+                 out, reason, reply);
 done:
     Py_XDECREF(record);
     Py_DECREF(entry);
@@ -1894,8 +2019,8 @@ done:
  */
 static int
 fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
-            int port, int64_t recv_ns, int64_t now_ns, unsigned char *out, int *reason,
-            int *reply)
+            int port, int ttl, int64_t recv_ns, int64_t now_ns, unsigned char *out,
+            int *reason, int *reply)
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
@@ -1904,7 +2029,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     PyObject *found;
     Record *record, *prefix;
     Key pkey;
-    int64_t generation, last_kod, since_kod, ignored;
+    int64_t generation, last_kod, since_kod, ignored, last_seen, gap_ns;
 
     *reply = REPLY_NONE;
     L->counted = 1;
@@ -1926,8 +2051,8 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     /* Read everything first: a packet that leaves here must leave nothing changed. */
     found = index_find((AddressIndex *)L->index, source_key(L, packed, packed_len));
     if (found == NULL)
-        return first_sighting(L, d, packed, packed_len, port, slot, base, recv_ns, now_ns,
-                              out, reason, reply);
+        return first_sighting(L, d, packed, packed_len, port, ttl, slot, base, recv_ns,
+                              now_ns, out, reason, reply);
     if (Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
         return 0;
     record = (Record *)found;
@@ -1945,8 +2070,27 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             || !record_int(record, L->i_drops, &ignored)
             || !record_int(record, L->i_kods, &ignored)
             || !record_int(record, L->i_last_kod, &last_kod)
-            || !record_int(record, L->i_last_seen, &ignored)
-            || !record_int(record, L->i_port, &ignored))
+            || !record_int(record, L->i_last_seen, &last_seen)
+            || !record_int(record, L->i_port, &ignored)
+            || !record_int(record, L->i_home_ttl, &ignored)
+            || !record_int(record, L->i_other_tat, &ignored)
+            || !record_int(record, L->i_port_sketch, &ignored) || ignored < 0
+            || !record_int(record, L->i_window_start, &ignored)
+            || !record_int(record, L->i_crowd, &ignored) || ignored < 1
+            || ignored > L->max_crowd
+            || !record_int(record, L->i_gap_mean, &ignored) || ignored < 0
+            || !record_int(record, L->i_gap_dev, &ignored) || ignored < 0
+            || !record_int(record, L->i_home_ttl, &ignored)
+            || !record_int(record, L->i_other_ttl, &ignored)
+            || !record_int(record, L->i_last_crowd, &ignored) || ignored < 1
+            || ignored > L->max_crowd)
+        return 0;
+    /* Python's arithmetic is unbounded: where a difference would overflow, Python
+     * decides. */
+    if (__builtin_sub_overflow(now_ns, last_seen, &gap_ns)
+            || __builtin_sub_overflow(now_ns, L->class_memory_ns, &ignored)
+            || __builtin_sub_overflow(now_ns, record->cell[L->i_window_start].n, &ignored)
+            || ignored > INT64_MAX / 4)
         return 0;
     if (packed_len == 4 && record->cell[L->i_acl_entry].o != Py_None) {
         int acl_reason = acl_drop_reason(L, record->cell[L->i_acl_entry].o, recv_ns);
@@ -1984,18 +2128,18 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         }
     }
     Py_INCREF(record);   /* a prefix eviction runs Python-visible code: keep it alive */
-    rc = buckets(L, d, record, prefix, pkey, slot, base, recv_ns, now_ns, NULL, out, reason,
-                 reply);
+    rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, gap_ns, recv_ns, now_ns,
+                 NULL, out, reason, reply);
     Py_DECREF(record);
     return rc;
 }
 
-/* Pipeline.decide(data, packed, port, recv_ns, now_ns) -> new reference to its tuple. */
+/* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its tuple. */
 static PyObject *
 slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len, int port,
-            int64_t recv_ns, int64_t now_ns)
+            int ttl, int64_t recv_ns, int64_t now_ns)
 {
-    PyObject *args[5] = {data, NULL, NULL, NULL, NULL}, *result = NULL;
+    PyObject *args[6] = {data, NULL, NULL, NULL, NULL, NULL}, *result = NULL;
     int i;
     if (buckets_out(L) < 0)
         return NULL;
@@ -2003,9 +2147,10 @@ slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len
     args[2] = PyLong_FromLong(port);
     args[3] = PyLong_FromLongLong(recv_ns);
     args[4] = PyLong_FromLongLong(now_ns);
-    if (args[1] && args[2] && args[3] && args[4])
-        result = PyObject_Vectorcall(L->decide, args, 5, NULL);
-    for (i = 1; i < 5; i++)
+    args[5] = PyLong_FromLong(ttl);
+    if (args[1] && args[2] && args[3] && args[4] && args[5])
+        result = PyObject_Vectorcall(L->decide, args, 6, NULL);
+    for (i = 1; i < 6; i++)
         Py_XDECREF(args[i]);
     if (result == NULL)
         return NULL;
@@ -2222,7 +2367,7 @@ Lane_configure(Lane *L, PyObject *config)
                           &L->action_drop, &L->sources, &L->prefixes, &L->ring,
                           &L->prefix_overflow};
     PyObject *labels, *value;
-    int64_t v, layout[11], global[3], kod[4];
+    int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8];
     unsigned char drop[256], drop_ntp_port[256];
     size_t i;
     if (!PyDict_Check(config)) {
@@ -2288,7 +2433,10 @@ Lane_configure(Lane *L, PyObject *config)
             || need_int_tuple(config, "interval", L->interval, LABEL_SLOTS) < 0
             || need_int_tuple(config, "tolerance", L->tolerance, LABEL_SLOTS) < 0
             || need_bytes(config, "kod_of_first", L->kod_of_first, LABEL_SLOTS) < 0
-            || need_int_tuple(config, "layout", layout, 11) < 0
+            || need_int_tuple(config, "layout", layout, LAYOUT_LEN) < 0
+            || need_int_tuple(config, "crowd", crowd, 8) < 0
+            || need_int_tuple(config, "initial_ttls", L->initial_ttls, 3) < 0
+            || need_int_tuple(config, "crowd_of_bits", L->crowd_of_bits, 64) < 0
             || need_int_tuple(config, "global", global, 3) < 0
             || need_int_tuple(config, "kod", kod, 4) < 0)
         goto fail;
@@ -2329,6 +2477,37 @@ Lane_configure(Lane *L, PyObject *config)
     L->i_port = (int)layout[8];
     L->i_kods = (int)layout[9];
     L->i_last_kod = (int)layout[10];
+    L->i_home_ttl = (int)layout[11];
+    L->i_other_tat = (int)layout[12];
+    L->i_port_sketch = (int)layout[13];
+    L->i_window_start = (int)layout[14];
+    L->i_crowd = (int)layout[15];
+    L->i_gap_mean = (int)layout[16];
+    L->i_gap_dev = (int)layout[17];
+    L->i_other_ttl = (int)layout[18];
+    L->i_last_crowd = (int)layout[19];
+    /* (ttl_classes, max_crowd, sketch_bits, ewma_shift, ttl_slack, class_memory_ns,
+     *  crowd_window_ns, irregular num << 32 | den): crowd.py's constants */
+    L->ttl_classes = crowd[0] != 0;
+    L->max_crowd = (int)crowd[1];
+    L->sketch_bits = (int)crowd[2];
+    L->ewma_shift = (int)crowd[3];
+    L->ttl_slack = crowd[4];
+    L->class_memory_ns = crowd[5];
+    L->crowd_window_ns = crowd[6];
+    L->irregular_num = crowd[7] >> 32;
+    L->irregular_den = crowd[7] & 0xffffffffLL;
+    if (L->max_crowd < 1 || L->sketch_bits < 1 || L->sketch_bits > 63 || L->ewma_shift < 0
+            || L->ewma_shift > 32 || L->crowd_window_ns <= 0 || L->class_memory_ns < 0
+            || L->ttl_slack < 0 || L->irregular_den <= 0 || L->irregular_num < 0) {
+        PyErr_SetString(PyExc_ValueError, "crowd settings out of range");
+        goto fail;
+    }
+    for (i = 0; i < 64; i++)
+        if (L->crowd_of_bits[i] < 1 || L->crowd_of_bits[i] > L->max_crowd) {
+            PyErr_SetString(PyExc_ValueError, "a crowd estimate outside 1..max_crowd");
+            goto fail;
+        }
     if (need_int(config, "first_seen", &v) < 0 || need_int(config, "never", &L->never) < 0
             || need_int(config, "eviction_scan", &L->eviction_scan) < 0)
         goto fail;
@@ -2345,7 +2524,7 @@ Lane_configure(Lane *L, PyObject *config)
                      L->record_len);
         goto fail;
     }
-    for (i = 0; i < 11; i++)
+    for (i = 0; i < LAYOUT_LEN; i++)
         if (layout[i] < 0 || layout[i] >= L->record_len) {
             PyErr_SetString(PyExc_ValueError, "record layout outside the record");
             goto fail;
@@ -2441,6 +2620,24 @@ kernel_receive_ns(struct msghdr *h, int64_t *out)
             return 1;
         }
     return 0;
+}
+
+/* The IP TTL (IPv4, IPv4-mapped) or hop limit (IPv6) the datagram came with; -1 if the
+ * socket did not ask for it (IP_RECVTTL / IPV6_RECVHOPLIMIT, set where the server's
+ * sockets are made). */
+static int
+arrival_ttl(struct msghdr *h)
+{
+    struct cmsghdr *c;
+    for (c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c))
+        if (((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_TTL)
+                || (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_HOPLIMIT))
+                && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int ttl;
+            memcpy(&ttl, CMSG_DATA(c), sizeof(ttl));
+            return ttl >= 0 && ttl <= 255 ? ttl : -1;
+        }
+    return -1;
 }
 
 static Py_ssize_t
@@ -2627,7 +2824,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     unsigned char *slot_out = L->out + (size_t)(*queued) * L->slot;
     const unsigned char *packed;
     Py_ssize_t length = L->rh[i].msg_len;
-    int packed_len, port, reason, reply_kind, decided = 0, q = *queued, is_time;
+    int packed_len, port, reason, reply_kind, decided = 0, q = *queued, is_time, ttl;
     int64_t recv_ns;
     PyObject *data, *result, *reply, *signer;
     Queued *e = &L->queue[q];
@@ -2640,6 +2837,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
         *bytes_in += length;
     port = (name[2] << 8) | name[3];
     packed_len = source_of(L, i, &packed);
+    ttl = arrival_ttl(h);
     if (!kernel_receive_ns(h, &recv_ns)) {
         PyObject *wall = PyObject_CallNoArgs(wall_ns);
         if (wall == NULL)
@@ -2652,7 +2850,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
         Py_DECREF(wall);
     }
     if (length == HEAD && L->enabled) {
-        decided = fast_decide(L, head, packed, packed_len, port, recv_ns, now_ns,
+        decided = fast_decide(L, head, packed, packed_len, port, ttl, recv_ns, now_ns,
                               slot_out, &reason, &reply_kind);
         if (decided < 0)
             return -1;
@@ -2682,7 +2880,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     }
     if (data == NULL)
         return -1;
-    result = slow_decide(L, data, packed, packed_len, port, recv_ns, now_ns);
+    result = slow_decide(L, data, packed, packed_len, port, ttl, recv_ns, now_ns);
     Py_DECREF(data);
     if (result == NULL)
         return -1;
@@ -2909,27 +3107,29 @@ Lane_pump(Lane *L, PyObject *args)
                          (long long)send_errors, (long long)bytes_in, (long long)bytes_out);
 }
 
-/* decide_one(data, packed, port, recv_ns, now_ns) -> (reason, reply, signer, fast):
+/* decide_one(data, packed, port, recv_ns, now_ns, ttl=-1) -> (reason, reply, signer, fast):
  * one datagram through the same decision as pump, without sockets (tests). */
 static PyObject *
 Lane_decide_one(Lane *L, PyObject *args)
 {
     Py_buffer data, packed;
-    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0;
+    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0, ttl = -1;
     long long recv_ns, now_ns;
     unsigned char reply[HEAD];
     PyObject *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*iLL", &data, &packed, &port, &recv_ns, &now_ns))
+    if (!PyArg_ParseTuple(args, "y*y*iLL|i", &data, &packed, &port, &recv_ns, &now_ns, &ttl))
         return NULL;
-    if (port < 0 || port > 65535 || (packed.len != 4 && packed.len != 16)) {
-        PyErr_SetString(PyExc_ValueError, "port 0-65535 and a 4- or 16-byte address");
+    if (port < 0 || port > 65535 || (packed.len != 4 && packed.len != 16)
+            || ttl < -1 || ttl > 255) {
+        PyErr_SetString(PyExc_ValueError,
+                        "port 0-65535, a 4- or 16-byte address and a TTL -1..255");
         goto done;
     }
     if (begin(L) < 0)
         goto done;
     if (data.len == HEAD && L->enabled)
-        decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, recv_ns, now_ns,
-                              reply, &reason, &reply_kind);
+        decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, ttl, recv_ns,
+                              now_ns, reply, &reason, &reply_kind);
     if (decided < 0)
         goto done;
     if (decided) {
@@ -2943,7 +3143,7 @@ Lane_decide_one(Lane *L, PyObject *args)
         PyObject *bytes = PyBytes_FromStringAndSize(data.buf, data.len), *slow;
         if (bytes == NULL)
             goto done;
-        slow = slow_decide(L, bytes, packed.buf, (int)packed.len, port, recv_ns, now_ns);
+        slow = slow_decide(L, bytes, packed.buf, (int)packed.len, port, ttl, recv_ns, now_ns);
         Py_DECREF(bytes);
         if (slow == NULL)
             goto done;
@@ -2976,7 +3176,7 @@ static PyMethodDef Lane_methods[] = {
      "passing what it counted so far to publish(truncated, send_errors, bytes_in, "
      "bytes_out); returns what it has not passed on"},
     {"decide_one", (PyCFunction)Lane_decide_one, METH_VARARGS,
-     "decide_one(data, packed, port, recv_ns, now_ns) -> (reason, reply, signer, fast)"},
+     "decide_one(data, packed, port, recv_ns, now_ns, ttl=-1) -> (reason, reply, signer, fast)"},
     {NULL, NULL, 0, NULL},
 };
 

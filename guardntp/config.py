@@ -200,6 +200,7 @@ _FILTER_KEYS: dict[str, _Check] = {
     "global_reply_rate": _number(0, MAX_RATE, unit="replies per second; 0: no cap"),
     "global_reply_burst": _int_in(1, 1 << 24),
     "leak_one_in": _int_in(0, 1 << 20), "send_kod": _bool,
+    "max_crowd": _int_in(1, 1 << 16), "ttl_classes": _bool,
     "kod_interval_s": _number(0, MAX_KOD_INTERVAL_S, unit="seconds"), "kod_rate": _rate,
     "kod_burst": _int_in(1, 1 << 24), "kod_min_poll": _int_in(0, 17),
     "deny_action": _deny_action,

@@ -18,10 +18,12 @@ replies, counters and records.
 Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
 at ~0.4x chronyd's answer rate; compiled, it answers at 1.06-1.22x (``docs/benchmarks.md``).
 
-The extension is built by ``pip install`` where a C compiler is present; without
-it, or with ``GUARDNTP_NO_FASTLANE=1``, the server uses ``fastio.BatchSocket``
-(the same batched I/O in Python); ``GUARDNTP_NO_BATCH_IO=1`` turns off both.
-:func:`available` says which.
+The extension is built by ``pip install`` where a C compiler is present; it is
+the implementation. Without it, or with ``GUARDNTP_NO_FASTLANE=1``, the server
+falls back to its plain one-``recvmsg``-per-packet loop in Python
+(``guardntp/server.py``), several times slower, and says so at start.
+:func:`available` says which; the sockets both loops read are set up by
+``server.open_socket`` (kernel receive timestamps, arrival TTL / hop limit).
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ import os
 import socket
 from collections.abc import Callable
 
-from . import fastio
-from .fastio import BATCH_SIZE, RECV_BUFFER
 from .filter.pipeline import Pipeline
 
 try:
     from . import _fastlane
-except ImportError:  # built without a C compiler: fastio's Python loop serves
+except ImportError:  # built without a C compiler: server.py's recvmsg loop serves
     _fastlane = None  # type: ignore[assignment]
+
+#: Messages per recvmmsg call. A request waits for its whole batch to be decided
+#: before its reply goes out; the system-call cost per packet is already ~1/64.
+BATCH_SIZE = 64
+#: Replies per sendmmsg, each chunk with a transmit timestamp read just before it
+#: (``STAMP_EVERY`` in ``_fastlane.c``; stated here for tests).
+STAMP_EVERY = 16
+#: Larger than any NTP packet we accept (48 + extension fields + MAC); longer is cut.
+#: Both loops use it: the compiled one's slot, the Python loop's recvmsg size.
+RECV_BUFFER = 2048
 
 def unavailable_because() -> str | None:
     """Why the compiled loop cannot be used here, for the startup log line (None: it can)."""
@@ -45,8 +55,6 @@ def unavailable_because() -> str | None:
         return "guardntp._fastlane was not built (no C compiler at install?)"
     if os.environ.get("GUARDNTP_NO_FASTLANE"):
         return "GUARDNTP_NO_FASTLANE is set"
-    if not fastio.available():   # GUARDNTP_NO_BATCH_IO turns off both loops
-        return "batched I/O is unavailable or GUARDNTP_NO_BATCH_IO is set"
     return None
 
 
@@ -80,7 +88,12 @@ class FastLane:
              wait_until_ns: int = 0, watch: tuple[int, ...] = (),
              publish: Callable[[int, int, int, int], None] | None = None
              ) -> tuple[int, int, int]:
-        """As :meth:`fastio.BatchSocket.pump`: (handled, truncated, failed sends).
+        """Receive, decide and reply until no datagram waits or ``budget`` were
+        handled: (datagrams handled, truncated datagrams, failed sends).
+
+        ``transmit()`` gives the 8 bytes of the transmit timestamp to serve now, read
+        just before each ``sendmmsg`` of up to :data:`STAMP_EVERY` replies;
+        ``wall_ns()`` stands in for a missing kernel receive timestamp.
 
         With ``wait_until_ns`` (monotonic), an empty socket is waited on in C, the
         GIL released, until that time or until one of the ``watch`` descriptors
@@ -97,12 +110,12 @@ class FastLane:
         counters.bytes_out += bytes_out
         return handled, truncated, send_errors
 
-    def decide_one(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
-                   ) -> tuple[int, bytes | None, object, bool]:
+    def decide_one(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
+                   ttl: int = -1) -> tuple[int, bytes | None, object, bool]:
         """One datagram through the compiled decision, no sockets (for tests):
         (reason, reply, signer, decided in C)."""
         self._configure()
-        return self.lane.decide_one(data, packed, port, recv_ns, now_ns)
+        return self.lane.decide_one(data, packed, port, recv_ns, now_ns, ttl)
 
     @property
     def fast_decisions(self) -> int:

@@ -1,11 +1,14 @@
 """The UDP edge: sockets, kernel receive timestamps, a small event loop.
 
 Rule: this is where clocks, sockets and signals live. Each datagram goes to
-``Pipeline.decide`` with its kernel receive time (SO_TIMESTAMPNS) and the
-monotonic time of its batch; a time reply gets its transmit timestamp written
-immediately before ``sendto`` (batched sockets: before each ``sendmmsg`` of up to
-16 replies, ``fastio``). Other features plug in with :meth:`Server.add_reader`
-(control socket) and :meth:`Server.add_periodic` (blocklist refresh, clock).
+``Pipeline.decide`` with its kernel receive time (SO_TIMESTAMPNS), the monotonic
+time of its batch and the TTL / hop limit it arrived with (IP_RECVTTL,
+IPV6_RECVHOPLIMIT); a time reply gets its transmit timestamp written immediately
+before ``sendto`` (the compiled loop, ``fastlane``: before each ``sendmmsg`` of up
+to 16 replies). The compiled loop serves every socket where it was built; the
+one-``recvmsg``-per-packet loop here is the fallback. Other features plug in with
+:meth:`Server.add_reader` (control socket) and :meth:`Server.add_periodic`
+(blocklist refresh, clock).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import fastio, fastlane
+from . import fastlane
 from .filter.pipeline import Pipeline
 from .netaddr import ListenSpec, packed_from_sockaddr
 from .timesources import TimeSource
@@ -33,9 +36,16 @@ log = logging.getLogger("guardntp.server")
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@qq")
+_INT = struct.Struct("@i")
+# <linux/in.h>: IP_RECVTTL is not exported by Python's socket module (3.11).
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
+IP_TTL = getattr(socket, "IP_TTL", 2)
+IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
+IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", 52)
 #: Larger than any NTP packet we accept (48 + extension fields + MAC); longer is cut.
-RECV_BUFFER = 2048
-_ANC_BUFFER = socket.CMSG_SPACE(_TIMESPEC.size)
+RECV_BUFFER = fastlane.RECV_BUFFER
+#: Room for the receive timestamp and one TTL or hop-limit message (an int).
+_ANC_BUFFER = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(_INT.size)
 #: Datagrams handled per socket per wake-up before the loop looks at timers again.
 BATCH = 256
 #: The clock snapshot is re-taken this often (root dispersion grows 15 ppm/s:
@@ -76,6 +86,7 @@ def open_socket(spec: ListenSpec, reuse_port: bool = False) -> socket.socket:
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        enable_arrival_ttl(sock)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((spec.host, spec.port))
@@ -117,12 +128,47 @@ def set_dont_fragment(sock: socket.socket) -> None:
         log.debug("IP_MTU_DISCOVER: %s", error)
 
 
-def kernel_receive_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+def enable_arrival_ttl(sock: socket.socket) -> None:
+    """Have the kernel report each datagram's IP TTL / IPv6 hop limit (a control message).
+
+    IPv4 sockets: IP_RECVTTL. IPv6 sockets: IPV6_RECVHOPLIMIT, and IP_RECVTTL as
+    well, since a dual-stack socket gets IP_TTL messages for IPv4-mapped traffic
+    only with it (a v6-only socket may refuse it: ignored). Both packet loops read
+    these messages; sockets from :func:`open_socket` and systemd's
+    (``systemd.inherited_sockets``) have them. Best effort: where the kernel
+    refuses, the filter is told -1 (unknown) and the server runs on.
+    """
+    options = [(socket.IPPROTO_IP, IP_RECVTTL, "IP_RECVTTL")]
+    if sock.family == socket.AF_INET6:
+        options.insert(0, (socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, "IPV6_RECVHOPLIMIT"))
+    elif sock.family != socket.AF_INET:
+        return
+    for level, option, name in options:
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError as error:
+            log.debug("%s: %s (arrival TTL unknown for such datagrams)", name, error)
+
+
+def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int | None, int]:
+    """(kernel receive time in ns or None, arrival TTL / hop limit or -1) from recvmsg's
+    ancillary data."""
+    recv_ns: int | None = None
+    ttl = -1
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
-            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
-            return int(seconds) * 1_000_000_000 + int(nanoseconds)
-    return None
+        if level == socket.SOL_SOCKET:
+            if kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                recv_ns = int(seconds) * 1_000_000_000 + int(nanoseconds)
+        elif len(data) >= _INT.size and (
+                (level == socket.IPPROTO_IP and kind == IP_TTL)
+                or (level == socket.IPPROTO_IPV6 and kind == IPV6_HOPLIMIT)):
+            ttl = _INT.unpack_from(data)[0]
+    return recv_ns, ttl
+
+
+def kernel_receive_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    return parse_ancillary(ancdata)[0]
 
 
 @dataclass
@@ -148,23 +194,21 @@ class Server:
         self._watch: dict[socket.socket, tuple[int, ...]] = {}
         self.send_errors = 0
         self.truncated = 0
-        #: Per socket, the compiled loop (``fastlane``) where it is built, else
-        #: recvmmsg/sendmmsg from Python (``fastio``); elsewhere the
-        #: one-recvmsg-per-packet loop below.
-        self.batched: dict[socket.socket, fastlane.FastLane | fastio.BatchSocket] = {}
+        #: Per socket, the compiled loop (``fastlane``) where it is built; a socket
+        #: not in here is served by the one-recvmsg-per-packet loop below.
+        self.batched: dict[socket.socket, fastlane.FastLane] = {}
         for sock in sockets:
             set_dont_fragment(sock)
             self.selector.register(sock, selectors.EVENT_READ, self._on_datagrams)
             if fastlane.available(sock):
                 self.batched[sock] = fastlane.FastLane(sock, pipeline)
-            elif fastio.available(sock):
-                self.batched[sock] = fastio.BatchSocket(sock)
         if sockets and fastlane.available():
             log.info("packet loop: compiled (guardntp._fastlane)")
-        elif sockets and fastio.available():
+        elif sockets:
             # Several times slower under a flood: an operator must see this at start.
-            log.warning("packet loop in Python, NOT compiled (%s): expect a fraction of the "
-                        "compiled loop's rate under a flood", fastlane.unavailable_because())
+            log.warning("packet loop: the plain Python recvmsg loop is serving, NOT the "
+                        "compiled one (%s): expect a fraction of the compiled loop's rate "
+                        "under a flood", fastlane.unavailable_because())
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)
         self.add_periodic(GC_FULL_COLLECT_S, collect_frozen_garbage)
@@ -249,14 +293,9 @@ class Server:
     def _on_datagrams(self, sock: socket.socket) -> None:
         batched = self.batched.get(sock)
         if batched is not None:
-            if isinstance(batched, fastlane.FastLane):
-                _, truncated, send_errors = batched.pump(
-                    self._transmit_bytes, self.wall_ns, BATCH, self._wait_until_ns,
-                    self._others(sock) if self._wait_until_ns else (), self._publish)
-            else:
-                _, truncated, send_errors = batched.pump(
-                    self.pipeline.decide, self.pipeline.counters, self._transmit_bytes,
-                    self.wall_ns, BATCH)
+            _, truncated, send_errors = batched.pump(
+                self._transmit_bytes, self.wall_ns, BATCH, self._wait_until_ns,
+                self._others(sock) if self._wait_until_ns else (), self._publish)
             self.truncated += truncated
             self.send_errors += send_errors
             return
@@ -272,13 +311,15 @@ class Server:
                 log.debug("recvmsg: %s", error)
                 continue
             now_ns = time.monotonic_ns()
-            recv_ns = kernel_receive_ns(ancdata) or self.wall_ns()
+            recv_ns, ttl = parse_ancillary(ancdata)
+            if recv_ns is None:
+                recv_ns = self.wall_ns()
             counters.bytes_in += len(data)
             if flags & socket.MSG_TRUNC:
                 self.truncated += 1
                 data = b""  # counted as malformed by the sanity stage
             reason, reply, signer = decide(data, packed_from_sockaddr(sockaddr), sockaddr[1],
-                                           recv_ns, now_ns)
+                                           recv_ns, now_ns, ttl=ttl)
             if reply is None:
                 continue
             if reason in _TIME_REASONS:

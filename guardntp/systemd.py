@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import MutableMapping
 
-from .server import SO_TIMESTAMPNS
+from .server import SO_TIMESTAMPNS, enable_arrival_ttl
 
 log = logging.getLogger("guardntp.systemd")
 
@@ -66,6 +66,7 @@ def inherited_sockets(environ: MutableMapping[str, str] | None = None,
         os.set_inheritable(fd, False)
         # systemd's Timestamping=ns sets this too; the unit may not say so.
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        enable_arrival_ttl(sock)   # each datagram's TTL / hop limit, for the filter
         sock.setblocking(False)
         sockets.append(sock)
     if sockets:

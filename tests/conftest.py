@@ -197,8 +197,8 @@ class InProcessServer:
         self.events: list[tuple[int, bytes, object]] = []
         decide = self.pipeline.decide
 
-        def recording_decide(data, packed, port, recv_ns, now_ns):
-            decision = decide(data, packed, port, recv_ns, now_ns)
+        def recording_decide(data, packed, port, recv_ns, now_ns, ttl=-1):
+            decision = decide(data, packed, port, recv_ns, now_ns, ttl=ttl)
             self.events.append((now_ns, packed, decision[0]))
             return decision
 

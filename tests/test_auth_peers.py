@@ -189,7 +189,9 @@ def test_guardntp_client_round_trips_every_chrony_key_type(tmp_path: Path) -> No
     keys = tmp_path / "keys"
     keys.write_text(CHRONY_KEYS + "2 MD5 ASCII:md5-secret-key-1\n3 SHA1 HEX:" + "11" * 20 + "\n")
     keys.chmod(0o600)
-    with guardntp_server(tmp_path, "--key-file", str(keys)) as server:
+    # Nine queries in a row from one address: more than one client's burst of 8.
+    with guardntp_server(tmp_path, "--key-file", str(keys),
+                         "--set", "filter.source_burst=16") as server:
         for key_id in (1, 2, 3, 5):
             for version in ("3", "4"):
                 result = _query(server.port, "--key-file", str(keys), "--key-id", str(key_id),

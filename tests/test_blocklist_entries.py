@@ -28,7 +28,7 @@ from guardntp.blocklist.entries import (
 )
 from guardntp.clock import ClockState
 from guardntp.filter.acl import Action
-from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.pipeline import DROPS, LAST_SEEN, Pipeline, new_record
 from guardntp.filter.policy import FilterPolicy
 from guardntp.responder import Responder
 from guardntp.timestamps import NS_PER_S
@@ -254,8 +254,12 @@ def test_a_source_named_in_the_access_list_is_never_due() -> None:
 def test_scan_is_bounded_per_call() -> None:
     flood = Flood()
     blocker = AutoBlocker(AutoPolicy(enabled=True, after_s=1, min_rate=0.1))
-    records = {bytes([10, 0, i // 256, i % 256]): [0, 1, 0, 0, 1, 0, flood.now_ns, 0, "x", 0,
-                                                    None, 1] for i in range(1000)}
+    records: dict[bytes, list[object]] = {}
+    for i in range(1000):
+        record = new_record(0, "x", 1)
+        record[DROPS] = 1
+        record[LAST_SEEN] = flood.now_ns
+        records[bytes([10, 0, i // 256, i % 256])] = record
     blocker.scan(records, flood.now_ns, budget=100)
     assert len(blocker.suspects) == 100
     blocker.scan(records, flood.now_ns, budget=100)

@@ -83,6 +83,8 @@ def test_clients_lists_each_source_with_its_counts(
     assert local["label"] == "ntpv4,fast-poller"   # 6 requests within a second or two
     assert local["interval_s"] < 15 and local["last_seen_s"] < 5
     assert (other["label"], other["requests"], other["interval_s"]) == ("ntpv3", 1, None)
+    # The TTL the server's socket reports (IP_RECVTTL): 64 on loopback, no other class.
+    assert (local["ttl"], local["other_ttl"]) == (64, None) and local["crowd"] >= 1
 
     status, out, _ = ask(capsys, "clients", "--json", "--limit", "1", "--state-dir", state)
     assert [r["source"] for r in json.loads(out)["clients"]] == ["127.0.0.1"]
@@ -93,7 +95,7 @@ def test_clients_lists_each_source_with_its_counts(
     status, out, _ = ask(capsys, "clients", "--state-dir", state)
     lines = out.splitlines()
     assert lines[0].split() == ["SOURCE", "LABEL", "REQUESTS", "REPLIES", "KODS", "DROPS",
-                                "INTERVAL", "LAST"]
+                                "INTERVAL", "LAST", "CROWD", "TTL"]
     assert lines[1].startswith("127.0.0.1 ") and "ago" in lines[1]
 
 

@@ -30,6 +30,7 @@ source_rate = 0.01      # one request per 100 s
 source_burst = {burst}
 leak_one_in = 0         # no random answers: the test sees the bucket alone
 kod_interval_s = 0      # a RATE KoD for every request over the limit
+max_crowd = 1           # each query's new port must not count as another client
 prefix_rate = {prefix_rate}
 """
 LOOSE = """\

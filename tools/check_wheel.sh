@@ -80,7 +80,7 @@ step "installing it into a fresh virtualenv"
 
 # Run the installed copy only: outside the tree, no PYTHONPATH, default loops.
 cd "$work"
-unset PYTHONPATH GUARDNTP_STATE_DIR GUARDNTP_NO_FASTLANE GUARDNTP_NO_BATCH_IO
+unset PYTHONPATH GUARDNTP_STATE_DIR GUARDNTP_NO_FASTLANE
 guardntp=$work/venv/bin/guardntp
 
 location=$("$work/venv/bin/python" -c 'import guardntp; print(guardntp.__file__)') \

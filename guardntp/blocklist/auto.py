@@ -16,6 +16,14 @@ limited count grows from one scan to the next. Once watched for ``after_s``
 at an average of at least ``min_rate`` limited requests per second, it is due.
 Sources named in the access list (allow, exempt, or already blocked) are never
 auto-blocked.
+
+Nor is a *contested* source, whose requests arrive in two TTL classes from the
+same kind of sender (``filter/crowd.py``):
+one of them may be a spoofer flooding in the name of the address's real owner,
+and blocking the address would do the spoofer's work. Its buckets limit each
+class on its own. A spoofer alone, in the name of an address idle for longer
+than the class memory, looks like one host and can still get it blocked for
+``auto_ttl``: that is why automatic blocking is off by default (docs/filter.md).
 """
 
 from __future__ import annotations
@@ -25,7 +33,17 @@ from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..filter.pipeline import ACL_ENTRY, DROPS, KODS, LAST_SEEN
+from ..filter.crowd import CLASS_MEMORY_NS, same_initial_ttl
+from ..filter.pipeline import (
+    ACL_ENTRY,
+    DROPS,
+    HOME_TTL,
+    KODS,
+    LAST_SEEN,
+    OTHER_TAT,
+    OTHER_TTL,
+    TAT,
+)
 from ..timestamps import NS_PER_S
 from .entries import ACTIONS, BadDuration, Network, parse_duration
 
@@ -49,9 +67,11 @@ class AutoPolicy:
     after_s: float = 60.0
     #: How long an automatic entry lasts.
     ttl_s: int = 3600
-    #: Limited requests per second (averaged over ``after_s``) that count as a flood:
-    #: 40 clients behind one NAT polling every 64 s exceed a 0.5/s bucket by only
-    #: ~0.1/s and must not be cut off; a stuck device at 1/s or a flood is well above.
+    #: Limited requests per second (averaged over ``after_s``) that count as a flood.
+    #: A NAT'd crowd's bucket grows with its crowd estimate (filter/crowd.py); where the
+    #: estimate falls short, 40 clients behind one NAT polling every 64 s exceed a
+    #: one-client bucket (1/8 s) by only ~0.5/s and must not be cut off; a stuck
+    #: device at 1/s or a flood is well above.
     min_rate: float = 1.0
     action: str = "drop"
 
@@ -95,6 +115,14 @@ def parse_auto_policy(table: Mapping[str, Any]) -> AutoPolicy:
     if action not in ACTIONS:
         raise BadAutoSettings("blocklist.auto_action: must be one of " + ", ".join(ACTIONS))
     return AutoPolicy(enabled, float(after), ttl_s, float(min_rate), str(action))
+
+
+def two_classes_active(record: MutableSequence[Any], now_ns: int) -> bool:
+    """Is the source contested (``filter/crowd.py``): both TTL classes charged recently,
+    from the same kind of sender at two distances?"""
+    since = now_ns - CLASS_MEMORY_NS
+    return bool(record[TAT] > since and record[OTHER_TAT] > since
+                and same_initial_ttl(record[HOME_TTL], record[OTHER_TTL]))
 
 
 def network_of_key(key: bytes) -> Network:
@@ -142,12 +170,15 @@ class AutoBlocker:
         suspect = self.suspects.get(key)
         if suspect is None:
             if (limited and now_ns - record[LAST_SEEN] < RECENT_NS
-                    and record[ACL_ENTRY] is None and len(self.suspects) < MAX_SUSPECTS):
+                    and record[ACL_ENTRY] is None and len(self.suspects) < MAX_SUSPECTS
+                    and not two_classes_active(record, now_ns)):
                 self.suspects[key] = [now_ns, limited, limited]
             return None
         since_ns, limited_then, last_limited = suspect
-        if limited == last_limited or record[ACL_ENTRY] is not None:
-            del self.suspects[key]  # calmed down (or now named in the access list)
+        if limited == last_limited or record[ACL_ENTRY] is not None or \
+                two_classes_active(record, now_ns):
+            # calmed down, now named in the access list, or perhaps spoofed
+            del self.suspects[key]
             return None
         suspect[2] = limited
         watched_ns = now_ns - since_ns

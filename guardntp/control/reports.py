@@ -17,9 +17,12 @@ from ..filter import fingerprint
 from ..filter.pipeline import (
     DROPS,
     FIRST_SEEN,
+    HOME_TTL,
     KODS,
     LABEL,
+    LAST_CROWD,
     LAST_SEEN,
+    OTHER_TTL,
     REQUESTS,
     TIME_REPLIES,
     Pipeline,
@@ -75,6 +78,11 @@ def client_row(key: bytes, record: MutableSequence[Any], now_ns: int) -> dict[st
         "replies": record[TIME_REPLIES], "kods": record[KODS], "drops": record[DROPS],
         "interval_s": None if interval is None else round(interval / NS_PER_S, 3),
         "last_seen_s": round((now_ns - last) / NS_PER_S, 3),
+        # The crowd estimate its latest request was charged with, and its TTL classes
+        # (filter/crowd.py): home TTL and the latest other one (None: none seen).
+        "crowd": record[LAST_CROWD],
+        "ttl": None if record[HOME_TTL] < 0 else record[HOME_TTL],
+        "other_ttl": None if record[OTHER_TTL] < 0 else record[OTHER_TTL],
     }
 
 
@@ -127,17 +135,27 @@ def clock_report(clock: ClockState, served_fields: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- text
 
 def format_clients(rows: list[dict[str, Any]]) -> str:
-    header = ("SOURCE", "LABEL", "REQUESTS", "REPLIES", "KODS", "DROPS", "INTERVAL", "LAST")
+    header = ("SOURCE", "LABEL", "REQUESTS", "REPLIES", "KODS", "DROPS", "INTERVAL", "LAST",
+              "CROWD", "TTL")
     table = [header] + [
         (row["source"], row["label"], str(row["requests"]), str(row["replies"]),
          str(row["kods"]), str(row["drops"]), _seconds(row["interval_s"]),
-         _seconds(row["last_seen_s"]) + " ago") for row in rows]
+         _seconds(row["last_seen_s"]) + " ago", str(row.get("crowd", "-")), _ttls(row))
+        for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     numeric = range(2, len(header))
     return "".join(
         "  ".join(cell.rjust(width) if column in numeric else cell.ljust(width)
                   for column, (cell, width) in enumerate(zip(line, widths, strict=True)))
         .rstrip() + "\n" for line in table)
+
+
+def _ttls(row: Mapping[str, Any]) -> str:
+    """"57", "57/44" (home, then another TTL class seen), or "-" (unknown; older servers)."""
+    home, other = row.get("ttl"), row.get("other_ttl")
+    if home is None:
+        return "-"
+    return f"{home}/{other}" if other is not None else str(home)
 
 
 def format_stats(report: Mapping[str, Any]) -> str:

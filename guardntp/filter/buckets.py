@@ -121,11 +121,14 @@ class BucketTable:
     /56 prefixes), which the loop looks up instead of the dict.
     """
 
-    __slots__ = ("records", "index", "max_entries", "evictions", "admissions_refused")
+    __slots__ = ("records", "index", "max_entries", "evictions", "admissions_refused",
+                 "tat_cells")
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, tat_cells: tuple[int, ...] = (0,)) -> None:
         if max_entries < 1:
             raise ValueError("a table needs room for at least one entry")
+        #: The items of a record that are TATs: an entry is evictable once all are <= now.
+        self.tat_cells = tat_cells
         self.records: OrderedDict[bytes, MutableSequence[Any]] = OrderedDict()
         self.index = AddressIndex() if AddressIndex is not None else None
         self.max_entries = max_entries
@@ -155,7 +158,8 @@ class BucketTable:
         records = self.records
         for _ in range(min(EVICTION_SCAN, len(records))):
             oldest = next(iter(records))
-            if records[oldest][0] <= now_ns:
+            record = records[oldest]
+            if all(record[cell] <= now_ns for cell in self.tat_cells if cell < len(record)):
                 del records[oldest]
                 if self.index is not None:
                     self.index.discard(oldest)

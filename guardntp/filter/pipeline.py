@@ -34,7 +34,7 @@ from ..responder import NTP_PORT, Request, Responder, inspect_request
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
-from . import fingerprint
+from . import crowd, fingerprint
 from .acl import AccessList, AclEntry, Action
 from .buckets import (
     EVICTION_SCAN,
@@ -63,12 +63,22 @@ LABEL = 8          # packet label of the latest request
 ACL_GENERATION = 9 # access-list generation the cached entry below belongs to
 ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
 PORT = 11          # latest source port
-RECORD_LEN = 12
+# Traffic classes and the crowd estimate (``crowd.py``):
+HOME_TTL = 12      # the TTL / hop limit of the source's first request; -1: unknown
+OTHER_TAT = 13     # the bucket of requests from another TTL class
+PORT_SKETCH = 14   # source ports seen this window, one bit each (crowd.port_bit)
+WINDOW_START = 15  # monotonic ns the sketch's window began
+CROWD = 16         # the last complete window's estimate
+GAP_MEAN = 17      # moving average of the gap between requests, ns; 0: none yet
+GAP_DEV = 18       # moving average of |gap - mean|, ns
+OTHER_TTL = 19     # the TTL of the latest request charged to OTHER_TAT; -1: none
+LAST_CROWD = 20    # the crowd the latest request was charged with
+RECORD_LEN = 21
 
 _NEVER = -(1 << 62)
 
 #: A record is indexed like a list. Where the compiled module is built it is a
-#: ``_fastlane.Record``: the same 12 items in one compact object whose integers are
+#: ``_fastlane.Record``: the same 21 items in one compact object whose integers are
 #: kept unboxed, which the compiled loop updates in place (``guardntp/_fastlane.c``).
 SourceRecord = MutableSequence[Any]
 try:
@@ -116,9 +126,11 @@ class NtsStage(Protocol):
     def decide(self, request: bytes) -> tuple[str, Signer | None]: ...
 
 
-def new_record(now_ns: int, label: str, port: int) -> SourceRecord:
-    # TAT = now: a newcomer starts with a full bucket.
-    items = [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port]
+def new_record(now_ns: int, label: str, port: int, ttl: int = -1) -> SourceRecord:
+    # TAT = now: a newcomer starts with a full bucket (and the other class's, _NEVER,
+    # is full too).
+    items = [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port,
+             ttl, _NEVER, 0, now_ns, 1, 0, 0, -1, 1]
     return items if _Record is None else _Record(items)
 
 
@@ -153,6 +165,10 @@ class CompiledPolicy:
     #: those entries are None and take the full path. Shared Requests are immutable.
     sanity_48: list[Request | Reason | None]
     label_of_first: list[str | None]
+    #: Crowd estimate per number of port-sketch bits set; max_crowd 1: no estimate.
+    max_crowd: int
+    crowd_of_bits: tuple[int, ...]
+    ttl_classes: bool
 
 
 def _whole(key: str, value: object, low: int, high: int, why: str = "") -> int:
@@ -214,6 +230,8 @@ def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
                         f"{MAX_KOD_INTERVAL_S:.0f} (seconds)")
     _whole("kod_min_poll", policy.kod_min_poll, -128, 127, " (a poll exponent)")
     leak_one_in = _whole("leak_one_in", policy.leak_one_in, 0, 1 << 62, " (0: off)")
+    max_crowd = _whole("max_crowd", policy.max_crowd, 1, 1 << 16, " (1: no crowd estimate)")
+    ttl_classes = _flag("ttl_classes", policy.ttl_classes)
     # Source keys are whole bytes of the address, here and in the compiled loop
     # (its index keys are byte strings), so a /60 cannot be honoured: refuse it
     # rather than key on /56 behind the operator's back.
@@ -249,7 +267,9 @@ def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
                    else inspect_request(bytes((first,)) + padding, 0, answer_symmetric)
                    for first in range(256)],
         label_of_first=[None if (first >> 3) & 7 == 1 else fingerprint.packet_label(first, 0)
-                        for first in range(256)])
+                        for first in range(256)],
+        max_crowd=max_crowd, crowd_of_bits=crowd.crowd_table(max_crowd),
+        ttl_classes=ttl_classes)
 
 
 class Pipeline:
@@ -266,7 +286,8 @@ class Pipeline:
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
         self.table_full = 0   # second requests that found no room among established sources
         # Sized, like everything the policy decides, by apply_policy below.
-        self.sources = BucketTable(1)
+        # A source is evictable only once both its classes' buckets are full again.
+        self.sources = BucketTable(1, tat_cells=(TAT, OTHER_TAT))
         self.prefixes = BucketTable(1)
         self.newcomers = NewcomerTable(1)
         self.acl = AccessList()
@@ -327,6 +348,9 @@ class Pipeline:
         self._v4_prefix_bytes = compiled.v4_prefix_bytes
         self._sanity_48 = compiled.sanity_48
         self._label_of_first = compiled.label_of_first
+        self.max_crowd = compiled.max_crowd
+        self.crowd_of_bits = compiled.crowd_of_bits
+        self.ttl_classes = compiled.ttl_classes
         self.sources.max_entries = policy.max_sources
         self.prefixes.max_entries = policy.max_prefixes
         self.newcomers = newcomers
@@ -408,7 +432,14 @@ class Pipeline:
             "interval": tuple(limit.interval_ns for limit in limits),
             "tolerance": tuple(limit.tolerance_ns for limit in limits),
             "layout": (TAT, REQUESTS, TIME_REPLIES, DROPS, LAST_SEEN, LABEL, ACL_GENERATION,
-                       ACL_ENTRY, PORT, KODS, LAST_KOD),
+                       ACL_ENTRY, PORT, KODS, LAST_KOD, HOME_TTL, OTHER_TAT, PORT_SKETCH,
+                       WINDOW_START, CROWD, GAP_MEAN, GAP_DEV, OTHER_TTL, LAST_CROWD),
+            "initial_ttls": crowd.INITIAL_TTLS,
+            "crowd": (int(compiled.ttl_classes), compiled.max_crowd, crowd.PORT_SKETCH_BITS,
+                      crowd.EWMA_SHIFT, crowd.TTL_SLACK, crowd.CLASS_MEMORY_NS,
+                      crowd.CROWD_WINDOW_NS,
+                      crowd.IRREGULAR_NUM << 32 | crowd.IRREGULAR_DEN),
+            "crowd_of_bits": compiled.crowd_of_bits,
             "record_len": RECORD_LEN, "first_seen": FIRST_SEEN, "never": _NEVER,
             "eviction_scan": EVICTION_SCAN,
             "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
@@ -444,9 +475,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the decision
 
-    def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int
-               ) -> Decision:
-        """The fate of one datagram from ``packed``:``port`` (packed address bytes)."""
+    def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
+               ttl: int = -1) -> Decision:
+        """The fate of one datagram from ``packed``:``port`` (packed address bytes).
+
+        ``ttl``: the IP TTL (IPv4) or hop limit (IPv6) it arrived with, -1 if unknown."""
         sane: Request | Reason | None
         if len(data) == HEADER_LEN:
             first = data[0]
@@ -477,7 +510,7 @@ class Pipeline:
         record = sources.records.get(key)
         newcomer = False
         if record is None:
-            record = new_record(now_ns, label, port)
+            record = new_record(now_ns, label, port, ttl)
             remembered_tat = self.newcomers.get(key)
             if remembered_tat is None:
                 # A first request: straight in while there is room; once the table is
@@ -495,6 +528,7 @@ class Pipeline:
                     newcomer = True   # no room among established sources: stays a newcomer
                     self.table_full += 1
         record[REQUESTS] += 1
+        gap_ns = now_ns - record[LAST_SEEN]
         record[LAST_SEEN] = now_ns
         record[LABEL] = label
         record[PORT] = port
@@ -556,7 +590,8 @@ class Pipeline:
         # -- buckets
         if not exempt:
             limit = self.label_limits.get(label, self.source_limit)
-            tat = record[TAT]
+            tat_cell, crowd_size, contested = self._observe(record, port, ttl, gap_ns, now_ns)
+            tat = record[tat_cell]
             if tat < now_ns:
                 tat = now_ns
             prefix_key = (packed[: self._v4_prefix_bytes] if v4 and self._v4_prefix_bytes
@@ -574,8 +609,8 @@ class Pipeline:
             if (tat - now_ns > limit.tolerance_ns
                     or prefix_tat - now_ns > prefix_limit.tolerance_ns):
                 return self._over_limit(data, request, record, base, label, recv_ns, now_ns,
-                                        signer, key if newcomer else None)
-            record[TAT] = tat + limit.interval_ns
+                                        signer, key if newcomer else None, contested)
+            record[tat_cell] = tat + limit.interval_ns // crowd_size
             prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
             if newcomer:
                 self.newcomers.remember(key, record[TAT])
@@ -592,6 +627,60 @@ class Pipeline:
         return _ANSWERED, self.responder.time_reply_at(data, request, recv_ns), signer
 
     # ------------------------------------------------------------------ helpers
+
+    def _observe(self, record: SourceRecord, port: int, ttl: int, gap_ns: int, now_ns: int
+                 ) -> tuple[int, int, bool]:
+        """Account one request to its source's traffic (``crowd.py``). Returns the cell
+        of the bucket it is charged to (its TTL class's), the crowd that bucket's
+        interval is divided by, and whether the address is *contested*: both classes
+        active, from the same kind of sender at different distances (a spoofer?)."""
+        tat_cell = TAT
+        if self.ttl_classes and ttl >= 0:
+            home = record[HOME_TTL]
+            if home < 0:
+                record[HOME_TTL] = ttl
+            elif ttl - home > crowd.TTL_SLACK or home - ttl > crowd.TTL_SLACK:
+                tat_cell = OTHER_TAT
+                record[OTHER_TTL] = ttl
+        since = now_ns - crowd.CLASS_MEMORY_NS
+        contested = (crowd.same_initial_ttl(record[HOME_TTL], record[OTHER_TTL])
+                     and (tat_cell == OTHER_TAT or record[OTHER_TAT] > since)
+                     and (tat_cell == TAT or record[TAT] > since))
+        if self.max_crowd == 1:
+            return tat_cell, 1, contested
+        started = record[WINDOW_START]
+        if now_ns - started >= crowd.CROWD_WINDOW_NS:
+            # The window that just ended is kept only if it ended within a window.
+            record[CROWD] = (self.crowd_of_bits[record[PORT_SKETCH].bit_count()]
+                             if now_ns - started < 2 * crowd.CROWD_WINDOW_NS else 1)
+            record[PORT_SKETCH] = 0
+            record[WINDOW_START] = now_ns
+        sketch = record[PORT_SKETCH] | crowd.port_bit(port)
+        record[PORT_SKETCH] = sketch
+        if gap_ns > 0:
+            mean = record[GAP_MEAN]
+            if mean == 0:   # a first gap: irregular until the gaps show otherwise
+                record[GAP_MEAN] = gap_ns
+                record[GAP_DEV] = gap_ns >> 1
+            else:
+                deviation = gap_ns - mean if gap_ns >= mean else mean - gap_ns
+                dev = record[GAP_DEV]
+                record[GAP_MEAN] = mean + ((gap_ns - mean) >> crowd.EWMA_SHIFT)
+                record[GAP_DEV] = dev + ((deviation - dev) >> crowd.EWMA_SHIFT)
+        size = 1
+        if not contested and crowd.is_irregular(record[GAP_MEAN], record[GAP_DEV]):
+            so_far = crowd.extrapolated(self.crowd_of_bits[sketch.bit_count()],
+                                        now_ns - record[WINDOW_START])
+            size = min(self.max_crowd, max(record[CROWD], so_far))
+        last = record[LAST_CROWD]
+        if size > last:
+            # A bigger crowd keeps the requests it has used (its burst grows with it):
+            # what it used at one client's price is repriced at the crowd's.
+            tat = record[tat_cell]
+            if tat > now_ns:
+                record[tat_cell] = now_ns + (tat - now_ns) * last // size
+        record[LAST_CROWD] = size
+        return tat_cell, size, contested
 
     def _prefix_key(self, packed: bytes, v4: bool) -> bytes:
         """IPv4 /24 -> 3 bytes; IPv6 /56 -> b"6" + 7 bytes (the tag keeps families apart)."""
@@ -639,7 +728,7 @@ class Pipeline:
 
     def _over_limit(self, data: bytes, request: Request, record: SourceRecord, base: int,
                     label: str, recv_ns: int, now_ns: int, signer: Signer | None,
-                    newcomer_key: bytes | None = None) -> Decision:
+                    newcomer_key: bytes | None = None, contested: bool = False) -> Decision:
         counts = self.counters.counts
         if self.leak_share and self.random.random() < self.leak_share \
                 and self._global_allows(now_ns):
@@ -648,7 +737,9 @@ class Pipeline:
             responder = self.responder
             return (Reason.LEAKED,
                     responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
-        if (self.policy.send_kod and self.label_kod.get(label, True)
+        # A contested address: the limited class may be a spoofer, and a KoD would
+        # reach (and slow down) the address's real owner.
+        if (self.policy.send_kod and self.label_kod.get(label, True) and not contested
                 and (newcomer_key is None or self._establish(newcomer_key, record, now_ns))
                 and self._kod_allowed(record, now_ns)):
             return self._kod(data, request, record, base, KOD_RATE, Reason.RATE_KOD, signer)

@@ -45,13 +45,17 @@ class LabelPolicy:
     send_kod: bool = True
 
 
-#: Defaults per fingerprint. SNTPv1 firmware predates KoD (RFC 4330, 2006) and
-#: ignores it, so a KoD to it is wasted bytes; it gets a tight bucket instead.
-#: Netgear's devices retried every second *when unanswered*, so they still get
-#: an answer a minute rather than none (Plonka's report), which calms them.
+#: Defaults per fingerprint. SNTPv1 firmware gets a tight bucket: Netgear's devices
+#: retried every second *when unanswered*, so they still get an answer a minute
+#: rather than none (Plonka's report), which calms them. They get RATE KoDs too,
+#: as every flooder does (one per source per ``kod_interval_s``, within the global
+#: KoD budget, in the request's own version): SNTPv1 predates KoD (RFC 4330, 2006)
+#: and old firmware may well ignore it, but a KoD is never larger than the request,
+#: and a client that does honour it backs off. ``send_kod = false`` per label
+#: turns it off.
 DEFAULT_LABEL_POLICIES: dict[str, LabelPolicy] = {
-    fingerprint.NETGEAR: LabelPolicy(rate=1 / 64, burst=2, send_kod=False),
-    fingerprint.SNTPV1: LabelPolicy(rate=1 / 16, burst=4, send_kod=False),
+    fingerprint.NETGEAR: LabelPolicy(rate=1 / 64, burst=2),
+    fingerprint.SNTPV1: LabelPolicy(rate=1 / 16, burst=4),
 }
 
 
@@ -65,12 +69,22 @@ class FilterPolicy:
     reflection_ports: frozenset[int] = DEFAULT_REFLECTION_PORTS
 
     # -- per-source bucket (IPv4 address, IPv6 /64)
-    #: 0.5 requests/s (1 per 2 s) on average with a burst of 16: four times looser
-    #: than chrony's `ratelimit` (1 per 8 s, burst 8) so that ~32 clients behind
-    #: one NAT address can poll every 64 s, and 512 at the usual 1024 s, while a
-    #: device polling every second still gets only half its requests answered.
-    source_rate: float = 0.5
-    source_burst: int = 16
+    #: One client's allowance is chrony's default `ratelimit` (1 per 8 s, burst 8):
+    #: an iburst of 8 and any sane poll fit, and a host at 2/s is cut to 1/8 s. A
+    #: NAT'd crowd is not one client: the bucket refills `crowd` times faster, with
+    #: the crowd estimated from the address's source ports and arrival pattern
+    #: (``crowd.py``), up to `max_crowd`.
+    source_rate: float = 0.125
+    source_burst: int = 8
+    #: The most clients one address may count as: 256 x 1/8 s = 32 requests/s, what
+    #: a flooder who imitates a crowd can get at most (and then only inside its
+    #: prefix's bucket). 800 chrony clients at 64 s polls behind one NAT address send
+    #: 12.5/s, which needs a crowd of 100. 1 turns the estimate off.
+    max_crowd: int = 256
+    #: Charge requests from another TTL / hop limit than the source's usual one to a
+    #: bucket of their own (``crowd.py``): a spoofer flooding in a victim's name
+    #: drains its own bucket, not the victim's.
+    ttl_classes: bool = True
     #: Each IPv6 host owns a /64 (RFC 4291 interface ids), so buckets key on it.
     ipv6_source_prefix: int = 64
 
@@ -93,9 +107,10 @@ class FilterPolicy:
     global_reply_burst: int = 25_000
 
     # -- over the limit
-    #: Answer 1 in `leak_one_in` limited requests anyway (chrony's `leak 2` = 1 in 4),
-    #: so a spoofer who floods in a victim's name cannot cut the victim off. 0 = off.
-    leak_one_in: int = 4
+    #: Answer 1 in `leak_one_in` limited requests anyway (chrony's `leak 2` = 1 in 4).
+    #: Off by default: the leak hands every flooder a quarter of its rate, and the
+    #: TTL classes above protect a spoofed victim without it. 0 = off.
+    leak_one_in: int = 0
     send_kod: bool = True
     #: At most one KoD per source per this many seconds (ntpd's guard-time idea):
     #: a spoofer can never make us send a victim more than this.
@@ -110,8 +125,8 @@ class FilterPolicy:
     deny_action: Action = Action.DROP
 
     # -- bounded memory
-    #: 290-560 bytes each in CPython 3.11 with the compiled records and index, 370-615
-    #: without (contrib/sizing/measure.py), ~90 MiB when full. chrony's default
+    #: 380-630 bytes each in CPython 3.11 with the compiled records and index, 470-715
+    #: without (contrib/sizing/measure.py), ~110 MiB when full. chrony's default
     #: clientloglimit (512 KiB) tracks only ~4096 addresses.
     max_sources: int = 262_144
     max_prefixes: int = 65_536

@@ -2,9 +2,9 @@
 
 Rule: scapy (imported only here, and only when a capture is made) builds one
 template frame per packet kind and address family; every packet is a copy of
-its template with the source address, source port, transmit timestamp and
-checksums patched (``pcap.FrameTemplate``), which is what makes a million
-packets take seconds rather than minutes.
+its template with the source address, source port, TTL / hop limit, transmit
+timestamp and checksums patched (``pcap.FrameTemplate``), which is what makes a
+million packets take seconds rather than minutes.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def make_capture(names: list[str], out: Path, seed: int, scale: float, duration_
     with open(out, "wb") as pcap_file, open(labels_path, "w", encoding="ascii") as labels_file:
         writer = PcapWriter(pcap_file)
         lines = [LABELS_HEADER + "\n"]
-        for t_ns, tag, client, kind, src, port in events:
+        for t_ns, tag, client, kind, src, port, ttl in events:
             if len(src) == 4:
                 address = int.from_bytes(src, "big")
                 src_sum = (address >> 16) + (address & 0xFFFF)
@@ -99,7 +99,7 @@ def make_capture(names: list[str], out: Path, seed: int, scale: float, duration_
             xmt = ((((epoch_s + seconds + NTP_UNIX_OFFSET_S) & 0xFFFF_FFFF) << 32)
                    | (((sub_ns << 32) // NS_PER_S) & 0xFFFF_0000) | (client & 0xFFFF))
             assert template is not None
-            writer.write(CAPTURE_EPOCH_NS + t_ns, template.build(src, src_sum, port, xmt))
+            writer.write(CAPTURE_EPOCH_NS + t_ns, template.build(src, src_sum, port, xmt, ttl))
             lines.append(f"{index}{prefixes[tag]}{client}\n")
             packets[tag] += 1
             clients[tag].add(client)

@@ -51,8 +51,6 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
         group_of_packet = labels.group_of_packet
     groups = labels.groups
     n_groups = len(groups)
-    klasses = sorted({klass for _, klass in groups})
-    klass_of_group = [klasses.index(klass) for _, klass in groups]
     reason_counts = [0] * (n_groups * N_REASONS)
     bytes_in = [0] * n_groups
     bytes_out = [0] * n_groups
@@ -61,7 +59,8 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     # ns, last ns, time replies]: the yardstick's input, independent of the policy.
     tracked: list[dict[bytes, list[int]] | None] = [
         {} if klass == ABUSIVE else None for _, klass in groups]
-    timeline: list[list[int]] = [[] for _ in range(len(klasses) * len(VERDICTS))]
+    # Per group and verdict, requests per capture-second: group * 3 + verdict.
+    timeline: list[list[int]] = [[] for _ in range(n_groups * len(VERDICTS))]
 
     clock = LocalClock()
     responder: Responder | None = None
@@ -107,14 +106,14 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
             second_end = first_ns + (second + 1) * NS_PER_S
             for series in timeline:
                 series.extend([0] * (second + 1 - len(series)))
-        src, port, _, _, data = datagram
-        reason, reply, _ = decide(data, src, port, t_ns, t_ns)
+        src, port, _, _, data, ttl = datagram
+        reason, reply, _ = decide(data, src, port, t_ns, t_ns, ttl=ttl)
         reason_counts[group * N_REASONS + reason] += 1
         bytes_in[group] += len(data)
         if reply is not None:
             bytes_out[group] += len(reply)
         verdict = _VERDICT_INDEX[reason]
-        timeline[klass_of_group[group] * 3 + verdict][second] += 1
+        timeline[group * 3 + verdict][second] += 1
         sources_seen[group].add(src)
         by_source = tracked[group]
         if by_source is not None:
@@ -157,8 +156,12 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     run = RunResult("in-process guardntp", "in-process", "guardntp", results,
                     replay_s=float(second + 1), wall_s=wall_s, settings=dict(settings or {}),
                     window_packets=frames, window_s=(last_ns - first_ns) / NS_PER_S)
-    run.timeline = {f"{klass}_{verdict}": timeline[k * 3 + v]
-                    for k, klass in enumerate(klasses) for v, verdict in enumerate(VERDICTS)}
+    for group, (scenario, _) in enumerate(groups):  # summed if two groups share a name
+        by_verdict = run.timeline.setdefault(scenario, {})
+        for v, name in enumerate(VERDICTS):
+            counts = timeline[group * 3 + v]
+            before = by_verdict.get(name, [0] * len(counts))
+            by_verdict[name] = [a + b for a, b in zip(before, counts, strict=True)]
     if pipeline is not None:
         peak_sources = max(peak_sources, len(pipeline.sources))
         peak_prefixes = max(peak_prefixes, len(pipeline.prefixes))

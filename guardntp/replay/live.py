@@ -215,8 +215,7 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
             group.bytes_in += in_bytes
         group.drop = group.requests - group.time - group.kod
         groups.append(group)
-    klass_of = {s["name"]: s["class"] for s in scenarios}
-    timeline = _timeline(result["samples"], scenarios, klass_of)
+    timeline = _timeline(result["samples"], scenarios)
     settings: dict[str, Any] = {"rate": f"{rate_pps:g} pps" if rate_pps else
                                 f"x{speed:g} capture timing" if speed else "capture timing"}
     if server == "chronyd":
@@ -232,6 +231,16 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
                          "packets than the others")
     elif window < total:
         run.notes.append(f"scored the first {window} of the capture's {total} packets")
+    by_name = {group.scenario: group for group in groups}
+    for first, second in shared_blocks(scenarios):
+        run.notes.append(f"{first} and {second} share address blocks: the live counters "
+                         "cannot tell their replies apart, so neither is scored live "
+                         "(requests are counted from the labels; replies, bytes and the "
+                         "timeline are the block's); the in-process run scores them")
+        for name, other in ((first, second), (second, first)):
+            group = by_name[name]
+            group.unscored = f"shares its address block with {other}"
+            group.drop = max(0, group.requests - group.time - group.kod)
     if result.get("time_by_source_dropped"):
         run.notes.append("the per-source reply sets filled up: per-source counts are low")
     if result.get("socket_drops"):
@@ -243,28 +252,39 @@ def _to_run(result: dict[str, Any], capture: Path, meta: dict[str, Any], labels:
     return run
 
 
-def _timeline(samples: list[dict[str, Any]], scenarios: list[dict[str, Any]],
-              klass_of: dict[str, str]) -> dict[str, list[int]]:
-    """Per wall second since tcpreplay started: time / kod / not answered, per class."""
-    klasses = sorted(set(klass_of.values()))
+def _timeline(samples: list[dict[str, Any]], scenarios: list[dict[str, Any]]
+              ) -> dict[str, dict[str, list[int]]]:
+    """Per wall second since tcpreplay started, per scenario: time / kod / not answered
+    (requests in minus replies out over the interval, never below 0)."""
     seconds = int(samples[-1]["t"]) + 1 if samples else 0
-    timeline = {f"{k}_{v}": [0] * seconds for k in klasses for v in VERDICTS}
+    timeline = {s["name"]: {v: [0] * seconds for v in VERDICTS} for s in scenarios}
     previous: dict[str, list[int]] = {}
     for sample in samples:
         second = min(seconds - 1, max(0, int(sample["t"])))
         counters = sample["counters"]
         for index, scenario in enumerate(scenarios):
-            klass = klass_of[scenario["name"]]
+            series = timeline[scenario["name"]]
             delta = {}
             for kind in ("in", "time", "kod"):
                 now = sum(int(counters.get(f"{kind}_{index}_{f}", (0, 0))[0]) for f in (4, 6))
                 before = sum(int(previous.get(f"{kind}_{index}_{f}", (0, 0))[0]) for f in (4, 6))
                 delta[kind] = now - before
-            timeline[f"{klass}_time"][second] += delta["time"]
-            timeline[f"{klass}_kod"][second] += delta["kod"]
-            timeline[f"{klass}_drop"][second] += max(0, delta["in"] - delta["time"] - delta["kod"])
+            series["time"][second] += delta["time"]
+            series["kod"][second] += delta["kod"]
+            series["drop"][second] += max(0, delta["in"] - delta["time"] - delta["kod"])
         previous = counters
     return timeline
+
+
+def shared_blocks(scenarios: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Pairs of scenarios whose address blocks overlap (``spoofed-victim`` and
+    ``victim-spoofer`` send from the same addresses): nftables counts by block, so live
+    it cannot tell their requests or replies apart."""
+    blocks = [(s["name"], [ipaddress.ip_network(n) for n in s["networks"]]) for s in scenarios]
+    return [(first, second) for index, (first, mine) in enumerate(blocks)
+            for second, theirs in blocks[index + 1:]
+            if any(a.version == b.version and a.overlaps(b)
+                   for a in mine for b in theirs)]
 
 
 # ---------------------------------------------------------------------- worker (in the namespace)

@@ -1,8 +1,9 @@
 """Classic pcap files, and Ethernet / IPv4 / IPv6 / UDP frames, as raw bytes.
 
 Rule: no scapy here. Scapy builds one template frame per packet kind (``capture``);
-this module copies and patches it (source address, source port, NTP transmit
-timestamp, both checksums) and reads frames back, at a few microseconds a packet.
+this module copies and patches it (source address, source port, IPv4 TTL or IPv6
+hop limit, NTP transmit timestamp, both checksums) and reads frames back, at a few
+microseconds a packet.
 Files are libpcap's classic format (what Wireshark and tcpreplay read everywhere),
 microsecond timestamps, link type Ethernet: on ``lo`` that means zero MACs.
 """
@@ -71,11 +72,13 @@ def word_sum(data: bytes) -> int:
 
 class FrameTemplate:
     """A complete Ethernet frame whose source address, source port and (if ``patch_xmt``)
-    NTP transmit timestamp are zero; :meth:`build` fills them in and fixes the checksums
-    incrementally (RFC 1624: a ones'-complement sum does not care about order)."""
+    NTP transmit timestamp are zero; :meth:`build` fills them in, sets the TTL (IPv4) or
+    hop limit (IPv6), and fixes the checksums incrementally (RFC 1624: a ones'-complement
+    sum does not care about order). The UDP checksum's pseudo-header does not cover the
+    TTL; the IPv4 header checksum does."""
 
     __slots__ = ("frame", "v4", "patch_xmt", "ip_csum_at", "src_at", "src_len", "l4_at",
-                 "ip_sum", "udp_sum")
+                 "ttl_at", "ip_sum", "udp_sum")
 
     def __init__(self, frame: bytes, patch_xmt: bool) -> None:
         self.frame = frame
@@ -85,10 +88,15 @@ class FrameTemplate:
             self.v4 = True
             ihl = (frame[14] & 0x0F) * 4
             self.ip_csum_at, self.src_at, self.src_len, self.l4_at = 24, 26, 4, 14 + ihl
-            self.ip_sum = ~int.from_bytes(frame[24:26], "big") & 0xFFFF
+            self.ttl_at = 22
+            # The header's sum without the template's TTL (the high byte of word 4):
+            # subtracting is adding the ones' complement.
+            self.ip_sum = _fold((~int.from_bytes(frame[24:26], "big") & 0xFFFF)
+                                + (~(frame[22] << 8) & 0xFFFF))
         elif ethertype == ETHERTYPE_IPV6:
             self.v4 = False
             self.ip_csum_at, self.src_at, self.src_len, self.l4_at = 0, 22, 16, 54
+            self.ttl_at = 21
             self.ip_sum = 0
         else:
             raise ValueError(f"template ethertype {ethertype:#06x} is neither IPv4 nor IPv6")
@@ -99,11 +107,14 @@ class FrameTemplate:
             raise ValueError("template transmit timestamp must be zero")
         self.udp_sum = ~int.from_bytes(frame[l4 + 6:l4 + 8], "big") & 0xFFFF
 
-    def build(self, src: bytes, src_sum: int, port: int, xmt: int) -> bytes:
-        """The frame from ``src`` (whose :func:`word_sum` is ``src_sum``), ``port``, ``xmt``."""
+    def build(self, src: bytes, src_sum: int, port: int, xmt: int, ttl: int) -> bytes:
+        """The frame from ``src`` (whose :func:`word_sum` is ``src_sum``), ``port``, ``xmt``,
+        arriving with TTL / hop limit ``ttl`` (0-255)."""
         frame = bytearray(self.frame)
         if self.v4:
-            frame[24:26] = (~_fold(self.ip_sum + src_sum) & 0xFFFF).to_bytes(2, "big")
+            frame[24:26] = (~_fold(self.ip_sum + src_sum + (ttl << 8)) & 0xFFFF).to_bytes(
+                2, "big")
+        frame[self.ttl_at] = ttl
         frame[self.src_at:self.src_at + self.src_len] = src
         l4 = self.l4_at
         frame[l4:l4 + 2] = port.to_bytes(2, "big")
@@ -170,12 +181,14 @@ def read_frames(path: str) -> Iterator[tuple[int, bytes]]:
         file.close()
 
 
-#: (source packed, source port, destination packed, destination port, UDP payload)
-Datagram = tuple[bytes, int, bytes, int, bytes]
+#: (source packed, source port, destination packed, destination port, UDP payload,
+#: IPv4 TTL or IPv6 hop limit)
+Datagram = tuple[bytes, int, bytes, int, bytes, int]
 
 
 def parse_udp(frame: bytes) -> Datagram | None:
-    """The UDP datagram in an Ethernet frame, or None (not UDP, a later fragment, cut short)."""
+    """The UDP datagram in an Ethernet frame, or None (not UDP, a later fragment, cut short),
+    with the TTL (IPv4) or hop limit (IPv6) it arrived with."""
     at = 14
     ethertype = int.from_bytes(frame[12:14], "big")
     if ethertype == ETHERTYPE_VLAN:
@@ -187,11 +200,13 @@ def parse_udp(frame: bytes) -> Datagram | None:
         if int.from_bytes(frame[at + 6:at + 8], "big") & 0x1FFF:
             return None  # not the first fragment
         src, dst = frame[at + 12:at + 16], frame[at + 16:at + 20]
+        ttl = frame[at + 8]
         at += (frame[at] & 0x0F) * 4
     elif ethertype == ETHERTYPE_IPV6:
         if len(frame) < at + 40 or frame[at + 6] != IPPROTO_UDP:
             return None
         src, dst = frame[at + 8:at + 24], frame[at + 24:at + 40]
+        ttl = frame[at + 7]
         at += 40
     else:
         return None
@@ -200,4 +215,4 @@ def parse_udp(frame: bytes) -> Datagram | None:
     length = int.from_bytes(frame[at + 4:at + 6], "big")
     payload = frame[at + 8:at + max(8, length)]
     return (src, int.from_bytes(frame[at:at + 2], "big"), dst,
-            int.from_bytes(frame[at + 2:at + 4], "big"), payload)
+            int.from_bytes(frame[at + 2:at + 4], "big"), payload, ttl)
