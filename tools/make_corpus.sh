@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate the standard replay corpus (docs/replay.md): each scenario alone, the
-# mixes, and a one-million-packet mix, all seed 1, 600 s, into DIR (default out/corpus,
-# which git ignores). Captures are never committed: this script is how to get them.
+# mixes (floods, normal, all), and a mix of over a million packets, all seed 1,
+# 600 s, into DIR (default out/corpus, which git ignores). Captures are never
+# committed: this script is how to get them. The scenario and mix names come from
+# guardntp/replay/scenarios.py (SCENARIOS, MIXES), so a new scenario joins by itself.
 #   tools/make_corpus.sh [DIR] [SCALE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +19,15 @@ make() {  # make NAME SCENARIO... (extra flags after --)
     "$python" -m guardntp capture make "$@" -o "$dir/$name.pcap" --seed 1 --duration 600 -q
 }
 
-for scenario in netgear-2003 dlink-2005 smc-2003 mobatime-2009 spoofed-random \
-                reflection-probes top-of-hour chrony w32time cgnat ipv6-hosts; do
+scenarios=$("$python" -c 'from guardntp.replay.scenarios import SCENARIOS; print(*SCENARIOS)')
+mixes=$("$python" -c 'from guardntp.replay.scenarios import MIXES; print(*MIXES)')
+for scenario in $scenarios; do
     make "$scenario" "$scenario" --scale "$scale"
 done
-make floods floods --scale "$scale"
-make normal normal --scale "$scale"
-make all all --scale "$scale"
-# About a million packets: the size the generator is built for.
+for mix in $mixes; do
+    make "$mix" "$mix" --scale "$scale"
+done
+# `all` at scale 1.3: about 1.2 million packets (all at scale 1 is about 970,000),
+# the size the generator is built for.
 make million all --scale "$(awk -v s="$scale" 'BEGIN { print 1.3 * s }')"
 echo "corpus in $dir; replay one with: $python -m guardntp replay $dir/all.pcap --report-dir out/report"

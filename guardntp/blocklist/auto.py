@@ -71,8 +71,8 @@ class AutoPolicy:
     #: A NAT'd crowd's bucket grows with its crowd estimate (filter/crowd.py); where the
     #: estimate falls short, 40 clients behind one NAT polling every 64 s exceed a
     #: one-client bucket (1/8 s) by only ~0.5/s and must not be cut off; a stuck
-    #: device at 1/s or a flood is well above.
-    min_rate: float = 1.0
+    #: device at 1/s exceeds it by 0.875/s, a flood by far more.
+    min_rate: float = 0.75
     action: str = "drop"
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..cli import CommandError
@@ -16,6 +17,8 @@ from ..timestamps import NS_PER_S
 #: Longest capture accepted (a day of virtual time); the packet count is what costs.
 MAX_DURATION_S = 86_400.0
 MAX_SCALE = 1000.0
+#: The narrowest scenario-name column (the older names fit in it).
+NAME_WIDTH = 18
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,16 +48,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=usage)
 
 
+def _name_width(names: Iterable[str]) -> int:
+    """The scenario-name column: as wide as the longest name, at least NAME_WIDTH."""
+    return max([NAME_WIDTH, *map(len, names)])
+
+
 def run_list(args: argparse.Namespace) -> int:
     from ..replay.scenarios import MIXES, SCALE_ONE, SCENARIOS
 
+    width = _name_width(SCENARIOS)
     for scenario in SCENARIOS.values():
-        print(f"{scenario.name:<18} {scenario.klass:<10} {scenario.summary}")
-        print(f"{'':<29} scale 1: {SCALE_ONE[scenario.name]}; "
+        print(f"{scenario.name:<{width}} {scenario.klass:<10} {scenario.summary}")
+        print(f"{'':<{width + 11}} scale 1: {SCALE_ONE[scenario.name]}; "
               f"sources in {', '.join(scenario.networks)}")
     print()
     for name, members in MIXES.items():
-        print(f"mix {name:<14} {' '.join(members)}")
+        print(f"mix {name:<{width - 4}} {' '.join(members)}")
     return 0
 
 
@@ -95,7 +104,8 @@ def run_make(args: argparse.Namespace) -> int:
     print(f"{out}: {meta['packets']:,} packets in {elapsed:.1f} s "
           f"({meta['packets'] / max(elapsed, 1e-9):,.0f} packets/s), seed {args.seed}, "
           f"scale {args.scale:g}, {args.duration:g} s")
+    width = _name_width(scenario["name"] for scenario in meta["scenarios"])
     for scenario in meta["scenarios"]:
-        print(f"  {scenario['name']:<18} {scenario['class']:<10} {scenario['packets']:>9,} "
+        print(f"  {scenario['name']:<{width}} {scenario['class']:<10} {scenario['packets']:>9,} "
               f"packets from {scenario['sources']:,} addresses, {scenario['clients']:,} clients")
     return 0

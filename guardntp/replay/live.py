@@ -15,7 +15,7 @@ only ``lo`` (so it cannot be in the host's namespace), then, inside it only:
   counter per element): the server's own counters are not trusted;
 * starts ``guardntp serve`` or ``chronyd -x -d`` (chrony's default ``ratelimit``,
   i.e. interval 3 burst 8 leak 2, or with ``--chronyd-ratelimit guardntp`` the one
-  closest to guardntp's defaults, ``interval 1 burst 16 leak 2``) on port 123;
+  4x looser one guardntp's old defaults matched, ``interval 1 burst 16 leak 2``) on port 123;
 * reads the server's CPU time from /proc/PID/stat, runs tcpreplay on exactly the
   first N packets of the capture (``--limit``; N is the window the parent chose, the
   same for every server; ``--duration`` only as a safety bound), samples the
@@ -47,14 +47,14 @@ SAMPLE_S = 0.5
 #: Bytes of IP + UDP header per family, to turn the counters' L3 bytes into NTP bytes.
 HEADER_BYTES = {4: 28, 6: 48}
 #: chronyd's ``ratelimit`` line: chrony's defaults (``ratelimit`` alone is interval 3,
-#: i.e. 1 per 8 s, burst 8, leak 2), or the one closest to guardntp's defaults (0.5/s,
-#: burst 16, 1 in 4 leaked), 4x looser.
+#: i.e. 1 per 8 s, burst 8, leak 2: guardntp's one-client allowance too), or a 4x looser
+#: one (0.5/s, burst 16, 1 in 4 leaked: guardntp's defaults before the crowd estimate).
 CHRONY_RATELIMITS = {"default": "ratelimit",
                      "guardntp": "ratelimit interval 1 burst 16 leak 2"}
 CHRONY_RATELIMIT_MEANING = {"default": "ratelimit (chrony's defaults: interval 3 burst 8 "
                                        "leak 2)",
-                            "guardntp": "ratelimit interval 1 burst 16 leak 2 (guardntp-like, "
-                                        "4x looser than chrony's defaults)"}
+                            "guardntp": "ratelimit interval 1 burst 16 leak 2 (guardntp's old "
+                                        "defaults, 4x looser than chrony's)"}
 #: `local` makes chronyd serve its clock without any source.
 CHRONY_CONF = """\
 port {port}
