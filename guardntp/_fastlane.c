@@ -258,6 +258,29 @@ begin(Lane *L)
     return 0;
 }
 
+/* The end of a pump or of decide_one, after begin() succeeded: the counts and
+ * the global and KoD buckets go back to Python. An exception already pending (a
+ * failed Pipeline.decide, a failed send) is kept: these calls must neither run
+ * with it set nor replace it. */
+static int buckets_out(Lane *L);
+static int flush_counts(Lane *L);
+
+static int
+finish(Lane *L)
+{
+    PyObject *type, *value, *traceback;
+    int rc;
+    PyErr_Fetch(&type, &value, &traceback);
+    rc = flush_counts(L) < 0 || buckets_out(L) < 0 ? -1 : 0;
+    if (type != NULL) {
+        if (rc < 0)
+            PyErr_Clear();   /* the first error is the one to report */
+        PyErr_Restore(type, value, traceback);
+        rc = -1;
+    }
+    return rc;
+}
+
 /* The global and KoD buckets live here during a pump; Python's copies are
  * brought up to date before Pipeline.decide runs and read back after it. */
 static int
@@ -3101,7 +3124,7 @@ Lane_pump(Lane *L, PyObject *args)
             break;
     }
     release_queue(L, queued);
-    if (flush_counts(L) < 0 || buckets_out(L) < 0 || failed)
+    if (finish(L) < 0 || failed)
         return NULL;
     return Py_BuildValue("LLLLL", (long long)handled, (long long)truncated,
                          (long long)send_errors, (long long)bytes_in, (long long)bytes_out);
@@ -3113,7 +3136,7 @@ static PyObject *
 Lane_decide_one(Lane *L, PyObject *args)
 {
     Py_buffer data, packed;
-    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0, ttl = -1;
+    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0, ttl = -1, begun = 0;
     long long recv_ns, now_ns;
     unsigned char reply[HEAD];
     PyObject *result = NULL;
@@ -3127,6 +3150,7 @@ Lane_decide_one(Lane *L, PyObject *args)
     }
     if (begin(L) < 0)
         goto done;
+    begun = 1;
     if (data.len == HEAD && L->enabled)
         decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, ttl, recv_ns,
                               now_ns, reply, &reason, &reply_kind);
@@ -3152,7 +3176,7 @@ Lane_decide_one(Lane *L, PyObject *args)
         Py_DECREF(slow);
     }
 done:
-    if (L->configured && (flush_counts(L) < 0 || buckets_out(L) < 0))
+    if (begun && finish(L) < 0)   /* (a failed begin() read no buckets to write back) */
         Py_CLEAR(result);
     PyBuffer_Release(&data);
     PyBuffer_Release(&packed);

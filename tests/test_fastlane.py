@@ -721,3 +721,20 @@ def test_the_wait_ends_when_another_descriptor_or_a_signal_needs_python() -> Non
         wake_write.close()
         client.close()
         sock.close()
+
+
+def test_a_failed_start_of_a_decision_keeps_pythons_buckets_and_its_error() -> None:
+    # begin() refuses a global TAT past 64 bits (only Python's unbounded arithmetic makes
+    # one): the error must surface as it is, and the lane must not write its own stale
+    # copy of the buckets back over Python's.
+    reference, compiled, lane, sock = pair({}, 1)
+    try:
+        source, now = bytes((192, 0, 2, 1)), 10 * NS_PER_S
+        lane.decide_one(bytes((0x23,)) + bytes(47), source, 40000, WALL_BASE_NS + now, now)
+        compiled._global_tat = (1 << 63) + 5
+        with pytest.raises(TypeError, match="64 bits"):
+            lane.decide_one(bytes((0x23,)) + bytes(47), source, 40000, WALL_BASE_NS + now,
+                            2 * now)
+        assert compiled._global_tat == (1 << 63) + 5
+    finally:
+        sock.close()

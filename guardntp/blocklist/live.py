@@ -3,10 +3,12 @@
 Rule: this is the edge between the store and the pipeline. A timer on the
 server's loop asks SQLite for ``PRAGMA data_version`` (a counter that moves
 when another connection commits; no table is read) and only on a change
-reads the rows and hands them to ``Pipeline.set_blocklist``. Buckets and
-counters are untouched: only the access list is rebuilt. Expiry needs no
-timer of its own (a lookup ignores an expired entry); the list is still
-rebuilt when the next entry lapses, to keep the table small.
+reads the rows, compares them with what it applied last (by network) and
+hands the difference to ``Pipeline.update_blocklist``: a ``block add`` among
+100 000 entries is one entry written into the access list, not a new list.
+Buckets and counters are untouched. Expiry needs no timer of its own (a lookup
+ignores an expired entry); when the next entry lapses it is removed (a heap of
+expiries says which, no row is read), to keep the table small.
 
 The server's connection waits at most ``BUSY_MS`` for a lock: a long import
 by the CLI must not stall the packet loop, so a busy moment is retried on the
@@ -15,6 +17,7 @@ next tick instead.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -53,7 +56,12 @@ class LiveBlocklist:
         self._version: int | None = None
         self._inode = store.path.stat().st_ino
         self._next_expiry_ns: int | None = None
-        self._cache: dict[_Row, AclEntry] = {}
+        #: What the filter has now, by the store's cidr (str(network)): the row it
+        #: came from and the entry made of it.
+        self._applied: dict[str, tuple[_Row, AclEntry]] = {}
+        #: (expires_ns, network) of applied entries, soonest first; stale items (an
+        #: entry since replaced or removed) are skipped when they come up.
+        self._expiries: list[tuple[int, str]] = []
         self._pending_auto: dict[bytes, BlockEntry] = {}
         self._last_purge_ns: int | None = None
         # What `guardntp stats` reports.
@@ -72,9 +80,11 @@ class LiveBlocklist:
             self._write_pending_auto(now_ns)
             version = self.store.data_version()
             expiry = self._next_expiry_ns
-            if version != self._version or (expiry is not None and now_ns >= expiry):
-                self._version = version
+            if version != self._version:
                 self.load(now_ns)
+                self._version = version     # only once loaded: a failed read is retried
+            elif expiry is not None and now_ns >= expiry:
+                self._expire(now_ns)        # nobody else wrote: the rows are as loaded
             mono_ns = self.monotonic_ns()
             if self._last_purge_ns is None or mono_ns - self._last_purge_ns >= PURGE_NS:
                 self._last_purge_ns = mono_ns
@@ -104,25 +114,87 @@ class LiveBlocklist:
         log.info("blocklist: %s was replaced; reading the new file", fresh.path)
 
     def load(self, now_ns: int) -> None:
-        """Read every row and give the live ones to the filter."""
-        cache = self._cache
-        fresh: dict[_Row, AclEntry] = {}
-        next_expiry: int | None = None
+        """Read every row and give the filter what changed since the last load: rows
+        new or different (by network) are added, networks no live row has any more
+        are removed. Nothing is applied unless all of it can be (a bad row raises
+        with the filter as it was)."""
+        applied = self._applied
+        fresh: dict[str, tuple[_Row, AclEntry]] = {}
+        added: list[AclEntry] = []
+        added_at: list[str] = []
+        kept = 0        # networks applied before that a live row still has
         for row in self.store.rows():
             expires_ns = row[4]
-            if expires_ns is not None:
-                if expires_ns <= now_ns:
+            if expires_ns is not None and expires_ns <= now_ns:
+                continue
+            # Keyed by the store's cidr, its primary key, written normalised (str of the
+            # network): one row per network, as the filter holds one entry per network.
+            cidr = row[0]
+            old = applied.get(cidr)
+            if old is not None:
+                kept += 1
+                if old[0] == row:
+                    fresh[cidr] = old
                     continue
-                next_expiry = expires_ns if next_expiry is None else min(next_expiry,
-                                                                          expires_ns)
-            entry = cache.get(row)
-            fresh[row] = entry if entry is not None else entry_from_row(row).acl_entry()
-        self._cache = fresh
-        self._next_expiry_ns = next_expiry
-        self.pipeline.set_blocklist(list(fresh.values()))
+            entry = entry_from_row(row).acl_entry()
+            fresh[cidr] = (row, entry)
+            added.append(entry)
+            added_at.append(cidr)
+        removed = ([] if kept == len(applied) else
+                   [old[1].network for cidr, old in applied.items() if cidr not in fresh])
+        if added or removed:
+            self.pipeline.update_blocklist(added, removed)
+        # -- applied: from here on nothing can fail
+        self._applied = fresh
+        expiries = self._expiries
+        if len(expiries) + len(added) > 2 * len(fresh) + 64:   # mostly stale: start afresh
+            expiries = [(entry.expires_ns, cidr) for cidr, (_, entry) in fresh.items()
+                        if entry.expires_ns is not None]
+            heapq.heapify(expiries)
+        else:
+            pairs = [(entry.expires_ns, cidr) for entry, cidr in zip(added, added_at, strict=True)
+                     if entry.expires_ns is not None]
+            if len(pairs) > 64:          # an import: one heapify, not a push each
+                expiries.extend(pairs)
+                heapq.heapify(expiries)
+            else:
+                for pair in pairs:
+                    heapq.heappush(expiries, pair)
+        self._expiries = expiries
+        self._next_expiry_ns = expiries[0][0] if expiries else None
         self.active_entries = len(fresh)
         self.loads += 1
-        log.debug("blocklist: %d active entries", len(fresh))
+        log.debug("blocklist: %d active entries (%d added or changed, %d removed)",
+                  len(fresh), len(added), len(removed))
+
+    def _expire(self, now_ns: int) -> None:
+        """Remove the applied entries that have lapsed by ``now_ns``, and only those:
+        the store has not changed since the last load (its data_version says so), so
+        no row needs reading."""
+        applied = self._applied
+        expiries = self._expiries
+        lapsed: dict[str, AclEntry] = {}
+        while expiries and expiries[0][0] <= now_ns:
+            cidr = heapq.heappop(expiries)[1]
+            current = applied.get(cidr)
+            if current is not None:
+                expires_ns = current[1].expires_ns
+                if expires_ns is not None and expires_ns <= now_ns:
+                    lapsed[cidr] = current[1]
+        try:
+            if lapsed:
+                self.pipeline.update_blocklist((), [entry.network for entry in lapsed.values()])
+        except BaseException:
+            for cidr, entry in lapsed.items():     # as it was: tried again next tick
+                assert entry.expires_ns is not None
+                heapq.heappush(expiries, (entry.expires_ns, cidr))
+            raise
+        for cidr in lapsed:
+            del applied[cidr]
+        self._next_expiry_ns = expiries[0][0] if expiries else None
+        self.active_entries = len(applied)
+        if lapsed:
+            log.debug("blocklist: %d entries lapsed, %d active", len(lapsed), len(applied))
 
     # ------------------------------------------------------------------ automatic blocks
 

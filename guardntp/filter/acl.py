@@ -1,15 +1,20 @@
 """Access lists: allow and deny by CIDR, IPv4 and IPv6, longest prefix wins.
 
 Rule: a lookup is by packed address bytes; entries live in one dict per
-prefix length, so a lookup is at most one dict probe per length in use. The
-blocklist (``guardntp/blocklist``) feeds entries with an origin and an expiry
-into the same table; an expired entry simply stops matching.
+prefix length, so a lookup is at most one dict probe per length in use. Two
+layers share those dicts: the configuration's ``[[acl]]`` entries and the
+blocklist's (``guardntp/blocklist``, entries with an origin and an expiry). On
+one prefix the blocklist entry wins while it is active; an expired entry
+uncovers what lies beneath it (the configuration's entry on the same prefix,
+else a shorter prefix). The blocklist changes by difference: a ``block add``
+among 100 000 entries writes one key, not a new table.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..netaddr import BadAddress
@@ -71,46 +76,239 @@ def parse_network(text: str, strict: bool = True) -> Network:
     return as_seen_by_the_filter(network)
 
 
+#: (address width in bytes, prefix length) of each table, by a small code: IPv4 /0-/32
+#: are codes 0-32, IPv6 /0-/128 codes 33-161.
+_WHERE = [(4, prefixlen) for prefixlen in range(33)] + [(16, prefixlen)
+                                                        for prefixlen in range(129)]
+#: Where an entry lives in an :class:`AccessList`: its network's address shifted past
+#: the host bits (its key in the table), shifted 8 bits left over its table's code.
+#: One int, not a tuple: a plan for 100 000 entries makes no garbage to collect.
+Key = int
+#: What one key holds: the entry of one layer, or (blocklist entry, config entry).
+Slot = AclEntry | tuple[AclEntry, AclEntry]
+
+
+def _key(network: Network) -> Key:
+    """Raises TypeError for anything that is not an IPv4 or IPv6 network."""
+    if isinstance(network, ipaddress.IPv4Network):
+        prefixlen = network.prefixlen
+        return int(network.network_address) >> (32 - prefixlen) << 8 | prefixlen
+    if isinstance(network, ipaddress.IPv6Network):
+        prefixlen = network.prefixlen
+        return int(network.network_address) >> (128 - prefixlen) << 8 | (33 + prefixlen)
+    raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
+
+
+def _checked(entry: AclEntry) -> Key:
+    """The key of ``entry``, after checking it is one (a lookup must not fail later)."""
+    key = _key(entry.network)
+    expires_ns = entry.expires_ns
+    if (not isinstance(entry, AclEntry) or not isinstance(entry.action, Action)
+            or (expires_ns is not None and expires_ns.__class__ is not int)):
+        raise TypeError(f"not an access-list entry (an action, expires_ns an int or "
+                        f"None): {entry!r}")
+    return key
+
+
+class AclChange:
+    """A change to an :class:`AccessList`, worked out and checked by
+    :meth:`AccessList.plan` without touching the list, applied by
+    :meth:`AccessList.apply` with operations that cannot fail."""
+
+    __slots__ = ("generation", "writes", "new_tables", "config", "blocked")
+
+    def __init__(self, generation: int, writes: list[tuple[dict[int, Slot], int, Slot | None]],
+                 new_tables: dict[tuple[int, int], dict[int, Slot]],
+                 config: dict[Key, AclEntry] | None, blocked: int) -> None:
+        #: The list's generation the change was worked out against.
+        self.generation = generation
+        #: Into tables the list has already: (table, key, new slot or None to delete).
+        self.writes = writes
+        #: Tables for prefix lengths not in use yet, filled already.
+        self.new_tables = new_tables
+        self.config = config       # the new configuration layer, or None: unchanged
+        self.blocked = blocked     # blocklist entries after the change
+
+    def __bool__(self) -> bool:
+        """Does it change any lookup?"""
+        return bool(self.writes or self.new_tables)
+
+
 class AccessList:
-    """Longest-prefix-match table. ``generation`` changes on every edit, so callers
-    may cache a lookup result per source and re-check only when it moves."""
+    """Longest-prefix-match table over two layers: the configuration's ``[[acl]]``
+    entries and the live blocklist's. ``generation`` changes on every edit, so callers
+    may cache a lookup result per source and re-check only when it moves (or when
+    the cached entry expires: the result can change then and only then).
 
-    __slots__ = ("_tables", "_lengths", "generation")
+    One dict per (address width, prefix length) in use, keyed by the network's
+    address shifted past its host bits. A key held by one layer maps to its entry;
+    a key held by both maps to the tuple (blocklist entry, configuration entry),
+    so a lookup still probes one dict per length. Which layer a lone entry belongs
+    to is told by the configuration layer's own small dict (``_config``).
+    """
 
-    def __init__(self, entries: list[AclEntry] | None = None) -> None:
-        # _tables[(version, prefixlen)] = {network int: entry}
-        self._tables: dict[tuple[int, int], dict[int, AclEntry]] = {}
+    __slots__ = ("_tables", "_lengths", "_probes", "_config", "_blocked", "generation")
+
+    def __init__(self, entries: Iterable[AclEntry] | None = None,
+                 blocklist: Iterable[AclEntry] | None = None) -> None:
+        """``entries``: the configuration layer; ``blocklist``: the blocklist layer."""
+        self._tables: dict[tuple[int, int], dict[int, Slot]] = {}
+        self._config: dict[Key, AclEntry] = {}
+        self._blocked = 0
         self._lengths: dict[int, list[int]] = {4: [], 16: []}
+        #: Per address width: (host bits to shift away, table), longest prefix first.
+        self._probes: dict[int, tuple[tuple[int, dict[int, Slot]], ...]] = {4: (), 16: ()}
         self.generation = 0
-        for entry in entries or []:
-            self.add(entry)
+        if entries is not None or blocklist is not None:
+            self.apply(self.plan(config=entries, added=blocklist or ()))
 
-    def add(self, entry: AclEntry) -> None:
-        network = entry.network
-        width = 4 if network.version == 4 else 16
-        table = self._tables.setdefault((width, network.prefixlen), {})
-        table[int(network.network_address)] = entry
-        lengths = self._lengths[width]
-        if network.prefixlen not in lengths:
-            lengths.append(network.prefixlen)
-            lengths.sort(reverse=True)
+    # ------------------------------------------------------------------ changes
+
+    def plan(self, config: Iterable[AclEntry] | None = None, added: Iterable[AclEntry] = (),
+             removed: Iterable[Network] = ()) -> AclChange:
+        """Work out a change without making it: with ``config``, that list becomes the
+        configuration layer; the blocklist layer loses the entries on ``removed``
+        networks, then gains ``added`` (each replacing the blocklist entry on its
+        network, if any). Only the keys these name are visited. Raises TypeError
+        (AttributeError) for anything that is not an entry, with nothing changed."""
+        config_layer = None if config is None else {_checked(entry): entry for entry in config}
+        block: dict[Key, AclEntry | None] = {_key(network): None for network in removed}
+        for entry in added:
+            block[_checked(entry)] = entry
+        return self._plan(config_layer, block)
+
+    def _plan(self, config: dict[Key, AclEntry] | None,
+              block: dict[Key, AclEntry | None]) -> AclChange:
+        """``config``: the new configuration layer (None: as it is); ``block``: per key,
+        the blocklist entry to hold there (None: none)."""
+        tables = self._tables
+        layer = self._config
+        keys: Iterable[Key] = (block if config is None
+                               else block.keys() | config.keys() | layer.keys())
+        writes: list[tuple[dict[int, Slot], int, Slot | None]] = []
+        new_tables: dict[tuple[int, int], dict[int, Slot]] = {}
+        blocked = self._blocked
+        where_of = _WHERE
+        for key in keys:
+            where = where_of[key & 0xFF]
+            prefix = key >> 8
+            table = tables.get(where)
+            value = None if table is None else table.get(prefix)
+            old_block: AclEntry | None
+            old_conf: AclEntry | None
+            if value is None:
+                old_block = old_conf = None
+            elif isinstance(value, tuple):
+                old_block, old_conf = value
+            elif layer.get(key) is value:
+                old_block, old_conf = None, value
+            else:
+                old_block, old_conf = value, None
+            new_block = block.get(key, old_block)
+            new_conf = old_conf if config is None else config.get(key)
+            if new_block is old_block and new_conf is old_conf:
+                continue
+            blocked += (new_block is not None) - (old_block is not None)
+            new: Slot | None = (new_conf if new_block is None else new_block if new_conf is None
+                                else (new_block, new_conf))
+            if table is not None:
+                writes.append((table, prefix, new))
+            elif new is not None:
+                new_tables.setdefault(where, {})[prefix] = new
+        return AclChange(self.generation, writes, new_tables, config, blocked)
+
+    def apply(self, change: AclChange) -> None:
+        """Make a change :meth:`plan` worked out, bumping the generation once (if any
+        lookup may change). Plain dict stores and deletions of keys known to be
+        there: it cannot fail halfway. A change planned against another generation
+        is refused (RuntimeError) before anything is touched."""
+        if change.generation != self.generation:
+            raise RuntimeError("access-list change planned against another generation")
+        if change.config is not None:
+            self._config = change.config
+        if not change:
+            return
+        tables = self._tables
+        emptied = False
+        for table, prefix, value in change.writes:
+            if value is None:
+                del table[prefix]
+                emptied = emptied or not table
+            else:
+                table[prefix] = value
+        if emptied:
+            for where in [where for where, table in tables.items() if not table]:
+                del tables[where]
+        tables.update(change.new_tables)
+        if emptied or change.new_tables:
+            self._index()
+        self._blocked = change.blocked
         self.generation += 1
 
-    def remove(self, network: Network) -> bool:
-        width = 4 if network.version == 4 else 16
-        table = self._tables.get((width, network.prefixlen))
-        if not table or table.pop(int(network.network_address), None) is None:
+    def _index(self) -> None:
+        lengths: dict[int, list[int]] = {4: [], 16: []}
+        for width, prefixlen in self._tables:
+            lengths[width].append(prefixlen)
+        for prefixlens in lengths.values():
+            prefixlens.sort(reverse=True)
+        tables = self._tables
+        self._probes = {width: tuple((width * 8 - prefixlen, tables[(width, prefixlen)])
+                                     for prefixlen in prefixlens)
+                        for width, prefixlens in lengths.items()}
+        self._lengths = lengths
+
+    def set_config(self, entries: Iterable[AclEntry]) -> None:
+        """Make ``entries`` the configuration layer; the blocklist layer stays."""
+        self.apply(self.plan(config=entries))
+
+    def update_blocklist(self, added: Iterable[AclEntry] = (),
+                         removed: Iterable[Network] = ()) -> None:
+        """Remove the blocklist entries on ``removed``, then add ``added``: only these
+        keys are touched, and the generation moves once."""
+        self.apply(self.plan(added=added, removed=removed))
+
+    def blocklist_plan(self, entries: Iterable[AclEntry]) -> AclChange:
+        """The change that makes ``entries`` the whole blocklist layer: only entries
+        that differ from the present ones (on their network) are written."""
+        current = self._blocklist_layer()
+        wanted = {_checked(entry): entry for entry in entries}
+        block: dict[Key, AclEntry | None] = {key: None for key in current if key not in wanted}
+        for key, entry in wanted.items():
+            present = current.get(key)
+            if present is not entry and present != entry:
+                block[key] = entry
+        return self._plan(None, block)
+
+    def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
+        self.apply(self.blocklist_plan(entries))
+
+    def add(self, entry: AclEntry, blocklist: bool = False) -> None:
+        """One entry into the configuration layer (or, with ``blocklist``, that layer)."""
+        if blocklist:
+            self.update_blocklist(added=(entry,))
+        else:
+            self.apply(self._plan({**self._config, _checked(entry): entry}, {}))
+
+    def remove(self, network: Network, blocklist: bool = False) -> bool:
+        """Take the entry on ``network`` out of one layer; was there one?"""
+        key = _key(network)
+        if blocklist:
+            change = self._plan(None, {key: None})
+        elif key in self._config:
+            change = self._plan({k: e for k, e in self._config.items() if k != key}, {})
+        else:
             return False
-        if not table:
-            del self._tables[(width, network.prefixlen)]
-            self._lengths[width].remove(network.prefixlen)
-        self.generation += 1
+        if not change:
+            return False
+        self.apply(change)
         return True
 
-    def replace(self, entries: list[AclEntry]) -> None:
-        """Swap in a whole new list (reload, blocklist refresh); bumps the generation.
+    def replace(self, entries: Iterable[AclEntry],
+                blocklist: Iterable[AclEntry] | None = None) -> None:
+        """Swap in whole new layers (``entries`` the configuration's, ``blocklist``
+        the blocklist's, none if not given); bumps the generation.
         All or nothing: the new tables are built before any of these is touched."""
-        self.adopt(AccessList(entries))
+        self.adopt(AccessList(entries, blocklist))
 
     def adopt(self, other: AccessList) -> None:
         """Take ``other``'s entries in place of these, keeping this object (the compiled
@@ -118,7 +316,12 @@ class AccessList:
         Plain assignments only, so it cannot fail halfway; ``other`` is not used again."""
         self._tables = other._tables
         self._lengths = other._lengths
+        self._probes = other._probes
+        self._config = other._config
+        self._blocked = other._blocked
         self.generation += 1
+
+    # ------------------------------------------------------------------ reading
 
     def covers_ipv6(self) -> bool:
         """Is there any IPv6 entry? (If not, every IPv6 lookup is None: the compiled
@@ -126,22 +329,55 @@ class AccessList:
         return bool(self._lengths[16])
 
     def entries(self) -> list[AclEntry]:
-        return [entry for table in self._tables.values() for entry in table.values()]
+        """Every entry of both layers (one network may appear twice: once per layer)."""
+        found: list[AclEntry] = []
+        for table in self._tables.values():
+            for value in table.values():
+                if isinstance(value, tuple):
+                    found.extend(value)
+                else:
+                    found.append(value)
+        return found
+
+    def config_entries(self) -> list[AclEntry]:
+        return list(self._config.values())
+
+    def blocklist_entries(self) -> list[AclEntry]:
+        return list(self._blocklist_layer().values())
+
+    def _blocklist_layer(self) -> dict[Key, AclEntry]:
+        layer = self._config
+        found: dict[Key, AclEntry] = {}
+        for (width, prefixlen), table in self._tables.items():
+            code = prefixlen if width == 4 else 33 + prefixlen
+            for prefix, value in table.items():
+                if isinstance(value, tuple):
+                    found[prefix << 8 | code] = value[0]
+                elif layer.get(prefix << 8 | code) is not value:
+                    found[prefix << 8 | code] = value
+        return found
 
     def lookup(self, packed: bytes, now_ns: int) -> AclEntry | None:
-        """The active entry with the longest prefix covering ``packed``, if any."""
-        width = len(packed)
-        lengths = self._lengths.get(width)
-        if not lengths:
+        """The active entry with the longest prefix covering ``packed``, if any. On one
+        prefix the blocklist's entry while it is active, then the configuration's; an
+        expired entry uncovers what lies beneath it."""
+        probes = self._probes.get(len(packed))
+        if not probes:
             return None
         address = int.from_bytes(packed, "big")
-        bits = width * 8
-        for prefixlen in lengths:
-            entry = self._tables[(width, prefixlen)].get(
-                (address >> (bits - prefixlen)) << (bits - prefixlen))
-            if entry is not None and entry.active(now_ns):
-                return entry
+        for shift, table in probes:
+            entry = table.get(address >> shift)
+            if entry is not None:
+                if isinstance(entry, tuple):
+                    block, entry = entry
+                    expires_ns = block.expires_ns
+                    if expires_ns is None or now_ns < expires_ns:
+                        return block
+                expires_ns = entry.expires_ns
+                if expires_ns is None or now_ns < expires_ns:
+                    return entry
         return None
 
     def __len__(self) -> int:
-        return sum(len(table) for table in self._tables.values())
+        """Entries in both layers (a network in both counts twice)."""
+        return len(self._config) + self._blocked

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
 from . import crowd, fingerprint
-from .acl import AccessList, AclEntry, Action
+from .acl import AccessList, AclEntry, Action, Network
 from .buckets import (
     EVICTION_SCAN,
     BadLimit,
@@ -290,9 +290,9 @@ class Pipeline:
         self.sources = BucketTable(1, tat_cells=(TAT, OTHER_TAT))
         self.prefixes = BucketTable(1)
         self.newcomers = NewcomerTable(1)
+        #: Two layers, the configuration's [[acl]] and the blocklist's (``acl.py``).
         self.acl = AccessList()
         self._config_acl: list[AclEntry] = []
-        self._blocklist: list[AclEntry] = []
         self._global_tat = 0
         self._kod_tat = 0
         self._prefix_overflow: SourceRecord = new_prefix_record(0)
@@ -318,7 +318,8 @@ class Pipeline:
         :class:`BadPolicy` with the running settings untouched."""
         compiled = compile_policy(policy)
         config_acl = list(policy.acl)
-        acl = AccessList(config_acl + self._blocklist) if config_acl != self._config_acl else None
+        # Only the configuration layer is redone; the blocklist's stays as it is.
+        acl = self.acl.plan(config=config_acl) if config_acl != self._config_acl else None
         newcomers = self.newcomers.resized(policy.max_newcomers)
         lane_settings = self._lane_settings(compiled)
         if _Lane is not None:
@@ -356,7 +357,7 @@ class Pipeline:
         self.newcomers = newcomers
         if acl is not None:
             self._config_acl = config_acl
-            self.acl.adopt(acl)
+            self.acl.apply(acl)
         self._prefix_overflow = new_prefix_record(0)
         self._lane_config = lane_settings
         self.config_version += 1
@@ -464,14 +465,21 @@ class Pipeline:
                     kod_limit.tolerance_ns, compiled.policy.kod_min_poll),
         }
 
-    def set_blocklist(self, entries: list[AclEntry]) -> None:
-        """Replace the blocklist entries (from ``guardntp/blocklist``); takes effect at once."""
-        self._blocklist = list(entries)
-        self._rebuild_acl()
+    def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
+        """Make ``entries`` the whole blocklist layer; takes effect at once. Applied as
+        a difference: only entries that changed on their network are written (the
+        rest is compared, not rebuilt). On one prefix a blocklist entry beats the
+        configuration's while it is active; expired or removed, it uncovers it."""
+        self.acl.set_blocklist(entries)
 
-    def _rebuild_acl(self) -> None:
-        # Blocklist entries are added last, so on an identical prefix they win.
-        self.acl.replace(self._config_acl + self._blocklist)
+    def update_blocklist(self, added: Iterable[AclEntry] = (),
+                         removed: Iterable[Network] = ()) -> None:
+        """Remove the blocklist entries on ``removed``, then add (or replace, on their
+        network) ``added``; takes effect at once. Touches only those entries, whatever
+        the size of the list (``guardntp/blocklist/live.py`` hands over what changed
+        in the store). All or nothing: raises TypeError for a bad entry with the list
+        untouched; the access list's generation moves once."""
+        self.acl.update_blocklist(added, removed)
 
     # ------------------------------------------------------------------ the decision
 
