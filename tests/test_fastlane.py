@@ -139,6 +139,21 @@ def authenticator(mode: str | None) -> KeyAuthenticator | None:
     return KeyAuthenticator({KEY.key_id: KEY}, require=require)
 
 
+def decide_both(reference: Pipeline, compiled: Pipeline, lane: fastlane.FastLane, step: int,
+                data: bytes, source: bytes, port: int, recv_ns: int, now_ns: int,
+                ttl: int) -> tuple[int, bool, str]:
+    """One datagram through the reference model and the compiled lane: the same reason,
+    reply and signing, and afterwards the same state. Returns (reason, decided in C,
+    where: the step described for assertion messages)."""
+    expected = reference.decide(data, source, port, recv_ns, now_ns, ttl)
+    reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns, ttl)
+    where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
+    assert (reason, reply) == (expected[0], expected[1]), where
+    assert (signer is None) == (expected[2] is None), where
+    assert state(compiled) == state(reference), where
+    return reason, in_c, where
+
+
 def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fastlane.FastLane,
                                                           socket.socket]:
     settings = dict(settings)
@@ -170,13 +185,8 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
             source = rng.choice(V4_SOURCES) if rng.random() < 0.9 else rng.choice(V6_SOURCES)
             port = rng.choice(PORTS)
             ttl = rng.choice(TTLS)
-            expected = reference.decide(data, source, port, recv_ns, now_ns, ttl)
-            reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns,
-                                                          ttl)
-            where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
-            assert (reason, reply) == (expected[0], expected[1]), where
-            assert (signer is None) == (expected[2] is None), where
-            assert state(compiled) == state(reference), where
+            reason, in_c, where = decide_both(reference, compiled, lane, step, data, source,
+                                              port, recv_ns, now_ns, ttl)
             if in_c:
                 fast += 1
                 decided_in_c.add(Reason(reason))
@@ -356,13 +366,8 @@ def test_floods_of_new_sources_are_decided_in_c_as_python_decides(variant: str,
             entry = reference.acl.lookup(source, recv_ns)
             before = lane.first_sightings
             ttl = rng.choice(TTLS)
-            expected = reference.decide(data, source, port, recv_ns, now_ns, ttl)
-            reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns,
-                                                          ttl)
-            where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
-            assert (reason, reply) == (expected[0], expected[1]), where
-            assert (signer is None) == (expected[2] is None), where
-            assert state(compiled) == state(reference), where
+            reason, in_c, where = decide_both(reference, compiled, lane, step, data, source,
+                                              port, recv_ns, now_ns, ttl)
             if lane.first_sightings > before:
                 assert new and in_c, where
             if new and plain and (entry is None or entry.action is Action.DROP):

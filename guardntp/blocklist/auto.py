@@ -33,17 +33,7 @@ from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..filter.crowd import CLASS_MEMORY_NS, same_initial_ttl
-from ..filter.pipeline import (
-    ACL_ENTRY,
-    DROPS,
-    HOME_TTL,
-    KODS,
-    LAST_SEEN,
-    OTHER_TAT,
-    OTHER_TTL,
-    TAT,
-)
+from ..filter.pipeline import ACL_ENTRY, DROPS, KODS, LAST_SEEN, is_contested
 from ..timestamps import NS_PER_S
 from .entries import ACTIONS, BadDuration, Network, parse_duration
 
@@ -117,14 +107,6 @@ def parse_auto_policy(table: Mapping[str, Any]) -> AutoPolicy:
     return AutoPolicy(enabled, float(after), ttl_s, float(min_rate), str(action))
 
 
-def two_classes_active(record: MutableSequence[Any], now_ns: int) -> bool:
-    """Is the source contested (``filter/crowd.py``): both TTL classes charged recently,
-    from the same kind of sender at two distances?"""
-    since = now_ns - CLASS_MEMORY_NS
-    return bool(record[TAT] > since and record[OTHER_TAT] > since
-                and same_initial_ttl(record[HOME_TTL], record[OTHER_TTL]))
-
-
 def network_of_key(key: bytes) -> Network:
     """A filter table key (4 bytes IPv4, or the leading bytes of an IPv6 address)."""
     if len(key) == 4:
@@ -171,12 +153,12 @@ class AutoBlocker:
         if suspect is None:
             if (limited and now_ns - record[LAST_SEEN] < RECENT_NS
                     and record[ACL_ENTRY] is None and len(self.suspects) < MAX_SUSPECTS
-                    and not two_classes_active(record, now_ns)):
+                    and not is_contested(record, now_ns)):
                 self.suspects[key] = [now_ns, limited, limited]
             return None
         since_ns, limited_then, last_limited = suspect
         if limited == last_limited or record[ACL_ENTRY] is not None or \
-                two_classes_active(record, now_ns):
+                is_contested(record, now_ns):
             # calmed down, now named in the access list, or perhaps spoofed
             del self.suspects[key]
             return None

@@ -139,6 +139,16 @@ def new_prefix_record(now_ns: int) -> SourceRecord:
     return [now_ns] if _Record is None else _Record((now_ns,))
 
 
+def is_contested(record: SourceRecord, now_ns: int, charged_cell: int | None = None) -> bool:
+    """Both of the source's TTL classes active (charged within ``crowd.CLASS_MEMORY_NS``;
+    ``charged_cell``: the bucket the request at hand is charged to counts as active), from
+    the same kind of sender at two distances: perhaps a spoofer in its owner's name."""
+    since = now_ns - crowd.CLASS_MEMORY_NS
+    return (crowd.same_initial_ttl(record[HOME_TTL], record[OTHER_TTL])
+            and (charged_cell == OTHER_TAT or record[OTHER_TAT] > since)
+            and (charged_cell == TAT or record[TAT] > since))
+
+
 @dataclass(frozen=True)
 class CompiledPolicy:
     """What :class:`Pipeline` derives from a :class:`FilterPolicy`, all of it checked:
@@ -650,10 +660,7 @@ class Pipeline:
             elif ttl - home > crowd.TTL_SLACK or home - ttl > crowd.TTL_SLACK:
                 tat_cell = OTHER_TAT
                 record[OTHER_TTL] = ttl
-        since = now_ns - crowd.CLASS_MEMORY_NS
-        contested = (crowd.same_initial_ttl(record[HOME_TTL], record[OTHER_TTL])
-                     and (tat_cell == OTHER_TAT or record[OTHER_TAT] > since)
-                     and (tat_cell == TAT or record[TAT] > since))
+        contested = is_contested(record, now_ns, tat_cell)
         if self.max_crowd == 1:
             return tat_cell, 1, contested
         started = record[WINDOW_START]

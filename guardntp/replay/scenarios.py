@@ -318,30 +318,27 @@ def _netgear(rng: random.Random, scale: float, duration_ns: int, tag: int) -> It
     return _merge(streams)
 
 
-def _dlink(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
-    pool = _AddressPool(rng, "10.32.0.0/12")
-    period = 60 * NS_PER_S
+def _sntpv1_fleet(rng: random.Random, cidr: str, devices: int, period_s: int,
+                  duration_ns: int, tag: int) -> Iterator[Event]:
+    """SNTPv1 firmware: each device from its own address and fixed port, every period."""
+    pool = _AddressPool(rng, cidr)
+    period = period_s * NS_PER_S
     streams = []
-    for client in range(_count(2083, scale)):
+    for client in range(devices):
         first_ns = int(rng.random() * period)
         src = pool.draw()
         streams.append(_periodic(rng, first_ns, period, 0.01, duration_ns, tag, client,
                                  Kind.SNTPV1, src, _ephemeral_port(rng),
                                  _path_ttl(TTL_UNIX, src)))
     return _merge(streams)
+
+
+def _dlink(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    return _sntpv1_fleet(rng, "10.32.0.0/12", _count(2083, scale), 60, duration_ns, tag)
 
 
 def _smc(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
-    pool = _AddressPool(rng, "10.48.0.0/12")
-    period = 30 * NS_PER_S
-    streams = []
-    for client in range(_count(1000, scale)):
-        first_ns = int(rng.random() * period)
-        src = pool.draw()
-        streams.append(_periodic(rng, first_ns, period, 0.01, duration_ns, tag, client,
-                                 Kind.SNTPV1, src, _ephemeral_port(rng),
-                                 _path_ttl(TTL_UNIX, src)))
-    return _merge(streams)
+    return _sntpv1_fleet(rng, "10.48.0.0/12", _count(1000, scale), 30, duration_ns, tag)
 
 
 def _mobatime(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
