@@ -21,6 +21,7 @@ and kernel time, and optionally:
     python3 bench/profile_server.py --perf /tmp/guardntp.perf
     python3 bench/profile_server.py --null-decide
     python3 bench/profile_server.py --over-limit
+    python3 bench/profile_server.py --pure-defaults --perf /tmp/guardntp.perf
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--perf", metavar="FILE")
     parser.add_argument("--null-decide", action="store_true")
     parser.add_argument("--over-limit", action="store_true")
+    parser.add_argument("--pure-defaults", action="store_true",
+                        help="the default FilterPolicy and no source seen before: a spoofed "
+                             "flood of --sources never-seen addresses")
     args = parser.parse_args(argv)
     if not 1 <= args.sources <= 65536 * 224 or not 0 < args.seconds <= 60:
         parser.error("--sources 1..14680064, --seconds up to 60")
@@ -110,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         source = LocalClock()
         now = time.time_ns()
-        policy = FilterPolicy(max_sources=max(args.sources, 1 << 18))
+        policy = (FilterPolicy() if args.pure_defaults
+                  else FilterPolicy(max_sources=max(args.sources, 1 << 18)))
         if args.over_limit:
             policy = dataclasses.replace(policy, leak_one_in=0, send_kod=False)
         pipeline = Pipeline(policy, Responder(source.state(now), now))
         # Every source once, long enough ago that its bucket is full again.
         past = time.monotonic_ns() - 100 * 10**9
-        for index in range(args.sources):
+        for index in range(0 if args.pure_defaults else args.sources):
             pipeline.decide(REQUEST, source_address(index), 40000, now, past)
         if args.over_limit:   # ... or drained for the next 11 days
             for record in pipeline.sources.records.values():

@@ -13,9 +13,9 @@
  * The filter stays in Python and stays the authority: Pipeline.decide is the
  * reference model. This file decides a packet itself only on the paths below,
  * and there it reads and writes the very same Python objects Pipeline.decide
- * uses (the per-source Records, found through the tables' AddressIndex, the
- * tables' dicts, the newcomer ring, the prefix Records, the counters, the
- * global and KoD buckets), with the same arithmetic:
+ * uses (the tables' AddressTables of per-source and prefix Records, the
+ * newcomer ring, the counters, the global and KoD buckets), with the same
+ * arithmetic:
  *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
  *     4-7, bad versions) -> that drop, counted;
  *   - a source port on the reflection list -> drop, counted;
@@ -27,7 +27,7 @@
  *   - such an IPv4 source whose entry is an unexpired DROP -> drop.
  * Sources the table does not hold are decided here too (first_sighting): a
  * first request while the table has room creates the Record and inserts it
- * (dict, then index: BucketTable.insert); once the table is full it is
+ * (BucketTable.insert); once the table is full it is
  * remembered in the NewcomerRing; a returning newcomer is promoted with
  * BucketTable.admit's eviction scan (or stays a newcomer: table_full). A new
  * prefix is created and admitted the same way, else it shares the overflow
@@ -35,10 +35,12 @@
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
  * Everything else (other access-list entries, MACs, IPv6 while the list has
- * an IPv6 entry, odd lengths, records or tables out of step) goes to
+ * an IPv6 entry, odd lengths, records of another shape) goes to
  * Pipeline.decide unchanged, before anything here has been modified.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
- * through both and compares every reply, counter, record and the ring.
+ * through both, the reference with its tables in OrderedDicts and its ring in
+ * Python, and compares every reply, counter, record, the tables' order and the
+ * ring.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -91,7 +93,8 @@ typedef struct {
 
     /* configuration (configure) */
     int configured, enabled;
-    PyObject *pipeline, *decide, *index, *prefix_index, *counts, *label_counts;
+    PyObject *pipeline, *decide, *counts, *label_counts;
+    PyObject *index, *prefix_index;   /* the tables' records: AddressTables (SOURCE_TABLE) */
     PyObject *acl, *responder, *random, *action_drop;
     /* Per label slot: the first byte, or for NTPv1 (whose label depends on the
      * source port) V1_NETGEAR / V1_OTHER; see label_slot(). */
@@ -124,7 +127,7 @@ typedef struct {
     unsigned char reflection[8192];
     /* First sightings (first_sighting): the tables and the newcomer ring. ring
      * NULL: the pipeline's ring is not a NewcomerRing, first sightings go to Python. */
-    PyObject *sources, *prefixes, *records, *prefix_records, *ring, *prefix_overflow;
+    PyObject *sources, *prefixes, *ring, *prefix_overflow;
     int64_t never, eviction_scan;
 
     /* per pump */
@@ -559,36 +562,43 @@ static PyTypeObject RecordType = {
     .tp_as_sequence = &Record_as_sequence,
 };
 
-/* ------------------------------------------------------------------ AddressIndex */
+/* ------------------------------------------------------------------ AddressTable */
 
 /*
- * A second way into a BucketTable for keys of 1-8 bytes (an IPv4 source, a
- * /24 or other IPv4 prefix, an IPv6 /64 source, a b"6" + 7-byte IPv6 /56
- * prefix): a C open-addressing table from the key, stored in the slot itself,
- * to the same record object the table's dict holds. BucketTable keeps it in
- * step (filter/buckets.py: insert, admit, eviction); longer keys are not
- * indexed and stay on the Python path.
+ * A BucketTable's records (filter/buckets.py): an insertion-ordered map from
+ * an address key to its record, in C. Keys are what Pipeline makes of an
+ * address: 1-16 bytes (an IPv4 address or prefix, an IPv6 source prefix) or 17
+ * (b"6" and a 16-byte IPv6 prefix). It is the one table the compiled loop and
+ * Pipeline.decide both read and write: Python sees a mapping with
+ * OrderedDict's methods (get, [], del, in, len, iteration oldest first, items,
+ * pop, move_to_end); C sees a slot per key with the record in it.
  *
  * Why: a dict lookup in the million-source table is three dependent cache and
- * TLB misses (index, entry, key object) plus a bytes key to build and hash: 17 %
- * of all server CPU at saturation. Here it is one slot, and pump() prefetches
- * a whole batch's slots and records before deciding any of them.
+ * TLB misses (index, entry, key object) plus a bytes key to build and hash; an
+ * eviction (second chance: the oldest entry goes if its bucket is full, else it
+ * moves to the back) was an iterator, a dict delete and a method call. Here a
+ * lookup is one slot, the order is two links in it, and pump() prefetches a
+ * whole batch's slots and records before deciding any of them.
  *
  * The hash is keyed with a random per-process seed, so a spoofing attacker
  * cannot choose addresses that share a probe run. Linear probing, at most half
- * full, deletion by backward shift (no tombstones). Holds a reference to each
- * value; not tracked by the cyclic GC (records refer to nothing that could
- * lead back here). Slots come from PyMem_Raw*, so tracemalloc (and with it
- * contrib/sizing/measure.py) counts them.
+ * full, deletion by backward shift (no tombstones; a moved slot's neighbours
+ * in the order are re-pointed). Holds a reference to each value; not tracked by
+ * the cyclic GC (records refer to nothing that could lead back here). Slots
+ * come from PyMem_Raw*, so tracemalloc (contrib/sizing/measure.py) counts them.
  */
 typedef struct {
-    uint64_t bytes;        /* the key's bytes, big-endian */
-    uint32_t length;       /* 1-8; 0 in an empty slot */
+    uint64_t hi, lo;       /* the key's bytes as a 128-bit big-endian integer */
+    uint32_t length;       /* 1-16, or 17: b"6" then 16 bytes (hi, lo: those 16); 0: none */
 } Key;
 
+#define NIL UINT32_MAX
+
 typedef struct {
-    Key key;
+    uint64_t hi, lo;
     PyObject *value;
+    uint32_t prev, next;   /* slots of the neighbours in insertion order, NIL at the ends */
+    uint32_t length;       /* 0 in an empty slot */
 } Slot;
 
 typedef struct {
@@ -596,18 +606,23 @@ typedef struct {
     Slot *slots;
     uint64_t mask;         /* capacity - 1, capacity a power of two */
     Py_ssize_t count;
-} AddressIndex;
+    uint32_t head, tail;   /* the oldest and the newest entry's slots, NIL when empty */
+    uint64_t version;      /* moves on every change of membership or order */
+} AddressTable;
 
-static PyTypeObject AddressIndexType;
+static PyTypeObject AddressTableType;
 static uint64_t index_seed;
 
-#define INDEX_MIN_CAPACITY 16
-#define INDEX_MAX_KEY 8
+#define TABLE_MIN_CAPACITY 16
+#define TABLE_MAX_CAPACITY (1ULL << 32)   /* slot numbers are 32 bits, NIL excluded */
+#define MAX_KEY 17
+#define V6_TAG '6'
 
 static inline uint64_t
 index_hash(Key key)
 {
-    uint64_t x = (key.bytes ^ index_seed) + key.length * 0x9E3779B97F4A7C15ULL;
+    uint64_t x = (key.lo ^ index_seed) + key.length * 0x9E3779B97F4A7C15ULL;
+    x ^= key.hi * 0xD6E8FEB86659FD93ULL;
     x ^= x >> 30;          /* splitmix64's finaliser */
     x *= 0xbf58476d1ce4e5b9ULL;
     x ^= x >> 27;
@@ -618,280 +633,584 @@ index_hash(Key key)
 static inline int
 key_equal(Key a, Key b)
 {
-    return a.bytes == b.bytes && a.length == b.length;
+    return a.lo == b.lo && a.hi == b.hi && a.length == b.length;
+}
+
+static inline int
+slot_is(const Slot *s, Key key)
+{
+    return s->lo == key.lo && s->hi == key.hi && s->length == key.length;
 }
 
 static inline Key
-address_key(const unsigned char *bytes, int length)
+slot_key(const Slot *s)
 {
-    Key key = {0, (uint32_t)length};
-    int i;
-    for (i = 0; i < length; i++)
-        key.bytes = (key.bytes << 8) | bytes[i];
+    Key key = {s->hi, s->lo, s->length};
     return key;
 }
 
-/* The key of a bytes object; length 0 when it is not indexable (not 1-8 bytes). */
+/* The key of 1-16 address bytes. */
+static inline Key
+address_key(const unsigned char *bytes, int length)
+{
+    Key key = {0, 0, (uint32_t)length};
+    int i;
+    for (i = 0; i < length; i++) {
+        key.hi = (key.hi << 8) | (key.lo >> 56);
+        key.lo = (key.lo << 8) | bytes[i];
+    }
+    return key;
+}
+
+/* The key of a bytes object; length 0 when no address key is (not 1-16 bytes,
+ * nor 17 starting with b"6"). */
 static Key
 key_of(PyObject *object)
 {
-    Key none = {0, 0};
+    Key none = {0, 0, 0}, key;
+    const unsigned char *bytes;
     Py_ssize_t length;
     if (!PyBytes_Check(object))
         return none;
+    bytes = (const unsigned char *)PyBytes_AS_STRING(object);
     length = PyBytes_GET_SIZE(object);
-    if (length < 1 || length > INDEX_MAX_KEY)
+    if (length >= 1 && length <= 16)
+        return address_key(bytes, (int)length);
+    if (length != MAX_KEY || bytes[0] != V6_TAG)
         return none;
-    return address_key((const unsigned char *)PyBytes_AS_STRING(object), (int)length);
+    key = address_key(bytes + 1, 16);
+    key.length = MAX_KEY;
+    return key;
+}
+
+static PyObject *
+key_bytes(Key key)
+{
+    unsigned char bytes[MAX_KEY];
+    int b, length = key.length == MAX_KEY ? 16 : (int)key.length, at = key.length == MAX_KEY;
+    bytes[0] = V6_TAG;
+    for (b = 0; b < length; b++) {
+        int shift = 8 * (length - 1 - b);
+        bytes[at + b] = (unsigned char)(shift >= 64 ? key.hi >> (shift - 64) : key.lo >> shift);
+    }
+    return PyBytes_FromStringAndSize((const char *)bytes, at + length);
 }
 
 static inline Slot *
-index_home(AddressIndex *ix, Key key)
+table_home(AddressTable *t, Key key)
 {
-    return &ix->slots[index_hash(key) & ix->mask];
+    return &t->slots[index_hash(key) & t->mask];
+}
+
+/* The slot holding key, or NIL. */
+static inline uint32_t
+table_slot(AddressTable *t, Key key)
+{
+    uint64_t i = index_hash(key) & t->mask;
+    for (;;) {
+        Slot *s = &t->slots[i];
+        if (slot_is(s, key))
+            return (uint32_t)i;
+        if (s->length == 0)
+            return NIL;
+        i = (i + 1) & t->mask;
+    }
 }
 
 /* The value under key (borrowed), or NULL. */
 static inline PyObject *
-index_find(AddressIndex *ix, Key key)
+table_find(AddressTable *t, Key key)
 {
-    uint64_t i = index_hash(key) & ix->mask;
-    for (;;) {
-        Slot *s = &ix->slots[i];
-        if (key_equal(s->key, key))
-            return s->value;
-        if (s->key.length == 0)
-            return NULL;
-        i = (i + 1) & ix->mask;
-    }
+    uint32_t i = table_slot(t, key);
+    return i == NIL ? NULL : t->slots[i].value;
 }
 
-static int
-index_grow(AddressIndex *ix)
+static void
+table_unlink(AddressTable *t, uint32_t i)
 {
-    uint64_t capacity = (ix->mask + 1) * 2, i;
-    Slot *old = ix->slots, *fresh = PyMem_RawCalloc(capacity, sizeof(Slot));
+    Slot *s = &t->slots[i];
+    if (s->prev == NIL)
+        t->head = s->next;
+    else
+        t->slots[s->prev].next = s->next;
+    if (s->next == NIL)
+        t->tail = s->prev;
+    else
+        t->slots[s->next].prev = s->prev;
+}
+
+static void
+table_append(AddressTable *t, uint32_t i)
+{
+    Slot *s = &t->slots[i];
+    s->prev = t->tail;
+    s->next = NIL;
+    if (t->tail == NIL)
+        t->head = i;
+    else
+        t->slots[t->tail].next = i;
+    t->tail = i;
+}
+
+/* Place key (absent) in its probe run at the back of the order, holding value
+ * (a reference is taken). Room must have been made. */
+static void
+table_place(AddressTable *t, Key key, PyObject *value)
+{
+    uint64_t i = index_hash(key) & t->mask;
+    while (t->slots[i].length != 0)
+        i = (i + 1) & t->mask;
+    t->slots[i].hi = key.hi;
+    t->slots[i].lo = key.lo;
+    t->slots[i].length = key.length;
+    Py_INCREF(value);
+    t->slots[i].value = value;
+    table_append(t, (uint32_t)i);
+    t->count++;
+}
+
+/* Twice the slots, the same order (walked from the oldest). */
+static int
+table_grow(AddressTable *t)
+{
+    uint64_t capacity = (t->mask + 1) * 2;
+    Slot *old = t->slots, *fresh;
+    uint32_t i;
+    if (capacity > TABLE_MAX_CAPACITY) {
+        PyErr_SetString(PyExc_MemoryError, "an AddressTable holds at most 2**31 keys");
+        return -1;
+    }
+    fresh = PyMem_RawCalloc(capacity, sizeof(Slot));
     if (fresh == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    for (i = 0; i <= ix->mask; i++)
-        if (old[i].key.length != 0) {
-            uint64_t j = index_hash(old[i].key) & (capacity - 1);
-            while (fresh[j].key.length != 0)
-                j = (j + 1) & (capacity - 1);
-            fresh[j] = old[i];
-        }
-    ix->slots = fresh;
-    ix->mask = capacity - 1;
+    i = t->head;
+    t->slots = fresh;
+    t->mask = capacity - 1;
+    t->head = t->tail = NIL;
+    t->count = 0;
+    while (i != NIL) {
+        Slot *s = &old[i];
+        PyObject *value = s->value;
+        table_place(t, slot_key(s), value);
+        Py_DECREF(value);   /* table_place took its own */
+        i = s->next;
+    }
     PyMem_RawFree(old);
     return 0;
 }
 
+/* table[key] = value: a new key goes to the back, an existing one keeps its place. */
 static int
-index_put(AddressIndex *ix, Key key, PyObject *value)
+table_put(AddressTable *t, Key key, PyObject *value)
 {
-    uint64_t i;
-    if ((uint64_t)(ix->count + 1) * 2 > ix->mask + 1 && index_grow(ix) < 0)
-        return -1;
-    i = index_hash(key) & ix->mask;
-    while (ix->slots[i].key.length != 0 && !key_equal(ix->slots[i].key, key))
-        i = (i + 1) & ix->mask;
-    Py_INCREF(value);
-    if (ix->slots[i].key.length != 0) {
-        Py_SETREF(ix->slots[i].value, value);
+    uint32_t i = table_slot(t, key);
+    if (i != NIL) {
+        Py_INCREF(value);
+        Py_SETREF(t->slots[i].value, value);
         return 0;
     }
-    ix->slots[i].key = key;
-    ix->slots[i].value = value;
-    ix->count++;
+    if ((uint64_t)(t->count + 1) * 2 > t->mask + 1 && table_grow(t) < 0)
+        return -1;
+    table_place(t, key, value);
+    t->version++;
     return 0;
+}
+
+/* Remove the entry in slot i; its value (the reference the table held). */
+static PyObject *
+table_remove_slot(AddressTable *t, uint32_t hole)
+{
+    uint64_t i = hole, j = hole;
+    PyObject *value = t->slots[hole].value;
+    table_unlink(t, hole);
+    /* Backward shift: pull later members of the probe run into the hole, unless
+     * their home lies cyclically in (hole, j]; a moved entry's neighbours in the
+     * order learn its new slot. */
+    for (;;) {
+        uint64_t home;
+        Slot *s;
+        j = (j + 1) & t->mask;
+        s = &t->slots[j];
+        if (s->length == 0)
+            break;
+        home = index_hash(slot_key(s)) & t->mask;
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+            continue;
+        t->slots[i] = *s;
+        if (s->prev == NIL)
+            t->head = (uint32_t)i;
+        else
+            t->slots[s->prev].next = (uint32_t)i;
+        if (s->next == NIL)
+            t->tail = (uint32_t)i;
+        else
+            t->slots[s->next].prev = (uint32_t)i;
+        i = j;
+    }
+    memset(&t->slots[i], 0, sizeof(Slot));
+    t->count--;
+    t->version++;
+    return value;
 }
 
 /* Remove key; the removed value (a new reference) or NULL if absent. */
 static PyObject *
-index_pop(AddressIndex *ix, Key key)
+table_pop(AddressTable *t, Key key)
 {
-    uint64_t i = index_hash(key) & ix->mask, j;
-    PyObject *value;
-    while (!key_equal(ix->slots[i].key, key)) {
-        if (ix->slots[i].key.length == 0)
-            return NULL;
-        i = (i + 1) & ix->mask;
-    }
-    value = ix->slots[i].value;
-    /* Backward shift: pull later members of the probe run into the hole, unless
-     * their home lies cyclically in (hole, j]. */
-    j = i;
-    for (;;) {
-        uint64_t home;
-        j = (j + 1) & ix->mask;
-        if (ix->slots[j].key.length == 0)
-            break;
-        home = index_hash(ix->slots[j].key) & ix->mask;
-        if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
-            continue;
-        ix->slots[i] = ix->slots[j];
-        i = j;
-    }
-    ix->slots[i].key.length = 0;
-    ix->slots[i].key.bytes = 0;
-    ix->slots[i].value = NULL;
-    ix->count--;
-    return value;
+    uint32_t i = table_slot(t, key);
+    return i == NIL ? NULL : table_remove_slot(t, i);
 }
 
 static void
-index_clear(AddressIndex *ix)
+table_move_to_end(AddressTable *t, uint32_t i)
+{
+    if (t->tail == i)
+        return;
+    table_unlink(t, i);
+    table_append(t, i);
+    t->version++;
+}
+
+static void
+table_clear(AddressTable *t)
 {
     uint64_t i;
-    for (i = 0; i <= ix->mask; i++)
-        if (ix->slots[i].key.length != 0) {
-            ix->slots[i].key.length = 0;
-            ix->slots[i].key.bytes = 0;
-            Py_CLEAR(ix->slots[i].value);
+    for (i = 0; i <= t->mask; i++)
+        if (t->slots[i].length != 0) {
+            PyObject *value = t->slots[i].value;
+            memset(&t->slots[i], 0, sizeof(Slot));
+            Py_DECREF(value);
         }
-    ix->count = 0;
+    t->count = 0;
+    t->head = t->tail = NIL;
+    t->version++;
+}
+
+static void
+set_key_error(PyObject *key)
+{
+    PyObject *args = PyTuple_Pack(1, key);
+    if (args != NULL) {
+        PyErr_SetObject(PyExc_KeyError, args);
+        Py_DECREF(args);
+    }
+}
+
+/* A key argument from Python: its Key, or length 0 with KeyError set. */
+static Key
+key_arg(PyObject *key)
+{
+    Key k = key_of(key);
+    if (k.length == 0) {
+        if (PyBytes_Check(key))
+            set_key_error(key);
+        else
+            PyErr_Format(PyExc_TypeError, "AddressTable keys are bytes, not %.100s",
+                         Py_TYPE(key)->tp_name);
+    }
+    return k;
 }
 
 static PyObject *
-AddressIndex_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+AddressTable_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    AddressIndex *ix;
+    AddressTable *t;
     if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "AddressIndex() takes no arguments");
+        PyErr_SetString(PyExc_TypeError, "AddressTable() takes no arguments");
         return NULL;
     }
-    ix = (AddressIndex *)type->tp_alloc(type, 0);
-    if (ix == NULL)
+    t = (AddressTable *)type->tp_alloc(type, 0);
+    if (t == NULL)
         return NULL;
-    ix->slots = PyMem_RawCalloc(INDEX_MIN_CAPACITY, sizeof(Slot));
-    if (ix->slots == NULL) {
-        Py_DECREF(ix);
+    t->head = t->tail = NIL;
+    t->slots = PyMem_RawCalloc(TABLE_MIN_CAPACITY, sizeof(Slot));
+    if (t->slots == NULL) {
+        Py_DECREF(t);
         return PyErr_NoMemory();
     }
-    ix->mask = INDEX_MIN_CAPACITY - 1;
-    return (PyObject *)ix;
+    t->mask = TABLE_MIN_CAPACITY - 1;
+    return (PyObject *)t;
 }
 
 static void
-AddressIndex_dealloc(AddressIndex *ix)
+AddressTable_dealloc(AddressTable *t)
 {
-    if (ix->slots != NULL) {
-        index_clear(ix);
-        PyMem_RawFree(ix->slots);
+    if (t->slots != NULL) {
+        table_clear(t);
+        PyMem_RawFree(t->slots);
     }
-    Py_TYPE(ix)->tp_free((PyObject *)ix);
+    Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
 static Py_ssize_t
-AddressIndex_length(AddressIndex *ix)
+AddressTable_length(AddressTable *t)
 {
-    return ix->count;
+    return t->count;
+}
+
+static int
+AddressTable_contains(AddressTable *t, PyObject *key)
+{
+    Key k = key_of(key);
+    return k.length != 0 && table_slot(t, k) != NIL;
 }
 
 static PyObject *
-AddressIndex_put(AddressIndex *ix, PyObject *args)
+AddressTable_subscript(AddressTable *t, PyObject *key)
 {
-    PyObject *key, *value;
-    Key k;
-    if (!PyArg_ParseTuple(args, "OO:put", &key, &value))
-        return NULL;
-    k = key_of(key);
+    Key k = key_arg(key);
+    PyObject *value;
     if (k.length == 0)
-        Py_RETURN_FALSE;
-    if (index_put(ix, k, value) < 0)
         return NULL;
-    Py_RETURN_TRUE;
+    if ((value = table_find(t, k)) == NULL) {
+        set_key_error(key);
+        return NULL;
+    }
+    Py_INCREF(value);
+    return value;
 }
 
-static PyObject *
-AddressIndex_discard(AddressIndex *ix, PyObject *key)
+static int
+AddressTable_ass_subscript(AddressTable *t, PyObject *key, PyObject *value)
 {
-    Key k = key_of(key);
-    PyObject *value = k.length != 0 ? index_pop(ix, k) : NULL;
-    if (value == NULL)
-        Py_RETURN_FALSE;
+    Key k = value != NULL ? key_of(key) : key_arg(key);
+    if (k.length == 0) {
+        if (value != NULL)
+            PyErr_Format(PyExc_ValueError, "an AddressTable key is 1-16 bytes or b'6' and 16 "
+                         "bytes, not %R", key);
+        return -1;
+    }
+    if (value != NULL)
+        return table_put(t, k, value);
+    if ((value = table_pop(t, k)) == NULL) {
+        set_key_error(key);
+        return -1;
+    }
     Py_DECREF(value);
-    Py_RETURN_TRUE;
+    return 0;
 }
 
 static PyObject *
-AddressIndex_get(AddressIndex *ix, PyObject *key)
+AddressTable_get(AddressTable *t, PyObject *const *args, Py_ssize_t nargs)
 {
-    Key k = key_of(key);
-    PyObject *value = k.length != 0 ? index_find(ix, k) : NULL;
+    Key k;
+    PyObject *value;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    k = key_of(args[0]);
+    value = k.length != 0 ? table_find(t, k) : NULL;
     if (value == NULL)
-        Py_RETURN_NONE;
+        value = nargs == 2 ? args[1] : Py_None;
     Py_INCREF(value);
     return value;
 }
 
 static PyObject *
-AddressIndex_clear(AddressIndex *ix, PyObject *unused)
+AddressTable_pop(AddressTable *t, PyObject *const *args, Py_ssize_t nargs)
 {
-    (void)unused;
-    index_clear(ix);
+    Key k;
+    PyObject *value;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(key[, default])");
+        return NULL;
+    }
+    k = key_of(args[0]);
+    value = k.length != 0 ? table_pop(t, k) : NULL;
+    if (value != NULL)
+        return value;
+    if (nargs == 2) {
+        Py_INCREF(args[1]);
+        return args[1];
+    }
+    if (key_arg(args[0]).length != 0)
+        set_key_error(args[0]);
+    return NULL;
+}
+
+static PyObject *
+AddressTable_move_to_end(AddressTable *t, PyObject *key)
+{
+    Key k = key_arg(key);
+    uint32_t i;
+    if (k.length == 0)
+        return NULL;
+    if ((i = table_slot(t, k)) == NIL) {
+        set_key_error(key);
+        return NULL;
+    }
+    table_move_to_end(t, i);
     Py_RETURN_NONE;
 }
 
-/* items() -> list of (key bytes, value), in slot order (for tests and checks). */
 static PyObject *
-AddressIndex_items(AddressIndex *ix, PyObject *unused)
+AddressTable_clear(AddressTable *t, PyObject *unused)
 {
-    PyObject *list = PyList_New(0);
-    uint64_t i;
     (void)unused;
+    table_clear(t);
+    Py_RETURN_NONE;
+}
+
+enum { VIEW_KEYS, VIEW_VALUES, VIEW_ITEMS };
+
+/* keys(), values(), items(): lists, oldest first (a snapshot: the table may change). */
+static PyObject *
+table_list(AddressTable *t, int view)
+{
+    PyObject *list = PyList_New(t->count);
+    uint32_t i = t->head;
+    Py_ssize_t n = 0;
     if (list == NULL)
         return NULL;
-    for (i = 0; i <= ix->mask; i++) {
-        Key key = ix->slots[i].key;
-        unsigned char bytes[INDEX_MAX_KEY];
-        int length = (int)key.length, b, rc;
-        PyObject *pair;
-        if (length == 0)
-            continue;
-        for (b = 0; b < length; b++)
-            bytes[b] = (unsigned char)(key.bytes >> (8 * (length - 1 - b)));
-        pair = Py_BuildValue("(y#O)", bytes, (Py_ssize_t)length, ix->slots[i].value);
-        rc = pair == NULL ? -1 : PyList_Append(list, pair);
-        Py_XDECREF(pair);
-        if (rc < 0) {
+    for (; i != NIL; i = t->slots[i].next, n++) {
+        Slot *s = &t->slots[i];
+        PyObject *item, *key = view == VIEW_VALUES ? NULL : key_bytes(slot_key(s));
+        if (view != VIEW_VALUES && key == NULL) {
             Py_DECREF(list);
             return NULL;
         }
+        if (view == VIEW_KEYS)
+            item = key;
+        else if (view == VIEW_VALUES) {
+            Py_INCREF(s->value);
+            item = s->value;
+        } else {
+            item = PyTuple_Pack(2, key, s->value);
+            Py_DECREF(key);
+            if (item == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+        }
+        PyList_SET_ITEM(list, n, item);
     }
     return list;
 }
 
-static PyMethodDef AddressIndex_methods[] = {
-    {"put", (PyCFunction)AddressIndex_put, METH_VARARGS,
-     "put(key, value) -> bool: index value under key (False: key is not 1-8 bytes)"},
-    {"discard", (PyCFunction)AddressIndex_discard, METH_O,
-     "discard(key) -> bool: remove key if present"},
-    {"get", (PyCFunction)AddressIndex_get, METH_O, "get(key) -> value or None"},
-    {"clear", (PyCFunction)AddressIndex_clear, METH_NOARGS, "remove every key"},
-    {"items", (PyCFunction)AddressIndex_items, METH_NOARGS,
-     "items() -> [(key, value)], in no particular order"},
+static PyObject *
+AddressTable_keys(AddressTable *t, PyObject *unused)
+{
+    (void)unused;
+    return table_list(t, VIEW_KEYS);
+}
+
+static PyObject *
+AddressTable_values(AddressTable *t, PyObject *unused)
+{
+    (void)unused;
+    return table_list(t, VIEW_VALUES);
+}
+
+static PyObject *
+AddressTable_items(AddressTable *t, PyObject *unused)
+{
+    (void)unused;
+    return table_list(t, VIEW_ITEMS);
+}
+
+/* iter(table): its keys oldest first, lazily (next(iter(table)) is the oldest in
+ * O(1)); like a dict's, it fails once the table has changed under it. */
+typedef struct {
+    PyObject_HEAD
+    AddressTable *table;
+    uint32_t slot;
+    uint64_t version;
+} TableIterator;
+
+static PyTypeObject TableIteratorType;
+
+static PyObject *
+AddressTable_iter(AddressTable *t)
+{
+    TableIterator *it = PyObject_New(TableIterator, &TableIteratorType);
+    if (it == NULL)
+        return NULL;
+    Py_INCREF(t);
+    it->table = t;
+    it->slot = t->head;
+    it->version = t->version;
+    return (PyObject *)it;
+}
+
+static void
+TableIterator_dealloc(TableIterator *it)
+{
+    Py_DECREF(it->table);
+    PyObject_Free(it);
+}
+
+static PyObject *
+TableIterator_next(TableIterator *it)
+{
+    AddressTable *t = it->table;
+    Slot *s;
+    if (it->version != t->version) {
+        PyErr_SetString(PyExc_RuntimeError, "AddressTable changed during iteration");
+        return NULL;
+    }
+    if (it->slot == NIL)
+        return NULL;
+    s = &t->slots[it->slot];
+    it->slot = s->next;
+    return key_bytes(slot_key(s));
+}
+
+static PyTypeObject TableIteratorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.AddressTableIterator",
+    .tp_basicsize = sizeof(TableIterator),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)TableIterator_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)TableIterator_next,
+};
+
+static PyMethodDef AddressTable_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))AddressTable_get, METH_FASTCALL,
+     "get(key, default=None) -> the value under key, else default"},
+    {"pop", (PyCFunction)(void (*)(void))AddressTable_pop, METH_FASTCALL,
+     "pop(key[, default]) -> remove key and return its value"},
+    {"move_to_end", (PyCFunction)AddressTable_move_to_end, METH_O,
+     "move_to_end(key): make key the newest entry"},
+    {"clear", (PyCFunction)AddressTable_clear, METH_NOARGS, "remove every key"},
+    {"keys", (PyCFunction)AddressTable_keys, METH_NOARGS, "keys() -> [key], oldest first"},
+    {"values", (PyCFunction)AddressTable_values, METH_NOARGS,
+     "values() -> [value], oldest first"},
+    {"items", (PyCFunction)AddressTable_items, METH_NOARGS,
+     "items() -> [(key, value)], oldest first"},
     {NULL, NULL, 0, NULL},
 };
 
-static PySequenceMethods AddressIndex_as_sequence = {
-    .sq_length = (lenfunc)AddressIndex_length,
+static PySequenceMethods AddressTable_as_sequence = {
+    .sq_contains = (objobjproc)AddressTable_contains,
 };
 
-static PyTypeObject AddressIndexType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "guardntp._fastlane.AddressIndex",
-    .tp_basicsize = sizeof(AddressIndex),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "AddressIndex(): 1-8 byte keys -> objects, for the compiled loop "
-              "(see guardntp/_fastlane.c)",
-    .tp_new = AddressIndex_new,
-    .tp_dealloc = (destructor)AddressIndex_dealloc,
-    .tp_methods = AddressIndex_methods,
-    .tp_as_sequence = &AddressIndex_as_sequence,
+static PyMappingMethods AddressTable_as_mapping = {
+    .mp_length = (lenfunc)AddressTable_length,
+    .mp_subscript = (binaryfunc)AddressTable_subscript,
+    .mp_ass_subscript = (objobjargproc)AddressTable_ass_subscript,
 };
+
+static PyTypeObject AddressTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.AddressTable",
+    .tp_basicsize = sizeof(AddressTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "AddressTable(): address keys (1-16 bytes, or b'6' + 16) -> objects, "
+              "insertion-ordered (see guardntp/_fastlane.c)",
+    .tp_new = AddressTable_new,
+    .tp_dealloc = (destructor)AddressTable_dealloc,
+    .tp_iter = (getiterfunc)AddressTable_iter,
+    .tp_methods = AddressTable_methods,
+    .tp_as_sequence = &AddressTable_as_sequence,
+    .tp_as_mapping = &AddressTable_as_mapping,
+};
+
+#define SOURCE_TABLE(L) ((AddressTable *)(L)->index)
+#define PREFIX_TABLE(L) ((AddressTable *)(L)->prefix_index)
 
 /* ------------------------------------------------------------------ NewcomerRing */
 
@@ -1063,7 +1382,7 @@ ring_pop(NewcomerRing *nr, RingKey key, int64_t *tat)
     if (tat != NULL)
         *tat = nr->slots[i].tat;
     j = i;
-    for (;;) {   /* backward shift, as index_pop */
+    for (;;) {   /* backward shift, as table_remove_slot */
         uint64_t home;
         RingKey moved;
         j = (j + 1) & nr->mask;
@@ -1109,7 +1428,7 @@ NewcomerRing_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"max_entries", NULL};
     Py_ssize_t max_entries;
-    uint64_t capacity = INDEX_MIN_CAPACITY;
+    uint64_t capacity = TABLE_MIN_CAPACITY;
     NewcomerRing *nr;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:NewcomerRing", names, &max_entries))
         return NULL;
@@ -1369,7 +1688,7 @@ prefix_key(Lane *L, const unsigned char *packed, int packed_len)
     unsigned char masked[4];
     if (packed_len == 16) {
         Key key = address_key(packed, L->v6_prefix_bytes);
-        key.bytes |= (uint64_t)'6' << (8 * L->v6_prefix_bytes);
+        key.lo |= (uint64_t)V6_TAG << (8 * L->v6_prefix_bytes);
         key.length += 1;
         return key;
     }
@@ -1389,7 +1708,7 @@ prefix_key(Lane *L, const unsigned char *packed, int packed_len)
 static inline Record *
 source_record(Lane *L, const unsigned char *packed, int packed_len)
 {
-    PyObject *found = index_find((AddressIndex *)L->index, source_key(L, packed, packed_len));
+    PyObject *found = table_find(SOURCE_TABLE(L), source_key(L, packed, packed_len));
     if (found == NULL || Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
         return NULL;
     return (Record *)found;
@@ -1510,56 +1829,25 @@ bump_attr(PyObject *obj, PyObject *name)
     return rc;
 }
 
-static PyObject *
-key_bytes(Key key)
-{
-    unsigned char bytes[INDEX_MAX_KEY];
-    int b, length = (int)key.length;
-    for (b = 0; b < length; b++)
-        bytes[b] = (unsigned char)(key.bytes >> (8 * (length - 1 - b)));
-    return PyBytes_FromStringAndSize((const char *)bytes, length);
-}
-
-/* One side of the filter's state: a BucketTable, its dict and its index. */
+/* One side of the filter's state: a BucketTable and its records. */
 typedef struct {
-    PyObject *table, *records;
-    AddressIndex *index;
+    PyObject *table;
+    AddressTable *records;
     int64_t max_entries;
 } Table;
-
-/* BucketTable.insert: the dict first, then the index (so an index that fails
- * leaves the key only in the dict, where the consistency check below sees it). */
-static int
-table_insert(Table *t, PyObject *key, Key k, PyObject *record)
-{
-    if (PyObject_SetItem(t->records, key, record) < 0)
-        return -1;
-    return index_put(t->index, k, record);
-}
 
 /* BucketTable._evict_one: 1 if an entry was evicted, 0 if none, -1 on error. */
 static int
 evict_one(Lane *L, Table *t, int64_t now_ns)
 {
-    Py_ssize_t scan = PyDict_GET_SIZE(t->records), i;
+    AddressTable *records = t->records;
+    Py_ssize_t scan = records->count, i;
     if (scan > L->eviction_scan)
         scan = (Py_ssize_t)L->eviction_scan;
     for (i = 0; i < scan; i++) {
-        PyObject *it = PyObject_GetIter(t->records), *oldest, *record, *moved;
+        uint32_t oldest = records->head;
+        PyObject *record = records->slots[oldest].value;
         int full;
-        if (it == NULL)
-            return -1;
-        oldest = PyIter_Next(it);
-        Py_DECREF(it);
-        if (oldest == NULL)
-            return PyErr_Occurred() ? -1 : 0;
-        record = PyDict_GetItemWithError(t->records, oldest);   /* borrowed */
-        if (record == NULL) {
-            Py_DECREF(oldest);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "a table changed during eviction");
-            return -1;
-        }
         if (Py_TYPE(record) == &RecordType && !IS_OBJECT((Record *)record, 0)
                 && (Py_SIZE(record) != RECORD_CELLS || t->table != L->sources
                     || !IS_OBJECT((Record *)record, L->i_other_tat)))
@@ -1569,7 +1857,10 @@ evict_one(Lane *L, Table *t, int64_t now_ns)
                        || ((Record *)record)->cell[L->i_other_tat].n <= now_ns);
         else {   /* any other sequence: compare as Python does, cell by cell */
             Py_ssize_t cells[2] = {0, L->i_other_tat}, n = t->table == L->sources ? 2 : 1, c;
-            Py_ssize_t length = PySequence_Size(record);
+            Py_ssize_t length;
+            uint64_t version = records->version;
+            Py_INCREF(record);
+            length = PySequence_Size(record);
             full = length < 0 ? -1 : 1;
             for (c = 0; c < n && full == 1; c++) {
                 PyObject *tat, *now;
@@ -1581,55 +1872,33 @@ evict_one(Lane *L, Table *t, int64_t now_ns)
                 Py_XDECREF(tat);
                 Py_XDECREF(now);
             }
-            if (full < 0) {
-                Py_DECREF(oldest);
-                return -1;
+            Py_DECREF(record);
+            if (full >= 0 && version != records->version) {
+                PyErr_SetString(PyExc_RuntimeError, "a table changed during eviction");
+                full = -1;
             }
+            if (full < 0)
+                return -1;
         }
         if (full) {
-            Key k = key_of(oldest);
-            int rc = PyObject_DelItem(t->records, oldest);
-            if (rc == 0 && k.length != 0)
-                Py_XDECREF(index_pop(t->index, k));
-            Py_DECREF(oldest);
-            if (rc < 0 || bump_attr(t->table, str_evictions) < 0)
-                return -1;
-            return 1;
+            Py_DECREF(table_remove_slot(records, oldest));
+            return bump_attr(t->table, str_evictions) < 0 ? -1 : 1;
         }
-        moved = PyObject_CallMethodOneArg(t->records, str_move_to_end, oldest);
-        Py_DECREF(oldest);
-        if (moved == NULL)
-            return -1;
-        Py_DECREF(moved);
+        table_move_to_end(records, oldest);
     }
     return 0;
 }
 
 /* BucketTable.admit: 1 if record went in under key, 0 if there was no room. */
 static int
-table_admit(Lane *L, Table *t, PyObject *key, Key k, PyObject *record, int64_t now_ns)
+table_admit(Lane *L, Table *t, Key k, PyObject *record, int64_t now_ns)
 {
-    if (PyDict_GET_SIZE(t->records) >= t->max_entries) {
+    if (t->records->count >= t->max_entries) {
         int evicted = evict_one(L, t, now_ns);
         if (evicted <= 0)
             return evicted < 0 || bump_attr(t->table, str_admissions_refused) < 0 ? -1 : 0;
     }
-    return table_insert(t, key, k, record) < 0 ? -1 : 1;
-}
-
-/* Is a key absent from the index also absent from the dict? Certain when both
- * hold as many keys (every indexed key is in the dict); otherwise ask the dict.
- * 1: absent, 0: the dict has it (Python decides), -1: error. */
-static int
-absent_from(Table *t, PyObject *key)
-{
-    PyObject *present;
-    if (PyDict_GET_SIZE(t->records) == t->index->count)
-        return 1;
-    present = PyDict_GetItemWithError(t->records, key);
-    if (present != NULL)
-        return 0;
-    return PyErr_Occurred() ? -1 : 1;
+    return table_put(t->records, k, record) < 0 ? -1 : 1;
 }
 
 /* new_record(now_ns, label, port) as a Record. */
@@ -1682,9 +1951,8 @@ sighting_key(Sighting *s)
 static int
 establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
 {
-    Table sources = {L->sources, L->records, (AddressIndex *)L->index, L->max_sources};
-    int admitted = sighting_key(s) == NULL ? -1
-        : table_admit(L, &sources, s->key, s->k, (PyObject *)record, now_ns);
+    Table sources = {L->sources, SOURCE_TABLE(L), L->max_sources};
+    int admitted = table_admit(L, &sources, s->k, (PyObject *)record, now_ns);
     if (admitted > 0) {
         ring_pop((NewcomerRing *)L->ring, s->rk, NULL);
         s->newcomer = 0;
@@ -1804,16 +2072,13 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
     if (tat < now_ns)
         tat = now_ns;
     if (prefix == NULL) {
-        Table prefixes = {L->prefixes, L->prefix_records, (AddressIndex *)L->prefix_index,
-                          L->max_prefixes};
-        PyObject *key = key_bytes(pkey);
+        Table prefixes = {L->prefixes, PREFIX_TABLE(L), L->max_prefixes};
         Record *fresh = (Record *)RecordType.tp_alloc(&RecordType, 1);
-        int admitted = key && fresh ? 0 : -1;
-        if (fresh != NULL)
+        int admitted = fresh ? 0 : -1;
+        if (fresh != NULL) {
             fresh->cell[0].n = now_ns;
-        if (admitted == 0)
-            admitted = table_admit(L, &prefixes, key, pkey, (PyObject *)fresh, now_ns);
-        Py_XDECREF(key);
+            admitted = table_admit(L, &prefixes, pkey, (PyObject *)fresh, now_ns);
+        }
         Py_XDECREF(fresh);   /* held by the table if admitted */
         if (admitted < 0)
             return -1;
@@ -1894,7 +2159,7 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
 {
     PyObject *found;
     *pkey = prefix_key(L, packed, packed_len);
-    found = index_find((AddressIndex *)L->prefix_index, *pkey);
+    found = table_find(PREFIX_TABLE(L), *pkey);
     if (found != NULL) {
         if (Py_TYPE(found) != &RecordType || IS_OBJECT((Record *)found, 0))
             return 0;
@@ -1902,20 +2167,7 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
         return 1;
     }
     *prefix = NULL;
-    if (L->ring == NULL)   /* configure() found no way to create records here */
-        return 0;
-    if (PyDict_GET_SIZE(L->prefix_records) != ((AddressIndex *)L->prefix_index)->count) {
-        Table prefixes = {L->prefixes, L->prefix_records, (AddressIndex *)L->prefix_index,
-                          L->max_prefixes};
-        PyObject *key = key_bytes(*pkey);
-        int absent;
-        if (key == NULL)
-            return -1;
-        absent = absent_from(&prefixes, key);
-        Py_DECREF(key);
-        return absent;
-    }
-    return 1;
+    return L->ring != NULL;   /* no ring: configure() found no way to create records here */
 }
 
 /*
@@ -1923,7 +2175,7 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
  * first request while there is room (inserted), once the table is full a
  * newcomer (remembered in the ring), or a returning newcomer (promoted if the
  * table admits it). Everything that could send the packet to Python is checked
- * before anything changes: the source is in neither the index nor the dict,
+ * before anything changes: the source is not in the table,
  * its access-list entry (looked up as Python would; lookup() is pure) is none
  * or a silent drop, its prefix record is usable.
  */
@@ -1932,13 +2184,13 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
                int port, int ttl, int slot, int base, int64_t recv_ns, int64_t now_ns,
                unsigned char *out, int *reason, int *reply)
 {
-    Table sources = {L->sources, L->records, (AddressIndex *)L->index, L->max_sources};
+    Table sources = {L->sources, SOURCE_TABLE(L), L->max_sources};
     NewcomerRing *ring = (NewcomerRing *)L->ring;
     Sighting s;
     PyObject *entry = Py_None;
     Record *record = NULL, *prefix = NULL;
     RingSlot *remembered;
-    Key pkey = {0, 0};
+    Key pkey = {0, 0, 0};
     int64_t since_kod;
     int acl_reason = 0, rc;
 
@@ -1951,14 +2203,6 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     s.k = source_key(L, packed, packed_len);
     s.rk = ring_key(packed, (int)s.k.length);
     Py_INCREF(entry);
-    if (PyDict_GET_SIZE(L->records) != sources.index->count) {
-        if (sighting_key(&s) == NULL) {
-            rc = -1;
-            goto done;
-        }
-        if ((rc = absent_from(&sources, s.key)) <= 0)
-            goto done;
-    }
     if (packed_len == 4 && !L->acl_empty) {   /* 3. IPv6: fast_source() saw no IPv6 entry */
         PyObject *recv = PyLong_FromLongLong(recv_ns);
         Py_DECREF(entry);
@@ -1983,9 +2227,8 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     }
     remembered = ring_find(ring, s.rk);
     if (remembered == NULL) {
-        if (PyDict_GET_SIZE(L->records) < L->max_sources) {
-            if (sighting_key(&s) == NULL
-                    || table_insert(&sources, s.key, s.k, (PyObject *)record) < 0) {
+        if (sources.records->count < L->max_sources) {
+            if (table_put(sources.records, s.k, (PyObject *)record) < 0) {
                 rc = -1;
                 goto done;
             }
@@ -1995,8 +2238,7 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
         int admitted;
         record->cell[L->i_tat].n = remembered->tat;
         record->cell[L->i_requests].n = 1;
-        admitted = sighting_key(&s) == NULL ? -1
-            : table_admit(L, &sources, s.key, s.k, (PyObject *)record, now_ns);
+        admitted = table_admit(L, &sources, s.k, (PyObject *)record, now_ns);
         if (admitted < 0) {
             rc = -1;
             goto done;
@@ -2072,7 +2314,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
         return 0;
 
     /* Read everything first: a packet that leaves here must leave nothing changed. */
-    found = index_find((AddressIndex *)L->index, source_key(L, packed, packed_len));
+    found = table_find(SOURCE_TABLE(L), source_key(L, packed, packed_len));
     if (found == NULL)
         return first_sighting(L, d, packed, packed_len, port, ttl, slot, base, recv_ns,
                               now_ns, out, reason, reply);
@@ -2217,8 +2459,6 @@ release_config(Lane *L)
     Py_CLEAR(L->responder);
     Py_CLEAR(L->sources);
     Py_CLEAR(L->prefixes);
-    Py_CLEAR(L->records);
-    Py_CLEAR(L->prefix_records);
     Py_CLEAR(L->ring);
     Py_CLEAR(L->prefix_overflow);
     for (i = 0; i < LABEL_SLOTS; i++)
@@ -2381,11 +2621,11 @@ need_int_tuple(PyObject *config, const char *name, int64_t *out, Py_ssize_t size
 static PyObject *
 Lane_configure(Lane *L, PyObject *config)
 {
-    static const char *objects[] = {"pipeline", "decide", "index", "prefix_index",
+    static const char *objects[] = {"pipeline", "decide",
                                     "counts", "label_counts", "acl", "responder", "random",
                                     "action_drop", "sources", "prefixes", "newcomers",
                                     "prefix_overflow"};
-    PyObject **slots[] = {&L->pipeline, &L->decide, &L->index, &L->prefix_index,
+    PyObject **slots[] = {&L->pipeline, &L->decide,
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
                           &L->action_drop, &L->sources, &L->prefixes, &L->ring,
                           &L->prefix_overflow};
@@ -2393,6 +2633,7 @@ Lane_configure(Lane *L, PyObject *config)
     int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8];
     unsigned char drop[256], drop_ntp_port[256];
     size_t i;
+    int tables_compiled;
     if (!PyDict_Check(config)) {
         PyErr_SetString(PyExc_TypeError, "configure takes a dict");
         return NULL;
@@ -2404,37 +2645,19 @@ Lane_configure(Lane *L, PyObject *config)
         Py_INCREF(value);
         *slots[i] = value;
     }
-    if (Py_TYPE(L->index) != &AddressIndexType || Py_TYPE(L->prefix_index) != &AddressIndexType
-            || !PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)
+    /* The tables' records, which the loop reads and writes as BucketTable does. */
+    L->index = PyObject_GetAttrString(L->sources, "records");
+    L->prefix_index = PyObject_GetAttrString(L->prefixes, "records");
+    if (L->index == NULL || L->prefix_index == NULL)
+        goto fail;
+    if (!PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)
             || !PyCallable_Check(L->random)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "the indexes must be AddressIndex, counts a list, random callable");
+        PyErr_SetString(PyExc_TypeError, "counts must be a list, random callable");
         goto fail;
     }
-    /* The tables' dicts, which first sightings write as BucketTable does (their
-     * index must be the one given above). */
-    L->records = PyObject_GetAttrString(L->sources, "records");
-    L->prefix_records = PyObject_GetAttrString(L->prefixes, "records");
-    if (L->records == NULL || L->prefix_records == NULL)
-        goto fail;
-    if (!PyDict_Check(L->records) || !PyDict_Check(L->prefix_records)) {
-        PyErr_SetString(PyExc_TypeError, "a table's records must be a dict");
-        goto fail;
-    }
-    if ((value = PyObject_GetAttrString(L->sources, "index")) == NULL)
-        goto fail;
-    Py_DECREF(value);
-    if (value != L->index) {
-        PyErr_SetString(PyExc_ValueError, "index must be the source table's own");
-        goto fail;
-    }
-    if ((value = PyObject_GetAttrString(L->prefixes, "index")) == NULL)
-        goto fail;
-    Py_DECREF(value);
-    if (value != L->prefix_index) {
-        PyErr_SetString(PyExc_ValueError, "prefix_index must be the prefix table's own");
-        goto fail;
-    }
+    /* Tables in Python (OrderedDicts: the reference model's): Python decides all. */
+    tables_compiled = Py_TYPE(L->index) == &AddressTableType
+                      && Py_TYPE(L->prefix_index) == &AddressTableType;
     if (Py_TYPE(L->ring) != &NewcomerRingType || Py_TYPE(L->prefix_overflow) != &RecordType
             || IS_OBJECT((Record *)L->prefix_overflow, 0))
         Py_CLEAR(L->ring);   /* no C ring (or no Record to overflow into): Python's job */
@@ -2565,8 +2788,9 @@ Lane_configure(Lane *L, PyObject *config)
     if (need_int(config, "v6_prefix_bits", &v) < 0)
         goto fail;
     L->v6_prefix_bytes = (int)(v / 8);
-    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= INDEX_MAX_KEY
-                 && v >= 0 && v % 8 == 0 && v / 8 + 1 <= INDEX_MAX_KEY;
+    /* prefix_key() tags an IPv6 prefix in the key's low word: at most 7 bytes of it */
+    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= 16
+                 && v >= 0 && v % 8 == 0 && v / 8 <= 7;
     if (need_int(config, "n_reasons", &v) < 0)
         goto fail;
     L->n_reasons = (int)v;
@@ -2587,7 +2811,7 @@ Lane_configure(Lane *L, PyObject *config)
     L->send_kod = v != 0;
     if (need_int(config, "enabled", &v) < 0)
         goto fail;
-    L->enabled = v != 0;
+    L->enabled = v != 0 && tables_compiled;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
@@ -2797,9 +3021,9 @@ source_of(Lane *L, int i, const unsigned char **packed)
 static void
 prefetch(Lane *L, int count)
 {
-    AddressIndex *sources = (AddressIndex *)L->index, *prefixes = (AddressIndex *)L->prefix_index;
+    AddressTable *sources = SOURCE_TABLE(L), *prefixes = PREFIX_TABLE(L);
     /* A full table: first sightings look the ring up (a flood's every packet). */
-    NewcomerRing *ring = L->ring != NULL && PyDict_GET_SIZE(L->records) >= L->max_sources
+    NewcomerRing *ring = L->ring != NULL && sources->count >= L->max_sources
                          ? (NewcomerRing *)L->ring : NULL;
     const unsigned char *packed;
     int i, pass;
@@ -2820,19 +3044,19 @@ prefetch(Lane *L, int count)
             if (!fast_source(L, packed_len))
                 continue;
             if (pass == 0) {
-                __builtin_prefetch(index_home(sources, source_key(L, packed, packed_len)));
-                __builtin_prefetch(index_home(prefixes, prefix_key(L, packed, packed_len)));
+                __builtin_prefetch(table_home(sources, source_key(L, packed, packed_len)));
+                __builtin_prefetch(table_home(prefixes, prefix_key(L, packed, packed_len)));
                 if (ring != NULL) {
                     RingKey rk = ring_key(packed, (int)source_key(L, packed, packed_len).length);
                     __builtin_prefetch(&ring->slots[ring_hash(rk) & ring->mask]);
                 }
                 continue;
             }
-            if ((found = index_find(sources, source_key(L, packed, packed_len))) != NULL) {
+            if ((found = table_find(sources, source_key(L, packed, packed_len))) != NULL) {
                 __builtin_prefetch(found);
                 __builtin_prefetch((const char *)found + 64);
             }
-            if ((found = index_find(prefixes, prefix_key(L, packed, packed_len))) != NULL)
+            if ((found = table_find(prefixes, prefix_key(L, packed, packed_len))) != NULL)
                 __builtin_prefetch(found);
         }
 }
@@ -3251,7 +3475,8 @@ PyInit__fastlane(void)
 {
     PyObject *m;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
-            || PyType_Ready(&AddressIndexType) < 0 || PyType_Ready(&NewcomerRingType) < 0)
+            || PyType_Ready(&AddressTableType) < 0 || PyType_Ready(&TableIteratorType) < 0
+            || PyType_Ready(&NewcomerRingType) < 0)
         return NULL;
     str_action = PyUnicode_InternFromString("action");
     str_expires_ns = PyUnicode_InternFromString("expires_ns");
@@ -3284,9 +3509,9 @@ PyInit__fastlane(void)
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&AddressIndexType);
-    if (PyModule_AddObject(m, "AddressIndex", (PyObject *)&AddressIndexType) < 0) {
-        Py_DECREF(&AddressIndexType);
+    Py_INCREF(&AddressTableType);
+    if (PyModule_AddObject(m, "AddressTable", (PyObject *)&AddressTableType) < 0) {
+        Py_DECREF(&AddressTableType);
         Py_DECREF(m);
         return NULL;
     }

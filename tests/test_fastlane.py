@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 
 import pytest
 
@@ -32,7 +33,7 @@ from guardntp.auth.keys import parse_key_line
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
-from guardntp.filter.buckets import AddressIndex, NewcomerRing, PyNewcomerRing
+from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
@@ -97,16 +98,6 @@ def state(pipeline: Pipeline) -> dict[str, object]:
     }
 
 
-def assert_indexed(pipeline: Pipeline) -> None:
-    """Each table's AddressIndex holds exactly its IPv4 keys, with the same objects."""
-    for table in (pipeline.sources, pipeline.prefixes):
-        assert table.index is not None
-        indexed = {key: id(value) for key, value in table.index.items()}
-        assert indexed == {key: id(value) for key, value in table.records.items()
-                           if len(key) <= 8}
-        assert len(table.index) == len(indexed)
-
-
 TIGHT = dict(source_rate=2.0, source_burst=3, prefix_rate=6.0, prefix_burst=8,
              max_sources=6, max_prefixes=3, max_newcomers=4, global_reply_rate=25.0,
              global_reply_burst=5, kod_interval_s=1.0, kod_rate=3.0, kod_burst=2,
@@ -162,6 +153,9 @@ def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fa
     reference = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
     # The reference model keeps its newcomers in Python (the compiled side's ring is C).
     reference.newcomers.ring = PyNewcomerRing(policy.max_newcomers)
+    # ... and its tables in OrderedDicts, the model of the compiled AddressTable.
+    reference.sources.records = OrderedDict()
+    reference.prefixes.records = OrderedDict()
     compiled = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     return reference, compiled, fastlane.FastLane(sock, compiled), sock
@@ -196,8 +190,6 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                     Reason.ANSWERED, Reason.RATE_LIMITED, Reason.LEAKED)
             else:
                 slow += 1
-            if step % 100 == 0:
-                assert_indexed(compiled)
             if step == 700:   # a reload and a blocklist change halfway, on both
                 for pipeline in (reference, compiled):
                     pipeline.apply_policy(dataclasses.replace(
@@ -227,7 +219,6 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         # (the leak is drawn at random: test_floods_of_new_sources... sees it in C)
         assert {Reason.ANSWERED, Reason.RATE_KOD, Reason.RATE_LIMITED} <= decided_in_c, \
             decided_in_c
-    assert_indexed(compiled)
 
 
 def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
@@ -376,11 +367,8 @@ def test_floods_of_new_sources_are_decided_in_c_as_python_decides(variant: str,
                 reasons.add(Reason(reason))
             elif new and not in_c:
                 first_in_python += 1
-            if step % 100 == 0:
-                assert_indexed(compiled)
     finally:
         sock.close()
-    assert_indexed(compiled)
     assert first_in_c > 1000, (first_in_c, first_in_python)
     # The table filled, the ring took over and wrapped, newcomers were promoted.
     assert compiled.newcomers.evictions > 0 and len(compiled.newcomers) > 0
@@ -447,32 +435,62 @@ def test_the_compiled_newcomer_ring_keeps_the_python_rings_rules() -> None:
     assert ring.get(b"") is None and b"" not in ring and ring.discard(bytes(20)) is False
 
 
-def test_address_index_matches_a_dict_under_random_churn() -> None:
-    assert AddressIndex is not None
-    index = AddressIndex()
-    model: dict[bytes, object] = {}
+def test_address_table_matches_an_ordered_dict_under_random_churn() -> None:
+    """The compiled table against its model: membership, values, and the order
+    (insertion, move_to_end, a replaced value keeping its place) through growth,
+    backward-shift deletion and the second-chance scan BucketTable runs."""
+    assert AddressTable is not None
+    table = AddressTable()
+    model: OrderedDict[bytes, object] = OrderedDict()
     rng = random.Random(5)
-    # IPv4 sources and prefixes, IPv6 /64s, b"6" + /56s; an all-zero key too.
-    keys = [rng.randbytes(rng.choice((3, 4, 8))) for _ in range(3000)] + [bytes(8), bytes(4)]
-    for _ in range(30_000):
+    # IPv4 sources and prefixes, IPv6 sources of every whole-byte length, b"6" + any
+    # prefix (17 bytes at /128); all-zero keys and keys that differ only in length.
+    keys = [rng.randbytes(rng.choice((1, 3, 4, 8, 9, 15, 16))) for _ in range(3000)]
+    keys += [b"6" + rng.randbytes(16) for _ in range(300)]
+    keys += [bytes(n) for n in range(1, 17)] + [b"6" + bytes(16), b"6" + bytes(7)]
+    for step in range(60_000):
         key = rng.choice(keys)
-        if rng.random() < 0.55:
+        r = rng.random()
+        if r < 0.5:
             value = object()
-            assert index.put(key, value) is True
+            table[key] = value
             model[key] = value
+        elif r < 0.8:
+            assert table.pop(key, None) is model.pop(key, None)
+        elif r < 0.9 and model:
+            oldest = next(iter(table))
+            assert oldest == next(iter(model))
+            table.move_to_end(oldest)
+            model.move_to_end(oldest)
         else:
-            assert index.discard(key) is (key in model)
-            model.pop(key, None)
-        if rng.random() < 0.01:
-            assert {k: id(v) for k, v in index.items()} == {k: id(v) for k, v in model.items()}
-    assert len(index) == len(model)
-    assert all(index.get(key) is model.get(key) for key in keys)
-    # Keys that are not 1-8 bytes are refused, never indexed.
-    assert index.put(bytes(9), 1) is False and index.put(b"", 1) is False
-    assert index.put("1234", 1) is False   # type: ignore[arg-type]
-    assert index.discard(bytes(16)) is False and index.get(bytes(5)) is None
-    index.clear()
-    assert len(index) == 0 and index.items() == []
+            assert (key in table) is (key in model)
+            assert table.get(key) is model.get(key)
+        if step % 997 == 0:
+            assert [(k, id(v)) for k, v in table.items()] == \
+                [(k, id(v)) for k, v in model.items()]
+            assert list(table) == list(model) and table.keys() == list(model)
+    assert len(table) == len(model)
+    assert all(table.get(key) is model.get(key) for key in keys)
+    assert [id(v) for v in table.values()] == [id(v) for v in model.values()]
+    # What is not an address key is refused, never stored.
+    for bad in (b"", bytes(18), b"7" + bytes(16)):
+        with pytest.raises(ValueError):
+            table[bad] = 1
+        assert bad not in table and table.get(bad) is None
+        with pytest.raises(KeyError):
+            table[bad]
+    with pytest.raises(TypeError):
+        table["1234"]   # type: ignore[index]
+    with pytest.raises(KeyError):
+        del table[bytes(5) + b"x"]
+    with pytest.raises(KeyError):
+        table.pop(bytes(6) + b"y")
+    iterator = iter(table)
+    table[b"new key"] = 1
+    with pytest.raises(RuntimeError):
+        next(iterator)
+    table.clear()
+    assert len(table) == 0 and table.items() == [] and list(table) == []
 
 
 def test_clock_changes_reach_the_compiled_replies() -> None:
@@ -625,6 +643,24 @@ def test_reload_and_blocklist_apply_to_the_compiled_path() -> None:
         sock.close()
 
 
+def test_tables_in_python_leave_every_packet_to_python() -> None:
+    """A pipeline whose tables are OrderedDicts (the reference model's) has no
+    AddressTable for the loop to use: the lane configures, and decides nothing."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
+        pipeline.sources.records = OrderedDict()
+        lane = fastlane.FastLane(sock, pipeline)
+        request = bytes((0x23, 0, 6)) + bytes(45)
+        for i in range(3):
+            reason, reply, _, in_c = lane.decide_one(request, bytes((192, 0, 2, 1)), 40_000,
+                                                     WALL_BASE_NS, (10 + i) * NS_PER_S)
+            assert (reason, in_c) == (Reason.ANSWERED, False) and reply is not None
+        assert list(pipeline.sources.records) == [bytes((192, 0, 2, 1))]
+    finally:
+        sock.close()
+
+
 def test_bad_configuration_is_refused() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -632,7 +668,7 @@ def test_bad_configuration_is_refused() -> None:
         lane = fastlane.FastLane(sock, pipeline)
         config = pipeline.fast_lane_config()
         with pytest.raises(KeyError):
-            lane.lane.configure({k: v for k, v in config.items() if k != "index"})
+            lane.lane.configure({k: v for k, v in config.items() if k != "sources"})
         with pytest.raises(TypeError):
             lane.lane.configure(dict(config, eligible=b"short"))
         with pytest.raises(ValueError):
@@ -641,7 +677,7 @@ def test_bad_configuration_is_refused() -> None:
         with pytest.raises(ValueError):   # a crowd estimate above max_crowd
             lane.lane.configure(dict(config, crowd_of_bits=(1,) * 63 + (10**6,)))
         with pytest.raises(TypeError):
-            lane.lane.configure(dict(config, index={}))
+            lane.lane.configure(dict(config, counts=(0,) * len(config["counts"])))
         with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
             lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
         lane.lane.configure(config)

@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, MutableSequence
+from collections.abc import Iterator, Mapping, MutableMapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..timestamps import NS_PER_S
 
 try:
-    from .._fastlane import AddressIndex, NewcomerRing
-except ImportError:  # no C compiler at install: no compiled loop to index for
-    AddressIndex = None  # type: ignore[assignment, misc]
+    from .._fastlane import AddressTable, NewcomerRing
+except ImportError:  # no C compiler at install: OrderedDict and PyNewcomerRing serve
+    AddressTable = None  # type: ignore[assignment, misc]
     NewcomerRing = None  # type: ignore[assignment, misc]
+else:
+    MutableMapping.register(AddressTable)
 
 
 #: The fastest rate a bucket can hold: one request per nanosecond, the unit TATs count in.
@@ -114,23 +116,22 @@ class BucketTable:
     its bucket is full, else moved to the back. Entries are mutable sequences so
     the pipeline can keep counters beside the TAT without another lookup.
 
-    Read ``records`` freely; change its membership only through :meth:`insert`,
-    :meth:`admit` and eviction, which keep ``index`` in step: where the compiled
-    loop is built, an :class:`~guardntp._fastlane.AddressIndex` of the same records
-    under their keys of 1-8 bytes (IPv4 sources and prefixes, IPv6 /64 sources and
-    /56 prefixes), which the loop looks up instead of the dict.
+    ``records`` is the one map of them: where the compiled loop is built an
+    :class:`~guardntp._fastlane.AddressTable` (an ordered map in C, with
+    OrderedDict's methods), which the loop reads, inserts into and evicts from
+    itself; else an OrderedDict. Read it freely; change its membership only
+    through :meth:`insert`, :meth:`admit` and eviction.
     """
 
-    __slots__ = ("records", "index", "max_entries", "evictions", "admissions_refused",
-                 "tat_cells")
+    __slots__ = ("records", "max_entries", "evictions", "admissions_refused", "tat_cells")
 
     def __init__(self, max_entries: int, tat_cells: tuple[int, ...] = (0,)) -> None:
         if max_entries < 1:
             raise ValueError("a table needs room for at least one entry")
         #: The items of a record that are TATs: an entry is evictable once all are <= now.
         self.tat_cells = tat_cells
-        self.records: OrderedDict[bytes, MutableSequence[Any]] = OrderedDict()
-        self.index = AddressIndex() if AddressIndex is not None else None
+        self.records: OrderedDict[bytes, MutableSequence[Any]] | AddressTable = (
+            OrderedDict() if AddressTable is None else AddressTable())
         self.max_entries = max_entries
         self.evictions = 0
         self.admissions_refused = 0
@@ -140,11 +141,7 @@ class BucketTable:
 
     def insert(self, key: bytes, record: MutableSequence[Any]) -> None:
         """Put ``record`` under ``key`` whatever the size (the caller checked for room)."""
-        # The dict first: should the index then fail (out of memory), it only lacks
-        # the key, and the compiled loop hands that source to Pipeline.decide.
         self.records[key] = record
-        if self.index is not None:
-            self.index.put(key, record)
 
     def admit(self, key: bytes, record: MutableSequence[Any], now_ns: int) -> bool:
         """Insert ``record`` under ``key`` if there is room or an evictable entry."""
@@ -161,8 +158,6 @@ class BucketTable:
             record = records[oldest]
             if all(record[cell] <= now_ns for cell in self.tat_cells if cell < len(record)):
                 del records[oldest]
-                if self.index is not None:
-                    self.index.discard(oldest)
                 self.evictions += 1
                 return True
             records.move_to_end(oldest)

@@ -385,13 +385,12 @@ class Pipeline:
         requires_any = getattr(authenticator, "requires_any", None)
         enabled = authenticator is None or (requires_any is not None and not requires_any())
         return {
-            "pipeline": self, "decide": self.decide, "index": self.sources.index,
-            "prefix_index": self.prefixes.index, "counts": self.counters.counts,
+            "pipeline": self, "decide": self.decide, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
             "enabled": int(enabled),
-            # First sightings: the tables the loop inserts into and evicts from as
-            # BucketTable does, the newcomer ring (a NewcomerRing, else None: first
-            # sightings stay here) and the record a prefix overflows into.
+            # The tables (their records, AddressTables) the loop reads, inserts into
+            # and evicts from as BucketTable does, the newcomer ring (a NewcomerRing,
+            # else None: first sightings stay here) and the record a prefix overflows into.
             "sources": self.sources, "prefixes": self.prefixes,
             "newcomers": self.newcomers.ring, "prefix_overflow": self._prefix_overflow}
 
