@@ -19,12 +19,13 @@
  *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
  *     4-7, bad versions) -> that drop, counted;
  *   - a source port on the reflection list -> drop, counted;
- *   - a source with no access-list entry (IPv4: its cached result, or for a
- *     source not in the table the list's own lookup; IPv6: the list has no
- *     IPv6 entry at all): both buckets conforming -> a time reply (or the
+ *   - the access list (IPv4: the record's cached entry while the list and the
+ *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
+ *     Python does): DROP -> drop; DENY -> a DENY KoD within the KoD guard and
+ *     budget, else drop; EXEMPT -> a time reply (or the global cap's drop);
+ *   - no entry or ALLOW: both buckets conforming -> a time reply (or the
  *     global cap's drop); over either -> the random leak's time reply, a RATE
- *     KoD, or a drop;
- *   - such an IPv4 source whose entry is an unexpired DROP -> drop.
+ *     KoD, or a drop.
  * Sources the table does not hold are decided here too (first_sighting): a
  * first request while the table has room creates the Record and inserts it
  * (BucketTable.insert); once the table is full it is
@@ -34,8 +35,9 @@
  * record.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
- * Everything else (other access-list entries, MACs, IPv6 while the list has
- * an IPv6 entry, odd lengths, records of another shape) goes to
+ * Everything else (MACs and NTS, any datagram that is not 48 bytes, IPv6 keys
+ * the table cannot slice, a policy where some source must authenticate,
+ * records of another shape, differences beyond 64 bits) goes to
  * Pipeline.decide unchanged, before anything here has been modified.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
  * through both, the reference with its tables in OrderedDicts and its ring in
@@ -95,7 +97,8 @@ typedef struct {
     int configured, enabled;
     PyObject *pipeline, *decide, *counts, *label_counts;
     PyObject *index, *prefix_index;   /* the tables' records: AddressTables (SOURCE_TABLE) */
-    PyObject *acl, *responder, *random, *action_drop;
+    PyObject *acl, *responder, *random;
+    PyObject *action_allow, *action_exempt, *action_drop, *action_deny;   /* Action members */
     /* Per label slot: the first byte, or for NTPv1 (whose label depends on the
      * source port) V1_NETGEAR / V1_OTHER; see label_slot(). */
     PyObject *labels[LABEL_SLOTS];
@@ -110,7 +113,7 @@ typedef struct {
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
     int v6_fast, v6_source_bytes, v6_prefix_bytes;  /* v6_fast: both keys indexable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
-    int reason_acl_deny, reason_blocklisted;
+    int reason_acl_deny, reason_blocklisted, reason_deny_kod;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
@@ -1662,12 +1665,11 @@ label_slot(Lane *L, unsigned first, int port)
 }
 
 /* May the fast path take a source of this address length at all? IPv6 only
- * where configure() found its keys indexable and begin() found no IPv6 entry in
- * the access list (Pipeline.decide looks IPv6 sources up in it every time). */
+ * where configure() found its source and prefix keys sliceable. */
 static inline int
 fast_source(Lane *L, int packed_len)
 {
-    return packed_len == 4 || (packed_len == 16 && L->v6_fast && !L->acl_covers_v6);
+    return packed_len == 4 || (packed_len == 16 && L->v6_fast);
 }
 
 /* Pipeline.decide's source key: the IPv4 address, or the IPv6 address's first
@@ -1740,9 +1742,9 @@ time_reply_head(Lane *L, const unsigned char *d, int64_t recv_ns, unsigned char 
     put_ntp(out + 32, recv_ns + L->offset_ns);
 }
 
-/* Responder.kod_reply(data, request, b"RATE", kod_min_poll): 48 bytes. */
+/* Responder.kod_reply(data, request, code, kod_min_poll): 48 bytes. */
 static inline void
-rate_kod_reply(Lane *L, const unsigned char *d, unsigned char *out)
+kod_reply(Lane *L, const unsigned char *d, const char *code, unsigned char *out)
 {
     unsigned first = d[0];
     int64_t poll = (int64_t)(signed char)d[2];
@@ -1753,7 +1755,7 @@ rate_kod_reply(Lane *L, const unsigned char *d, unsigned char *out)
     out[2] = (unsigned char)(poll & 0xFF);
     out[3] = L->fields[0];   /* the precision */
     memset(out + 4, 0, 8);
-    memcpy(out + 12, "RATE", 4);
+    memcpy(out + 12, code, 4);
     memset(out + 16, 0, 8);
     memcpy(out + 24, d + 40, 8);
     memcpy(out + 32, d + 40, 8);
@@ -1761,6 +1763,8 @@ rate_kod_reply(Lane *L, const unsigned char *d, unsigned char *out)
 }
 
 static PyObject *str_action, *str_expires_ns, *str_origin;   /* interned at import */
+static PyObject *str_evictions, *str_admissions_refused, *str_table_full;
+static PyObject *str_lookup, *long_one;
 
 static inline void
 set_label(Lane *L, Record *record, int slot)
@@ -1773,44 +1777,138 @@ set_label(Lane *L, Record *record, int slot)
     }
 }
 
+/* Pipeline.decide step 3, the access list: what an entry asks for. */
+enum { ACL_PASS, ACL_EXEMPT, ACL_DROP, ACL_DENY };
+
 /*
- * A source whose cached access-list entry (still current: same list
- * generation) drops it silently: the reason to count, 0 to leave the packet to
- * Python (another action, an expired entry, anything unexpected), -1 on error.
- * Only Action.DROP: ALLOW and EXEMPT change the rate limits that follow, and
- * DENY may send a KoD. Why here: a blocklisted flooder keeps sending, and
- * each of its packets would otherwise cost a Pipeline.decide call.
+ * The verdict of access-list entry (None, or an AclEntry the list returned):
+ * *kind, and for a drop or a deny *why (ACL_DENY for the configuration's
+ * entries, BLOCKLISTED for the blocklist's). 1, or 0 to leave the packet to
+ * Python (an action this file does not know), -1 on error.
  */
 static int
-acl_drop_reason(Lane *L, PyObject *entry, int64_t recv_ns)
+acl_verdict(Lane *L, PyObject *entry, int *kind, int *why)
 {
     PyObject *value;
-    int64_t expires;
-    int config, drop;
+    int config;
+    *kind = ACL_PASS;
+    *why = 0;
+    if (entry == Py_None)
+        return 1;
     if ((value = PyObject_GetAttr(entry, str_action)) == NULL)
         return -1;
-    drop = value == L->action_drop;
+    *kind = value == L->action_allow ? ACL_PASS : value == L->action_exempt ? ACL_EXEMPT
+            : value == L->action_drop ? ACL_DROP : value == L->action_deny ? ACL_DENY : -1;
     Py_DECREF(value);
-    if (!drop)
+    if (*kind < 0)
         return 0;
-    if ((value = PyObject_GetAttr(entry, str_expires_ns)) == NULL)
-        return -1;
-    if (value != Py_None && (!as_i64(value, &expires) || recv_ns >= expires)) {
-        Py_DECREF(value);
-        return 0;       /* expired (or odd): Python looks the list up again */
-    }
-    Py_DECREF(value);
+    if (*kind == ACL_PASS || *kind == ACL_EXEMPT)
+        return 1;
     if ((value = PyObject_GetAttr(entry, str_origin)) == NULL)
         return -1;
     config = PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "config") == 0;
     Py_DECREF(value);
-    return config ? L->reason_acl_deny : L->reason_blocklisted;
+    *why = config ? L->reason_acl_deny : L->reason_blocklisted;
+    return 1;
+}
+
+/* AclEntry.active(recv_ns) of a cached entry: 1 active (or None), 0 expired,
+ * 2 an expiry beyond 64 bits (Python decides), -1 on error. */
+static int
+acl_active(PyObject *entry, int64_t recv_ns)
+{
+    PyObject *value;
+    int64_t expires;
+    int active;
+    if (entry == Py_None)
+        return 1;
+    if ((value = PyObject_GetAttr(entry, str_expires_ns)) == NULL)
+        return -1;
+    active = value == Py_None ? 1 : !as_i64(value, &expires) ? 2 : recv_ns < expires;
+    Py_DECREF(value);
+    return active;
+}
+
+/* The source's access-list entry as Pipeline.decide finds it: the list's own
+ * lookup (pure; a new reference), skipped when the list cannot hold one. */
+static PyObject *
+acl_lookup(Lane *L, const unsigned char *packed, int packed_len, int64_t recv_ns)
+{
+    PyObject *key, *recv, *entry = NULL;
+    if (L->acl_empty || (packed_len == 16 && !L->acl_covers_v6)) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    key = PyBytes_FromStringAndSize((const char *)packed, packed_len);
+    recv = PyLong_FromLongLong(recv_ns);
+    if (key != NULL && recv != NULL)
+        entry = PyObject_CallMethodObjArgs(L->acl, str_lookup, key, recv, NULL);
+    Py_XDECREF(key);
+    Py_XDECREF(recv);
+    return entry;
+}
+
+/* Pipeline._kod_allowed: the source's KoD guard, the KoD budget, the global budget. */
+static inline int
+kod_allowed(Lane *L, Record *record, int64_t now_ns)
+{
+    int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
+    if (now_ns - record->cell[L->i_last_kod].n < L->kod_interval
+            || kod_tat - now_ns > L->kod_bucket_tolerance || !global_allows(L, now_ns))
+        return 0;
+    L->kod_tat = kod_tat + L->kod_bucket_interval;
+    record->cell[L->i_last_kod].n = now_ns;
+    return 1;
+}
+
+/* Pipeline._kod: count it, build it. */
+static inline int
+send_kod(Lane *L, const unsigned char *d, Record *record, int base, const char *code,
+         int why, unsigned char *out, int *reason, int *reply)
+{
+    record->cell[L->i_kods].n++;
+    L->count_acc[base + why]++;
+    kod_reply(L, d, code, out);
+    *reason = why;
+    *reply = REPLY_KOD;
+    return 1;
+}
+
+/* A counted drop charged to the source. */
+static inline int
+drop_charged(Lane *L, Record *record, int base, int why, int *reason)
+{
+    record->cell[L->i_drops].n++;
+    L->count_acc[base + why]++;
+    *reason = why;
+    return 1;
+}
+
+/* A time reply (its first 40 bytes into out) for reason why (ANSWERED, LEAKED). */
+static inline int
+time_answer(Lane *L, const unsigned char *d, Record *record, int base, int why,
+            int64_t recv_ns, unsigned char *out, int *reason, int *reply)
+{
+    L->count_acc[base + why]++;
+    record->cell[L->i_time_replies].n++;
+    L->fast_decisions++;
+    time_reply_head(L, d, recv_ns, out);
+    *reason = why;
+    *reply = REPLY_TIME;
+    return 1;
+}
+
+/* The end of Pipeline.decide: the global cap, then the answer. */
+static inline int
+capped_answer(Lane *L, const unsigned char *d, Record *record, int base, int64_t recv_ns,
+              int64_t now_ns, unsigned char *out, int *reason, int *reply)
+{
+    if (!global_allows(L, now_ns))
+        return drop_charged(L, record, base, L->reason_global_cap, reason);
+    return time_answer(L, d, record, base, 0, recv_ns, out, reason, reply);   /* ANSWERED */
 }
 
 /* ---- the tables' own rules (filter/buckets.py), for first sightings */
-
-static PyObject *str_move_to_end, *str_evictions, *str_admissions_refused, *str_table_full;
-static PyObject *str_lookup, *long_one;
 
 /* obj.name += 1 (a table's or the pipeline's counter). */
 static int
@@ -1931,21 +2029,9 @@ new_source_record(Lane *L, int64_t now_ns, int slot, int port, int ttl)
 /* A first sighting once the table is full: Pipeline.decide's `newcomer`. */
 typedef struct {
     int newcomer;          /* not in the source table (yet) */
-    const unsigned char *packed;
-    PyObject *key;         /* the source key as bytes, once needed (sighting_key) */
     Key k;
     RingKey rk;
 } Sighting;
-
-/* The source key as bytes (borrowed): made only when a dict or the access list
- * needs it, so that a newcomer remembered in the ring allocates nothing. */
-static PyObject *
-sighting_key(Sighting *s)
-{
-    if (s->key == NULL)
-        s->key = PyBytes_FromStringAndSize((const char *)s->packed, s->k.length);
-    return s->key;
-}
 
 /* Pipeline._establish: move a newcomer into the source table. */
 static int
@@ -2101,29 +2187,16 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
                 return -1;
             leak = x < L->leak_share && global_allows(L, now_ns);
         }
-        if (leak) {
-            *reason = L->reason_leaked;
-            goto answer;
-        }
+        if (leak)
+            return time_answer(L, d, record, base, L->reason_leaked, recv_ns, out, reason,
+                               reply);
         if (L->send_kod && L->kod_of_first[slot] && !contested) {
             int kod = 1;
             if (s != NULL && s->newcomer && (kod = establish(L, s, record, now_ns)) < 0)
                 return -1;
-            if (kod) {   /* Pipeline._kod_allowed */
-                int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
-                if (now_ns - record->cell[L->i_last_kod].n >= L->kod_interval
-                        && kod_tat - now_ns <= L->kod_bucket_tolerance
-                        && global_allows(L, now_ns)) {
-                    L->kod_tat = kod_tat + L->kod_bucket_interval;
-                    record->cell[L->i_last_kod].n = now_ns;
-                    record->cell[L->i_kods].n++;
-                    L->count_acc[base + L->reason_rate_kod]++;
-                    rate_kod_reply(L, d, out);
-                    *reason = L->reason_rate_kod;
-                    *reply = REPLY_KOD;
-                    return 1;
-                }
-            }
+            if (kod && kod_allowed(L, record, now_ns))
+                return send_kod(L, d, record, base, "RATE", L->reason_rate_kod, out, reason,
+                                reply);
         }
         L->count_acc[base + L->reason_rate_limited]++;
         record->cell[L->i_drops].n++;
@@ -2135,20 +2208,7 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
     if (s != NULL && s->newcomer
             && ring_remember((NewcomerRing *)L->ring, s->rk, record->cell[L->i_tat].n) < 0)
         return -1;
-    if (!global_allows(L, now_ns)) {
-        L->count_acc[base + L->reason_global_cap]++;
-        record->cell[L->i_drops].n++;
-        *reason = L->reason_global_cap;
-        return 1;
-    }
-    *reason = 0;                                             /* Reason.ANSWERED */
-answer:
-    L->count_acc[base + *reason]++;
-    record->cell[L->i_time_replies].n++;
-    L->fast_decisions++;
-    time_reply_head(L, d, recv_ns, out);                     /* 7. the reply */
-    *reply = REPLY_TIME;
-    return 1;
+    return capped_answer(L, d, record, base, recv_ns, now_ns, out, reason, reply);   /* 7. */
 }
 
 /* The prefix's record for buckets(): *prefix set (NULL: not in the table, to be
@@ -2168,6 +2228,30 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
     }
     *prefix = NULL;
     return L->ring != NULL;   /* no ring: configure() found no way to create records here */
+}
+
+/*
+ * Pipeline.decide for a source whose access-list entry is exempt, a drop or a
+ * deny, once the record is committed: an exempt source skips the buckets (the
+ * global cap still counts); a deny sends a DENY KoD when the source's guard and
+ * the KoD budget allow (a newcomer must find room among established sources
+ * first, to keep its guard time), else it is dropped like a drop. s: a first
+ * sighting, or NULL.
+ */
+static int
+listed(Lane *L, const unsigned char *d, Record *record, Sighting *s, int base, int kind,
+       int why, int64_t recv_ns, int64_t now_ns, unsigned char *out, int *reason, int *reply)
+{
+    if (kind == ACL_EXEMPT)
+        return capped_answer(L, d, record, base, recv_ns, now_ns, out, reason, reply);
+    if (kind == ACL_DENY) {
+        int room = 1;
+        if (s != NULL && s->newcomer && (room = establish(L, s, record, now_ns)) < 0)
+            return -1;
+        if (room && kod_allowed(L, record, now_ns))
+            return send_kod(L, d, record, base, "DENY", L->reason_deny_kod, out, reason, reply);
+    }
+    return drop_charged(L, record, base, why, reason);
 }
 
 /*
@@ -2192,31 +2276,19 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     RingSlot *remembered;
     Key pkey = {0, 0, 0};
     int64_t since_kod;
-    int acl_reason = 0, rc;
+    int acl_kind, acl_why, rc;
 
     if (ring == NULL || __builtin_sub_overflow(now_ns, L->never, &since_kod)
             || __builtin_sub_overflow(now_ns, L->class_memory_ns, &since_kod))
         return 0;   /* (the KoD guard's subtraction, as for an established source) */
     s.newcomer = 0;
-    s.packed = packed;
-    s.key = NULL;
     s.k = source_key(L, packed, packed_len);
     s.rk = ring_key(packed, (int)s.k.length);
-    Py_INCREF(entry);
-    if (packed_len == 4 && !L->acl_empty) {   /* 3. IPv6: fast_source() saw no IPv6 entry */
-        PyObject *recv = PyLong_FromLongLong(recv_ns);
-        Py_DECREF(entry);
-        entry = recv && sighting_key(&s)
-            ? PyObject_CallMethodObjArgs(L->acl, str_lookup, s.key, recv, NULL) : NULL;
-        Py_XDECREF(recv);
-        if (entry == NULL) {
-            rc = -1;
-            goto done;
-        }
-        if (entry != Py_None && (rc = acl_reason = acl_drop_reason(L, entry, recv_ns)) <= 0)
-            goto done;   /* another action, or expired: Python */
-    }
-    if (acl_reason == 0 && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
+    if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
+        return -1;
+    if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0)
+        goto done;
+    if (acl_kind == ACL_PASS && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
         goto done;
 
     /* From here on this packet is decided here, in Pipeline.decide's order. */
@@ -2259,20 +2331,15 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     Py_INCREF(entry);
     Py_SETREF(record->cell[L->i_acl_entry].o, entry);
     L->first_sightings++;
-    if (acl_reason > 0) {
-        record->cell[L->i_drops].n++;
-        L->count_acc[base + acl_reason]++;
-        *reason = acl_reason;
-        rc = 1;
-        goto done;
-    }
-    /* A new record: LAST_SEEN is now, so no gap (as in Pipeline.decide). */
-    rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, 0, recv_ns, now_ns, &s,
-                 out, reason, reply);
+    if (acl_kind == ACL_PASS)   /* A new record: LAST_SEEN is now, so no gap. */
+        rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, 0, recv_ns, now_ns,
+                     &s, out, reason, reply);
+    else
+        rc = listed(L, d, record, &s, base, acl_kind, acl_why, recv_ns, now_ns, out, reason,
+                    reply);
 done:
     Py_XDECREF(record);
     Py_DECREF(entry);
-    Py_XDECREF(s.key);
     return rc;
 }
 
@@ -2291,10 +2358,11 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     int base = (int)((first >> 3) & 7) * L->n_reasons;
     int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
     int slot = label_slot(L, first, port), rc;
-    PyObject *found;
-    Record *record, *prefix;
-    Key pkey;
+    PyObject *found, *entry;
+    Record *record, *prefix = NULL;
+    Key pkey = {0, 0, 0};
     int64_t generation, last_kod, since_kod, ignored, last_seen, gap_ns;
+    int looked_up, acl_kind, acl_why;
 
     *reply = REPLY_NONE;
     L->counted = 1;
@@ -2324,12 +2392,6 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
             || !record_int(record, L->i_acl_generation, &generation))
         return 0;
-    /* 3. access list. IPv4: the record's cached result for the current list
-     * must be "no entry", or a DROP entry (acl_drop_reason, below). IPv6: Python
-     * looks the list up anew, and (fast_source) it has no IPv6 entry, so the
-     * result is "no entry", cached below as Python would. */
-    if (packed_len == 4 && generation != L->acl_generation)
-        return 0;
     if (!record_int(record, L->i_tat, &ignored) || !record_int(record, L->i_requests, &ignored)
             || !record_int(record, L->i_time_replies, &ignored)
             || !record_int(record, L->i_drops, &ignored)
@@ -2357,27 +2419,33 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             || __builtin_sub_overflow(now_ns, record->cell[L->i_window_start].n, &ignored)
             || ignored > INT64_MAX / 4)
         return 0;
-    if (packed_len == 4 && record->cell[L->i_acl_entry].o != Py_None) {
-        int acl_reason = acl_drop_reason(L, record->cell[L->i_acl_entry].o, recv_ns);
-        if (acl_reason <= 0)
-            return acl_reason;
-        L->label_acc[slot]++;
-        record->cell[L->i_requests].n++;
-        record->cell[L->i_last_seen].n = now_ns;
-        set_label(L, record, slot);
-        record->cell[L->i_port].n = port;
-        record->cell[L->i_drops].n++;
-        L->count_acc[base + acl_reason]++;
-        *reason = acl_reason;
-        return 1;
-    }
     /* 4. authentication: a 48-byte request has no MAC, and configure() disables
-     * the fast path when any source must authenticate. 5. buckets. The KoD
-     * guard's subtraction is Python's unbounded one: beyond 64 bits, Python. */
+     * the fast path when any source must authenticate. The KoD guard's
+     * subtraction is Python's unbounded one: beyond 64 bits, Python. */
     if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
         return 0;
-    if ((rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
+    /* 3. access list: the record's cached entry while the list is the same and
+     * the entry has not lapsed (IPv4); else, and always for IPv6 (whose source
+     * key may hold sources with different entries), the list's own lookup, to
+     * be cached as Python does. */
+    entry = record->cell[L->i_acl_entry].o;
+    looked_up = packed_len == 16 || generation != L->acl_generation;
+    if (!looked_up && (rc = acl_active(entry, recv_ns)) != 1) {
+        if (rc != 0)
+            return rc < 0 ? -1 : 0;
+        looked_up = 1;
+    }
+    if (looked_up) {
+        if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)
+            return -1;
+    } else
+        Py_INCREF(entry);
+    if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
+            || (acl_kind == ACL_PASS
+                && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)) {
+        Py_DECREF(entry);
         return rc;
+    }
 
     /* Commit, as Pipeline.decide would have. */
     L->label_acc[slot]++;
@@ -2385,16 +2453,18 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     record->cell[L->i_last_seen].n = now_ns;
     set_label(L, record, slot);
     record->cell[L->i_port].n = port;
-    if (packed_len == 16) {
+    if (looked_up) {
         record->cell[L->i_acl_generation].n = L->acl_generation;
-        if (record->cell[L->i_acl_entry].o != Py_None) {
-            Py_INCREF(Py_None);
-            Py_SETREF(record->cell[L->i_acl_entry].o, Py_None);
-        }
-    }
+        Py_SETREF(record->cell[L->i_acl_entry].o, entry);   /* the lookup's reference */
+    } else
+        Py_DECREF(entry);   /* the record keeps its own */
     Py_INCREF(record);   /* a prefix eviction runs Python-visible code: keep it alive */
-    rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, gap_ns, recv_ns, now_ns,
-                 NULL, out, reason, reply);
+    if (acl_kind == ACL_PASS)
+        rc = buckets(L, d, record, prefix, pkey, slot, base, port, ttl, gap_ns, recv_ns,
+                     now_ns, NULL, out, reason, reply);
+    else
+        rc = listed(L, d, record, NULL, base, acl_kind, acl_why, recv_ns, now_ns, out, reason,
+                    reply);
     Py_DECREF(record);
     return rc;
 }
@@ -2452,7 +2522,10 @@ release_config(Lane *L)
     Py_CLEAR(L->index);
     Py_CLEAR(L->prefix_index);
     Py_CLEAR(L->random);
+    Py_CLEAR(L->action_allow);
+    Py_CLEAR(L->action_exempt);
     Py_CLEAR(L->action_drop);
+    Py_CLEAR(L->action_deny);
     Py_CLEAR(L->counts);
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
@@ -2623,11 +2696,13 @@ Lane_configure(Lane *L, PyObject *config)
 {
     static const char *objects[] = {"pipeline", "decide",
                                     "counts", "label_counts", "acl", "responder", "random",
-                                    "action_drop", "sources", "prefixes", "newcomers",
+                                    "action_allow", "action_exempt", "action_drop",
+                                    "action_deny", "sources", "prefixes", "newcomers",
                                     "prefix_overflow"};
     PyObject **slots[] = {&L->pipeline, &L->decide,
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
-                          &L->action_drop, &L->sources, &L->prefixes, &L->ring,
+                          &L->action_allow, &L->action_exempt, &L->action_drop,
+                          &L->action_deny, &L->sources, &L->prefixes, &L->ring,
                           &L->prefix_overflow};
     PyObject *labels, *value;
     int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8];
@@ -2804,7 +2879,8 @@ Lane_configure(Lane *L, PyObject *config)
                            &L->reason_rate_limited) < 0
             || need_reason(config, "reason_acl_deny", L->n_reasons, &L->reason_acl_deny) < 0
             || need_reason(config, "reason_blocklisted", L->n_reasons,
-                           &L->reason_blocklisted) < 0)
+                           &L->reason_blocklisted) < 0
+            || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0)
         goto fail;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;
@@ -3481,14 +3557,13 @@ PyInit__fastlane(void)
     str_action = PyUnicode_InternFromString("action");
     str_expires_ns = PyUnicode_InternFromString("expires_ns");
     str_origin = PyUnicode_InternFromString("origin");
-    str_move_to_end = PyUnicode_InternFromString("move_to_end");
     str_evictions = PyUnicode_InternFromString("evictions");
     str_admissions_refused = PyUnicode_InternFromString("admissions_refused");
     str_table_full = PyUnicode_InternFromString("table_full");
     str_lookup = PyUnicode_InternFromString("lookup");
     long_one = PyLong_FromLong(1);
     if (str_action == NULL || str_expires_ns == NULL || str_origin == NULL
-            || str_move_to_end == NULL || str_evictions == NULL
+            || str_evictions == NULL
             || str_admissions_refused == NULL || str_table_full == NULL || str_lookup == NULL
             || long_one == NULL)
         return NULL;

@@ -3,9 +3,9 @@
 Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a 48-byte request
-dropped by its first byte or its source port, or a source with no access-list
-entry: answered, leaked, sent a RATE KoD or dropped; or with a ``drop`` entry:
-dropped). That includes first sightings: a new source is inserted into the
+dropped by its first byte or its source port; the access list's drop, deny with
+its DENY KoD and exempt; a source within or over its buckets: answered, leaked,
+sent a RATE KoD or dropped). That includes first sightings: a new source is inserted into the
 source table while it has room, remembered in the newcomer ring once it is full,
 and promoted at its second request, with the tables' own rules
 (``filter/buckets.py``). For everything else it calls ``Pipeline.decide``
@@ -112,8 +112,8 @@ class FastLane:
 
     def decide_one(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
                    ttl: int = -1) -> tuple[int, bytes | None, object, bool]:
-        """One datagram through the compiled decision, no sockets (for tests):
-        (reason, reply, signer, decided in C)."""
+        """One datagram through the compiled decision, no socket touched (tests, the
+        in-process replay): (reason, reply, signer, decided in C)."""
         self._configure()
         return self.lane.decide_one(data, packed, port, recv_ns, now_ns, ttl)
 

@@ -257,36 +257,55 @@ def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
                          Reason.LEAKED, Reason.GLOBAL_CAP}, seen
 
 
-def test_access_list_drops_are_decided_in_c_until_the_entry_expires() -> None:
-    drop = AclEntry(ipaddress.ip_network("192.0.2.4/32"), Action.DROP)
-    settings = dict(acl=(drop, AclEntry(ipaddress.ip_network("192.0.2.5/32"), Action.DENY),
-                         AclEntry(ipaddress.ip_network("192.0.2.6/32"), Action.EXEMPT)),
-                    deny_action=Action.DENY)
+def test_access_list_entries_are_decided_in_c_as_python_decides() -> None:
+    """Every action (drop, deny with its KoD, exempt, allow), a blocklist entry that
+    expires and uncovers nothing, and IPv6 sources under IPv6 entries (looked up
+    anew each time, as Python does): all in C, all as Pipeline.decide decides."""
+    settings = dict(acl=(
+        AclEntry(ipaddress.ip_network("192.0.2.4/32"), Action.DROP),
+        AclEntry(ipaddress.ip_network("192.0.2.5/32"), Action.DENY),
+        AclEntry(ipaddress.ip_network("192.0.2.6/32"), Action.EXEMPT),
+        AclEntry(ipaddress.ip_network("192.0.2.8/32"), Action.ALLOW),
+        AclEntry(ipaddress.ip_network("2001:db8:0:1::5/128"), Action.DENY),
+        AclEntry(ipaddress.ip_network("2001:db8:0:1::/64"), Action.EXEMPT),
+        AclEntry(ipaddress.ip_network("2001:db8:0:2::/64"), Action.DROP)),
+        deny_action=Action.DENY, kod_interval_s=4.0, source_rate=0.5, source_burst=4)
     reference, compiled, lane, sock = pair(settings, 4)
     expires_ns = WALL_BASE_NS + 60 * NS_PER_S
     for pipeline in (reference, compiled):
         pipeline.set_blocklist([AclEntry(ipaddress.ip_network("192.0.2.7/32"), Action.DROP,
                                          "manual", "flood", expires_ns)])
     data = bytes((0x23, 0, 6)) + bytes(45)
-    seen: dict[tuple[int, Reason], set[bool]] = {}
+    v4 = [bytes((192, 0, 2, n)) for n in (4, 5, 6, 7, 8)]
+    v6 = [ipaddress.ip_address(a).packed for a in
+          ("2001:db8:0:1::5", "2001:db8:0:1::6", "2001:db8:0:2::1", "2001:db8:0:3::1")]
+    seen: dict[tuple[bytes, Reason], set[bool]] = {}
     try:
         now_ns = 10 * NS_PER_S
-        for step in range(80):
-            now_ns += NS_PER_S
-            source = bytes((192, 0, 2, 4 + step % 4))
+        for step in range(700):   # each source every 0.9 s, past the blocklist's expiry
+            now_ns += NS_PER_S // 10
+            source = (v4 + v6)[step % 9]
             expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
             reason, reply, _, in_c = lane.decide_one(data, source, 40_000,
                                                      WALL_BASE_NS + now_ns, now_ns)
             assert (reason, reply) == expected[:2], step
             assert state(compiled) == state(reference), step
-            seen.setdefault((source[3], Reason(reason)), set()).add(in_c)
+            seen.setdefault((source, Reason(reason)), set()).add(in_c)
+            if reason == Reason.DENY_KOD:
+                assert reply is not None and reply[12:16] == b"DENY" and reply[1] == 0
     finally:
         sock.close()
-    assert seen[(4, Reason.ACL_DENY)] == {True}             # the first one in C too
-    assert seen[(7, Reason.BLOCKLISTED)] == {True}
-    assert seen[(7, Reason.ANSWERED)] == {False, True}      # expired: Python, then C
-    assert True not in seen.get((5, Reason.ACL_DENY), set())   # DENY: Python (KoD)
-    assert seen[(6, Reason.ANSWERED)] == {False}             # EXEMPT: Python
+    assert all(in_c == {True} for in_c in seen.values()), seen
+    drop, deny, exempt, blocked, allow = v4
+    assert set(seen) >= {(drop, Reason.ACL_DENY), (deny, Reason.DENY_KOD),
+                         (deny, Reason.ACL_DENY),   # the KoD guard: one per 4 s
+                         (exempt, Reason.ANSWERED), (blocked, Reason.BLOCKLISTED),
+                         (blocked, Reason.ANSWERED),  # expired: answered from then on
+                         (allow, Reason.ANSWERED), (allow, Reason.RATE_KOD),
+                         (v6[0], Reason.DENY_KOD), (v6[1], Reason.ANSWERED),
+                         (v6[2], Reason.ACL_DENY), (v6[3], Reason.RATE_KOD)}, sorted(seen)
+    for source in (exempt, v6[1]):   # never rate limited
+        assert {reason for key, reason in seen if key == source} == {Reason.ANSWERED}
 
 
 FLOOD = dict(max_sources=40, max_prefixes=12, max_newcomers=25, source_rate=2.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
 import struct
 from dataclasses import replace
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_netns
 
+from guardntp import fastlane
 from guardntp.cli import main
 from guardntp.filter.policy import FilterPolicy
 from guardntp.replay import report as reporting
@@ -233,6 +235,27 @@ def test_replay_is_deterministic(tmp_path: Path) -> None:
         for run in data["runs"]:
             run["wall_s"] = 0
     assert first == second
+
+
+@pytest.mark.skipif(not fastlane.available(), reason="the compiled loop is not built")
+def test_the_compiled_replay_decides_as_pipeline_decide(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay runs the shipped compiled decision; with it taken away, Pipeline.decide
+    alone must give the same report, packet counts, tables and timelines."""
+    capture = _capture(tmp_path, ["floods", "spoofed-random", "chrony", "ipv6-hosts"], 0.2, 90)
+    policy = replace(POLICY, max_sources=3000, max_prefixes=2000, max_newcomers=4000)
+    compiled = reporting.to_json(_replay(capture, policy))
+    monkeypatch.setattr(fastlane, "available", lambda sock=None: False)
+    python = reporting.to_json(_replay(capture, policy))
+    in_c = re.search(r"(\d+) time replies and (\d+) first sightings in C",
+                     compiled["runs"][0]["notes"][-1])
+    assert in_c and int(in_c[1]) > 1000 and int(in_c[2]) > 1000
+    assert "Pipeline.decide" in python["runs"][0]["notes"][-1]
+    for data in (compiled, python):
+        for run in data["runs"]:
+            run["wall_s"] = 0
+            run["notes"] = run["notes"][:-1]
+    assert compiled == python
 
 
 def test_spoofed_sources_keep_the_tables_under_their_cap(tmp_path: Path) -> None:

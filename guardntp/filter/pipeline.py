@@ -464,9 +464,12 @@ class Pipeline:
             "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),
             "reason_rate_kod": int(Reason.RATE_KOD),
             "reason_rate_limited": int(Reason.RATE_LIMITED),
-            # A cached access-list entry whose action is a silent drop is decided in C.
-            "action_drop": Action.DROP, "reason_acl_deny": int(Reason.ACL_DENY),
+            # The access list's actions, as the loop compares an entry's (by identity).
+            "action_allow": Action.ALLOW, "action_exempt": Action.EXEMPT,
+            "action_drop": Action.DROP, "action_deny": Action.DENY,
+            "reason_acl_deny": int(Reason.ACL_DENY),
             "reason_blocklisted": int(Reason.BLOCKLISTED),
+            "reason_deny_kod": int(Reason.DENY_KOD),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
             "random": compiled.random.random, "leak_share": compiled.leak_share,
             "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),

@@ -1,9 +1,13 @@
 """Replay a capture through the real ``Pipeline`` and ``Responder`` with virtual time.
 
-Rule: deterministic. Each UDP datagram to port 123 is decided at its capture
-timestamp (used as both the wall-clock receive time and the monotonic ``now``),
-the clock snapshot is refreshed every 0.25 capture-seconds as the server does,
-and the leak's random generator is seeded. Nothing is sent anywhere.
+Rule: deterministic, and the shipped code: where the compiled loop is built, each
+datagram goes through its decision (``FastLane.decide_one``, which hands what it
+does not take to ``Pipeline.decide`` exactly as the server's loop does), else
+through ``Pipeline.decide``; the report says which. Each UDP datagram to port
+123 is decided at its capture timestamp (used as both the wall-clock receive time
+and the monotonic ``now``), the clock snapshot is refreshed every 0.25
+capture-seconds as the server does, and the leak's random generator is seeded.
+Nothing is sent anywhere.
 
 Abusive scenarios are scored per source address against chrony's default
 ``ratelimit`` (``report.score_excess``): what each source sent and got is counted
@@ -12,11 +16,14 @@ here, per packet, whatever the filter's own settings are.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from .. import fastlane
 from ..filter.pipeline import Pipeline
 from ..filter.policy import FilterPolicy
 from ..responder import Responder
@@ -42,6 +49,19 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
                       max_packets: int | None = None) -> RunResult:
     """Decide every request in ``capture`` (or in its first ``max_packets`` packets, the
     window a live replay sends); raises PcapError for unreadable captures."""
+    # The compiled decision needs a socket only to exist: this one is never bound.
+    sock = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if fastlane.available()
+            else None)
+    try:
+        return _replay(capture, policy, labels, settings, progress, max_packets, sock)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _replay(capture: Path, policy: FilterPolicy, labels: Labels | None,
+            settings: dict[str, object] | None, progress: Progress | None,
+            max_packets: int | None, sock: socket.socket | None) -> RunResult:
     if policy.random_seed is None:
         policy = replace(policy, random_seed=0)
     if labels is None:
@@ -65,7 +85,8 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
     clock = LocalClock()
     responder: Responder | None = None
     pipeline: Pipeline | None = None
-    decide = None
+    decide: Callable[..., tuple[Any, ...]] | None = None
+    lane: fastlane.FastLane | None = None
     first_ns = last_ns = next_refresh = 0
     frames = 0
     second_end = 0
@@ -91,7 +112,11 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
         if pipeline is None:
             responder = Responder(clock.state(t_ns), t_ns)
             pipeline = Pipeline(policy, responder)
-            decide = pipeline.decide
+            if sock is not None:
+                lane = fastlane.FastLane(sock, pipeline)
+                decide = lane.decide_one
+            else:
+                decide = pipeline.decide
             first_ns = second_end = next_refresh = t_ns
         assert responder is not None and decide is not None
         if t_ns >= next_refresh:
@@ -107,7 +132,7 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
             for series in timeline:
                 series.extend([0] * (second + 1 - len(series)))
         src, port, _, _, data, ttl = datagram
-        reason, reply, _ = decide(data, src, port, t_ns, t_ns, ttl=ttl)
+        reason, reply = decide(data, src, port, t_ns, t_ns, ttl)[:2]
         reason_counts[group * N_REASONS + reason] += 1
         bytes_in[group] += len(data)
         if reply is not None:
@@ -173,4 +198,10 @@ def replay_in_process(capture: Path, policy: FilterPolicy, labels: Labels | None
                       "promotions_refused": pipeline.table_full}
     if ignored:
         run.notes.append(f"{ignored} packets were not UDP to port {SERVER_PORT} and were skipped")
+    if lane is not None:
+        run.notes.append(f"decided by the compiled loop's decision (FastLane.decide_one): "
+                         f"{lane.fast_decisions} time replies and {lane.first_sightings} "
+                         f"first sightings in C, the rest as the server hands them over")
+    elif packets:
+        run.notes.append("decided by Pipeline.decide: the compiled loop is not built here")
     return run
