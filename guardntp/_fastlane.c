@@ -17,7 +17,9 @@
  * newcomer ring, the counters, the global and KoD buckets), with the same
  * arithmetic:
  *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
- *     4-7, bad versions) -> that drop, counted;
+ *     4-7, bad versions) -> that drop, counted; a datagram of any other length
+ *     whose length (short, not a multiple of 4) or first byte the sanity stage
+ *     refuses -> the same (sanity_drop);
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
  *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
@@ -35,7 +37,7 @@
  * record.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
- * Everything else (MACs and NTS, any datagram that is not 48 bytes, IPv6 keys
+ * Everything else (MACs and NTS, other datagrams that are not 48 bytes, IPv6 keys
  * the table cannot slice, a policy where some source must authenticate,
  * records of another shape, differences beyond 64 bits) goes to
  * Pipeline.decide unchanged, before anything here has been modified.
@@ -113,7 +115,7 @@ typedef struct {
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
     int v6_fast, v6_source_bytes, v6_prefix_bytes;  /* v6_fast: both keys indexable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
-    int reason_acl_deny, reason_blocklisted, reason_deny_kod;
+    int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
@@ -2344,6 +2346,29 @@ done:
 }
 
 /*
+ * Pipeline.decide's sanity stage (responder.inspect_request) for a datagram
+ * that is not 48 bytes (length -1: truncated, handed on empty): a length that
+ * is short or not a multiple of 4 is malformed, and a version or mode that the
+ * first byte rules out is dropped as for 48 bytes (the same checks, before the
+ * length matters). 1 when dropped here (*reason set), 0 when its extension
+ * fields or MAC must be parsed: Python's job. A junk flood stays in C.
+ */
+static int
+sanity_drop(Lane *L, const unsigned char *d, Py_ssize_t length, int port, int *reason)
+{
+    unsigned first = length > 0 ? d[0] : 0;
+    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+    if (length < HEAD || length % 4 != 0)
+        drop = L->reason_malformed;
+    if (drop < 0)
+        return 0;
+    L->counted = 1;
+    L->count_acc[(int)((first >> 3) & 7) * L->n_reasons + drop]++;
+    *reason = drop;
+    return 1;
+}
+
+/*
  * The paths of Pipeline.decide for a 48-byte datagram that this file takes
  * (see its top). Returns 1 when decided here (*reason and *reply set: a time
  * reply's first 40 bytes or a KoD's 48 are in out), 0 to leave the packet to
@@ -2880,7 +2905,8 @@ Lane_configure(Lane *L, PyObject *config)
             || need_reason(config, "reason_acl_deny", L->n_reasons, &L->reason_acl_deny) < 0
             || need_reason(config, "reason_blocklisted", L->n_reasons,
                            &L->reason_blocklisted) < 0
-            || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0)
+            || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0
+            || need_reason(config, "reason_malformed", L->n_reasons, &L->reason_malformed) < 0)
         goto fail;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;
@@ -3177,6 +3203,9 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
                               slot_out, &reason, &reply_kind);
         if (decided < 0)
             return -1;
+    } else if (L->enabled) {
+        decided = sanity_drop(L, head, length, port, &reason);
+        reply_kind = REPLY_NONE;
     }
     if (decided) {
         if (reply_kind != REPLY_NONE) {
@@ -3454,6 +3483,8 @@ Lane_decide_one(Lane *L, PyObject *args)
     if (data.len == HEAD && L->enabled)
         decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, ttl, recv_ns,
                               now_ns, reply, &reason, &reply_kind);
+    else if (L->enabled)
+        decided = sanity_drop(L, data.buf, data.len, port, &reason);
     if (decided < 0)
         goto done;
     if (decided) {

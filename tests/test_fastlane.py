@@ -186,7 +186,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 decided_in_c.add(Reason(reason))
                 v6_in_c += len(source) == 16 and reason in (Reason.ANSWERED, Reason.RATE_KOD)
                 acl_drops_in_c += reason in (Reason.ACL_DENY, Reason.BLOCKLISTED)
-                v1_in_c += (data[0] >> 3) & 7 == 1 and reason in (
+                v1_in_c += len(data) == 48 and (data[0] >> 3) & 7 == 1 and reason in (
                     Reason.ANSWERED, Reason.RATE_LIMITED, Reason.LEAKED)
             else:
                 slow += 1
@@ -194,8 +194,8 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 for pipeline in (reference, compiled):
                     pipeline.apply_policy(dataclasses.replace(
                         pipeline.policy, source_burst=pipeline.policy.source_burst + 1))
-                    # An IPv6 entry too: from here on IPv6 sources need Python's
-                    # lookup (the compiled path checks AccessList.covers_ipv6).
+                    # An IPv6 entry too: from here on the compiled path looks every
+                    # IPv6 source up in the list, as Python does.
                     pipeline.set_blocklist([
                         AclEntry(ipaddress.ip_network("203.0.113.6/32"), Action.DROP, "manual"),
                         AclEntry(ipaddress.ip_network("2001:db8::1/128"), Action.DROP,
@@ -219,6 +219,31 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         # (the leak is drawn at random: test_floods_of_new_sources... sees it in C)
         assert {Reason.ANSWERED, Reason.RATE_KOD, Reason.RATE_LIMITED} <= decided_in_c, \
             decided_in_c
+
+
+def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
+    """Datagrams that are not 48 bytes: a length the sanity stage refuses, or a first
+    byte it refuses at any length, is counted and dropped in C (a flood of junk must
+    not cost a Pipeline.decide each); a well-formed longer request goes to Python."""
+    reference, compiled, lane, sock = pair({}, 9)
+    rng = random.Random(9)
+    in_c_by_kind: dict[str, set[bool]] = {"short or odd": set(), "bad first byte": set(),
+                                          "to parse": set()}
+    try:
+        for step in range(3000):
+            length = rng.choice((0, 1, 4, 47, 49, 50, 52, 64, 68, 72, 100, 120))
+            first = rng.choice((0x23, 0x1b, 0x0b, 0xe3, 0x26, 0x27, 0x00, 0x3f, 0x0c))
+            data = (bytes((first,)) + rng.randbytes(max(0, length - 1)))[:length]
+            reason, in_c, where = decide_both(reference, compiled, lane, step, data,
+                                              rng.choice(V4_SOURCES), rng.choice(PORTS),
+                                              WALL_BASE_NS + step, 10 * NS_PER_S + step, 64)
+            kind = ("short or odd" if length < 48 or length % 4 else
+                    "to parse" if first in (0x23, 0x1b, 0x0b, 0xe3) else "bad first byte")
+            in_c_by_kind[kind].add(in_c)
+    finally:
+        sock.close()
+    assert in_c_by_kind == {"short or odd": {True}, "bad first byte": {True},
+                            "to parse": {False}}
 
 
 def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:

@@ -470,6 +470,7 @@ class Pipeline:
             "reason_acl_deny": int(Reason.ACL_DENY),
             "reason_blocklisted": int(Reason.BLOCKLISTED),
             "reason_deny_kod": int(Reason.DENY_KOD),
+            "reason_malformed": int(Reason.MALFORMED),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
             "random": compiled.random.random, "leak_share": compiled.leak_share,
             "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),
