@@ -37,8 +37,8 @@
  * record.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
- * Everything else (MACs and NTS, other datagrams that are not 48 bytes, IPv6 keys
- * the table cannot slice, a policy where some source must authenticate,
+ * Everything else (MACs and NTS, other datagrams that are not 48 bytes,
+ * a policy where some source must authenticate,
  * records of another shape, differences beyond 64 bits) goes to
  * Pipeline.decide unchanged, before anything here has been modified.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
@@ -113,7 +113,7 @@ typedef struct {
     int has_global;
     int64_t global_interval, global_tolerance;
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
-    int v6_fast, v6_source_bytes, v6_prefix_bytes;  /* v6_fast: both keys indexable */
+    int v6_fast, v6_source_bytes, v6_prefix_bits;  /* v6_fast: both keys sliceable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
@@ -1682,18 +1682,31 @@ source_key(Lane *L, const unsigned char *packed, int packed_len)
     return address_key(packed, packed_len == 4 ? 4 : L->v6_source_bytes);
 }
 
-/* Pipeline._prefix_key, as an index key. IPv4: the default /24 is a 3-byte
+/* Pipeline._prefix_key, as a table key. IPv4: the default /24 is a 3-byte
  * slice, any other length the address shifted right, as 4 bytes. IPv6: b"6"
- * and the prefix's bytes (configure() admits only whole bytes, at most 7). */
+ * and the prefix's bytes (the default /56: 7), or for a prefix that is not
+ * whole bytes (or /128) b"6" and the 16 bytes of the address shifted right. */
 static inline Key
 prefix_key(Lane *L, const unsigned char *packed, int packed_len)
 {
     uint32_t a;
     unsigned char masked[4];
     if (packed_len == 16) {
-        Key key = address_key(packed, L->v6_prefix_bytes);
-        key.lo |= (uint64_t)V6_TAG << (8 * L->v6_prefix_bytes);
-        key.length += 1;
+        int bits = L->v6_prefix_bits;
+        Key key;
+        if (bits % 8 == 0 && bits < 128) {
+            unsigned char tagged[16];
+            tagged[0] = V6_TAG;
+            memcpy(tagged + 1, packed, (size_t)(bits / 8));
+            return address_key(tagged, bits / 8 + 1);
+        }
+        key = address_key(packed, 16);
+        if (bits < 128) {
+            unsigned __int128 v = ((unsigned __int128)key.hi << 64 | key.lo) >> (128 - bits);
+            key.hi = (uint64_t)(v >> 64);
+            key.lo = (uint64_t)v;
+        }
+        key.length = MAX_KEY;
         return key;
     }
     if (L->v4_prefix_bits % 8 == 0)
@@ -2887,10 +2900,8 @@ Lane_configure(Lane *L, PyObject *config)
     L->v6_source_bytes = (int)v;
     if (need_int(config, "v6_prefix_bits", &v) < 0)
         goto fail;
-    L->v6_prefix_bytes = (int)(v / 8);
-    /* prefix_key() tags an IPv6 prefix in the key's low word: at most 7 bytes of it */
-    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= 16
-                 && v >= 0 && v % 8 == 0 && v / 8 <= 7;
+    L->v6_prefix_bits = (int)v;
+    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= 16 && v >= 1 && v <= 128;
     if (need_int(config, "n_reasons", &v) < 0)
         goto fail;
     L->n_reasons = (int)v;

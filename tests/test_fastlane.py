@@ -54,7 +54,8 @@ CLOCK = ClockState(synchronized=True, stratum=2, refid=b"GPS\0", precision=-20,
 V4_SOURCES = [bytes((192, 0, 2, i)) for i in (1, 2, 3, 4, 77)] + \
              [bytes((198, 51, 100, i)) for i in (1, 2, 9)] + \
              [bytes((203, 0, 113, i)) for i in (5, 6, 200)] + [bytes((10, 1, 2, 3))]
-V6_SOURCES = [ipaddress.IPv6Address(a).packed for a in ("2001:db8::1", "2001:db8:0:1::5")]
+V6_SOURCES = [ipaddress.IPv6Address(a).packed for a in
+              ("2001:db8::1", "2001:db8:0:1::5", "2001:db8:0:1::6", "2001:db8:0:1f::1")]
 #: First bytes: v1-v4 clients, v1 mode 0, symmetric, responses, modes 6/7, LI=3, bad versions.
 FIRST_BYTES = [0x23, 0x23, 0x23, 0x1B, 0x1B, 0x13, 0x0B, 0x08, 0x09, 0x21, 0x24, 0x26, 0x27,
                0x20, 0x3B, 0xE3, 0x03, 0x19]
@@ -113,6 +114,9 @@ VARIANTS = {
     "tight": TIGHT,
     "tight-acl": dict(TIGHT, acl=DENY_ENTRIES, deny_action=Action.DENY),
     "prefix-20": dict(TIGHT, ipv4_prefix=20),
+    # IPv6 keys of every shape: a prefix that is not whole bytes, and /128 for both.
+    "ipv6-prefix-60": dict(TIGHT, ipv6_prefix=60),
+    "ipv6-128": dict(TIGHT, ipv6_source_prefix=128, ipv6_prefix=128),
     "no-global-cap": dict(TIGHT, global_reply_rate=0.0),
     "no-symmetric-no-kod": dict(TIGHT, answer_symmetric=False, send_kod=False,
                                 leak_one_in=0),
@@ -209,7 +213,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         assert lane.fast_decisions == 0
     else:
         assert lane.fast_decisions >= 5, (fast, slow)
-    if variant in ("defaults", "tight-acl"):
+    if variant in ("defaults", "tight-acl", "ipv6-prefix-60", "ipv6-128"):
         assert v6_in_c > 0   # established IPv6 sources decided in C (before step 700)
         assert v1_in_c > 0   # NTPv1 requests (labelled by source port) decided in C
     if variant == "tight-acl" and seed in (1, 3, 5):
