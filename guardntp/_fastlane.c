@@ -37,8 +37,9 @@
  * record.
  * NTPv1 requests (the Netgear and other SNTPv1 floods) are included: their
  * sanity verdict and label depend on the source port too (label_slot).
+ * A source that must authenticate (authenticator.required_for) and sent no
+ * MAC is dropped here as AUTH_REQUIRED.
  * Everything else (MACs and NTS, other datagrams that are not 48 bytes,
- * a policy where some source must authenticate,
  * records of another shape, differences beyond 64 bits) goes to
  * Pipeline.decide unchanged, before anything here has been modified.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
@@ -100,6 +101,7 @@ typedef struct {
     PyObject *pipeline, *decide, *counts, *label_counts;
     PyObject *index, *prefix_index;   /* the tables' records: AddressTables (SOURCE_TABLE) */
     PyObject *acl, *responder, *random;
+    PyObject *required_for;            /* authenticator.required_for, or None: nobody must */
     PyObject *action_allow, *action_exempt, *action_drop, *action_deny;   /* Action members */
     /* Per label slot: the first byte, or for NTPv1 (whose label depends on the
      * source port) V1_NETGEAR / V1_OTHER; see label_slot(). */
@@ -116,6 +118,7 @@ typedef struct {
     int v6_fast, v6_source_bytes, v6_prefix_bits;  /* v6_fast: both keys sliceable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
+    int reason_auth_required;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
@@ -1863,6 +1866,44 @@ acl_lookup(Lane *L, const unsigned char *packed, int packed_len, int64_t recv_ns
     return entry;
 }
 
+/* Pipeline.decide step 4 for a request without a MAC: must this source
+ * authenticate (authenticator.required_for, pure)? 1 yes, 0 no, -1 error. */
+static int
+must_authenticate(Lane *L, const unsigned char *packed, int packed_len)
+{
+    PyObject *key, *answer;
+    int yes;
+    if (L->required_for == Py_None)
+        return 0;
+    if ((key = PyBytes_FromStringAndSize((const char *)packed, packed_len)) == NULL)
+        return -1;
+    answer = PyObject_CallOneArg(L->required_for, key);
+    Py_DECREF(key);
+    if (answer == NULL)
+        return -1;
+    yes = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    return yes;
+}
+
+/* Step 4 after step 3: a source the access list lets through (allowed or exempt)
+ * that must authenticate, and sent no MAC, is dropped as AUTH_REQUIRED (*kind
+ * becomes ACL_DROP). 1, or -1 on error. */
+static int
+authenticated(Lane *L, const unsigned char *packed, int packed_len, int *kind, int *why)
+{
+    int must;
+    if (*kind != ACL_PASS && *kind != ACL_EXEMPT)
+        return 1;
+    if ((must = must_authenticate(L, packed, packed_len)) < 0)
+        return -1;
+    if (must) {
+        *kind = ACL_DROP;
+        *why = L->reason_auth_required;
+    }
+    return 1;
+}
+
 /* Pipeline._kod_allowed: the source's KoD guard, the KoD budget, the global budget. */
 static inline int
 kod_allowed(Lane *L, Record *record, int64_t now_ns)
@@ -2301,7 +2342,8 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     s.rk = ring_key(packed, (int)s.k.length);
     if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
         return -1;
-    if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0)
+    if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
+            || (rc = authenticated(L, packed, packed_len, &acl_kind, &acl_why)) < 0)
         goto done;
     if (acl_kind == ACL_PASS && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
         goto done;
@@ -2457,8 +2499,8 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             || __builtin_sub_overflow(now_ns, record->cell[L->i_window_start].n, &ignored)
             || ignored > INT64_MAX / 4)
         return 0;
-    /* 4. authentication: a 48-byte request has no MAC, and configure() disables
-     * the fast path when any source must authenticate. The KoD guard's
+    /* 4. authentication: a 48-byte request has no MAC (authenticated(), below,
+     * drops a source that must authenticate). The KoD guard's
      * subtraction is Python's unbounded one: beyond 64 bits, Python. */
     if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
         return 0;
@@ -2479,6 +2521,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     } else
         Py_INCREF(entry);
     if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
+            || (rc = authenticated(L, packed, packed_len, &acl_kind, &acl_why)) < 0
             || (acl_kind == ACL_PASS
                 && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)) {
         Py_DECREF(entry);
@@ -2560,6 +2603,7 @@ release_config(Lane *L)
     Py_CLEAR(L->index);
     Py_CLEAR(L->prefix_index);
     Py_CLEAR(L->random);
+    Py_CLEAR(L->required_for);
     Py_CLEAR(L->action_allow);
     Py_CLEAR(L->action_exempt);
     Py_CLEAR(L->action_drop);
@@ -2735,12 +2779,14 @@ Lane_configure(Lane *L, PyObject *config)
     static const char *objects[] = {"pipeline", "decide",
                                     "counts", "label_counts", "acl", "responder", "random",
                                     "action_allow", "action_exempt", "action_drop",
-                                    "action_deny", "sources", "prefixes", "newcomers",
+                                    "action_deny", "required_for", "sources", "prefixes",
+                                    "newcomers",
                                     "prefix_overflow"};
     PyObject **slots[] = {&L->pipeline, &L->decide,
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
                           &L->action_allow, &L->action_exempt, &L->action_drop,
-                          &L->action_deny, &L->sources, &L->prefixes, &L->ring,
+                          &L->action_deny, &L->required_for, &L->sources, &L->prefixes,
+                          &L->ring,
                           &L->prefix_overflow};
     PyObject *labels, *value;
     int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8];
@@ -2917,7 +2963,9 @@ Lane_configure(Lane *L, PyObject *config)
             || need_reason(config, "reason_blocklisted", L->n_reasons,
                            &L->reason_blocklisted) < 0
             || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0
-            || need_reason(config, "reason_malformed", L->n_reasons, &L->reason_malformed) < 0)
+            || need_reason(config, "reason_malformed", L->n_reasons, &L->reason_malformed) < 0
+            || need_reason(config, "reason_auth_required", L->n_reasons,
+                           &L->reason_auth_required) < 0)
         goto fail;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;

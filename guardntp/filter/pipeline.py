@@ -383,11 +383,17 @@ class Pipeline:
         """The part of :meth:`fast_lane_config` that is this pipeline's live objects."""
         authenticator = self._authenticator
         requires_any = getattr(authenticator, "requires_any", None)
-        enabled = authenticator is None or (requires_any is not None and not requires_any())
+        required_for = getattr(authenticator, "required_for", None)
+        # Sources that must authenticate are refused in C by asking required_for (pure)
+        # about each request without a MAC; an authenticator that cannot say leaves
+        # every packet to decide().
+        enabled = authenticator is None or (requires_any is not None
+                                            and required_for is not None)
+        must = enabled and requires_any is not None and requires_any()
         return {
             "pipeline": self, "decide": self.decide, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
-            "enabled": int(enabled),
+            "enabled": int(enabled), "required_for": required_for if must else None,
             # The tables (their records, AddressTables) the loop reads, inserts into
             # and evicts from as BucketTable does, the newcomer ring (a NewcomerRing,
             # else None: first sightings stay here) and the record a prefix overflows into.
@@ -471,6 +477,7 @@ class Pipeline:
             "reason_blocklisted": int(Reason.BLOCKLISTED),
             "reason_deny_kod": int(Reason.DENY_KOD),
             "reason_malformed": int(Reason.MALFORMED),
+            "reason_auth_required": int(Reason.AUTH_REQUIRED),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
             "random": compiled.random.random, "leak_share": compiled.leak_share,
             "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),
