@@ -1231,19 +1231,15 @@ static PyTypeObject AddressTableType = {
  * its old slot behind, so a key re-added after promotion may be forgotten
  * early, which only costs it its newcomer history.
  *
- * Keys are 1-16 bytes (an IPv4 address, an IPv6 source prefix of up to /128),
- * kept in the slots themselves: no object per entry. A hash slot is 32 bytes
+ * Keys are the source table's (an AddressTable Key: an IPv4 address, an IPv6
+ * source prefix of up to /128, 1-16 bytes), kept in the slots themselves, hashed
+ * as the table hashes them: no object per entry. A hash slot is 32 bytes
  * and a ring slot 24, about 90 bytes an entry at the table's load (the dict,
  * its bytes keys, int TATs and the list cost ~130). Linear probing at most
  * half full, keyed with the process's random seed, deletion by backward shift.
  * Memory from PyMem_Raw*: tracemalloc (contrib/sizing/measure.py) counts it,
  * and calloc leaves an unused ring's pages untouched.
  */
-typedef struct {
-    uint64_t hi, lo;       /* bytes 0-7 and 8-15, big-endian, zero-padded */
-    uint32_t length;       /* 1-16; 0: empty */
-} RingKey;
-
 typedef struct {
     uint64_t hi, lo;
     uint32_t length;       /* 0 in an empty slot */
@@ -1256,7 +1252,7 @@ typedef struct {
     RingSlot *slots;
     uint64_t mask;
     Py_ssize_t count;
-    RingKey *ring;         /* max_entries slots; length 0: never written */
+    Key *ring;             /* max_entries slots; length 0: never written */
     Py_ssize_t max_entries, next;
     int64_t evictions;
 } NewcomerRing;
@@ -1266,63 +1262,26 @@ static PyTypeObject NewcomerRingType;
 #define RING_MAX_KEY 16
 #define RING_PRESIZED (1u << 21)   /* 64 MiB of slots; a larger ring grows past it */
 
-static inline RingKey
-ring_key(const unsigned char *bytes, int length)
+/* The key of a bytes object; length 0 when it is not a source key (1-16 bytes). */
+static Key
+ring_key_of(PyObject *object)
 {
-    RingKey key = {0, 0, (uint32_t)length};
-    int i;
-    for (i = 0; i < length && i < 8; i++)
-        key.hi |= (uint64_t)bytes[i] << (8 * (7 - i));
-    for (i = 8; i < length; i++)
-        key.lo |= (uint64_t)bytes[i] << (8 * (15 - i));
+    Key key = key_of(object);
+    if (key.length > RING_MAX_KEY)
+        key.length = 0;
     return key;
 }
 
-/* The key of a bytes object; length 0 when it is not 1-16 bytes. */
-static RingKey
-ring_key_of(PyObject *object)
-{
-    RingKey none = {0, 0, 0};
-    Py_ssize_t length;
-    if (!PyBytes_Check(object))
-        return none;
-    length = PyBytes_GET_SIZE(object);
-    if (length < 1 || length > RING_MAX_KEY)
-        return none;
-    return ring_key((const unsigned char *)PyBytes_AS_STRING(object), (int)length);
-}
-
-static PyObject *
-ring_key_bytes(RingKey key)
-{
-    unsigned char bytes[RING_MAX_KEY];
-    int i;
-    for (i = 0; i < (int)key.length; i++)
-        bytes[i] = (unsigned char)(i < 8 ? key.hi >> (8 * (7 - i)) : key.lo >> (8 * (15 - i)));
-    return PyBytes_FromStringAndSize((const char *)bytes, key.length);
-}
-
-static inline uint64_t
-ring_hash(RingKey key)
-{
-    uint64_t x = (key.hi ^ index_seed) + key.length * 0x9E3779B97F4A7C15ULL;
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= (x >> 27) ^ key.lo;
-    x *= 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-
 static inline int
-ring_slot_is(const RingSlot *s, RingKey key)
+ring_slot_is(const RingSlot *s, Key key)
 {
     return s->hi == key.hi && s->lo == key.lo && s->length == key.length;
 }
 
 static inline RingSlot *
-ring_find(NewcomerRing *nr, RingKey key)
+ring_find(NewcomerRing *nr, Key key)
 {
-    uint64_t i = ring_hash(key) & nr->mask;
+    uint64_t i = index_hash(key) & nr->mask;
     for (;;) {
         RingSlot *s = &nr->slots[i];
         if (ring_slot_is(s, key))
@@ -1344,8 +1303,8 @@ ring_grow(NewcomerRing *nr)
     }
     for (i = 0; i <= nr->mask; i++)
         if (old[i].length != 0) {
-            RingKey key = {old[i].hi, old[i].lo, old[i].length};
-            uint64_t j = ring_hash(key) & (capacity - 1);
+            Key key = {old[i].hi, old[i].lo, old[i].length};
+            uint64_t j = index_hash(key) & (capacity - 1);
             while (fresh[j].length != 0)
                 j = (j + 1) & (capacity - 1);
             fresh[j] = old[i];
@@ -1358,13 +1317,13 @@ ring_grow(NewcomerRing *nr)
 
 /* Add key (absent) with its TAT and ring slot. */
 static int
-ring_add(NewcomerRing *nr, RingKey key, int64_t tat, uint32_t pos)
+ring_add(NewcomerRing *nr, Key key, int64_t tat, uint32_t pos)
 {
     uint64_t i;
     RingSlot *s;
     if ((uint64_t)(nr->count + 1) * 2 > nr->mask + 1 && ring_grow(nr) < 0)
         return -1;
-    i = ring_hash(key) & nr->mask;
+    i = index_hash(key) & nr->mask;
     while (nr->slots[i].length != 0)
         i = (i + 1) & nr->mask;
     s = &nr->slots[i];
@@ -1379,9 +1338,9 @@ ring_add(NewcomerRing *nr, RingKey key, int64_t tat, uint32_t pos)
 
 /* Forget key; 1 (and *tat) if it was remembered, else 0. */
 static int
-ring_pop(NewcomerRing *nr, RingKey key, int64_t *tat)
+ring_pop(NewcomerRing *nr, Key key, int64_t *tat)
 {
-    uint64_t i = ring_hash(key) & nr->mask, j;
+    uint64_t i = index_hash(key) & nr->mask, j;
     while (!ring_slot_is(&nr->slots[i], key)) {
         if (nr->slots[i].length == 0)
             return 0;
@@ -1392,14 +1351,14 @@ ring_pop(NewcomerRing *nr, RingKey key, int64_t *tat)
     j = i;
     for (;;) {   /* backward shift, as table_remove_slot */
         uint64_t home;
-        RingKey moved;
+        Key moved;
         j = (j + 1) & nr->mask;
         if (nr->slots[j].length == 0)
             break;
         moved.hi = nr->slots[j].hi;
         moved.lo = nr->slots[j].lo;
         moved.length = nr->slots[j].length;
-        home = ring_hash(moved) & nr->mask;
+        home = index_hash(moved) & nr->mask;
         if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
             continue;
         nr->slots[i] = nr->slots[j];
@@ -1413,7 +1372,7 @@ ring_pop(NewcomerRing *nr, RingKey key, int64_t *tat)
 /* NewcomerTable.remember: update a remembered key's TAT, else write it to the
  * next ring slot, forgetting (an eviction) the key written there before. */
 static int
-ring_remember(NewcomerRing *nr, RingKey key, int64_t tat)
+ring_remember(NewcomerRing *nr, Key key, int64_t tat)
 {
     RingSlot *s = ring_find(nr, key);
     Py_ssize_t slot;
@@ -1454,7 +1413,7 @@ NewcomerRing_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     while (capacity < RING_PRESIZED && (uint64_t)max_entries * 2 > capacity)
         capacity *= 2;
     nr->slots = PyMem_RawCalloc(capacity, sizeof(RingSlot));
-    nr->ring = PyMem_RawCalloc((size_t)max_entries, sizeof(RingKey));
+    nr->ring = PyMem_RawCalloc((size_t)max_entries, sizeof(Key));
     if (nr->slots == NULL || nr->ring == NULL) {
         Py_DECREF(nr);
         return PyErr_NoMemory();
@@ -1481,14 +1440,14 @@ NewcomerRing_length(NewcomerRing *nr)
 static int
 NewcomerRing_contains(NewcomerRing *nr, PyObject *key)
 {
-    RingKey k = ring_key_of(key);
+    Key k = ring_key_of(key);
     return k.length != 0 && ring_find(nr, k) != NULL;
 }
 
 static PyObject *
 NewcomerRing_subscript(NewcomerRing *nr, PyObject *key)
 {
-    RingKey k = ring_key_of(key);
+    Key k = ring_key_of(key);
     RingSlot *s = k.length != 0 ? ring_find(nr, k) : NULL;
     if (s == NULL) {
         PyErr_SetObject(PyExc_KeyError, key);
@@ -1501,7 +1460,7 @@ static PyObject *
 NewcomerRing_remember(NewcomerRing *nr, PyObject *args)
 {
     PyObject *key, *tat_obj;
-    RingKey k;
+    Key k;
     int64_t tat;
     if (!PyArg_ParseTuple(args, "OO:remember", &key, &tat_obj))
         return NULL;
@@ -1523,7 +1482,7 @@ static PyObject *
 NewcomerRing_get(NewcomerRing *nr, PyObject *args)
 {
     PyObject *key, *fallback = Py_None;
-    RingKey k;
+    Key k;
     RingSlot *s;
     if (!PyArg_ParseTuple(args, "O|O:get", &key, &fallback))
         return NULL;
@@ -1539,7 +1498,7 @@ NewcomerRing_get(NewcomerRing *nr, PyObject *args)
 static PyObject *
 NewcomerRing_discard(NewcomerRing *nr, PyObject *key)
 {
-    RingKey k = ring_key_of(key);
+    Key k = ring_key_of(key);
     if (k.length != 0 && ring_pop(nr, k, NULL))
         Py_RETURN_TRUE;
     Py_RETURN_FALSE;
@@ -1557,13 +1516,13 @@ NewcomerRing_items(NewcomerRing *nr, PyObject *unused)
         return NULL;
     for (n = 0; n < nr->max_entries; n++) {
         Py_ssize_t slot = (nr->next + n) % nr->max_entries;
-        RingKey key = nr->ring[slot];
+        Key key = nr->ring[slot];
         RingSlot *s;
         PyObject *pair, *bytes;
         int rc;
         if (key.length == 0 || (s = ring_find(nr, key)) == NULL || s->pos != (uint32_t)slot)
             continue;
-        bytes = ring_key_bytes(key);
+        bytes = key_bytes(key);
         pair = bytes == NULL ? NULL : Py_BuildValue("(NL)", bytes, (long long)s->tat);
         rc = pair == NULL ? -1 : PyList_Append(list, pair);
         Py_XDECREF(pair);
@@ -2085,8 +2044,7 @@ new_source_record(Lane *L, int64_t now_ns, int slot, int port, int ttl)
 /* A first sighting once the table is full: Pipeline.decide's `newcomer`. */
 typedef struct {
     int newcomer;          /* not in the source table (yet) */
-    Key k;
-    RingKey rk;
+    Key k;                 /* its key in the source table and in the ring */
 } Sighting;
 
 /* Pipeline._establish: move a newcomer into the source table. */
@@ -2096,7 +2054,7 @@ establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
     Table sources = {L->sources, SOURCE_TABLE(L), L->max_sources};
     int admitted = table_admit(L, &sources, s->k, (PyObject *)record, now_ns);
     if (admitted > 0) {
-        ring_pop((NewcomerRing *)L->ring, s->rk, NULL);
+        ring_pop((NewcomerRing *)L->ring, s->k, NULL);
         s->newcomer = 0;
     }
     return admitted;
@@ -2262,7 +2220,7 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
     prefix->cell[0].n = prefix_tat + L->prefix_interval;
     record->cell[tat_cell].n = tat + L->interval[slot] / crowd;
     if (s != NULL && s->newcomer
-            && ring_remember((NewcomerRing *)L->ring, s->rk, record->cell[L->i_tat].n) < 0)
+            && ring_remember((NewcomerRing *)L->ring, s->k, record->cell[L->i_tat].n) < 0)
         return -1;
     return capped_answer(L, d, record, base, recv_ns, now_ns, out, reason, reply);   /* 7. */
 }
@@ -2339,7 +2297,6 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
         return 0;   /* (the KoD guard's subtraction, as for an established source) */
     s.newcomer = 0;
     s.k = source_key(L, packed, packed_len);
-    s.rk = ring_key(packed, (int)s.k.length);
     if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
         return -1;
     if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
@@ -2354,7 +2311,7 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
         rc = -1;
         goto done;
     }
-    remembered = ring_find(ring, s.rk);
+    remembered = ring_find(ring, s.k);
     if (remembered == NULL) {
         if (sources.records->count < L->max_sources) {
             if (table_put(sources.records, s.k, (PyObject *)record) < 0) {
@@ -2373,7 +2330,7 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
             goto done;
         }
         if (admitted) {
-            ring_pop(ring, s.rk, NULL);
+            ring_pop(ring, s.k, NULL);
             L->promotions++;
         } else {
             s.newcomer = 1;
@@ -3190,9 +3147,9 @@ prefetch(Lane *L, int count)
     int i, pass;
     if (ring != NULL)   /* the keys the next newcomers will make the ring forget */
         for (i = 0; i < count; i++) {
-            RingKey old = ring->ring[(ring->next + i) % ring->max_entries];
+            Key old = ring->ring[(ring->next + i) % ring->max_entries];
             if (old.length != 0)
-                __builtin_prefetch(&ring->slots[ring_hash(old) & ring->mask]);
+                __builtin_prefetch(&ring->slots[index_hash(old) & ring->mask]);
         }
     for (pass = 0; pass < 2; pass++)
         for (i = 0; i < count; i++) {
@@ -3205,12 +3162,11 @@ prefetch(Lane *L, int count)
             if (!fast_source(L, packed_len))
                 continue;
             if (pass == 0) {
-                __builtin_prefetch(table_home(sources, source_key(L, packed, packed_len)));
+                Key k = source_key(L, packed, packed_len);
+                __builtin_prefetch(table_home(sources, k));
                 __builtin_prefetch(table_home(prefixes, prefix_key(L, packed, packed_len)));
-                if (ring != NULL) {
-                    RingKey rk = ring_key(packed, (int)source_key(L, packed, packed_len).length);
-                    __builtin_prefetch(&ring->slots[ring_hash(rk) & ring->mask]);
-                }
+                if (ring != NULL)
+                    __builtin_prefetch(&ring->slots[index_hash(k) & ring->mask]);
                 continue;
             }
             if ((found = table_find(sources, source_key(L, packed, packed_len))) != NULL) {
