@@ -263,10 +263,15 @@ class BlockStore:
     def set_busy_timeout(self, busy_timeout_ms: int) -> None:
         self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls the whole change back."""
-        self.db.execute("BEGIN IMMEDIATE")
+        return self._between("BEGIN IMMEDIATE")
+
+    @contextlib.contextmanager
+    def _between(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """``begin`` ... ``COMMIT``, rolled back on any exception and never left open
+        (the next BEGIN would fail, on every tick from then on)."""
+        self.db.execute(begin)
         try:
             yield self.db
             self.db.execute("COMMIT")
@@ -425,20 +430,10 @@ class BlockStore:
                 gone.append(cidr)
         return Changes(position, rows, gone)
 
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[None]:
+    def _snapshot(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One read transaction: the statements in it see the same committed state
         (WAL: writers go on meanwhile)."""
-        self.db.execute("BEGIN")
-        try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            # Never left open: the next BEGIN would fail, on every tick from then on.
-            if self.db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    self.db.execute("ROLLBACK")
-            raise
+        return self._between("BEGIN")
 
     def _position(self) -> LogPosition | None:
         self._check_tracking()
