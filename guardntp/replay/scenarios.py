@@ -456,18 +456,28 @@ def _w32time(rng: random.Random, scale: float, duration_ns: int, tag: int) -> It
 CGNAT_CLIENTS_PER_ADDRESS = 200
 
 
-def _cgnat(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
-    # Each client is an ordinary chrony/ntpd client; the NAT maps each to its own high port.
-    pool = _AddressPool(rng, "100.64.0.0/10")
+def _behind_nats(rng: random.Random, duration_ns: int, tag: int, block: str, addresses: int,
+                 clients: int, port: Callable[[], int], max_poll: int | None = None
+                 ) -> Iterator[Event]:
+    """``clients`` chrony/ntpd clients behind each of ``addresses`` NAT addresses drawn
+    from ``block``, each given the source port ``port()``."""
+    pool = _AddressPool(rng, block)
     streams = []
     client = 0
-    for _ in range(_count(4, scale)):
+    for _ in range(addresses):
         address = pool.draw()
-        for _ in range(CGNAT_CLIENTS_PER_ADDRESS):
+        for _ in range(clients):
             streams.append(_ntp_client(rng, duration_ns, tag, client, address,
-                                       _nat_ttl(address, client), port=_ephemeral_port(rng)))
+                                       _nat_ttl(address, client), port=port(),
+                                       max_poll=max_poll))
             client += 1
     return _merge(streams)
+
+
+def _cgnat(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
+    # Each client is an ordinary chrony/ntpd client; the NAT maps each to its own high port.
+    return _behind_nats(rng, duration_ns, tag, "100.64.0.0/10", _count(4, scale),
+                        CGNAT_CLIENTS_PER_ADDRESS, lambda: _ephemeral_port(rng))
 
 
 def _ipv6_hosts(rng: random.Random, scale: float, duration_ns: int, tag: int) -> Iterator[Event]:
@@ -491,16 +501,10 @@ def _cgnat_800(rng: random.Random, scale: float, duration_ns: int, tag: int
     # (64 s +- 2 %, random phases, an iburst only where a client restarts), 800 / 64 = 12.5
     # requests/s; the NAT maps every request to a fresh port (chronyd opens a socket per
     # request and a carrier NAT does not preserve ports), so no two share a port for long.
-    pool = _AddressPool(rng, "172.16.0.0/16")
-    streams = []
-    client = 0
-    for _ in range(_count(1, scale)):
-        address = pool.draw()
-        for _ in range(CGNAT_800_CLIENTS):
-            streams.append(_ntp_client(rng, duration_ns, tag, client, address,
-                                       _nat_ttl(address, client), port=0, max_poll=MIN_POLL))
-            client += 1
-    return _fresh_ports(rng, _merge(streams), _nat_port)
+    # (port 0 here: _fresh_ports gives each request its own)
+    return _fresh_ports(rng, _behind_nats(rng, duration_ns, tag, "172.16.0.0/16",
+                                          _count(1, scale), CGNAT_800_CLIENTS, lambda: 0,
+                                          max_poll=MIN_POLL), _nat_port)
 
 
 #: chronyd with ``minpoll -2``: a request every 2^-2 s = 0.25 s (+- 1 %).
