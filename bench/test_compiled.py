@@ -111,10 +111,12 @@ def test_compiled_rate_kod_one_source(benchmark, lane_for):
 FLOOD_ROUND = 10_000
 
 
-def flood(benchmark, lane: fastlane.FastLane, first_index: int, rounds: int) -> int:
+def flood(benchmark, lane: fastlane.FastLane, first_index: int, rounds: int,
+          request: bytes = REQUEST, expected: Reason = Reason.ANSWERED) -> int:
     """``rounds`` rounds of FLOOD_ROUND sources never seen before, in the generator's
-    layout (16 per /24 across 127/8), from ``first_index`` on; no warm-up. Returns
-    how many were sent (one round only under ``--benchmark-disable``)."""
+    layout (16 per /24 across 127/8), from ``first_index`` on, each sending ``request``
+    once; no warm-up. Returns how many were sent (one round only under
+    ``--benchmark-disable``)."""
     clock = Clock()
     state = {"next": first_index}
 
@@ -127,12 +129,12 @@ def flood(benchmark, lane: fastlane.FastLane, first_index: int, rounds: int) -> 
         decide, tick = lane.decide_one, clock.tick
         result = (0, None, None, False)
         for packed in batch:
-            result = decide(REQUEST, packed, 40000, WALL_NS, tick())
+            result = decide(request, packed, 40000, WALL_NS, tick())
         return result
 
     before = lane.first_sightings
     result = benchmark.pedantic(one_round, setup=addresses, rounds=rounds)
-    assert result[0] == Reason.ANSWERED and result[3] is True
+    assert result[0] == expected and result[3] is True
     sent = state["next"] - first_index
     assert lane.first_sightings - before == sent   # every one of them decided in C
     return sent
@@ -160,3 +162,16 @@ def test_compiled_flood_of_new_sources_once_the_table_is_full(benchmark, lane_fo
     sent = flood(benchmark, lane_for(pipeline), full, 60)
     assert len(pipeline.sources) == full
     assert len(pipeline.newcomers) == min(sent, pipeline.newcomers.max_entries)
+
+
+#: A request with a MAC (key 1, a 20-byte digest) that no key verifies.
+MAC_REQUEST = REQUEST + (1).to_bytes(4, "big") + bytes(20)
+
+
+def test_compiled_flood_of_new_sources_with_macs(benchmark, lane_for):
+    """Default settings (no keys): 68-byte requests with MACs from never-seen sources,
+    each refused as AUTH_FAILED in C after the access list, as Pipeline.decide
+    refuses it; 200,000 sources, within the table."""
+    pipeline = make_pipeline()
+    sent = flood(benchmark, lane_for(pipeline), 0, 20, MAC_REQUEST, Reason.AUTH_FAILED)
+    assert len(pipeline.sources) == sent

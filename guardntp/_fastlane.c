@@ -16,10 +16,15 @@
  * uses (the tables' AddressTables of per-source and prefix Records, the
  * newcomer ring, the counters, the global and KoD buckets), with the same
  * arithmetic:
- *   - a 48-byte request whose first byte the sanity table drops (modes 0, 2,
- *     4-7, bad versions) -> that drop, counted; a datagram of any other length
- *     whose length (short, not a multiple of 4) or first byte the sanity stage
- *     refuses -> the same (sanity_drop);
+ *   - a request whose first byte the sanity table drops (modes 0, 2, 4-7, bad
+ *     versions) -> that drop, counted; a datagram of another length whose
+ *     length (short, not a multiple of 4), first byte or tail (extension
+ *     fields and MAC by wire.parse_tail's rules; a crypto-NAK) the sanity
+ *     stage refuses -> the same (decide_longer);
+ *   - a longer request is then decided as a 48-byte one, its MAC (if the tail
+ *     holds one) failing as AUTH_FAILED: where an authenticator verifies MACs,
+ *     a request with one goes to Python instead, and where NTS is on, every
+ *     longer request does;
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
  *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
@@ -39,9 +44,10 @@
  * sanity verdict and label depend on the source port too (label_slot).
  * A source that must authenticate (authenticator.required_for) and sent no
  * MAC is dropped here as AUTH_REQUIRED.
- * Everything else (MACs and NTS, other datagrams that are not 48 bytes,
- * records of another shape, differences beyond 64 bits) goes to
- * Pipeline.decide unchanged, before anything here has been modified.
+ * Everything else (a MAC to verify, NTS, records of another shape,
+ * differences beyond 64 bits) goes to Pipeline.decide unchanged, before
+ * anything here has been modified. Without keys or NTS, that is no datagram
+ * the fuzz or the differential tests have found.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
  * through both, the reference with its tables in OrderedDicts and its ring in
  * Python, and compares every reply, counter, record, the tables' order and the
@@ -118,7 +124,12 @@ typedef struct {
     int v6_fast, v6_source_bytes, v6_prefix_bits;  /* v6_fast: both keys sliceable */
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
-    int reason_auth_required;
+    int reason_auth_required, reason_auth_failed, reason_crypto_nak;
+    /* The authenticator verifies MACs (else a MAC fails); an NTS stage may claim
+     * a longer datagram: either sends such datagrams to Python (decide_longer). */
+    int verifies_macs, nts;
+    /* wire.py's tail lengths: (extension field, MAC, bare MAC, longest MAC, crypto-NAK) */
+    int min_ext_field, min_mac, max_bare_mac, max_mac, crypto_nak_len;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
@@ -1845,15 +1856,22 @@ must_authenticate(Lane *L, const unsigned char *packed, int packed_len)
     return yes;
 }
 
-/* Step 4 after step 3: a source the access list lets through (allowed or exempt)
- * that must authenticate, and sent no MAC, is dropped as AUTH_REQUIRED (*kind
- * becomes ACL_DROP). 1, or -1 on error. */
+/* Step 4 after step 3, for a source the access list lets through (allowed or
+ * exempt): a request with a MAC (mac; only where no authenticator verifies one:
+ * decide_longer) is dropped as AUTH_FAILED; one without, from a source that must
+ * authenticate, as AUTH_REQUIRED (*kind becomes ACL_DROP). 1, or -1 on error. */
 static int
-authenticated(Lane *L, const unsigned char *packed, int packed_len, int *kind, int *why)
+authenticated(Lane *L, const unsigned char *packed, int packed_len, int mac, int *kind,
+              int *why)
 {
     int must;
     if (*kind != ACL_PASS && *kind != ACL_EXEMPT)
         return 1;
+    if (mac) {
+        *kind = ACL_DROP;
+        *why = L->reason_auth_failed;
+        return 1;
+    }
     if ((must = must_authenticate(L, packed, packed_len)) < 0)
         return -1;
     if (must) {
@@ -2278,9 +2296,9 @@ listed(Lane *L, const unsigned char *d, Record *record, Sighting *s, int base, i
  * or a silent drop, its prefix record is usable.
  */
 static int
-first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
-               int port, int ttl, int slot, int base, int64_t recv_ns, int64_t now_ns,
-               unsigned char *out, int *reason, int *reply)
+first_sighting(Lane *L, const unsigned char *d, int mac, const unsigned char *packed,
+               int packed_len, int port, int ttl, int slot, int base, int64_t recv_ns,
+               int64_t now_ns, unsigned char *out, int *reason, int *reply)
 {
     Table sources = {L->sources, SOURCE_TABLE(L), L->max_sources};
     NewcomerRing *ring = (NewcomerRing *)L->ring;
@@ -2300,7 +2318,7 @@ first_sighting(Lane *L, const unsigned char *d, const unsigned char *packed, int
     if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
         return -1;
     if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
-            || (rc = authenticated(L, packed, packed_len, &acl_kind, &acl_why)) < 0)
+            || (rc = authenticated(L, packed, packed_len, mac, &acl_kind, &acl_why)) < 0)
         goto done;
     if (acl_kind == ACL_PASS && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)
         goto done;
@@ -2358,38 +2376,17 @@ done:
 }
 
 /*
- * Pipeline.decide's sanity stage (responder.inspect_request) for a datagram
- * that is not 48 bytes (length -1: truncated, handed on empty): a length that
- * is short or not a multiple of 4 is malformed, and a version or mode that the
- * first byte rules out is dropped as for 48 bytes (the same checks, before the
- * length matters). 1 when dropped here (*reason set), 0 when its extension
- * fields or MAC must be parsed: Python's job. A junk flood stays in C.
+ * The paths of Pipeline.decide for a request that this file takes (see its
+ * top): d is its header, mac says whether the sanity stage read a MAC after it
+ * (decide_longer; never for 48 bytes). Returns 1 when decided here (*reason and
+ * *reply set: a time reply's first 40 bytes or a KoD's 48 are in out), 0 to
+ * leave the packet to Pipeline.decide with nothing modified, -1 on a Python
+ * error.
  */
 static int
-sanity_drop(Lane *L, const unsigned char *d, Py_ssize_t length, int port, int *reason)
-{
-    unsigned first = length > 0 ? d[0] : 0;
-    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
-    if (length < HEAD || length % 4 != 0)
-        drop = L->reason_malformed;
-    if (drop < 0)
-        return 0;
-    L->counted = 1;
-    L->count_acc[(int)((first >> 3) & 7) * L->n_reasons + drop]++;
-    *reason = drop;
-    return 1;
-}
-
-/*
- * The paths of Pipeline.decide for a 48-byte datagram that this file takes
- * (see its top). Returns 1 when decided here (*reason and *reply set: a time
- * reply's first 40 bytes or a KoD's 48 are in out), 0 to leave the packet to
- * Pipeline.decide with nothing modified, -1 on a Python error.
- */
-static int
-fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int packed_len,
-            int port, int ttl, int64_t recv_ns, int64_t now_ns, unsigned char *out,
-            int *reason, int *reply)
+fast_decide(Lane *L, const unsigned char *d, int mac, const unsigned char *packed,
+            int packed_len, int port, int ttl, int64_t recv_ns, int64_t now_ns,
+            unsigned char *out, int *reason, int *reply)
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
@@ -2421,7 +2418,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     /* Read everything first: a packet that leaves here must leave nothing changed. */
     found = table_find(SOURCE_TABLE(L), source_key(L, packed, packed_len));
     if (found == NULL)
-        return first_sighting(L, d, packed, packed_len, port, ttl, slot, base, recv_ns,
+        return first_sighting(L, d, mac, packed, packed_len, port, ttl, slot, base, recv_ns,
                               now_ns, out, reason, reply);
     if (Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
         return 0;
@@ -2456,8 +2453,8 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
             || __builtin_sub_overflow(now_ns, record->cell[L->i_window_start].n, &ignored)
             || ignored > INT64_MAX / 4)
         return 0;
-    /* 4. authentication: a 48-byte request has no MAC (authenticated(), below,
-     * drops a source that must authenticate). The KoD guard's
+    /* 4. authentication (authenticated(), below: a MAC fails, a source that must
+     * authenticate and sent none is refused). The KoD guard's
      * subtraction is Python's unbounded one: beyond 64 bits, Python. */
     if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
         return 0;
@@ -2478,7 +2475,7 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
     } else
         Py_INCREF(entry);
     if ((rc = acl_verdict(L, entry, &acl_kind, &acl_why)) <= 0
-            || (rc = authenticated(L, packed, packed_len, &acl_kind, &acl_why)) < 0
+            || (rc = authenticated(L, packed, packed_len, mac, &acl_kind, &acl_why)) < 0
             || (acl_kind == ACL_PASS
                 && (rc = find_prefix(L, packed, packed_len, &prefix, &pkey)) <= 0)) {
         Py_DECREF(entry);
@@ -2505,6 +2502,99 @@ fast_decide(Lane *L, const unsigned char *d, const unsigned char *packed, int pa
                     reply);
     Py_DECREF(record);
     return rc;
+}
+
+/*
+ * What follows the header of a datagram longer than 48 bytes, by wire.parse_tail's
+ * rules (chrony 4.3's parse_packet): the tail of `remainder` bytes, for `version`.
+ */
+enum { TAIL_MALFORMED, TAIL_CRYPTO_NAK, TAIL_FIELDS, TAIL_FIELDS_OR_MAC, TAIL_MAC };
+
+/* wire._is_ext_field: an RFC 7822 field at offset, whole and inside the tail. */
+static int
+is_ext_field(Lane *L, const unsigned char *tail, int remainder, int offset)
+{
+    int field_len;
+    if (remainder - offset < L->min_ext_field)
+        return 0;
+    field_len = (tail[offset + 2] << 8) | tail[offset + 3];
+    return field_len >= L->min_ext_field && field_len % 4 == 0
+           && offset + field_len <= remainder;
+}
+
+/* wire._parse_extension_fields: fields, then an optional MAC. TAIL_FIELDS (no
+ * MAC), TAIL_MAC (a MAC after the fields, or no fields), TAIL_MALFORMED. */
+static int
+extension_fields(Lane *L, const unsigned char *tail, int remainder)
+{
+    int offset = 0, fields = 0;
+    while (offset < remainder) {
+        if (L->min_mac <= remainder - offset && remainder - offset <= L->max_bare_mac)
+            break;   /* the rest is a MAC (RFC 7822 section 7.5) */
+        if (!is_ext_field(L, tail, remainder, offset))
+            return TAIL_MALFORMED;
+        offset += (tail[offset + 2] << 8) | tail[offset + 3];
+        fields++;
+    }
+    return offset < remainder || !fields ? TAIL_MAC : TAIL_FIELDS;
+}
+
+/* wire.parse_tail and the request inspect_request makes of it: TAIL_FIELDS_OR_MAC
+ * for fields with no MAC after them that could be read as one long MAC
+ * (Request.whole_tail_mac). */
+static int
+tail_kind(Lane *L, int version, const unsigned char *tail, int remainder)
+{
+    int kind;
+    if (version != 4)   /* v1-v3 have no extension fields: the tail is a MAC */
+        return 4 <= remainder && remainder <= L->max_mac ? TAIL_MAC : TAIL_MALFORMED;
+    if (remainder == L->crypto_nak_len && memcmp(tail, "\0\0\0\0", 4) == 0)
+        return TAIL_CRYPTO_NAK;
+    kind = extension_fields(L, tail, remainder);
+    if (L->max_bare_mac < remainder && remainder <= L->max_mac)
+        /* Old chrony clients and ntpdig send long MACs in NTPv4: a tail of 25-68
+         * bytes that is not a clean run of extension fields is one. */
+        return kind == TAIL_MALFORMED ? TAIL_MAC
+               : kind == TAIL_FIELDS ? TAIL_FIELDS_OR_MAC : kind;
+    return kind;
+}
+
+/*
+ * A datagram that is not 48 bytes (length -1: truncated, handed on empty; tail:
+ * its bytes after the header). Pipeline.decide's sanity stage
+ * (responder.inspect_request) first: a length that is short or not a multiple
+ * of 4 is malformed; a version or mode that the first byte rules out is dropped
+ * as for 48 bytes; then the tail: malformed, or a crypto-NAK. A well-formed
+ * request is then decided as a 48-byte one (fast_decide), with its MAC failing
+ * unless it goes to Python: an authenticator that verifies MACs, or an NTS stage
+ * that may claim it. Returns as fast_decide does.
+ */
+static int
+decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssize_t length,
+              const unsigned char *packed, int packed_len, int port, int ttl,
+              int64_t recv_ns, int64_t now_ns, unsigned char *out, int *reason, int *reply)
+{
+    unsigned first = length > 0 ? d[0] : 0;
+    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+    int kind = TAIL_FIELDS;
+    *reply = REPLY_NONE;
+    if (length < HEAD || length % 4 != 0)
+        drop = L->reason_malformed;
+    else if (drop < 0) {
+        kind = tail_kind(L, (first >> 3) & 7, tail, (int)(length - HEAD));
+        drop = kind == TAIL_MALFORMED ? L->reason_malformed
+               : kind == TAIL_CRYPTO_NAK ? L->reason_crypto_nak : -1;
+    }
+    if (drop >= 0) {
+        L->counted = 1;
+        L->count_acc[(int)((first >> 3) & 7) * L->n_reasons + drop]++;
+        *reason = drop;
+        return 1;
+    }
+    if (L->nts || (L->verifies_macs && kind != TAIL_FIELDS))
+        return 0;
+    return fast_decide(L, d, kind == TAIL_MAC, packed, packed_len, port, ttl, recv_ns, now_ns,
+                       out, reason, reply);
 }
 
 /* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its tuple. */
@@ -2746,7 +2836,7 @@ Lane_configure(Lane *L, PyObject *config)
                           &L->ring,
                           &L->prefix_overflow};
     PyObject *labels, *value;
-    int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8];
+    int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8], tail_lengths[5];
     unsigned char drop[256], drop_ntp_port[256];
     size_t i;
     int tables_compiled;
@@ -2922,8 +3012,31 @@ Lane_configure(Lane *L, PyObject *config)
             || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0
             || need_reason(config, "reason_malformed", L->n_reasons, &L->reason_malformed) < 0
             || need_reason(config, "reason_auth_required", L->n_reasons,
-                           &L->reason_auth_required) < 0)
+                           &L->reason_auth_required) < 0
+            || need_reason(config, "reason_auth_failed", L->n_reasons,
+                           &L->reason_auth_failed) < 0
+            || need_reason(config, "reason_crypto_nak", L->n_reasons,
+                           &L->reason_crypto_nak) < 0)
         goto fail;
+    if (need_int_tuple(config, "tail_lengths", tail_lengths, 5) < 0)
+        goto fail;
+    /* (extension field, MAC, bare MAC, longest MAC, crypto-NAK): tail_kind's bounds */
+    L->min_ext_field = (int)tail_lengths[0];
+    L->min_mac = (int)tail_lengths[1];
+    L->max_bare_mac = (int)tail_lengths[2];
+    L->max_mac = (int)tail_lengths[3];
+    L->crypto_nak_len = (int)tail_lengths[4];
+    if (L->min_ext_field < 4 || L->min_mac < 4 || L->max_bare_mac < L->min_mac
+            || L->max_mac < L->max_bare_mac || L->max_mac > 65536 || L->crypto_nak_len != 4) {
+        PyErr_SetString(PyExc_ValueError, "tail lengths out of range");
+        goto fail;
+    }
+    if (need_int(config, "verifies_macs", &v) < 0)
+        goto fail;
+    L->verifies_macs = v != 0;
+    if (need_int(config, "nts", &v) < 0)
+        goto fail;
+    L->nts = v != 0;
     if (need_int(config, "send_kod", &v) < 0)
         goto fail;
     L->send_kod = v != 0;
@@ -3213,14 +3326,15 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
         }
         Py_DECREF(wall);
     }
-    if (length == HEAD && L->enabled) {
-        decided = fast_decide(L, head, packed, packed_len, port, ttl, recv_ns, now_ns,
-                              slot_out, &reason, &reply_kind);
+    if (L->enabled) {
+        decided = length == HEAD
+            ? fast_decide(L, head, 0, packed, packed_len, port, ttl, recv_ns, now_ns,
+                          slot_out, &reason, &reply_kind)
+            : decide_longer(L, head, L->tails + (size_t)i * (L->slot - HEAD), length, packed,
+                            packed_len, port, ttl, recv_ns, now_ns, slot_out, &reason,
+                            &reply_kind);
         if (decided < 0)
             return -1;
-    } else if (L->enabled) {
-        decided = sanity_drop(L, head, length, port, &reason);
-        reply_kind = REPLY_NONE;
     }
     if (decided) {
         if (reply_kind != REPLY_NONE) {
@@ -3495,11 +3609,13 @@ Lane_decide_one(Lane *L, PyObject *args)
     if (begin(L) < 0)
         goto done;
     begun = 1;
-    if (data.len == HEAD && L->enabled)
-        decided = fast_decide(L, data.buf, packed.buf, (int)packed.len, port, ttl, recv_ns,
-                              now_ns, reply, &reason, &reply_kind);
-    else if (L->enabled)
-        decided = sanity_drop(L, data.buf, data.len, port, &reason);
+    if (L->enabled)
+        decided = data.len == HEAD
+            ? fast_decide(L, data.buf, 0, packed.buf, (int)packed.len, port, ttl, recv_ns,
+                          now_ns, reply, &reason, &reply_kind)
+            : decide_longer(L, data.buf, (const unsigned char *)data.buf + HEAD, data.len,
+                            packed.buf, (int)packed.len, port, ttl, recv_ns, now_ns, reply,
+                            &reason, &reply_kind);
     if (decided < 0)
         goto done;
     if (decided) {

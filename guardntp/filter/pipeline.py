@@ -33,7 +33,14 @@ from typing import Any, Protocol
 from ..responder import NTP_PORT, Request, Responder, inspect_request
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
-from ..wire import HEADER_LEN
+from ..wire import (
+    CRYPTO_NAK_LEN,
+    HEADER_LEN,
+    MAX_MAC_LEN,
+    MAX_V4_BARE_MAC_LEN,
+    MIN_EXT_FIELD_LEN,
+    MIN_MAC_LEN,
+)
 from . import crowd, fingerprint
 from .acl import AccessList, AclEntry, Action, Network
 from .buckets import (
@@ -290,8 +297,7 @@ class Pipeline:
         #: changes: settings, the authenticator.
         self.config_version = 0
         self._authenticator = authenticator
-        #: NTS (``guardntp.nts.service.NtsService``) when the server offers it.
-        self.nts: NtsStage | None = None
+        self._nts: NtsStage | None = None
         self.counters = Counters()
         self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
         self.table_full = 0   # second requests that found no room among established sources
@@ -372,6 +378,16 @@ class Pipeline:
         self._lane_config = lane_settings
         self.config_version += 1
 
+    @property
+    def nts(self) -> NtsStage | None:
+        """NTS (``guardntp.nts.service.NtsService``) when the server offers it."""
+        return self._nts
+
+    @nts.setter
+    def nts(self, stage: NtsStage | None) -> None:
+        self._nts = stage
+        self.config_version += 1   # the compiled loop leaves longer datagrams to NTS
+
     def fast_lane_config(self) -> dict[str, Any]:
         """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
         common cases exactly as :meth:`decide` does: the objects it reads and updates in
@@ -394,6 +410,9 @@ class Pipeline:
             "pipeline": self, "decide": self.decide, "counts": self.counters.counts,
             "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
             "enabled": int(enabled), "required_for": required_for if must else None,
+            # A datagram with a MAC goes to decide() where an authenticator verifies
+            # it (else its MAC fails in C); a longer one wherever NTS may claim it.
+            "verifies_macs": int(authenticator is not None), "nts": int(self.nts is not None),
             # The tables (their records, AddressTables) the loop reads, inserts into
             # and evicts from as BucketTable does, the newcomer ring (a NewcomerRing,
             # else None: first sightings stay here) and the record a prefix overflows into.
@@ -478,6 +497,10 @@ class Pipeline:
             "reason_deny_kod": int(Reason.DENY_KOD),
             "reason_malformed": int(Reason.MALFORMED),
             "reason_auth_required": int(Reason.AUTH_REQUIRED),
+            "reason_auth_failed": int(Reason.AUTH_FAILED),
+            "reason_crypto_nak": int(Reason.CRYPTO_NAK),
+            "tail_lengths": (MIN_EXT_FIELD_LEN, MIN_MAC_LEN, MAX_V4_BARE_MAC_LEN, MAX_MAC_LEN,
+                             CRYPTO_NAK_LEN),
             # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
             "random": compiled.random.random, "leak_share": compiled.leak_share,
             "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),
@@ -528,7 +551,7 @@ class Pipeline:
             return _REFLECTION_PORT, None, None
 
         label = self._label_of_first[first] or fingerprint.packet_label(first, port)
-        nts = self.nts
+        nts = self._nts
         if nts is not None and len(data) > HEADER_LEN and nts.claims(data):
             label = fingerprint.NTS
         self.label_counts[label] += 1
