@@ -21,10 +21,12 @@
  *     length (short, not a multiple of 4), first byte or tail (extension
  *     fields and MAC by wire.parse_tail's rules; a crypto-NAK) the sanity
  *     stage refuses -> the same (decide_longer);
- *   - a longer request is then decided as a 48-byte one, its MAC (if the tail
- *     holds one) failing as AUTH_FAILED: where an authenticator verifies MACs,
- *     a request with one goes to Python instead, and where NTS is on, every
- *     longer request does;
+ *   - a longer request is then decided as a 48-byte one. Its MAC (if the tail
+ *     holds one) fails as AUTH_FAILED where no key is configured; where keys
+ *     are, Pipeline.verify_mac checks it (the one call into Python: MAC
+ *     verification), and a reply to a request whose MAC verified is queued
+ *     with its signer, stamped and then signed when its chunk is sent. Where
+ *     NTS is on, every longer request goes to Python;
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
  *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
@@ -44,10 +46,10 @@
  * sanity verdict and label depend on the source port too (label_slot).
  * A source that must authenticate (authenticator.required_for) and sent no
  * MAC is dropped here as AUTH_REQUIRED.
- * Everything else (a MAC to verify, NTS, records of another shape,
- * differences beyond 64 bits) goes to Pipeline.decide unchanged, before
- * anything here has been modified. Without keys or NTS, that is no datagram
- * the fuzz or the differential tests have found.
+ * Everything else (NTS, records of another shape, differences beyond 64 bits)
+ * goes to Pipeline.decide unchanged, before anything here has been modified.
+ * Without NTS, that is no datagram the fuzz or the differential tests have
+ * found.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
  * through both, the reference with its tables in OrderedDicts and its ring in
  * Python, and compares every reply, counter, record, the tables' order and the
@@ -128,6 +130,7 @@ typedef struct {
     /* The authenticator verifies MACs (else a MAC fails); an NTS stage may claim
      * a longer datagram: either sends such datagrams to Python (decide_longer). */
     int verifies_macs, nts;
+    PyObject *verify_mac;              /* Pipeline.verify_mac(data, port): MACs stay in Python */
     /* wire.py's tail lengths: (extension field, MAC, bare MAC, longest MAC, crypto-NAK) */
     int min_ext_field, min_mac, max_bare_mac, max_mac, crypto_nak_len;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
@@ -160,6 +163,12 @@ typedef struct {
     int64_t label_acc[LABEL_SLOTS];
     int64_t fast_decisions, first_sightings, promotions;
     int counted;                       /* count_acc or label_acc may be non-zero */
+    /* The datagram being decided, for verify_mac (which needs its bytes), and the
+     * signer its MAC verified with: owned, taken by the reply (else released). */
+    const unsigned char *datagram_head, *datagram_tail;
+    Py_ssize_t datagram_len;
+    int datagram_port;
+    PyObject *signer;
 } Lane;
 
 /* ------------------------------------------------------------------ helpers */
@@ -1856,21 +1865,80 @@ must_authenticate(Lane *L, const unsigned char *packed, int packed_len)
     return yes;
 }
 
+/* What the sanity stage read after the header (decide_longer): no MAC; a MAC
+ * that fails, as no key is configured; a MAC (or a tail that may be one) for
+ * the authenticator to verify. */
+enum { MAC_NONE, MAC_FAILS, MAC_VERIFY };
+
+/* Pipeline.verify_mac about the datagram being decided (pure: it asks the
+ * authenticator): *why the reason to refuse it, or -1 with L->signer set when
+ * its MAC verified (else NULL). 1, or -1 on error. */
+static int
+mac_verdict(Lane *L, int *why)
+{
+    PyObject *data, *port, *answer, *refused;
+    Py_ssize_t length = L->datagram_len;
+    int64_t reason;
+    *why = -1;
+    if ((data = PyBytes_FromStringAndSize(NULL, length)) == NULL)
+        return -1;
+    memcpy(PyBytes_AS_STRING(data), L->datagram_head, HEAD);
+    memcpy(PyBytes_AS_STRING(data) + HEAD, L->datagram_tail, length - HEAD);
+    port = PyLong_FromLong(L->datagram_port);
+    answer = port == NULL ? NULL : PyObject_CallFunctionObjArgs(L->verify_mac, data, port, NULL);
+    Py_DECREF(data);
+    Py_XDECREF(port);
+    if (answer == NULL)
+        return -1;
+    if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 2) {
+        Py_DECREF(answer);
+        PyErr_SetString(PyExc_TypeError, "verify_mac must return (reason, signer)");
+        return -1;
+    }
+    refused = PyTuple_GET_ITEM(answer, 0);
+    if (refused != Py_None) {
+        if (!as_i64(refused, &reason) || reason < 0 || reason >= L->n_reasons) {
+            Py_DECREF(answer);
+            PyErr_SetString(PyExc_TypeError, "verify_mac's reason must be a Reason");
+            return -1;
+        }
+        *why = (int)reason;
+    } else if (PyTuple_GET_ITEM(answer, 1) != Py_None) {
+        Py_INCREF(PyTuple_GET_ITEM(answer, 1));
+        Py_XSETREF(L->signer, PyTuple_GET_ITEM(answer, 1));
+    }
+    Py_DECREF(answer);
+    return 1;
+}
+
 /* Step 4 after step 3, for a source the access list lets through (allowed or
- * exempt): a request with a MAC (mac; only where no authenticator verifies one:
- * decide_longer) is dropped as AUTH_FAILED; one without, from a source that must
- * authenticate, as AUTH_REQUIRED (*kind becomes ACL_DROP). 1, or -1 on error. */
+ * exempt): a request whose MAC fails is dropped as AUTH_FAILED (mac: MAC_FAILS
+ * where no key is configured; else Pipeline.verify_mac says, and a MAC that
+ * verifies leaves its signer in L->signer); one without a MAC that verified,
+ * from a source that must authenticate, as AUTH_REQUIRED (*kind becomes
+ * ACL_DROP). 1, or -1 on error. */
 static int
 authenticated(Lane *L, const unsigned char *packed, int packed_len, int mac, int *kind,
               int *why)
 {
-    int must;
+    int must, refused;
     if (*kind != ACL_PASS && *kind != ACL_EXEMPT)
         return 1;
-    if (mac) {
+    if (mac == MAC_FAILS) {
         *kind = ACL_DROP;
         *why = L->reason_auth_failed;
         return 1;
+    }
+    if (mac == MAC_VERIFY) {
+        if (mac_verdict(L, &refused) < 0)
+            return -1;
+        if (refused >= 0) {
+            *kind = ACL_DROP;
+            *why = refused;
+            return 1;
+        }
+        if (L->signer != NULL)
+            return 1;
     }
     if ((must = must_authenticate(L, packed, packed_len)) < 0)
         return -1;
@@ -2565,9 +2633,10 @@ tail_kind(Lane *L, int version, const unsigned char *tail, int remainder)
  * (responder.inspect_request) first: a length that is short or not a multiple
  * of 4 is malformed; a version or mode that the first byte rules out is dropped
  * as for 48 bytes; then the tail: malformed, or a crypto-NAK. A well-formed
- * request is then decided as a 48-byte one (fast_decide), with its MAC failing
- * unless it goes to Python: an authenticator that verifies MACs, or an NTS stage
- * that may claim it. Returns as fast_decide does.
+ * request is then decided as a 48-byte one (fast_decide), its MAC failing
+ * where no key is configured, else verified by Pipeline.verify_mac (the one
+ * call into Python). Where NTS is on, Python decides it: the NTS stage may
+ * claim it. Returns as fast_decide does.
  */
 static int
 decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssize_t length,
@@ -2591,10 +2660,16 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
         *reason = drop;
         return 1;
     }
-    if (L->nts || (L->verifies_macs && kind != TAIL_FIELDS))
+    if (L->nts)
         return 0;
-    return fast_decide(L, d, kind == TAIL_MAC, packed, packed_len, port, ttl, recv_ns, now_ns,
-                       out, reason, reply);
+    L->datagram_head = d;
+    L->datagram_tail = tail;
+    L->datagram_len = length;
+    L->datagram_port = port;
+    return fast_decide(L, d,
+                       kind == TAIL_FIELDS ? MAC_NONE : L->verifies_macs ? MAC_VERIFY
+                       : kind == TAIL_MAC ? MAC_FAILS : MAC_NONE,
+                       packed, packed_len, port, ttl, recv_ns, now_ns, out, reason, reply);
 }
 
 /* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its tuple. */
@@ -2651,6 +2726,7 @@ release_config(Lane *L)
     Py_CLEAR(L->prefix_index);
     Py_CLEAR(L->random);
     Py_CLEAR(L->required_for);
+    Py_CLEAR(L->verify_mac);
     Py_CLEAR(L->action_allow);
     Py_CLEAR(L->action_exempt);
     Py_CLEAR(L->action_drop);
@@ -2674,6 +2750,7 @@ Lane_dealloc(Lane *L)
     if (L->queue != NULL)
         release_queue(L, L->batch);
     release_config(L);
+    Py_CLEAR(L->signer);
     free(L->heads);
     free(L->tails);
     free(L->names);
@@ -2826,13 +2903,15 @@ Lane_configure(Lane *L, PyObject *config)
     static const char *objects[] = {"pipeline", "decide",
                                     "counts", "label_counts", "acl", "responder", "random",
                                     "action_allow", "action_exempt", "action_drop",
-                                    "action_deny", "required_for", "sources", "prefixes",
+                                    "action_deny", "required_for", "verify_mac", "sources",
+                                    "prefixes",
                                     "newcomers",
                                     "prefix_overflow"};
     PyObject **slots[] = {&L->pipeline, &L->decide,
                           &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
                           &L->action_allow, &L->action_exempt, &L->action_drop,
-                          &L->action_deny, &L->required_for, &L->sources, &L->prefixes,
+                          &L->action_deny, &L->required_for, &L->verify_mac, &L->sources,
+                          &L->prefixes,
                           &L->ring,
                           &L->prefix_overflow};
     PyObject *labels, *value;
@@ -3333,8 +3412,23 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
             : decide_longer(L, head, L->tails + (size_t)i * (L->slot - HEAD), length, packed,
                             packed_len, port, ttl, recv_ns, now_ns, slot_out, &reason,
                             &reply_kind);
+        if (decided <= 0 || reply_kind == REPLY_NONE)
+            Py_CLEAR(L->signer);   /* (a drop, or Python's to decide: it verifies again) */
         if (decided < 0)
             return -1;
+    }
+    if (decided && L->signer != NULL) {   /* stamped, then signed, when its chunk is sent */
+        L->sh[q].msg_hdr.msg_name = name;
+        e->is_time = reply_kind == REPLY_TIME;
+        e->kind = Q_DEFERRED;
+        if ((e->reply = PyBytes_FromStringAndSize((const char *)slot_out, HEAD)) == NULL) {
+            Py_CLEAR(L->signer);
+            return -1;
+        }
+        e->signer = L->signer;   /* the queue's reference now */
+        L->signer = NULL;
+        (*queued)++;
+        return 0;
     }
     if (decided) {
         if (reply_kind != REPLY_NONE) {
@@ -3616,15 +3710,19 @@ Lane_decide_one(Lane *L, PyObject *args)
             : decide_longer(L, data.buf, (const unsigned char *)data.buf + HEAD, data.len,
                             packed.buf, (int)packed.len, port, ttl, recv_ns, now_ns, reply,
                             &reason, &reply_kind);
+    if (decided <= 0 || reply_kind == REPLY_NONE)
+        Py_CLEAR(L->signer);
     if (decided < 0)
         goto done;
     if (decided) {
         if (reply_kind == REPLY_TIME)
             memcpy(reply + BEFORE_TRANSMIT, reply + 32, 8);   /* transmit = receive */
         if (reply_kind != REPLY_NONE)
-            result = Py_BuildValue("iy#OO", reason, reply, (Py_ssize_t)HEAD, Py_None, Py_True);
+            result = Py_BuildValue("iy#OO", reason, reply, (Py_ssize_t)HEAD,
+                                   L->signer != NULL ? L->signer : Py_None, Py_True);
         else
             result = Py_BuildValue("iOOO", reason, Py_None, Py_None, Py_True);
+        Py_CLEAR(L->signer);
     } else {
         PyObject *bytes = PyBytes_FromStringAndSize(data.buf, data.len), *slow;
         if (bytes == NULL)

@@ -4,13 +4,13 @@ Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a request dropped by
 its length, first byte, tail or source port; the access list's drop, deny with
-its DENY KoD and exempt; a MAC that no key can verify; a source within or over
+its DENY KoD and exempt; a MAC, verified by ``Pipeline.verify_mac``; a source within or over
 its buckets: answered, leaked, sent a RATE KoD or dropped). That includes first
 sightings: a new source is inserted into the source table while it has room,
 remembered in the newcomer ring once it is full, and promoted at its second
 request, with the tables' own rules (``filter/buckets.py``). For everything else
-(a MAC for the authenticator to verify, a longer datagram NTS may claim) it calls
-``Pipeline.decide`` before touching anything. It reads and updates the pipeline's
+(where NTS is on, a datagram longer than 48 bytes, which the NTS stage may claim)
+it calls ``Pipeline.decide`` before touching anything. It reads and updates the pipeline's
 own records and counters, so ``guardntp clients``, metrics, reload
 and the blocklist see one state whichever path a packet took.
 ``tests/test_fastlane.py`` feeds random traffic through both and compares

@@ -29,6 +29,7 @@ import pytest
 
 from guardntp import fastlane
 from guardntp import server as server_module
+from guardntp.auth import mac
 from guardntp.auth.keys import parse_key_line
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
@@ -72,10 +73,12 @@ def packet(rng: random.Random) -> bytes:
         return body
     if kind < 0.93:
         return body[: rng.choice((0, 1, 44, 47))]
-    if kind < 0.96:
+    if kind < 0.95:
         return body + bytes(4) + rng.randbytes(32)   # a MAC with an unknown key
-    if kind < 0.98:
+    if kind < 0.96:
         return body + (7).to_bytes(4, "big") + rng.randbytes(32)   # key 7, wrong digest
+    if kind < 0.98:
+        return mac.sign(KEY, body, digest_len=rng.choice((20, 32)))   # key 7, valid
     if kind < 0.99:
         return body + rng.randbytes(rng.choice((3, 8, 20)))
     return body + tail(rng)
@@ -168,17 +171,19 @@ def authenticator(mode: str | None) -> KeyAuthenticator | None:
 
 def decide_both(reference: Pipeline, compiled: Pipeline, lane: fastlane.FastLane, step: int,
                 data: bytes, source: bytes, port: int, recv_ns: int, now_ns: int,
-                ttl: int) -> tuple[int, bool, str]:
+                ttl: int) -> tuple[int, bool, str, bool]:
     """One datagram through the reference model and the compiled lane: the same reason,
-    reply and signing, and afterwards the same state. Returns (reason, decided in C,
-    where: the step described for assertion messages)."""
+    reply and signed reply, and afterwards the same state. Returns (reason, decided in
+    C, where: the step described for assertion messages, signed)."""
     expected = reference.decide(data, source, port, recv_ns, now_ns, ttl)
     reason, reply, signer, in_c = lane.decide_one(data, source, port, recv_ns, now_ns, ttl)
     where = f"step {step}: {data[:1].hex()} len {len(data)} from {source.hex()}:{port}"
     assert (reason, reply) == (expected[0], expected[1]), where
     assert (signer is None) == (expected[2] is None), where
+    if signer is not None:   # the same key and digest length: the same signed reply
+        assert signer(reply) == expected[2](expected[1]), where
     assert state(compiled) == state(reference), where
-    return reason, in_c, where
+    return reason, in_c, where, signer is not None
 
 
 def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fastlane.FastLane,
@@ -204,7 +209,7 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     reference, compiled, lane, sock = pair(VARIANTS[variant], seed)
     fast = slow = 0
     decided_in_c: set[Reason] = set()
-    v6_in_c = v1_in_c = acl_drops_in_c = 0
+    v6_in_c = v1_in_c = acl_drops_in_c = signed_in_c = 0
     now_ns = 10 * NS_PER_S
     try:
         for step in range(1500):
@@ -215,8 +220,9 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
             source = rng.choice(V4_SOURCES) if rng.random() < 0.9 else rng.choice(V6_SOURCES)
             port = rng.choice(PORTS)
             ttl = rng.choice(TTLS)
-            reason, in_c, where = decide_both(reference, compiled, lane, step, data, source,
-                                              port, recv_ns, now_ns, ttl)
+            reason, in_c, where, signed = decide_both(reference, compiled, lane, step, data,
+                                                      source, port, recv_ns, now_ns, ttl)
+            signed_in_c += in_c and signed
             if in_c:
                 fast += 1
                 decided_in_c.add(Reason(reason))
@@ -239,11 +245,11 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     finally:
         sock.close()
     assert lane.fast_decisions >= 5, (fast, slow)
-    if variant.startswith("auth"):
-        assert slow > 0   # requests with a MAC: the authenticator verifies them in Python
-    else:
-        # Without keys or NTS the compiled core decides every datagram; a MAC fails.
-        assert slow == 0 and Reason.AUTH_FAILED in decided_in_c, (slow, decided_in_c)
+    # Without NTS the compiled core decides every datagram: a MAC fails where no key
+    # is configured, and is verified by Pipeline.verify_mac where keys are.
+    assert slow == 0 and Reason.AUTH_FAILED in decided_in_c, (slow, decided_in_c)
+    if variant.startswith("auth"):   # replies signed, in C, with the signer Python gave
+        assert signed_in_c > 0
     if variant == "auth-required":
         # 203.0.113.0/24 must authenticate: its requests without a MAC are refused in C.
         assert Reason.AUTH_REQUIRED in decided_in_c, decided_in_c
@@ -263,8 +269,9 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
     """Datagrams that are not 48 bytes, as Python decides them: a length the sanity stage
     refuses, a first byte it refuses at any length, or a malformed tail is counted and
     dropped in C (a flood of junk must not cost a Pipeline.decide each). A well-formed
-    longer request is decided in C too, its MAC failing, unless something in Python
-    must read it: an authenticator for a MAC, an NTS stage for anything longer."""
+    longer request is decided in C too, its MAC failing where no key is configured and
+    verified by a call into Python where keys are; where NTS is on, Python decides
+    every longer datagram (the NTS stage may claim it)."""
     rng = random.Random(9)
     for setup in ("no keys", "keys", "nts"):
         reference, compiled, lane, sock = pair({} if setup != "keys" else {"_auth": "optional"}, 9)
@@ -290,7 +297,7 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
                         "with a mac" if (request.mac_key_id is not None
                                          or request.whole_tail_mac is not None) else
                         "fields")
-                reason, in_c, where = decide_both(reference, compiled, lane, step, data,
+                reason, in_c, where, _ = decide_both(reference, compiled, lane, step, data,
                                                   rng.choice(V4_SOURCES), port,
                                                   WALL_BASE_NS + step, 10 * NS_PER_S + step,
                                                   64)
@@ -305,9 +312,8 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
         if setup == "no keys":
             assert Reason.AUTH_FAILED in reasons
             assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {True}
-        elif setup == "keys":   # the MAC is verified in Python; fields alone stay in C
-            assert in_c_by_kind["with a mac"] == {False}
-            assert in_c_by_kind["fields"] == {True}
+        elif setup == "keys":   # decided in C, the MAC verified by Pipeline.verify_mac
+            assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {True}
         else:                   # NTS may claim anything longer that is sane
             assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {False}
 
@@ -481,8 +487,8 @@ def test_floods_of_new_sources_are_decided_in_c_as_python_decides(variant: str,
             entry = reference.acl.lookup(source, recv_ns)   # (before: it may expire)
             before = lane.first_sightings
             ttl = rng.choice(TTLS)
-            reason, in_c, where = decide_both(reference, compiled, lane, step, data, source,
-                                              port, recv_ns, now_ns, ttl)
+            reason, in_c, where, _ = decide_both(reference, compiled, lane, step, data, source,
+                                                 port, recv_ns, now_ns, ttl)
             if lane.first_sightings > before:
                 assert new and in_c, where
             if new and plain:

@@ -413,6 +413,7 @@ class Pipeline:
             # A datagram with a MAC goes to decide() where an authenticator verifies
             # it (else its MAC fails in C); a longer one wherever NTS may claim it.
             "verifies_macs": int(authenticator is not None), "nts": int(self.nts is not None),
+            "verify_mac": self.verify_mac,
             # The tables (their records, AddressTables) the loop reads, inserts into
             # and evicts from as BucketTable does, the newcomer ring (a NewcomerRing,
             # else None: first sightings stay here) and the record a prefix overflows into.
@@ -623,20 +624,15 @@ class Pipeline:
                         self.responder.kod_reply(data, request, KOD_NTS_NAK, 0), finish)
             signer = finish
         authenticator = self._authenticator
-        if signer is None and request.whole_tail_mac is not None and authenticator is not None:
-            signer = authenticator.verify(data, request.whole_tail_mac)
-            if signer is not None:
-                request = request.whole_tail_mac
-        if signer is None and request.mac_key_id is not None:
-            signer = authenticator.verify(data, request) if authenticator else None
-            if signer is None:
-                counts[base + Reason.AUTH_FAILED] += 1
+        if signer is None:
+            request, signer, refused = self._verify_mac(data, request)
+            if refused is None and signer is None and authenticator is not None \
+                    and authenticator.required_for(packed):
+                refused = Reason.AUTH_REQUIRED
+            if refused is not None:
+                counts[base + refused] += 1
                 record[DROPS] += 1
-                return Reason.AUTH_FAILED, None, None
-        elif signer is None and authenticator is not None and authenticator.required_for(packed):
-            counts[base + Reason.AUTH_REQUIRED] += 1
-            record[DROPS] += 1
-            return Reason.AUTH_REQUIRED, None, None
+                return refused, None, None
 
         # -- buckets
         if not exempt:
@@ -678,6 +674,32 @@ class Pipeline:
         return _ANSWERED, self.responder.time_reply_at(data, request, recv_ns), signer
 
     # ------------------------------------------------------------------ helpers
+
+    def _verify_mac(self, data: bytes, request: Request
+                    ) -> tuple[Request, Signer | None, Reason | None]:
+        """The MAC check of the auth stage: (the request as read, a signer for the reply
+        if its MAC verifies, the reason to refuse it if it fails). A tail of fields
+        that may be one long MAC is tried as the MAC first; if that fails, the request
+        is plain. No MAC at all: (request, None, None). Pure: only the authenticator
+        is asked."""
+        authenticator = self._authenticator
+        if request.whole_tail_mac is not None and authenticator is not None:
+            signer = authenticator.verify(data, request.whole_tail_mac)
+            if signer is not None:
+                return request.whole_tail_mac, signer, None
+        if request.mac_key_id is None:
+            return request, None, None
+        signer = authenticator.verify(data, request) if authenticator else None
+        return request, signer, Reason.AUTH_FAILED if signer is None else None
+
+    def verify_mac(self, data: bytes, port: int) -> tuple[int | None, Signer | None]:
+        """What the compiled core asks of a sane request with a MAC (it verifies no MAC
+        itself): (the reason to refuse it, or None; a signer for the reply, or None)."""
+        request = inspect_request(data, port, self.policy.answer_symmetric)
+        if isinstance(request, Reason):   # the core asks only about sane requests
+            return int(request), None
+        _, signer, refused = self._verify_mac(data, request)
+        return (None if refused is None else int(refused)), signer
 
     def _observe(self, record: SourceRecord, port: int, ttl: int, gap_ns: int, now_ns: int
                  ) -> tuple[int, int, bool]:
