@@ -11,7 +11,9 @@ and promoted at its second request, with the tables' own rules
 (``filter/buckets.py``). For everything else it calls ``Pipeline.decide``
 before touching anything. It reads and updates the
 pipeline's own records and counters, so ``guardntp clients``, metrics, reload
-and the blocklist see one state whichever path a packet took.
+and the blocklist see one state whichever path a packet took. What it needs of
+the pipeline it is handed as one typed policy, ``Pipeline.lane_policy()``
+(``filter/lane.py``), again whenever ``Pipeline.config_version`` moves.
 ``tests/test_fastlane.py`` feeds random traffic through both and compares
 replies, counters and records.
 
@@ -81,7 +83,7 @@ class FastLane:
     def _configure(self) -> None:
         pipeline = self.pipeline
         if self._version != pipeline.config_version:
-            self.lane.configure(pipeline.fast_lane_config())
+            self.lane.configure(pipeline.lane_policy())
             self._version = pipeline.config_version
 
     def pump(self, transmit: Callable[[], bytes], wall_ns: Callable[[], int], budget: int,
