@@ -50,6 +50,10 @@
  * goes to Pipeline.decide unchanged, before anything here has been modified.
  * Without NTS, that is no datagram the fuzz or the differential tests have
  * found.
+ * What it knows of the filter it copies at configure() from one typed policy
+ * object (guardntp/filter/lane.py, built by Pipeline.lane_policy()): the record
+ * layout and the reason codes it shares with pipeline.py, the compiled policy's
+ * tables per first byte and its limits, and the pipeline's live objects.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
  * through both, the reference with its tables in OrderedDicts and its ring in
  * Python, and compares every reply, counter, record, the tables' order and the
@@ -83,7 +87,6 @@
 #define V1_NETGEAR 256        /* label slots of NTPv1 requests: from the Netgear port */
 #define V1_OTHER 257          /* ... and from any other */
 #define LABEL_SLOTS 258
-#define LAYOUT_LEN 20          /* record cells named in the configuration's "layout" */
 
 enum { Q_TIME, Q_PLAIN, Q_DEFERRED, Q_SKIP };
 
@@ -2823,39 +2826,105 @@ Lane_init(Lane *L, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
-/* -- configure(dict): see Pipeline.fast_lane_config for the keys. */
+/* -- configure(policy): a LanePolicy (guardntp/filter/lane.py). Its fields are read by
+ * their path from the policy ("settings.kod.limit.interval_ns") and every error names
+ * that path: AttributeError where a field is missing, TypeError where it has the wrong
+ * type, ValueError where its value is out of range. Nothing is kept of the policy
+ * object itself, only what is copied out of it. */
 
+/* policy.<path>: a new reference, or NULL with the error set. */
 static PyObject *
-need(PyObject *config, const char *name)
+need(PyObject *policy, const char *path)
 {
-    PyObject *value = PyDict_GetItemString(config, name);   /* borrowed */
-    if (value == NULL)
-        PyErr_Format(PyExc_KeyError, "fast lane configuration lacks %s", name);
-    return value;
+    const char *part = path;
+    PyObject *value = policy;
+    Py_INCREF(value);
+    for (;;) {
+        const char *dot = strchr(part, '.');
+        size_t len = dot != NULL ? (size_t)(dot - part) : strlen(part);
+        char name[64];
+        PyObject *next;
+        if (len >= sizeof(name)) {
+            Py_DECREF(value);
+            PyErr_Format(PyExc_SystemError, "lane policy path %s: a part is too long", path);
+            return NULL;
+        }
+        memcpy(name, part, len);
+        name[len] = '\0';
+        next = PyObject_GetAttrString(value, name);
+        Py_DECREF(value);
+        if (next == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_AttributeError, "lane policy has no %s", path);
+            }
+            return NULL;
+        }
+        value = next;
+        if (dot == NULL)
+            return value;
+        part = dot + 1;
+    }
 }
 
 static int
-need_int(PyObject *config, const char *name, int64_t *out)
+need_int(PyObject *policy, const char *path, int64_t *out)
 {
-    PyObject *value = need(config, name);
+    PyObject *value = need(policy, path);
+    int is_int;
     if (value == NULL)
         return -1;
-    if (!as_i64(value, out)) {
-        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be an int", name);
+    is_int = as_i64(value, out);
+    Py_DECREF(value);
+    if (!is_int) {
+        PyErr_Format(PyExc_TypeError, "lane policy: %s must be an int that fits 64 bits", path);
         return -1;
     }
     return 0;
 }
 
+static int
+need_flag(PyObject *policy, const char *path, int *out)
+{
+    PyObject *value = need(policy, path);
+    int is_bool;
+    if (value == NULL)
+        return -1;
+    is_bool = PyBool_Check(value);
+    *out = value == Py_True;
+    Py_DECREF(value);
+    if (!is_bool) {
+        PyErr_Format(PyExc_TypeError, "lane policy: %s must be True or False", path);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+need_float(PyObject *policy, const char *path, double *out)
+{
+    PyObject *value = need(policy, path);
+    if (value == NULL)
+        return -1;
+    if (!PyFloat_Check(value) && !PyLong_CheckExact(value)) {
+        Py_DECREF(value);
+        PyErr_Format(PyExc_TypeError, "lane policy: %s must be a float", path);
+        return -1;
+    }
+    *out = PyFloat_AsDouble(value);   /* an int too large for a double: OverflowError */
+    Py_DECREF(value);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* A Reason value: the column of the counters it is counted in. */
 static int
-need_reason(PyObject *config, const char *name, int n_reasons, int *out)
+need_reason(PyObject *policy, const char *path, int n_reasons, int *out)
 {
     int64_t v;
-    if (need_int(config, name, &v) < 0)
+    if (need_int(policy, path, &v) < 0)
         return -1;
     if (v < 0 || v >= n_reasons) {
-        PyErr_Format(PyExc_ValueError, "fast lane configuration: %s is not a reason", name);
+        PyErr_Format(PyExc_ValueError, "lane policy: %s is not a reason", path);
         return -1;
     }
     *out = (int)v;
@@ -2863,81 +2932,125 @@ need_reason(PyObject *config, const char *name, int n_reasons, int *out)
 }
 
 static int
-need_bytes(PyObject *config, const char *name, unsigned char *out, Py_ssize_t size)
+need_bytes(PyObject *policy, const char *path, unsigned char *out, Py_ssize_t size)
 {
-    PyObject *value = need(config, name);
+    PyObject *value = need(policy, path);
     if (value == NULL)
         return -1;
     if (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) != size) {
-        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be %zd bytes",
-                     name, size);
+        Py_DECREF(value);
+        PyErr_Format(PyExc_TypeError, "lane policy: %s must be %zd bytes", path, size);
         return -1;
     }
     memcpy(out, PyBytes_AS_STRING(value), size);
+    Py_DECREF(value);
     return 0;
 }
 
 static int
-need_int_tuple(PyObject *config, const char *name, int64_t *out, Py_ssize_t size)
+need_int_tuple(PyObject *policy, const char *path, int64_t *out, Py_ssize_t size)
 {
-    PyObject *value = need(config, name);
+    PyObject *value = need(policy, path);
     Py_ssize_t i;
     if (value == NULL)
         return -1;
     if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != size) {
-        PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must be %zd ints",
-                     name, size);
+        Py_DECREF(value);
+        PyErr_Format(PyExc_TypeError, "lane policy: %s must be a tuple of %zd ints", path,
+                     size);
         return -1;
     }
     for (i = 0; i < size; i++)
         if (!as_i64(PyTuple_GET_ITEM(value, i), &out[i])) {
-            PyErr_Format(PyExc_TypeError, "fast lane configuration: %s must hold ints", name);
+            Py_DECREF(value);
+            PyErr_Format(PyExc_TypeError, "lane policy: %s must hold ints that fit 64 bits",
+                         path);
             return -1;
         }
+    Py_DECREF(value);
     return 0;
 }
 
 static PyObject *
-Lane_configure(Lane *L, PyObject *config)
+Lane_configure(Lane *L, PyObject *policy)
 {
-    static const char *objects[] = {"pipeline", "decide",
-                                    "counts", "label_counts", "acl", "responder", "random",
-                                    "action_allow", "action_exempt", "action_drop",
-                                    "action_deny", "required_for", "verify_mac", "sources",
-                                    "prefixes",
-                                    "newcomers",
-                                    "prefix_overflow"};
-    PyObject **slots[] = {&L->pipeline, &L->decide,
-                          &L->counts, &L->label_counts, &L->acl, &L->responder, &L->random,
-                          &L->action_allow, &L->action_exempt, &L->action_drop,
-                          &L->action_deny, &L->required_for, &L->verify_mac, &L->sources,
-                          &L->prefixes,
-                          &L->ring,
-                          &L->prefix_overflow};
+    const struct { const char *path; PyObject **slot; } objects[] = {
+        {"objects.pipeline", &L->pipeline}, {"objects.decide", &L->decide},
+        {"objects.counts", &L->counts}, {"objects.label_counts", &L->label_counts},
+        {"objects.acl", &L->acl}, {"objects.responder", &L->responder},
+        {"objects.required_for", &L->required_for}, {"objects.verify_mac", &L->verify_mac},
+        {"objects.sources", &L->sources},
+        {"objects.prefixes", &L->prefixes}, {"objects.newcomers", &L->ring},
+        {"objects.prefix_overflow", &L->prefix_overflow}, {"settings.random", &L->random},
+        {"contract.action_allow", &L->action_allow},
+        {"contract.action_exempt", &L->action_exempt},
+        {"contract.action_drop", &L->action_drop},
+        {"contract.action_deny", &L->action_deny},
+    };
+    const struct { const char *path; int *slot; } cells[] = {
+        {"contract.cells.tat", &L->i_tat}, {"contract.cells.requests", &L->i_requests},
+        {"contract.cells.time_replies", &L->i_time_replies},
+        {"contract.cells.kods", &L->i_kods}, {"contract.cells.drops", &L->i_drops},
+        {"contract.cells.first_seen", &L->i_first_seen},
+        {"contract.cells.last_seen", &L->i_last_seen},
+        {"contract.cells.last_kod", &L->i_last_kod}, {"contract.cells.label", &L->i_label},
+        {"contract.cells.acl_generation", &L->i_acl_generation},
+        {"contract.cells.acl_entry", &L->i_acl_entry}, {"contract.cells.port", &L->i_port},
+        {"contract.cells.home_ttl", &L->i_home_ttl},
+        {"contract.cells.other_tat", &L->i_other_tat},
+        {"contract.cells.port_sketch", &L->i_port_sketch},
+        {"contract.cells.window_start", &L->i_window_start},
+        {"contract.cells.crowd", &L->i_crowd}, {"contract.cells.gap_mean", &L->i_gap_mean},
+        {"contract.cells.gap_dev", &L->i_gap_dev},
+        {"contract.cells.other_ttl", &L->i_other_ttl},
+        {"contract.cells.last_crowd", &L->i_last_crowd},
+    };
+    const struct { const char *path; int *slot; } reasons[] = {
+        {"contract.reasons.reflection", &L->reason_reflection},
+        {"contract.reasons.global_cap", &L->reason_global_cap},
+        {"contract.reasons.last_time_reason", &L->last_time_reason},
+        {"contract.reasons.leaked", &L->reason_leaked},
+        {"contract.reasons.rate_kod", &L->reason_rate_kod},
+        {"contract.reasons.rate_limited", &L->reason_rate_limited},
+        {"contract.reasons.acl_deny", &L->reason_acl_deny},
+        {"contract.reasons.blocklisted", &L->reason_blocklisted},
+        {"contract.reasons.deny_kod", &L->reason_deny_kod},
+        {"contract.reasons.malformed", &L->reason_malformed},
+        {"contract.reasons.auth_required", &L->reason_auth_required},
+        {"contract.reasons.auth_failed", &L->reason_auth_failed},
+        {"contract.reasons.crypto_nak", &L->reason_crypto_nak},
+    };
+    const struct { const char *path; int *slot; } tail_lengths[] = {
+        {"contract.tail.min_ext_field", &L->min_ext_field},
+        {"contract.tail.min_mac", &L->min_mac},
+        {"contract.tail.max_bare_mac", &L->max_bare_mac},
+        {"contract.tail.max_mac", &L->max_mac},
+        {"contract.tail.crypto_nak", &L->crypto_nak_len},
+    };
     PyObject *labels, *value;
-    int64_t v, layout[LAYOUT_LEN], global[3], kod[4], crowd[8], tail_lengths[5];
+    int64_t v;
     unsigned char drop[256], drop_ntp_port[256];
     size_t i;
-    int tables_compiled;
-    if (!PyDict_Check(config)) {
-        PyErr_SetString(PyExc_TypeError, "configure takes a dict");
-        return NULL;
-    }
+    int tables_compiled, enabled;
     release_config(L);
-    for (i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
-        if ((value = need(config, objects[i])) == NULL)
-            return NULL;
-        Py_INCREF(value);
-        *slots[i] = value;
-    }
+    for (i = 0; i < sizeof(objects) / sizeof(objects[0]); i++)
+        if ((*objects[i].slot = need(policy, objects[i].path)) == NULL)
+            goto fail;
     /* The tables' records, which the loop reads and writes as BucketTable does. */
     L->index = PyObject_GetAttrString(L->sources, "records");
     L->prefix_index = PyObject_GetAttrString(L->prefixes, "records");
     if (L->index == NULL || L->prefix_index == NULL)
         goto fail;
-    if (!PyList_CheckExact(L->counts) || !PyDict_Check(L->label_counts)
-            || !PyCallable_Check(L->random)) {
-        PyErr_SetString(PyExc_TypeError, "counts must be a list, random callable");
+    if (!PyList_CheckExact(L->counts)) {
+        PyErr_SetString(PyExc_TypeError, "lane policy: objects.counts must be a list");
+        goto fail;
+    }
+    if (!PyDict_Check(L->label_counts)) {
+        PyErr_SetString(PyExc_TypeError, "lane policy: objects.label_counts must be a dict");
+        goto fail;
+    }
+    if (!PyCallable_Check(L->random)) {
+        PyErr_SetString(PyExc_TypeError, "lane policy: settings.random must be callable");
         goto fail;
     }
     /* Tables in Python (OrderedDicts: the reference model's): Python decides all. */
@@ -2946,40 +3059,34 @@ Lane_configure(Lane *L, PyObject *config)
     if (Py_TYPE(L->ring) != &NewcomerRingType || Py_TYPE(L->prefix_overflow) != &RecordType
             || IS_OBJECT((Record *)L->prefix_overflow, 0))
         Py_CLEAR(L->ring);   /* no C ring (or no Record to overflow into): Python's job */
-    if ((labels = need(config, "labels")) == NULL)
+    if ((labels = need(policy, "settings.labels")) == NULL)
         goto fail;
     if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != LABEL_SLOTS) {
-        PyErr_SetString(PyExc_TypeError, "labels must be a tuple of 258 (per label slot)");
+        Py_DECREF(labels);
+        PyErr_SetString(PyExc_TypeError,
+                        "lane policy: settings.labels must be a tuple of 258 (per label slot)");
         goto fail;
     }
     for (i = 0; i < LABEL_SLOTS; i++) {
         value = PyTuple_GET_ITEM(labels, i);
         L->labels[i] = value == Py_None ? NULL : (Py_INCREF(value), value);
     }
-    if (need_bytes(config, "drop_reason", drop, 256) < 0
-            || need_bytes(config, "drop_reason_ntp_port", drop_ntp_port, 256) < 0
-            || need_bytes(config, "eligible", L->eligible, 256) < 0
-            || need_bytes(config, "reply_mode", L->reply_mode, 256) < 0
-            || need_bytes(config, "reflection", L->reflection, 8192) < 0
-            || need_int_tuple(config, "interval", L->interval, LABEL_SLOTS) < 0
-            || need_int_tuple(config, "tolerance", L->tolerance, LABEL_SLOTS) < 0
-            || need_bytes(config, "kod_of_first", L->kod_of_first, LABEL_SLOTS) < 0
-            || need_int_tuple(config, "layout", layout, LAYOUT_LEN) < 0
-            || need_int_tuple(config, "crowd", crowd, 8) < 0
-            || need_int_tuple(config, "initial_ttls", L->initial_ttls, 3) < 0
-            || need_int_tuple(config, "crowd_of_bits", L->crowd_of_bits, 64) < 0
-            || need_int_tuple(config, "global", global, 3) < 0
-            || need_int_tuple(config, "kod", kod, 4) < 0)
-        goto fail;
-    /* kod: (per-source guard ns, KoD bucket interval, its tolerance, min poll) */
-    L->kod_interval = kod[0];
-    L->kod_bucket_interval = kod[1];
-    L->kod_bucket_tolerance = kod[2];
-    L->kod_min_poll = kod[3];
-    if ((value = need(config, "leak_share")) == NULL)
-        goto fail;
-    L->leak_share = PyFloat_AsDouble(value);
-    if (L->leak_share == -1.0 && PyErr_Occurred())
+    Py_DECREF(labels);
+    if (need_bytes(policy, "settings.drop_reason", drop, 256) < 0
+            || need_bytes(policy, "settings.drop_reason_ntp_port", drop_ntp_port, 256) < 0
+            || need_bytes(policy, "settings.eligible", L->eligible, 256) < 0
+            || need_bytes(policy, "settings.reply_mode", L->reply_mode, 256) < 0
+            || need_bytes(policy, "settings.reflection", L->reflection, 8192) < 0
+            || need_int_tuple(policy, "settings.interval_ns", L->interval, LABEL_SLOTS) < 0
+            || need_int_tuple(policy, "settings.tolerance_ns", L->tolerance, LABEL_SLOTS) < 0
+            || need_bytes(policy, "settings.kod_of_first", L->kod_of_first, LABEL_SLOTS) < 0
+            || need_int_tuple(policy, "contract.crowd.initial_ttls", L->initial_ttls, 3) < 0
+            || need_int_tuple(policy, "settings.crowd_of_bits", L->crowd_of_bits, 64) < 0
+            || need_int(policy, "settings.kod.guard_interval_ns", &L->kod_interval) < 0
+            || need_int(policy, "settings.kod.limit.interval_ns", &L->kod_bucket_interval) < 0
+            || need_int(policy, "settings.kod.limit.tolerance_ns", &L->kod_bucket_tolerance) < 0
+            || need_int(policy, "settings.kod.min_poll", &L->kod_min_poll) < 0
+            || need_float(policy, "settings.leak_share", &L->leak_share) < 0)
         goto fail;
     for (i = 0; i < 256; i++) {
         int labelled = ((i >> 3) & 7) == 1 ? L->labels[V1_NETGEAR] && L->labels[V1_OTHER]
@@ -2991,43 +3098,55 @@ Lane_configure(Lane *L, PyObject *config)
             goto fail;
         }
     }
-    if (need_int(config, "netgear_port", &v) < 0)
+    if (need_int(policy, "contract.netgear_port", &v) < 0)
         goto fail;
     L->netgear_port = (int)v;
-    L->has_global = global[0] != 0;
-    L->global_interval = global[1];
-    L->global_tolerance = global[2];
-    L->i_tat = (int)layout[0];
-    L->i_requests = (int)layout[1];
-    L->i_time_replies = (int)layout[2];
-    L->i_drops = (int)layout[3];
-    L->i_last_seen = (int)layout[4];
-    L->i_label = (int)layout[5];
-    L->i_acl_generation = (int)layout[6];
-    L->i_acl_entry = (int)layout[7];
-    L->i_port = (int)layout[8];
-    L->i_kods = (int)layout[9];
-    L->i_last_kod = (int)layout[10];
-    L->i_home_ttl = (int)layout[11];
-    L->i_other_tat = (int)layout[12];
-    L->i_port_sketch = (int)layout[13];
-    L->i_window_start = (int)layout[14];
-    L->i_crowd = (int)layout[15];
-    L->i_gap_mean = (int)layout[16];
-    L->i_gap_dev = (int)layout[17];
-    L->i_other_ttl = (int)layout[18];
-    L->i_last_crowd = (int)layout[19];
-    /* (ttl_classes, max_crowd, sketch_bits, ewma_shift, ttl_slack, class_memory_ns,
-     *  crowd_window_ns, irregular num << 32 | den): crowd.py's constants */
-    L->ttl_classes = crowd[0] != 0;
-    L->max_crowd = (int)crowd[1];
-    L->sketch_bits = (int)crowd[2];
-    L->ewma_shift = (int)crowd[3];
-    L->ttl_slack = crowd[4];
-    L->class_memory_ns = crowd[5];
-    L->crowd_window_ns = crowd[6];
-    L->irregular_num = crowd[7] >> 32;
-    L->irregular_den = crowd[7] & 0xffffffffLL;
+    /* The global reply budget: a Limit, or None for no cap. */
+    if ((value = need(policy, "settings.global_limit")) == NULL)
+        goto fail;
+    L->has_global = value != Py_None;
+    Py_DECREF(value);
+    L->global_interval = L->global_tolerance = 0;
+    if (L->has_global
+            && (need_int(policy, "settings.global_limit.interval_ns", &L->global_interval) < 0
+                || need_int(policy, "settings.global_limit.tolerance_ns",
+                            &L->global_tolerance) < 0))
+        goto fail;
+    if (need_int(policy, "contract.record_len", &v) < 0)
+        goto fail;
+    L->record_len = (Py_ssize_t)v;
+    if (L->record_len != RECORD_CELLS) {
+        PyErr_Format(PyExc_ValueError, "records have %d items, not %zd", RECORD_CELLS,
+                     L->record_len);
+        goto fail;
+    }
+    for (i = 0; i < sizeof(cells) / sizeof(cells[0]); i++) {
+        if (need_int(policy, cells[i].path, &v) < 0)
+            goto fail;
+        if (v < 0 || v >= RECORD_CELLS) {
+            PyErr_Format(PyExc_ValueError, "lane policy: %s is outside the record",
+                         cells[i].path);
+            goto fail;
+        }
+        *cells[i].slot = (int)v;
+    }
+    /* crowd.py's constants, and what the policy makes of the estimate */
+    if (need_flag(policy, "settings.ttl_classes", &L->ttl_classes) < 0
+            || need_int(policy, "settings.max_crowd", &v) < 0)
+        goto fail;
+    L->max_crowd = (int)v;
+    if (need_int(policy, "contract.crowd.sketch_bits", &v) < 0)
+        goto fail;
+    L->sketch_bits = (int)v;
+    if (need_int(policy, "contract.crowd.ewma_shift", &v) < 0)
+        goto fail;
+    L->ewma_shift = (int)v;
+    if (need_int(policy, "contract.crowd.ttl_slack", &L->ttl_slack) < 0
+            || need_int(policy, "contract.crowd.class_memory_ns", &L->class_memory_ns) < 0
+            || need_int(policy, "contract.crowd.window_ns", &L->crowd_window_ns) < 0
+            || need_int(policy, "contract.crowd.irregular_num", &L->irregular_num) < 0
+            || need_int(policy, "contract.crowd.irregular_den", &L->irregular_den) < 0)
+        goto fail;
     if (L->max_crowd < 1 || L->sketch_bits < 1 || L->sketch_bits > 63 || L->ewma_shift < 0
             || L->ewma_shift > 32 || L->crowd_window_ns <= 0 || L->class_memory_ns < 0
             || L->ttl_slack < 0 || L->irregular_den <= 0 || L->irregular_num < 0) {
@@ -3039,89 +3158,49 @@ Lane_configure(Lane *L, PyObject *config)
             PyErr_SetString(PyExc_ValueError, "a crowd estimate outside 1..max_crowd");
             goto fail;
         }
-    if (need_int(config, "first_seen", &v) < 0 || need_int(config, "never", &L->never) < 0
-            || need_int(config, "eviction_scan", &L->eviction_scan) < 0)
+    if (need_int(policy, "contract.never", &L->never) < 0
+            || need_int(policy, "contract.eviction_scan", &L->eviction_scan) < 0
+            || need_int(policy, "settings.prefix_limit.interval_ns", &L->prefix_interval) < 0
+            || need_int(policy, "settings.prefix_limit.tolerance_ns", &L->prefix_tolerance) < 0)
         goto fail;
-    L->i_first_seen = (int)v;
-    if (v < 0 || v >= RECORD_CELLS) {
-        PyErr_SetString(PyExc_ValueError, "record layout outside the record");
-        goto fail;
-    }
-    if (need_int(config, "record_len", &v) < 0)
-        goto fail;
-    L->record_len = (Py_ssize_t)v;
-    if (L->record_len != RECORD_CELLS) {
-        PyErr_Format(PyExc_ValueError, "records have %d items, not %zd", RECORD_CELLS,
-                     L->record_len);
-        goto fail;
-    }
-    for (i = 0; i < LAYOUT_LEN; i++)
-        if (layout[i] < 0 || layout[i] >= L->record_len) {
-            PyErr_SetString(PyExc_ValueError, "record layout outside the record");
-            goto fail;
-        }
-    if (need_int(config, "prefix_interval", &L->prefix_interval) < 0
-            || need_int(config, "prefix_tolerance", &L->prefix_tolerance) < 0)
-        goto fail;
-    if (need_int(config, "v4_prefix_bits", &v) < 0)
+    if (need_int(policy, "settings.v4_prefix_bits", &v) < 0)
         goto fail;
     L->v4_prefix_bits = (int)v;
     /* IPv6 sources take the fast path when both their keys fit the index. */
-    if (need_int(config, "v6_source_bytes", &v) < 0)
+    if (need_int(policy, "settings.v6_source_bytes", &v) < 0)
         goto fail;
     L->v6_source_bytes = (int)v;
-    if (need_int(config, "v6_prefix_bits", &v) < 0)
+    if (need_int(policy, "settings.v6_prefix_bits", &v) < 0)
         goto fail;
     L->v6_prefix_bits = (int)v;
     L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= 16 && v >= 1 && v <= 128;
-    if (need_int(config, "n_reasons", &v) < 0)
+    if (need_int(policy, "contract.reasons.n_reasons", &v) < 0)
         goto fail;
     L->n_reasons = (int)v;
     L->n_counts = 8 * L->n_reasons;
-    if (need_reason(config, "reason_reflection", L->n_reasons, &L->reason_reflection) < 0
-            || need_reason(config, "reason_global_cap", L->n_reasons, &L->reason_global_cap) < 0
-            || need_reason(config, "last_time_reason", L->n_reasons, &L->last_time_reason) < 0
-            || need_reason(config, "reason_leaked", L->n_reasons, &L->reason_leaked) < 0
-            || need_reason(config, "reason_rate_kod", L->n_reasons, &L->reason_rate_kod) < 0
-            || need_reason(config, "reason_rate_limited", L->n_reasons,
-                           &L->reason_rate_limited) < 0
-            || need_reason(config, "reason_acl_deny", L->n_reasons, &L->reason_acl_deny) < 0
-            || need_reason(config, "reason_blocklisted", L->n_reasons,
-                           &L->reason_blocklisted) < 0
-            || need_reason(config, "reason_deny_kod", L->n_reasons, &L->reason_deny_kod) < 0
-            || need_reason(config, "reason_malformed", L->n_reasons, &L->reason_malformed) < 0
-            || need_reason(config, "reason_auth_required", L->n_reasons,
-                           &L->reason_auth_required) < 0
-            || need_reason(config, "reason_auth_failed", L->n_reasons,
-                           &L->reason_auth_failed) < 0
-            || need_reason(config, "reason_crypto_nak", L->n_reasons,
-                           &L->reason_crypto_nak) < 0)
-        goto fail;
-    if (need_int_tuple(config, "tail_lengths", tail_lengths, 5) < 0)
-        goto fail;
-    /* (extension field, MAC, bare MAC, longest MAC, crypto-NAK): tail_kind's bounds */
-    L->min_ext_field = (int)tail_lengths[0];
-    L->min_mac = (int)tail_lengths[1];
-    L->max_bare_mac = (int)tail_lengths[2];
-    L->max_mac = (int)tail_lengths[3];
-    L->crypto_nak_len = (int)tail_lengths[4];
-    if (L->min_ext_field < 4 || L->min_mac < 4 || L->max_bare_mac < L->min_mac
-            || L->max_mac < L->max_bare_mac || L->max_mac > 65536 || L->crypto_nak_len != 4) {
-        PyErr_SetString(PyExc_ValueError, "tail lengths out of range");
+    for (i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++)
+        if (need_reason(policy, reasons[i].path, L->n_reasons, reasons[i].slot) < 0)
+            goto fail;
+    for (i = 0; i < sizeof(tail_lengths) / sizeof(tail_lengths[0]); i++) {
+        if (need_int(policy, tail_lengths[i].path, &v) < 0)
+            goto fail;
+        if (v < 4 || v > 65536) {
+            PyErr_Format(PyExc_ValueError, "lane policy: %s out of range", tail_lengths[i].path);
+            goto fail;
+        }
+        *tail_lengths[i].slot = (int)v;
+    }
+    if (L->max_bare_mac < L->min_mac || L->max_mac < L->max_bare_mac
+            || L->crypto_nak_len != 4) {   /* (tail_kind compares 4 bytes) */
+        PyErr_SetString(PyExc_ValueError, "lane policy: contract.tail is not ordered");
         goto fail;
     }
-    if (need_int(config, "verifies_macs", &v) < 0)
+    if (need_flag(policy, "settings.send_kod", &L->send_kod) < 0
+            || need_flag(policy, "objects.enabled", &enabled) < 0
+            || need_flag(policy, "objects.verifies_macs", &L->verifies_macs) < 0
+            || need_flag(policy, "objects.nts", &L->nts) < 0)
         goto fail;
-    L->verifies_macs = v != 0;
-    if (need_int(config, "nts", &v) < 0)
-        goto fail;
-    L->nts = v != 0;
-    if (need_int(config, "send_kod", &v) < 0)
-        goto fail;
-    L->send_kod = v != 0;
-    if (need_int(config, "enabled", &v) < 0)
-        goto fail;
-    L->enabled = v != 0 && tables_compiled;
+    L->enabled = enabled && tables_compiled;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
@@ -3752,7 +3831,7 @@ Lane_get_fast_decisions(Lane *L, void *closure)
 
 static PyMethodDef Lane_methods[] = {
     {"configure", (PyCFunction)Lane_configure, METH_O,
-     "Take the pipeline's fast-lane view (Pipeline.fast_lane_config())."},
+     "Take the pipeline's lane policy (Pipeline.lane_policy(), guardntp/filter/lane.py)."},
     {"pump", (PyCFunction)Lane_pump, METH_VARARGS,
      "pump(wall_ns, transmit, budget, wait_until_ns=0, watch=(), publish=None) -> "
      "(handled, truncated, send_errors, bytes_in, bytes_out); waits for datagrams until "

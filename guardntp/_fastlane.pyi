@@ -1,12 +1,14 @@
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence
 from typing import Any, overload
 
+from .filter.lane import LanePolicy
+
 class Lane:
     fast_decisions: int
     first_sightings: int
     promotions: int
     def __init__(self, fd: int, v6: bool, batch: int = ..., slot: int = ...) -> None: ...
-    def configure(self, config: dict[str, Any]) -> None: ...
+    def configure(self, policy: LanePolicy) -> None: ...
     def pump(self, wall_ns: Callable[[], int], transmit: Callable[[], bytes], budget: int,
              wait_until_ns: int = ..., watch: tuple[int, ...] | None = ...,
              publish: Callable[[int, int, int, int], None] | None = ...

@@ -205,9 +205,9 @@ class InProcessServer:
         self.pipeline.decide = recording_decide  # type: ignore[method-assign]
         # The compiled loop decides common packets without calling ``decide``; here
         # every packet must be recorded, so it hands all of them to Python.
-        fast_lane_config = self.pipeline.fast_lane_config
-        self.pipeline.fast_lane_config = (  # type: ignore[method-assign]
-            lambda: dict(fast_lane_config(), enabled=0))
+        lane_policy = self.pipeline.lane_policy
+        self.pipeline.lane_policy = (  # type: ignore[method-assign]
+            lambda: lane_policy().disabled())
         self.sock = open_socket(ListenSpec(host, self.port))
         self.server = Server([self.sock], self.pipeline, source)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

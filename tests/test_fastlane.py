@@ -23,7 +23,9 @@ import signal
 import socket
 import threading
 import time
+import types
 from collections import OrderedDict
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,7 @@ from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
 from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
+from guardntp.filter.lane import LanePolicy
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
@@ -796,30 +799,93 @@ def test_tables_in_python_leave_every_packet_to_python() -> None:
         sock.close()
 
 
+def with_settings(policy: LanePolicy, **changes: Any) -> LanePolicy:
+    return dataclasses.replace(policy, settings=dataclasses.replace(policy.settings, **changes))
+
+
+def with_objects(policy: LanePolicy, **changes: Any) -> LanePolicy:
+    return dataclasses.replace(policy, objects=dataclasses.replace(policy.objects, **changes))
+
+
 def test_bad_configuration_is_refused() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
         lane = fastlane.FastLane(sock, pipeline)
-        config = pipeline.fast_lane_config()
-        with pytest.raises(KeyError):
-            lane.lane.configure({k: v for k, v in config.items() if k != "sources"})
-        with pytest.raises(TypeError):
-            lane.lane.configure(dict(config, eligible=b"short"))
-        with pytest.raises(ValueError):
-            lane.lane.configure(dict(config, layout=(0, 1, 2, 4, 6, 8, 9, 10, 11, 3, 99,
-                                                     12, 13, 14, 15, 16, 17, 18, 19, 20)))
+        policy = pipeline.lane_policy()
+        without_sources = types.SimpleNamespace(**{
+            field.name: getattr(policy.objects, field.name)
+            for field in dataclasses.fields(policy.objects) if field.name != "sources"})
+        with pytest.raises(AttributeError, match=r"^lane policy has no objects\.sources$"):
+            lane.lane.configure(dataclasses.replace(
+                policy, objects=without_sources))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"settings\.eligible must be 256 bytes"):
+            lane.lane.configure(with_settings(policy, eligible=b"short"))
+        contract = policy.contract
+        cells = contract.cells._replace(last_kod=99)
+        with pytest.raises(ValueError, match=r"contract\.cells\.last_kod is outside the record"):
+            lane.lane.configure(dataclasses.replace(
+                policy, contract=dataclasses.replace(contract, cells=cells)))
         with pytest.raises(ValueError):   # a crowd estimate above max_crowd
-            lane.lane.configure(dict(config, crowd_of_bits=(1,) * 63 + (10**6,)))
-        with pytest.raises(TypeError):
-            lane.lane.configure(dict(config, counts=(0,) * len(config["counts"])))
+            lane.lane.configure(with_settings(policy, crowd_of_bits=(1,) * 63 + (10**6,)))
+        with pytest.raises(TypeError, match=r"objects\.counts must be a list"):
+            lane.lane.configure(with_objects(policy, counts=(0,) * len(policy.objects.counts)))
         with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
             lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
-        lane.lane.configure(config)
+        lane.lane.configure(policy)
         assert lane.lane.decide_one(bytes((0x26,)) + bytes(47), bytes(4), 1, 0, 0)[:2] == \
             (Reason.CONTROL_MODE, None)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize(("part", "field", "wrong"), [
+    ("settings", "send_kod", 1),                     # a flag must be a bool, not an int
+    ("objects", "enabled", None),
+    ("settings", "interval_ns", (1.5,) * 258),       # ints, not floats
+    ("settings", "labels", ["ntpv4"] * 258),         # a tuple, not a list
+    ("settings", "leak_share", "0.5"),
+    ("settings", "max_crowd", 2**64),                # does not fit 64 bits
+])
+def test_a_field_of_the_wrong_type_is_a_type_error_naming_it(
+        part: str, field: str, wrong: object) -> None:
+    """configure refuses it (no crash) and is left unconfigured; the next good policy
+    takes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
+        lane = fastlane.FastLane(sock, pipeline)
+        policy = pipeline.lane_policy()
+        lane.lane.configure(policy)
+        bad = (with_settings if part == "settings" else with_objects)(policy, **{field: wrong})
+        with pytest.raises(TypeError, match=rf"^lane policy: {part}\.{field} must "):
+            lane.lane.configure(bad)
+        with pytest.raises(RuntimeError):
+            lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
+        lane.lane.configure(policy)
+        assert lane.lane.decide_one(bytes((0x26,)) + bytes(47), bytes(4), 1, 0, 0)[:2] == \
+            (Reason.CONTROL_MODE, None)
+    finally:
+        sock.close()
+
+
+def test_the_lane_policy_is_immutable() -> None:
+    pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
+    policy = pipeline.lane_policy()
+    for part, field in ((policy, "settings"), (policy.settings, "send_kod"),
+                        (policy.objects, "enabled"), (policy.contract, "record_len")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(part, field, None)
+    with pytest.raises(AttributeError):   # a NamedTuple's fields are read-only
+        policy.contract.cells.tat = 1  # type: ignore[misc]
+    # Slotted: no stray attribute can be added beside the typed fields.
+    with pytest.raises(AttributeError):
+        object.__setattr__(policy.settings, "extra", ())
+    # Settings are compiled once per policy; the live objects are the pipeline's own.
+    again = pipeline.lane_policy()
+    assert again.settings is policy.settings and again.contract is policy.contract
+    assert again.objects.counts is pipeline.counters.counts and again.objects.enabled
+    assert policy.disabled().objects.enabled is False and policy.objects.enabled
 
 
 # ---------------------------------------------------------------------- waiting in C

@@ -295,7 +295,7 @@ def observable(pipeline: Pipeline) -> dict[str, object]:
         "acl": (pipeline.acl.generation, sorted(str(e.network) for e in pipeline.acl.entries())),
         "counts": list(pipeline.counters.counts),
         "records": {key: list(record) for key, record in pipeline.sources.records.items()},
-        "lane": pipeline.fast_lane_config(),
+        "lane": pipeline.lane_policy(),
     }
 
 
@@ -335,7 +335,7 @@ def test_a_good_policy_applies_fully_and_keeps_the_records() -> None:
     assert p.label_limits[fingerprint.SNTPV1].burst == 7 and p.label_kod[fingerprint.SNTPV1]
     assert fingerprint.NETGEAR not in p.label_limits   # the label table is replaced whole
     assert p.sources.records[ip("198.51.100.9")] is record and record[1] == 17
-    assert p.fast_lane_config()["tolerance"][0x23] == 99 * p.source_limit.interval_ns
+    assert p.lane_policy().settings.tolerance_ns[0x23] == 99 * p.source_limit.interval_ns
     assert h.send("203.0.113.1")[0] is Reason.ACL_DENY
     # The drained bucket is kept (TAT 17 x 2 s ahead); the larger burst now covers it.
     assert h.send("198.51.100.9")[0] is Reason.ANSWERED

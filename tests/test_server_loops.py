@@ -70,9 +70,9 @@ class Rig:
         #: (packed, port, recv_ns, ttl, reason) of every decide call, in order.
         self.seen: list[tuple[bytes, int, int, int, Reason]] = []
         self.pipeline.decide = self.decide  # type: ignore[method-assign]
-        fast_lane_config = self.pipeline.fast_lane_config
-        self.pipeline.fast_lane_config = (  # type: ignore[method-assign]
-            lambda: dict(fast_lane_config(), enabled=0))
+        lane_policy = self.pipeline.lane_policy
+        self.pipeline.lane_policy = (  # type: ignore[method-assign]
+            lambda: lane_policy().disabled())
         self.sock = sock if sock is not None else open_socket(ListenSpec(host, 0))
         self.port = self.sock.getsockname()[1]
         self.server = Server([self.sock], self.pipeline, source)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, MutableSequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..responder import NTP_PORT, Request, Responder, inspect_request
+from ..responder import Request, Responder, inspect_request
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import (
@@ -51,6 +51,16 @@ from .buckets import (
     NewcomerTable,
     is_finite_number,
     is_whole_number,
+)
+from .lane import (
+    CrowdModel,
+    LaneContract,
+    LaneObjects,
+    LanePolicy,
+    LaneSettings,
+    ReasonCodes,
+    RecordCells,
+    TailLengths,
 )
 from .policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
 
@@ -83,6 +93,35 @@ LAST_CROWD = 20    # the crowd the latest request was charged with
 RECORD_LEN = 21
 
 _NEVER = -(1 << 62)
+
+#: What the compiled loop and this module agree on whatever the policy (``lane.py``).
+LANE_CONTRACT = LaneContract(
+    cells=RecordCells(
+        tat=TAT, requests=REQUESTS, time_replies=TIME_REPLIES, kods=KODS, drops=DROPS,
+        first_seen=FIRST_SEEN, last_seen=LAST_SEEN, last_kod=LAST_KOD, label=LABEL,
+        acl_generation=ACL_GENERATION, acl_entry=ACL_ENTRY, port=PORT, home_ttl=HOME_TTL,
+        other_tat=OTHER_TAT, port_sketch=PORT_SKETCH, window_start=WINDOW_START,
+        crowd=CROWD, gap_mean=GAP_MEAN, gap_dev=GAP_DEV, other_ttl=OTHER_TTL,
+        last_crowd=LAST_CROWD),
+    record_len=RECORD_LEN, never=_NEVER, eviction_scan=EVICTION_SCAN,
+    reasons=ReasonCodes(
+        n_reasons=N_REASONS, reflection=int(Reason.REFLECTION_PORT),
+        global_cap=int(Reason.GLOBAL_CAP), last_time_reason=int(Reason.LEAKED),
+        leaked=int(Reason.LEAKED), rate_kod=int(Reason.RATE_KOD),
+        rate_limited=int(Reason.RATE_LIMITED), acl_deny=int(Reason.ACL_DENY),
+        blocklisted=int(Reason.BLOCKLISTED), deny_kod=int(Reason.DENY_KOD),
+        malformed=int(Reason.MALFORMED), auth_required=int(Reason.AUTH_REQUIRED),
+        auth_failed=int(Reason.AUTH_FAILED), crypto_nak=int(Reason.CRYPTO_NAK)),
+    action_allow=Action.ALLOW, action_exempt=Action.EXEMPT, action_drop=Action.DROP,
+    action_deny=Action.DENY, netgear_port=fingerprint.NETGEAR_PORT,
+    crowd=CrowdModel(
+        sketch_bits=crowd.PORT_SKETCH_BITS, ewma_shift=crowd.EWMA_SHIFT,
+        ttl_slack=crowd.TTL_SLACK, class_memory_ns=crowd.CLASS_MEMORY_NS,
+        window_ns=crowd.CROWD_WINDOW_NS, irregular_num=crowd.IRREGULAR_NUM,
+        irregular_den=crowd.IRREGULAR_DEN, initial_ttls=crowd.INITIAL_TTLS),
+    tail=TailLengths(
+        min_ext_field=MIN_EXT_FIELD_LEN, min_mac=MIN_MAC_LEN,
+        max_bare_mac=MAX_V4_BARE_MAC_LEN, max_mac=MAX_MAC_LEN, crypto_nak=CRYPTO_NAK_LEN))
 
 #: A record is indexed like a list. Where the compiled module is built it is a
 #: ``_fastlane.Record``: the same 21 items in one compact object whose integers are
@@ -293,7 +332,7 @@ class Pipeline:
     def __init__(self, policy: FilterPolicy, responder: Responder,
                  authenticator: Authenticator | None = None) -> None:
         self.responder = responder
-        #: Bumped whenever something the compiled loop copies (``fast_lane_config``)
+        #: Bumped whenever something the compiled loop copies (``lane_policy``)
         #: changes: settings, the authenticator.
         self.config_version = 0
         self._authenticator = authenticator
@@ -337,14 +376,14 @@ class Pipeline:
         # Only the configuration layer is redone; the blocklist's stays as it is.
         acl = self.acl.plan(config=config_acl) if config_acl != self._config_acl else None
         newcomers = self.newcomers.resized(policy.max_newcomers)
-        lane_settings = self._lane_settings(compiled)
+        lane_settings = LaneSettings.compile(compiled)
         if _Lane is not None:
-            # The compiled loop checks its configuration as it copies it; try it on a
-            # scratch lane (no socket is touched) so that FastLane cannot refuse it later.
+            # The compiled loop checks its policy as it copies it; try it on a scratch
+            # lane (no socket is touched) so that FastLane cannot refuse it later.
             try:
                 _Lane(-1, False, 1, HEADER_LEN + 1).configure(
-                    {**lane_settings, **self._lane_objects()})
-            except (KeyError, TypeError, ValueError, OverflowError) as error:
+                    LanePolicy(LANE_CONTRACT, lane_settings, self._lane_objects()))
+            except (AttributeError, TypeError, ValueError, OverflowError) as error:
                 raise BadPolicy("", f"the compiled packet loop refuses these settings: "
                                 f"{error}") from None
         # -- the swap: from here on nothing can fail
@@ -375,7 +414,7 @@ class Pipeline:
             self._config_acl = config_acl
             self.acl.apply(acl)
         self._prefix_overflow = new_prefix_record(0)
-        self._lane_config = lane_settings
+        self._lane_settings = lane_settings
         self.config_version += 1
 
     @property
@@ -388,15 +427,16 @@ class Pipeline:
         self._nts = stage
         self.config_version += 1   # the compiled loop leaves longer datagrams to NTS
 
-    def fast_lane_config(self) -> dict[str, Any]:
+    def lane_policy(self) -> LanePolicy:
         """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
         common cases exactly as :meth:`decide` does: the objects it reads and updates in
         place, and per first byte of a 48-byte request the sanity verdict, label, reply
-        mode and bucket limit. Valid until ``config_version`` changes."""
-        return {**self._lane_config, **self._lane_objects()}
+        mode and bucket limit (``filter/lane.py``). Valid until ``config_version``
+        changes."""
+        return LanePolicy(LANE_CONTRACT, self._lane_settings, self._lane_objects())
 
-    def _lane_objects(self) -> dict[str, Any]:
-        """The part of :meth:`fast_lane_config` that is this pipeline's live objects."""
+    def _lane_objects(self) -> LaneObjects:
+        """The part of :meth:`lane_policy` that is this pipeline's live objects."""
         authenticator = self._authenticator
         requires_any = getattr(authenticator, "requires_any", None)
         required_for = getattr(authenticator, "required_for", None)
@@ -406,108 +446,16 @@ class Pipeline:
         enabled = authenticator is None or (requires_any is not None
                                             and required_for is not None)
         must = enabled and requires_any is not None and requires_any()
-        return {
-            "pipeline": self, "decide": self.decide, "counts": self.counters.counts,
-            "label_counts": self.label_counts, "acl": self.acl, "responder": self.responder,
-            "enabled": int(enabled), "required_for": required_for if must else None,
-            # A datagram with a MAC goes to decide() where an authenticator verifies
-            # it (else its MAC fails in C); a longer one wherever NTS may claim it.
-            "verifies_macs": int(authenticator is not None), "nts": int(self.nts is not None),
-            "verify_mac": self.verify_mac,
-            # The tables (their records, AddressTables) the loop reads, inserts into
-            # and evicts from as BucketTable does, the newcomer ring (a NewcomerRing,
-            # else None: first sightings stay here) and the record a prefix overflows into.
-            "sources": self.sources, "prefixes": self.prefixes,
-            "newcomers": self.newcomers.ring, "prefix_overflow": self._prefix_overflow}
-
-    @staticmethod
-    def _lane_settings(compiled: CompiledPolicy) -> dict[str, Any]:
-        """The part of :meth:`fast_lane_config` that a policy decides.
-
-        NTPv1 is the exception where the source port matters: mode 0 from port 123
-        is dropped (``drop_reason_ntp_port``), and the label (so the limit and the
-        KoD choice) is the Netgear one from port 23457, else SNTPv1. Labels, limits
-        and KoD choices are therefore given per *label slot*: 256 first bytes, then
-        NTPv1 from the Netgear port, then NTPv1 from any other port."""
-        padding = bytes(HEADER_LEN - 1)
-        answer_symmetric = compiled.policy.answer_symmetric
-        drop_reason = bytearray(b"\xff" * 256)
-        drop_reason_ntp_port = bytearray(b"\xff" * 256)
-        eligible = bytearray(256)
-        reply_mode = bytearray(256)
-        for first in range(256):
-            packet = bytes((first,)) + padding
-            sane = compiled.sanity_48[first]
-            if sane is None:   # NTPv1 mode 0: decided by the port; this is any port but 123
-                sane = inspect_request(packet, 0, answer_symmetric)
-            at_ntp_port = inspect_request(packet, NTP_PORT, answer_symmetric)
-            if isinstance(at_ntp_port, Reason):
-                drop_reason_ntp_port[first] = at_ntp_port
-            if isinstance(sane, Reason):
-                drop_reason[first] = sane
-            elif sane.mac_key_id is None and sane.whole_tail_mac is None:
-                eligible[first] = 1
-                reply_mode[first] = sane.reply_mode
-        labels = (*compiled.label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1)
-        source_limit = compiled.source_limit
-        limits = [compiled.label_limits.get(label, source_limit) if label else source_limit
-                  for label in labels]
-        kod_of_first = bytearray(
-            1 if label is not None and compiled.label_kod.get(label, True) else 0
-            for label in labels)
-        reflection = bytearray(8192)
-        for port in compiled.reflection_ports:
-            reflection[port >> 3] |= 1 << (port & 7)
-        global_limit = compiled.global_limit
-        kod_limit = compiled.kod_limit
-        return {
-            "labels": labels, "netgear_port": fingerprint.NETGEAR_PORT,
-            "drop_reason": bytes(drop_reason),
-            "drop_reason_ntp_port": bytes(drop_reason_ntp_port), "eligible": bytes(eligible),
-            "reply_mode": bytes(reply_mode), "reflection": bytes(reflection),
-            "interval": tuple(limit.interval_ns for limit in limits),
-            "tolerance": tuple(limit.tolerance_ns for limit in limits),
-            "layout": (TAT, REQUESTS, TIME_REPLIES, DROPS, LAST_SEEN, LABEL, ACL_GENERATION,
-                       ACL_ENTRY, PORT, KODS, LAST_KOD, HOME_TTL, OTHER_TAT, PORT_SKETCH,
-                       WINDOW_START, CROWD, GAP_MEAN, GAP_DEV, OTHER_TTL, LAST_CROWD),
-            "initial_ttls": crowd.INITIAL_TTLS,
-            "crowd": (int(compiled.ttl_classes), compiled.max_crowd, crowd.PORT_SKETCH_BITS,
-                      crowd.EWMA_SHIFT, crowd.TTL_SLACK, crowd.CLASS_MEMORY_NS,
-                      crowd.CROWD_WINDOW_NS,
-                      crowd.IRREGULAR_NUM << 32 | crowd.IRREGULAR_DEN),
-            "crowd_of_bits": compiled.crowd_of_bits,
-            "record_len": RECORD_LEN, "first_seen": FIRST_SEEN, "never": _NEVER,
-            "eviction_scan": EVICTION_SCAN,
-            "global": ((1, global_limit.interval_ns, global_limit.tolerance_ns)
-                       if global_limit is not None else (0, 0, 0)),
-            "prefix_interval": compiled.prefix_limit.interval_ns,
-            "prefix_tolerance": compiled.prefix_limit.tolerance_ns,
-            "v4_prefix_bits": compiled.v4_prefix_bits,
-            "v6_source_bytes": compiled.v6_source_bytes,
-            "v6_prefix_bits": compiled.v6_prefix_bits,
-            "n_reasons": N_REASONS, "reason_reflection": int(Reason.REFLECTION_PORT),
-            "reason_global_cap": int(Reason.GLOBAL_CAP),
-            "last_time_reason": int(Reason.LEAKED), "reason_leaked": int(Reason.LEAKED),
-            "reason_rate_kod": int(Reason.RATE_KOD),
-            "reason_rate_limited": int(Reason.RATE_LIMITED),
-            # The access list's actions, as the loop compares an entry's (by identity).
-            "action_allow": Action.ALLOW, "action_exempt": Action.EXEMPT,
-            "action_drop": Action.DROP, "action_deny": Action.DENY,
-            "reason_acl_deny": int(Reason.ACL_DENY),
-            "reason_blocklisted": int(Reason.BLOCKLISTED),
-            "reason_deny_kod": int(Reason.DENY_KOD),
-            "reason_malformed": int(Reason.MALFORMED),
-            "reason_auth_required": int(Reason.AUTH_REQUIRED),
-            "reason_auth_failed": int(Reason.AUTH_FAILED),
-            "reason_crypto_nak": int(Reason.CRYPTO_NAK),
-            "tail_lengths": (MIN_EXT_FIELD_LEN, MIN_MAC_LEN, MAX_V4_BARE_MAC_LEN, MAX_MAC_LEN,
-                             CRYPTO_NAK_LEN),
-            # Over the limit (_over_limit): the leak draws from this pipeline's own stream.
-            "random": compiled.random.random, "leak_share": compiled.leak_share,
-            "send_kod": int(compiled.policy.send_kod), "kod_of_first": bytes(kod_of_first),
-            "kod": (compiled.kod_interval_ns, kod_limit.interval_ns,
-                    kod_limit.tolerance_ns, compiled.policy.kod_min_poll),
-        }
+        return LaneObjects(
+            pipeline=self, decide=self.decide, counts=self.counters.counts,
+            label_counts=self.label_counts, acl=self.acl, responder=self.responder,
+            enabled=enabled, required_for=required_for if must else None,
+            # A MAC is verified by verify_mac where an authenticator is (else it fails
+            # in C); every longer datagram goes to decide() where NTS may claim it.
+            verifies_macs=authenticator is not None, verify_mac=self.verify_mac,
+            nts=self._nts is not None,
+            sources=self.sources, prefixes=self.prefixes, newcomers=self.newcomers.ring,
+            prefix_overflow=self._prefix_overflow)
 
     def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
         """Make ``entries`` the whole blocklist layer; takes effect at once. Applied as
