@@ -23,10 +23,13 @@
  *     stage refuses -> the same (decide_longer);
  *   - a longer request is then decided as a 48-byte one. Its MAC (if the tail
  *     holds one) fails as AUTH_FAILED where no key is configured; where keys
- *     are, Pipeline.verify_mac checks it (the one call into Python: MAC
- *     verification), and a reply to a request whose MAC verified is queued
- *     with its signer, stamped and then signed when its chunk is sent. Where
- *     NTS is on, every longer request goes to Python;
+ *     are, Pipeline.verify_mac checks it. Where NTS is on, the NTS stage's
+ *     claims() says whether the request is NTS (its label), and for one
+ *     without a MAC its decide() opens the cookie: dropped, NTS NAK, or
+ *     answered. Those calls are the auth stage's cryptography, the only calls
+ *     into Python for a packet decided here. A reply to a request that
+ *     authenticated is queued with its signer (the MAC, or NTS's finish()),
+ *     stamped and then completed when its chunk is sent;
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
  *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
@@ -46,10 +49,10 @@
  * sanity verdict and label depend on the source port too (label_slot).
  * A source that must authenticate (authenticator.required_for) and sent no
  * MAC is dropped here as AUTH_REQUIRED.
- * Everything else (NTS, records of another shape, differences beyond 64 bits)
- * goes to Pipeline.decide unchanged, before anything here has been modified.
- * Without NTS, that is no datagram the fuzz or the differential tests have
- * found.
+ * Everything else (records of another shape, differences beyond 64 bits)
+ * goes to Pipeline.decide unchanged, before anything here has been modified:
+ * with clocks inside the 64-bit range, no datagram the fuzz or the
+ * differential tests have found.
  * What it knows of the filter it copies at configure() from one typed policy
  * object (guardntp/filter/lane.py, built by Pipeline.lane_policy()): the record
  * layout and the reason codes it shares with pipeline.py, the compiled policy's
@@ -86,7 +89,8 @@
 #define NTP_PORT 123
 #define V1_NETGEAR 256        /* label slots of NTPv1 requests: from the Netgear port */
 #define V1_OTHER 257          /* ... and from any other */
-#define LABEL_SLOTS 258
+#define NTS_SLOT 258          /* ... and of a request the NTS stage claims */
+#define LABEL_SLOTS 259
 
 enum { Q_TIME, Q_PLAIN, Q_DEFERRED, Q_SKIP };
 
@@ -130,10 +134,12 @@ typedef struct {
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
     int reason_auth_required, reason_auth_failed, reason_crypto_nak;
+    int reason_nts_nak, reason_nts_rejected;
     /* The authenticator verifies MACs (else a MAC fails); an NTS stage may claim
      * a longer datagram: either sends such datagrams to Python (decide_longer). */
     int verifies_macs, nts;
     PyObject *verify_mac;              /* Pipeline.verify_mac(data, port): MACs stay in Python */
+    PyObject *nts_claims, *nts_decide; /* the NTS stage's (None: no NTS) */
     /* wire.py's tail lengths: (extension field, MAC, bare MAC, longest MAC, crypto-NAK) */
     int min_ext_field, min_mac, max_bare_mac, max_mac, crypto_nak_len;
     double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
@@ -171,6 +177,7 @@ typedef struct {
     const unsigned char *datagram_head, *datagram_tail;
     Py_ssize_t datagram_len;
     int datagram_port;
+    PyObject *datagram;                /* its bytes, once a call needed them (owned) */
     PyObject *signer;
 } Lane;
 
@@ -1744,12 +1751,13 @@ time_reply_head(Lane *L, const unsigned char *d, int64_t recv_ns, unsigned char 
 
 /* Responder.kod_reply(data, request, code, kod_min_poll): 48 bytes. */
 static inline void
-kod_reply(Lane *L, const unsigned char *d, const char *code, unsigned char *out)
+kod_reply(Lane *L, const unsigned char *d, const char *code, int64_t min_poll,
+          unsigned char *out)
 {
     unsigned first = d[0];
     int64_t poll = (int64_t)(signed char)d[2];
-    if (poll < L->kod_min_poll)
-        poll = L->kod_min_poll;
+    if (poll < min_poll)
+        poll = min_poll;
     out[0] = (unsigned char)((3u << 6) | (((first >> 3) & 7) << 3) | L->reply_mode[first]);
     out[1] = 0;
     out[2] = (unsigned char)(poll & 0xFF);
@@ -1778,7 +1786,7 @@ set_label(Lane *L, Record *record, int slot)
 }
 
 /* Pipeline.decide step 3, the access list: what an entry asks for. */
-enum { ACL_PASS, ACL_EXEMPT, ACL_DROP, ACL_DENY };
+enum { ACL_PASS, ACL_EXEMPT, ACL_DROP, ACL_DENY, NTS_NAK };
 
 /*
  * The verdict of access-list entry (None, or an AclEntry the list returned):
@@ -1868,10 +1876,61 @@ must_authenticate(Lane *L, const unsigned char *packed, int packed_len)
     return yes;
 }
 
-/* What the sanity stage read after the header (decide_longer): no MAC; a MAC
+/* What the auth stage makes of a longer request (decide_longer): no MAC; a MAC
  * that fails, as no key is configured; a MAC (or a tail that may be one) for
- * the authenticator to verify. */
-enum { MAC_NONE, MAC_FAILS, MAC_VERIFY };
+ * the authenticator to verify; NTS fields for the NTS stage (a request it
+ * claims, without a MAC). */
+enum { MAC_NONE, MAC_FAILS, MAC_VERIFY, MAC_NTS };
+
+/* The datagram being decided as bytes (borrowed: L->datagram keeps it until the
+ * decision ends), made once however many calls need it. */
+static PyObject *
+datagram_bytes(Lane *L)
+{
+    PyObject *data;
+    Py_ssize_t length = L->datagram_len;
+    if (L->datagram != NULL)
+        return L->datagram;
+    if ((data = PyBytes_FromStringAndSize(NULL, length)) == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(data), L->datagram_head, HEAD);
+    memcpy(PyBytes_AS_STRING(data) + HEAD, L->datagram_tail, length - HEAD);
+    L->datagram = data;
+    return data;
+}
+
+/* The NTS stage's decide() for a request it claimed (pure: it opens a cookie):
+ * *kind becomes ACL_DROP with *why NTS_REJECTED (malformed, or it fails), or
+ * NTS_NAK (a cookie that does not open); either way, or for an answer, the
+ * stage's finish() (which completes the reply) is left in L->signer. 1, or -1. */
+static int
+nts_verdict(Lane *L, int *kind, int *why)
+{
+    PyObject *data, *answer, *finish;
+    int nak;
+    if ((data = datagram_bytes(L)) == NULL
+            || (answer = PyObject_CallOneArg(L->nts_decide, data)) == NULL)
+        return -1;
+    if (!PyTuple_Check(answer) || PyTuple_GET_SIZE(answer) != 2
+            || !PyUnicode_Check(PyTuple_GET_ITEM(answer, 0))) {
+        Py_DECREF(answer);
+        PyErr_SetString(PyExc_TypeError, "the NTS stage's decide must return (kind, finish)");
+        return -1;
+    }
+    finish = PyTuple_GET_ITEM(answer, 1);
+    nak = PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(answer, 0), "nak") == 0;
+    if (finish == Py_None) {
+        *kind = ACL_DROP;
+        *why = L->reason_nts_rejected;
+    } else {
+        if (nak)
+            *kind = NTS_NAK;
+        Py_INCREF(finish);
+        Py_XSETREF(L->signer, finish);
+    }
+    Py_DECREF(answer);
+    return 1;
+}
 
 /* Pipeline.verify_mac about the datagram being decided (pure: it asks the
  * authenticator): *why the reason to refuse it, or -1 with L->signer set when
@@ -1880,16 +1939,12 @@ static int
 mac_verdict(Lane *L, int *why)
 {
     PyObject *data, *port, *answer, *refused;
-    Py_ssize_t length = L->datagram_len;
     int64_t reason;
     *why = -1;
-    if ((data = PyBytes_FromStringAndSize(NULL, length)) == NULL)
+    if ((data = datagram_bytes(L)) == NULL)
         return -1;
-    memcpy(PyBytes_AS_STRING(data), L->datagram_head, HEAD);
-    memcpy(PyBytes_AS_STRING(data) + HEAD, L->datagram_tail, length - HEAD);
     port = PyLong_FromLong(L->datagram_port);
     answer = port == NULL ? NULL : PyObject_CallFunctionObjArgs(L->verify_mac, data, port, NULL);
-    Py_DECREF(data);
     Py_XDECREF(port);
     if (answer == NULL)
         return -1;
@@ -1932,6 +1987,14 @@ authenticated(Lane *L, const unsigned char *packed, int packed_len, int mac, int
         *why = L->reason_auth_failed;
         return 1;
     }
+    if (mac == MAC_NTS) {
+        if (nts_verdict(L, kind, why) < 0)
+            return -1;
+        if (*kind != ACL_PASS && *kind != ACL_EXEMPT)
+            return 1;
+        if (L->signer != NULL)   /* (the stage always finishes an answer it allows) */
+            return 1;
+    }
     if (mac == MAC_VERIFY) {
         if (mac_verdict(L, &refused) < 0)
             return -1;
@@ -1972,7 +2035,7 @@ send_kod(Lane *L, const unsigned char *d, Record *record, int base, const char *
 {
     record->cell[L->i_kods].n++;
     L->count_acc[base + why]++;
-    kod_reply(L, d, code, out);
+    kod_reply(L, d, code, L->kod_min_poll, out);
     *reason = why;
     *reply = REPLY_KOD;
     return 1;
@@ -2338,7 +2401,8 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
  * deny, once the record is committed: an exempt source skips the buckets (the
  * global cap still counts); a deny sends a DENY KoD when the source's guard and
  * the KoD budget allow (a newcomer must find room among established sources
- * first, to keep its guard time), else it is dropped like a drop. s: a first
+ * first, to keep its guard time), else it is dropped like a drop; a request
+ * whose NTS cookie did not open gets the NTS NAK (a KoD with NTSN). s: a first
  * sighting, or NULL.
  */
 static int
@@ -2347,6 +2411,14 @@ listed(Lane *L, const unsigned char *d, Record *record, Sighting *s, int base, i
 {
     if (kind == ACL_EXEMPT)
         return capped_answer(L, d, record, base, recv_ns, now_ns, out, reason, reply);
+    if (kind == NTS_NAK) {   /* back to NTS-KE: no guard, no budget, the request's poll */
+        record->cell[L->i_kods].n++;
+        L->count_acc[base + L->reason_nts_nak]++;
+        kod_reply(L, d, "NTSN", 0, out);
+        *reason = L->reason_nts_nak;
+        *reply = REPLY_KOD;
+        return 1;
+    }
     if (kind == ACL_DENY) {
         int room = 1;
         if (s != NULL && s->newcomer && (room = establish(L, s, record, now_ns)) < 0)
@@ -2448,21 +2520,22 @@ done:
 
 /*
  * The paths of Pipeline.decide for a request that this file takes (see its
- * top): d is its header, mac says whether the sanity stage read a MAC after it
- * (decide_longer; never for 48 bytes). Returns 1 when decided here (*reason and
+ * top): d is its header; mac says what the auth stage makes of its tail, and
+ * claimed whether the NTS stage claimed it (its label) (decide_longer; for 48
+ * bytes MAC_NONE and 0). Returns 1 when decided here (*reason and
  * *reply set: a time reply's first 40 bytes or a KoD's 48 are in out), 0 to
  * leave the packet to Pipeline.decide with nothing modified, -1 on a Python
  * error.
  */
 static int
-fast_decide(Lane *L, const unsigned char *d, int mac, const unsigned char *packed,
+fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigned char *packed,
             int packed_len, int port, int ttl, int64_t recv_ns, int64_t now_ns,
             unsigned char *out, int *reason, int *reply)
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
     int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
-    int slot = label_slot(L, first, port), rc;
+    int slot = claimed ? NTS_SLOT : label_slot(L, first, port), rc;
     PyObject *found, *entry;
     Record *record, *prefix = NULL;
     Key pkey = {0, 0, 0};
@@ -2637,9 +2710,10 @@ tail_kind(Lane *L, int version, const unsigned char *tail, int remainder)
  * of 4 is malformed; a version or mode that the first byte rules out is dropped
  * as for 48 bytes; then the tail: malformed, or a crypto-NAK. A well-formed
  * request is then decided as a 48-byte one (fast_decide), its MAC failing
- * where no key is configured, else verified by Pipeline.verify_mac (the one
- * call into Python). Where NTS is on, Python decides it: the NTS stage may
- * claim it. Returns as fast_decide does.
+ * where no key is configured, else verified by Pipeline.verify_mac; where NTS
+ * is on, the NTS stage is asked whether it claims it (its label) and, for one
+ * without a MAC, to decide it. Those calls into Python are the auth stage's
+ * cryptography; the rest is here. Returns as fast_decide does.
  */
 static int
 decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssize_t length,
@@ -2648,7 +2722,7 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
 {
     unsigned first = length > 0 ? d[0] : 0;
     int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
-    int kind = TAIL_FIELDS;
+    int kind = TAIL_FIELDS, claimed = 0, mac;
     *reply = REPLY_NONE;
     if (length < HEAD || length % 4 != 0)
         drop = L->reason_malformed;
@@ -2663,16 +2737,26 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
         *reason = drop;
         return 1;
     }
-    if (L->nts)
-        return 0;
     L->datagram_head = d;
     L->datagram_tail = tail;
     L->datagram_len = length;
     L->datagram_port = port;
-    return fast_decide(L, d,
-                       kind == TAIL_FIELDS ? MAC_NONE : L->verifies_macs ? MAC_VERIFY
-                       : kind == TAIL_MAC ? MAC_FAILS : MAC_NONE,
-                       packed, packed_len, port, ttl, recv_ns, now_ns, out, reason, reply);
+    if (L->nts) {   /* the NTS stage's claims() (pure, cheap): its label, its stage */
+        PyObject *data = datagram_bytes(L), *answer;
+        if (data == NULL || (answer = PyObject_CallOneArg(L->nts_claims, data)) == NULL)
+            return -1;
+        claimed = PyObject_IsTrue(answer);
+        Py_DECREF(answer);
+        if (claimed < 0)
+            return -1;
+    }
+    /* A claimed request without a MAC goes to the NTS stage (Pipeline.decide's
+     * mac_key_id is None: no MAC after the fields, perhaps a whole-tail one). */
+    mac = claimed && kind != TAIL_MAC ? MAC_NTS
+          : kind == TAIL_FIELDS ? MAC_NONE : L->verifies_macs ? MAC_VERIFY
+          : kind == TAIL_MAC ? MAC_FAILS : MAC_NONE;
+    return fast_decide(L, d, mac, claimed, packed, packed_len, port, ttl, recv_ns, now_ns, out,
+                       reason, reply);
 }
 
 /* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its tuple. */
@@ -2730,6 +2814,8 @@ release_config(Lane *L)
     Py_CLEAR(L->random);
     Py_CLEAR(L->required_for);
     Py_CLEAR(L->verify_mac);
+    Py_CLEAR(L->nts_claims);
+    Py_CLEAR(L->nts_decide);
     Py_CLEAR(L->action_allow);
     Py_CLEAR(L->action_exempt);
     Py_CLEAR(L->action_drop);
@@ -2754,6 +2840,7 @@ Lane_dealloc(Lane *L)
         release_queue(L, L->batch);
     release_config(L);
     Py_CLEAR(L->signer);
+    Py_CLEAR(L->datagram);
     free(L->heads);
     free(L->tails);
     free(L->names);
@@ -2979,6 +3066,7 @@ Lane_configure(Lane *L, PyObject *policy)
         {"objects.counts", &L->counts}, {"objects.label_counts", &L->label_counts},
         {"objects.acl", &L->acl}, {"objects.responder", &L->responder},
         {"objects.required_for", &L->required_for}, {"objects.verify_mac", &L->verify_mac},
+        {"objects.nts_claims", &L->nts_claims}, {"objects.nts_decide", &L->nts_decide},
         {"objects.sources", &L->sources},
         {"objects.prefixes", &L->prefixes}, {"objects.newcomers", &L->ring},
         {"objects.prefix_overflow", &L->prefix_overflow}, {"settings.random", &L->random},
@@ -3019,6 +3107,8 @@ Lane_configure(Lane *L, PyObject *policy)
         {"contract.reasons.auth_required", &L->reason_auth_required},
         {"contract.reasons.auth_failed", &L->reason_auth_failed},
         {"contract.reasons.crypto_nak", &L->reason_crypto_nak},
+        {"contract.reasons.nts_nak", &L->reason_nts_nak},
+        {"contract.reasons.nts_rejected", &L->reason_nts_rejected},
     };
     const struct { const char *path; int *slot; } tail_lengths[] = {
         {"contract.tail.min_ext_field", &L->min_ext_field},
@@ -3064,7 +3154,7 @@ Lane_configure(Lane *L, PyObject *policy)
     if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != LABEL_SLOTS) {
         Py_DECREF(labels);
         PyErr_SetString(PyExc_TypeError,
-                        "lane policy: settings.labels must be a tuple of 258 (per label slot)");
+                        "lane policy: settings.labels must be a tuple of 259 (per label slot)");
         goto fail;
     }
     for (i = 0; i < LABEL_SLOTS; i++) {
@@ -3197,9 +3287,14 @@ Lane_configure(Lane *L, PyObject *policy)
     }
     if (need_flag(policy, "settings.send_kod", &L->send_kod) < 0
             || need_flag(policy, "objects.enabled", &enabled) < 0
-            || need_flag(policy, "objects.verifies_macs", &L->verifies_macs) < 0
-            || need_flag(policy, "objects.nts", &L->nts) < 0)
+            || need_flag(policy, "objects.verifies_macs", &L->verifies_macs) < 0)
         goto fail;
+    L->nts = L->nts_claims != Py_None;
+    if (L->nts && (!PyCallable_Check(L->nts_claims) || !PyCallable_Check(L->nts_decide))) {
+        PyErr_SetString(PyExc_TypeError, "lane policy: objects.nts_claims and nts_decide "
+                                         "must both be callables, or nts_claims None");
+        goto fail;
+    }
     L->enabled = enabled && tables_compiled;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
@@ -3486,11 +3581,12 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
     }
     if (L->enabled) {
         decided = length == HEAD
-            ? fast_decide(L, head, 0, packed, packed_len, port, ttl, recv_ns, now_ns,
+            ? fast_decide(L, head, MAC_NONE, 0, packed, packed_len, port, ttl, recv_ns, now_ns,
                           slot_out, &reason, &reply_kind)
             : decide_longer(L, head, L->tails + (size_t)i * (L->slot - HEAD), length, packed,
                             packed_len, port, ttl, recv_ns, now_ns, slot_out, &reason,
                             &reply_kind);
+        Py_CLEAR(L->datagram);
         if (decided <= 0 || reply_kind == REPLY_NONE)
             Py_CLEAR(L->signer);   /* (a drop, or Python's to decide: it verifies again) */
         if (decided < 0)
@@ -3784,11 +3880,12 @@ Lane_decide_one(Lane *L, PyObject *args)
     begun = 1;
     if (L->enabled)
         decided = data.len == HEAD
-            ? fast_decide(L, data.buf, 0, packed.buf, (int)packed.len, port, ttl, recv_ns,
-                          now_ns, reply, &reason, &reply_kind)
+            ? fast_decide(L, data.buf, MAC_NONE, 0, packed.buf, (int)packed.len, port, ttl,
+                          recv_ns, now_ns, reply, &reason, &reply_kind)
             : decide_longer(L, data.buf, (const unsigned char *)data.buf + HEAD, data.len,
                             packed.buf, (int)packed.len, port, ttl, recv_ns, now_ns, reply,
                             &reason, &reply_kind);
+    Py_CLEAR(L->datagram);
     if (decided <= 0 || reply_kind == REPLY_NONE)
         Py_CLEAR(L->signer);
     if (decided < 0)

@@ -4,13 +4,14 @@ Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
 for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
 a datagram itself only when :meth:`Pipeline.decide` would (a request dropped by
 its length, first byte, tail or source port; the access list's drop, deny with
-its DENY KoD and exempt; a MAC, verified by ``Pipeline.verify_mac``; a source
+its DENY KoD and exempt; a MAC, verified by ``Pipeline.verify_mac``; NTS, through
+the NTS stage's ``claims`` and ``decide``; a source
 within or over its buckets: answered, leaked, sent a RATE KoD or dropped). That
 includes first sightings: a new source is inserted into the source table while it
 has room, remembered in the newcomer ring once it is full, and promoted at its
 second request, with the tables' own rules (``filter/buckets.py``). For
-everything else (where NTS is on, a datagram longer than 48 bytes, which the NTS
-stage may claim) it calls ``Pipeline.decide`` before touching anything. It reads
+anything else (a record of another shape, arithmetic beyond 64 bits) it calls
+``Pipeline.decide`` before touching anything. It reads
 and updates the pipeline's own records and counters, so ``guardntp clients``,
 metrics, reload and the blocklist see one state whichever path a packet took.
 What it needs of the pipeline it is handed as one typed policy,

@@ -24,7 +24,9 @@ import socket
 import threading
 import time
 import types
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -82,9 +84,11 @@ def packet(rng: random.Random) -> bytes:
         return body + (7).to_bytes(4, "big") + rng.randbytes(32)   # key 7, wrong digest
     if kind < 0.98:
         return mac.sign(KEY, body, digest_len=rng.choice((20, 32)))   # key 7, valid
-    if kind < 0.99:
+    if kind < 0.975:
         return body + rng.randbytes(rng.choice((3, 8, 20)))
-    return body + tail(rng)
+    if kind < 0.985:
+        return body + tail(rng)
+    return body + nts_fields(rng)
 
 
 def extension_field(rng: random.Random, length: int) -> bytes:
@@ -93,11 +97,20 @@ def extension_field(rng: random.Random, length: int) -> bytes:
         length.to_bytes(2, "big") + rng.randbytes(length - 4)
 
 
+def nts_fields(rng: random.Random) -> bytes:
+    """NTS-looking fields: a Unique Identifier first (which ChecksumNts claims), another
+    field, and now and then a MAC after them."""
+    return b"\x01\x04\x00\x24" + rng.randbytes(32) + extension_field(rng, 16) + (
+        (7).to_bytes(4, "big") + rng.randbytes(20) if rng.random() < 0.2 else b"")
+
+
 def tail(rng: random.Random) -> bytes:
     """What may follow a header: extension fields (one of them perhaps readable as a
     long MAC), fields and then a MAC, a crypto-NAK, a MAC of any length, a field whose
     length runs past the end, or junk."""
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
+    if kind == 7:
+        return nts_fields(rng)
     if kind == 0:
         return b"".join(extension_field(rng, rng.choice((16, 20, 28, 64)))
                         for _ in range(rng.randint(1, 3)))
@@ -161,6 +174,7 @@ VARIANTS = {
     "no-crowd-no-ttl-classes": dict(TIGHT, max_crowd=1, ttl_classes=False),
     "auth-optional": dict(TIGHT, _auth="optional"),
     "auth-required": dict(TIGHT, _auth="required"),
+    "auth-nts": dict(TIGHT, _auth="optional", _nts=True),
 }
 
 
@@ -193,6 +207,7 @@ def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fa
                                                           socket.socket]:
     settings = dict(settings)
     auth = settings.pop("_auth", None)
+    nts = settings.pop("_nts", False)
     policy = FilterPolicy(random_seed=seed, **settings)  # type: ignore[arg-type]
     reference = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
     # The reference model keeps its newcomers in Python (the compiled side's ring is C).
@@ -201,6 +216,9 @@ def pair(settings: dict[str, object], seed: int) -> tuple[Pipeline, Pipeline, fa
     reference.sources.records = OrderedDict()
     reference.prefixes.records = OrderedDict()
     compiled = Pipeline(policy, Responder(CLOCK, WALL_BASE_NS), authenticator(auth))
+    if nts:
+        reference.nts = ChecksumNts()
+        compiled.nts = ChecksumNts()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     return reference, compiled, fastlane.FastLane(sock, compiled), sock
 
@@ -220,6 +238,11 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
                 else rng.choice((2, 30)) * NS_PER_S
             recv_ns = WALL_BASE_NS + now_ns + rng.randrange(1000)
             data = packet(rng)
+            client = b"\x23" + data[1:48].ljust(47, b"\0")
+            if "_nts" in VARIANTS[variant] and rng.random() < 0.1:   # an NTS client
+                data = client + nts_fields(rng)
+            elif "_auth" in VARIANTS[variant] and rng.random() < 0.05:   # a client with key 7
+                data = mac.sign(KEY, client, digest_len=rng.choice((20, 32)))
             source = rng.choice(V4_SOURCES) if rng.random() < 0.9 else rng.choice(V6_SOURCES)
             port = rng.choice(PORTS)
             ttl = rng.choice(TTLS)
@@ -248,9 +271,11 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
     finally:
         sock.close()
     assert lane.fast_decisions >= 5, (fast, slow)
-    # Without NTS the compiled core decides every datagram: a MAC fails where no key
-    # is configured, and is verified by Pipeline.verify_mac where keys are.
+    # The compiled core decides every datagram: a MAC fails where no key is configured
+    # and is verified by Pipeline.verify_mac where keys are; NTS by the NTS stage.
     assert slow == 0 and Reason.AUTH_FAILED in decided_in_c, (slow, decided_in_c)
+    if variant == "auth-nts":
+        assert {Reason.NTS_NAK, Reason.NTS_REJECTED} <= decided_in_c, decided_in_c
     if variant.startswith("auth"):   # replies signed, in C, with the signer Python gave
         assert signed_in_c > 0
     if variant == "auth-required":
@@ -272,15 +297,15 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
     """Datagrams that are not 48 bytes, as Python decides them: a length the sanity stage
     refuses, a first byte it refuses at any length, or a malformed tail is counted and
     dropped in C (a flood of junk must not cost a Pipeline.decide each). A well-formed
-    longer request is decided in C too, its MAC failing where no key is configured and
-    verified by a call into Python where keys are; where NTS is on, Python decides
-    every longer datagram (the NTS stage may claim it)."""
+    longer request is decided in C too: its MAC fails where no key is configured and is
+    verified by a call into Python where keys are; where NTS is on, C asks the NTS
+    stage whether it claims the request and, if so, to decide it."""
     rng = random.Random(9)
     for setup in ("no keys", "keys", "nts"):
         reference, compiled, lane, sock = pair({} if setup != "keys" else {"_auth": "optional"}, 9)
         if setup == "nts":
             for pipeline in (reference, compiled):
-                pipeline.nts = UnclaimedNts()
+                pipeline.nts = ChecksumNts()
         in_c_by_kind: dict[str, set[bool]] = {
             "short or odd": set(), "bad first byte": set(), "bad tail": set(),
             "with a mac": set(), "fields": set()}
@@ -292,6 +317,9 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
                 header = bytes((first,)) + rng.randbytes(47)
                 data = (header + (rng.randbytes(max(0, length - 48))
                                   if rng.random() < 0.5 or length < 52 else tail(rng)))[:length]
+                if setup == "nts" and rng.random() < 0.2:   # an NTS client
+                    first = 0x23
+                    data = b"\x23" + header[1:] + nts_fields(rng)
                 port = rng.choice(PORTS)
                 request = inspect_request(data, port)
                 kind = ("short or odd" if len(data) < 48 or len(data) % 4 else
@@ -315,23 +343,28 @@ def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
         if setup == "no keys":
             assert Reason.AUTH_FAILED in reasons
             assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {True}
-        elif setup == "keys":   # decided in C, the MAC verified by Pipeline.verify_mac
+        else:   # decided in C: the MAC verified by Pipeline.verify_mac, NTS by its stage
             assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {True}
-        else:                   # NTS may claim anything longer that is sane
-            assert in_c_by_kind["with a mac"] == in_c_by_kind["fields"] == {False}
+        if setup == "nts":
+            assert {Reason.NTS_NAK, Reason.NTS_REJECTED} <= reasons, reasons
 
 
-class UnclaimedNts:
-    """An NTS stage that claims nothing: the compiled core must still leave it
-    every longer datagram, as it cannot ask."""
+class ChecksumNts:
+    """A deterministic NTS stage: claims requests whose first extension field is a
+    Unique Identifier; decides by a checksum of the request (drop, NAK or answer), the
+    answer's "fields" a tag of it."""
 
     @staticmethod
     def claims(request: bytes) -> bool:
-        return False
+        return request[48:50] == b"\x01\x04"
 
     @staticmethod
-    def decide(request: bytes) -> tuple[str, None]:
-        raise AssertionError("never claimed")
+    def decide(request: bytes) -> tuple[str, Callable[[bytes], bytes] | None]:
+        crc = zlib.crc32(request)
+        if crc % 5 == 0:
+            return "drop", None
+        tag = crc.to_bytes(4, "big")
+        return ("nak" if crc % 5 == 1 else "reply"), (lambda header: header + b"NTS!" + tag)
 
 
 def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:

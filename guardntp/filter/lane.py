@@ -86,6 +86,8 @@ class ReasonCodes(NamedTuple):
     auth_required: int
     auth_failed: int
     crypto_nak: int
+    nts_nak: int
+    nts_rejected: int
 
 
 class TailLengths(NamedTuple):
@@ -158,8 +160,9 @@ class LaneSettings:
     NTPv1 is the exception where the source port matters: mode 0 from port 123 is
     dropped (``drop_reason_ntp_port``), and the label (so the limit and the KoD
     choice) is the Netgear one from port 23457, else SNTPv1. Labels, limits and KoD
-    choices are therefore given per *label slot*, 258 of them: the 256 first bytes,
-    then NTPv1 from the Netgear port, then NTPv1 from any other port."""
+    choices are therefore given per *label slot*, 259 of them: the 256 first bytes,
+    then NTPv1 from the Netgear port, then NTPv1 from any other port, then a
+    request the NTS stage claims."""
 
     #: Per label slot: the packet label, None where it takes the full path.
     labels: tuple[str | None, ...]
@@ -219,7 +222,8 @@ class LaneSettings:
             elif sane.mac_key_id is None and sane.whole_tail_mac is None:
                 eligible[first] = 1
                 reply_mode[first] = sane.reply_mode
-        labels = (*compiled.label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1)
+        labels = (*compiled.label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1,
+                  fingerprint.NTS)
         source_limit = compiled.source_limit
         limits = [compiled.label_limits.get(label, source_limit) if label else source_limit
                   for label in labels]
@@ -265,8 +269,10 @@ class LaneObjects:
     #: ... through ``Pipeline.verify_mac(data, port) -> (refusal, signer)``, the loop's
     #: one call into Python for a request it decides.
     verify_mac: Callable[[bytes, int], tuple[int | None, Callable[[bytes], bytes] | None]]
-    #: An NTS stage may claim a longer datagram: the loop hands every one to ``decide``.
-    nts: bool
+    #: The NTS stage's ``claims(data)`` and ``decide(data)`` (``pipeline.NtsStage``),
+    #: which the loop calls as ``Pipeline.decide`` does; None: no NTS.
+    nts_claims: Callable[[bytes], bool] | None
+    nts_decide: Callable[[bytes], tuple[str, Callable[[bytes], bytes] | None]] | None
     #: The tables (their records, AddressTables) the loop reads, inserts into and
     #: evicts from as BucketTable does.
     sources: BucketTable

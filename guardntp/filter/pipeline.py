@@ -111,7 +111,8 @@ LANE_CONTRACT = LaneContract(
         rate_limited=int(Reason.RATE_LIMITED), acl_deny=int(Reason.ACL_DENY),
         blocklisted=int(Reason.BLOCKLISTED), deny_kod=int(Reason.DENY_KOD),
         malformed=int(Reason.MALFORMED), auth_required=int(Reason.AUTH_REQUIRED),
-        auth_failed=int(Reason.AUTH_FAILED), crypto_nak=int(Reason.CRYPTO_NAK)),
+        auth_failed=int(Reason.AUTH_FAILED), crypto_nak=int(Reason.CRYPTO_NAK),
+        nts_nak=int(Reason.NTS_NAK), nts_rejected=int(Reason.NTS_REJECTED)),
     action_allow=Action.ALLOW, action_exempt=Action.EXEMPT, action_drop=Action.DROP,
     action_deny=Action.DENY, netgear_port=fingerprint.NETGEAR_PORT,
     crowd=CrowdModel(
@@ -446,14 +447,16 @@ class Pipeline:
         enabled = authenticator is None or (requires_any is not None
                                             and required_for is not None)
         must = enabled and requires_any is not None and requires_any()
+        nts = self._nts
         return LaneObjects(
             pipeline=self, decide=self.decide, counts=self.counters.counts,
             label_counts=self.label_counts, acl=self.acl, responder=self.responder,
             enabled=enabled, required_for=required_for if must else None,
             # A MAC is verified by verify_mac where an authenticator is (else it fails
-            # in C); every longer datagram goes to decide() where NTS may claim it.
+            # in C); NTS fields by the NTS stage, asked as decide() asks it.
             verifies_macs=authenticator is not None, verify_mac=self.verify_mac,
-            nts=self._nts is not None,
+            nts_claims=None if nts is None else nts.claims,
+            nts_decide=None if nts is None else nts.decide,
             sources=self.sources, prefixes=self.prefixes, newcomers=self.newcomers.ring,
             prefix_overflow=self._prefix_overflow)
 
