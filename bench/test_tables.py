@@ -4,15 +4,20 @@ The project brief named cachetools for bucket tables; the hot path needs one
 lookup per packet, so this decides. ``BucketTable`` keeps an ``OrderedDict``
 (lookups are plain ``dict`` lookups; the order is touched only on admission
 and eviction), cachetools' ``LRUCache`` reorders on every read and
-``TTLCache`` also checks expiry. Results are in docs/benchmarks.md.
+``TTLCache`` also checks expiry. Results are in docs/benchmarks.md. At the end, the
+access list's longest-prefix lookup: compiled against its reference model.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import random
 
 import cachetools
 import pytest
 from benchutil import MILLION, make_pipeline, source_address
 
+from guardntp.filter.acl import AccessList, AclEntry, Action, longest_match
 from guardntp.filter.pipeline import new_record
 
 
@@ -81,3 +86,36 @@ def test_admit_a_newcomer_into_a_full_table(benchmark, kind):
             return True
 
     assert benchmark(admit) is not False
+
+
+@pytest.fixture(scope="module")
+def blocklisted() -> AccessList:
+    """100,000 blocklist entries, IPv4, on three prefix lengths (/32 mostly, /24, /16)."""
+    rng = random.Random(1)
+    entries = []
+    for _ in range(100_000):
+        prefixlen = rng.choice((32, 32, 32, 24, 16))
+        address = rng.getrandbits(32) >> (32 - prefixlen) << (32 - prefixlen)
+        entries.append(AclEntry(ipaddress.IPv4Network((address, prefixlen)), Action.DROP,
+                                "import"))
+    return AccessList((), entries)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "reference"])
+def test_access_list_lookup_among_100k_entries(benchmark, blocklisted, kind):
+    """One lookup of a random address (mostly no entry: every length probed), through
+    Python: the compiled ``AccessList.lookup`` (which the packet loop calls from C,
+    without the call's cost) against its reference model ``acl.longest_match``."""
+    rng = random.Random(2)
+    addresses = [rng.getrandbits(32).to_bytes(4, "big") for _ in range(4096)]
+    probes = blocklisted.probes(4)
+    state = {"next": 0}
+    lookup = blocklisted.lookup
+
+    def one() -> AclEntry | None:
+        index = state["next"] = (state["next"] + 1) & 4095
+        packed = addresses[index]
+        return lookup(packed, 0) if kind == "compiled" else longest_match(probes, packed, 0)
+
+    benchmark(one)
+    assert all(blocklisted.lookup(a, 0) is longest_match(probes, a, 0) for a in addresses)

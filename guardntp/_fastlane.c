@@ -32,7 +32,8 @@
  *     stamped and then completed when its chunk is sent;
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
- *     entry stand, else the list's own lookup; IPv6: the lookup every time, as
+ *     entry stand, else the list's lookup, longest_match_in over the list's own
+ *     AddressTables; IPv6: the lookup every time, as
  *     Python does): DROP -> drop; DENY -> a DENY KoD within the KoD guard and
  *     budget, else drop; EXEMPT -> a time reply (or the global cap's drop);
  *   - no entry or ALLOW: both buckets conforming -> a time reply (or the
@@ -164,6 +165,10 @@ typedef struct {
     /* per pump */
     int64_t acl_generation, global_tat, kod_tat, offset_ns;
     int acl_covers_v6;                 /* the access list has an IPv6 entry */
+    /* AccessList.probes(4) and (16), as of probes_generation: its tables to look
+     * an address up in, longest prefix first (owned). */
+    PyObject *probes4, *probes6;
+    int64_t probes_generation;
     int acl_empty;                     /* ... no entry at all (of acl_empty_generation) */
     int64_t acl_empty_generation;
     int64_t max_sources, max_prefixes; /* the tables' max_entries */
@@ -268,15 +273,21 @@ begin(Lane *L)
     if ((obj = get_attr_i64(L->prefixes, "max_entries", &L->max_prefixes)) == NULL)
         return -1;
     Py_DECREF(obj);
-    if (L->v6_fast) {
-        int covers;
-        if ((obj = PyObject_CallMethod(L->acl, "covers_ipv6", NULL)) == NULL)
+    if (L->probes4 == NULL || L->probes_generation != L->acl_generation) {
+        PyObject *v4 = PyObject_CallMethod(L->acl, "probes", "i", 4), *v6 = NULL;
+        if (v4 != NULL)
+            v6 = PyObject_CallMethod(L->acl, "probes", "i", 16);
+        if (v6 == NULL || !PyTuple_Check(v4) || !PyTuple_Check(v6)) {
+            if (v6 != NULL)
+                PyErr_SetString(PyExc_TypeError, "AccessList.probes() must give a tuple");
+            Py_XDECREF(v4);
+            Py_XDECREF(v6);
             return -1;
-        covers = PyObject_IsTrue(obj);
-        Py_DECREF(obj);
-        if (covers < 0)
-            return -1;
-        L->acl_covers_v6 = covers;
+        }
+        Py_XSETREF(L->probes4, v4);
+        Py_XSETREF(L->probes6, v6);
+        L->probes_generation = L->acl_generation;
+        L->acl_covers_v6 = PyTuple_GET_SIZE(v6) > 0;
     }
     if (buckets_in(L) < 0)
         return -1;
@@ -1772,7 +1783,7 @@ kod_reply(Lane *L, const unsigned char *d, const char *code, int64_t min_poll,
 
 static PyObject *str_action, *str_expires_ns, *str_origin;   /* interned at import */
 static PyObject *str_evictions, *str_admissions_refused, *str_table_full;
-static PyObject *str_lookup, *long_one;
+static PyObject *long_zero, *long_one;
 
 static inline void
 set_label(Lane *L, Record *record, int slot)
@@ -1820,10 +1831,10 @@ acl_verdict(Lane *L, PyObject *entry, int *kind, int *why)
     return 1;
 }
 
-/* AclEntry.active(recv_ns) of a cached entry: 1 active (or None), 0 expired,
- * 2 an expiry beyond 64 bits (Python decides), -1 on error. */
+/* AclEntry.active(now_ns) of an entry (or None): 1 active, 0 lapsed, -1 on error.
+ * An expiry beyond 64 bits is far in the future or the past: its sign says. */
 static int
-acl_active(PyObject *entry, int64_t recv_ns)
+acl_active(PyObject *entry, int64_t now_ns)
 {
     PyObject *value;
     int64_t expires;
@@ -1832,28 +1843,105 @@ acl_active(PyObject *entry, int64_t recv_ns)
         return 1;
     if ((value = PyObject_GetAttr(entry, str_expires_ns)) == NULL)
         return -1;
-    active = value == Py_None ? 1 : !as_i64(value, &expires) ? 2 : recv_ns < expires;
+    if (value == Py_None)
+        active = 1;
+    else if (as_i64(value, &expires))
+        active = now_ns < expires;
+    else if (PyLong_Check(value))
+        active = PyObject_RichCompareBool(value, long_zero, Py_GT);
+    else {
+        PyErr_SetString(PyExc_TypeError, "an access-list entry's expires_ns must be an int");
+        active = -1;
+    }
     Py_DECREF(value);
     return active;
 }
 
-/* The source's access-list entry as Pipeline.decide finds it: the list's own
- * lookup (pure; a new reference), skipped when the list cannot hold one. */
+/*
+ * The longest-prefix match of acl.longest_match (its reference model): among
+ * probes, AccessList.probes(width) ((prefix length, AddressTable) pairs, longest
+ * first), the active entry with the longest prefix covering packed. A key that
+ * holds both layers holds (blocklist entry, configuration entry): the
+ * blocklist's while it is active, else the configuration's; a lapsed entry
+ * uncovers the shorter prefixes. A new reference (None: no entry), NULL on error.
+ */
+static PyObject *
+longest_match_in(PyObject *probes, const unsigned char *packed, int packed_len, int64_t now_ns)
+{
+    Py_ssize_t i, n = PyTuple_GET_SIZE(probes);
+    for (i = 0; i < n; i++) {
+        PyObject *probe = PyTuple_GET_ITEM(probes, i), *found, *entry;
+        unsigned char key[16];
+        long prefixlen;
+        int size, spare, rc;
+        if (!PyTuple_Check(probe) || PyTuple_GET_SIZE(probe) != 2
+                || Py_TYPE(PyTuple_GET_ITEM(probe, 1)) != &AddressTableType) {
+            PyErr_SetString(PyExc_TypeError, "probes must be (prefix length, AddressTable)");
+            return NULL;
+        }
+        prefixlen = PyLong_AsLong(PyTuple_GET_ITEM(probe, 0));
+        if (prefixlen < 0 || prefixlen > 8L * packed_len) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a prefix longer than the address");
+            return NULL;
+        }
+        size = prefixlen > 8 ? (int)(prefixlen + 7) / 8 : 1;
+        spare = 8 * size - (int)prefixlen;
+        memcpy(key, packed, size);
+        key[size - 1] = (unsigned char)(key[size - 1] >> spare << spare);
+        found = table_find((AddressTable *)PyTuple_GET_ITEM(probe, 1), address_key(key, size));
+        if (found == NULL)
+            continue;
+        entry = found;
+        if (PyTuple_Check(found) && PyTuple_GET_SIZE(found) == 2) {
+            if ((rc = acl_active(PyTuple_GET_ITEM(found, 0), now_ns)) < 0)
+                return NULL;
+            if (rc) {
+                Py_INCREF(PyTuple_GET_ITEM(found, 0));
+                return PyTuple_GET_ITEM(found, 0);
+            }
+            entry = PyTuple_GET_ITEM(found, 1);
+        }
+        if ((rc = acl_active(entry, now_ns)) < 0)
+            return NULL;
+        if (rc) {
+            Py_INCREF(entry);
+            return entry;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* longest_match(probes, packed, now_ns): the compiled AccessList.lookup. */
+static PyObject *
+longest_match(PyObject *module, PyObject *args)
+{
+    PyObject *probes, *entry = NULL;
+    Py_buffer packed;
+    long long now_ns;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "O!y*L:longest_match", &PyTuple_Type, &probes, &packed,
+                          &now_ns))
+        return NULL;
+    if (packed.len != 4 && packed.len != 16)
+        PyErr_SetString(PyExc_ValueError, "an address is 4 or 16 bytes");
+    else
+        entry = longest_match_in(probes, packed.buf, (int)packed.len, now_ns);
+    PyBuffer_Release(&packed);
+    return entry;
+}
+
+/* The source's access-list entry as Pipeline.decide finds it (AccessList.lookup):
+ * a new reference, skipped when the list cannot hold one. */
 static PyObject *
 acl_lookup(Lane *L, const unsigned char *packed, int packed_len, int64_t recv_ns)
 {
-    PyObject *key, *recv, *entry = NULL;
     if (L->acl_empty || (packed_len == 16 && !L->acl_covers_v6)) {
         Py_INCREF(Py_None);
         return Py_None;
     }
-    key = PyBytes_FromStringAndSize((const char *)packed, packed_len);
-    recv = PyLong_FromLongLong(recv_ns);
-    if (key != NULL && recv != NULL)
-        entry = PyObject_CallMethodObjArgs(L->acl, str_lookup, key, recv, NULL);
-    Py_XDECREF(key);
-    Py_XDECREF(recv);
-    return entry;
+    return longest_match_in(packed_len == 4 ? L->probes4 : L->probes6, packed, packed_len,
+                            recv_ns);
 }
 
 /* Pipeline.decide step 4 for a request without a MAC: must this source
@@ -2609,8 +2697,8 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     entry = record->cell[L->i_acl_entry].o;
     looked_up = packed_len == 16 || generation != L->acl_generation;
     if (!looked_up && (rc = acl_active(entry, recv_ns)) != 1) {
-        if (rc != 0)
-            return rc < 0 ? -1 : 0;
+        if (rc < 0)
+            return -1;
         looked_up = 1;
     }
     if (looked_up) {
@@ -2823,6 +2911,8 @@ release_config(Lane *L)
     Py_CLEAR(L->counts);
     Py_CLEAR(L->label_counts);
     Py_CLEAR(L->acl);
+    Py_CLEAR(L->probes4);   /* (the next begin() asks the new list for its own) */
+    Py_CLEAR(L->probes6);
     Py_CLEAR(L->responder);
     Py_CLEAR(L->sources);
     Py_CLEAR(L->prefixes);
@@ -3977,9 +4067,16 @@ static PyTypeObject LaneType = {
     .tp_getset = Lane_getset,
 };
 
+static PyMethodDef module_methods[] = {
+    {"longest_match", longest_match, METH_VARARGS,
+     "longest_match(probes, packed, now_ns): the compiled AccessList.lookup "
+     "(its reference model: guardntp.filter.acl.longest_match)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "guardntp._fastlane",
-    "The compiled packet loop (see guardntp/fastlane.py).", -1, NULL,
+    "The compiled packet loop (see guardntp/fastlane.py).", -1, module_methods,
 };
 
 PyMODINIT_FUNC
@@ -3996,11 +4093,11 @@ PyInit__fastlane(void)
     str_evictions = PyUnicode_InternFromString("evictions");
     str_admissions_refused = PyUnicode_InternFromString("admissions_refused");
     str_table_full = PyUnicode_InternFromString("table_full");
-    str_lookup = PyUnicode_InternFromString("lookup");
+    long_zero = PyLong_FromLong(0);
     long_one = PyLong_FromLong(1);
     if (str_action == NULL || str_expires_ns == NULL || str_origin == NULL
             || str_evictions == NULL
-            || str_admissions_refused == NULL || str_table_full == NULL || str_lookup == NULL
+            || str_admissions_refused == NULL || str_table_full == NULL || long_zero == NULL
             || long_one == NULL)
         return NULL;
     if (getrandom(&index_seed, sizeof(index_seed), GRND_NONBLOCK) != sizeof(index_seed))

@@ -1,7 +1,10 @@
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence
 from typing import Any, overload
 
+from .filter.acl import AclEntry, Probes
 from .filter.lane import LanePolicy
+
+def longest_match(probes: Probes, packed: bytes, now_ns: int) -> AclEntry | None: ...
 
 class Lane:
     fast_decisions: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import random
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,8 @@ from guardntp.blocklist.entries import BlockEntry
 from guardntp.blocklist.live import setup_blocklist
 from guardntp.blocklist.store import BlockStore
 from guardntp.clock import ClockState
-from guardntp.filter.acl import AccessList, AclEntry, Action, Network
+from guardntp.filter import acl as acl_module
+from guardntp.filter.acl import AccessList, AclEntry, Action, Network, longest_match
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.responder import Responder
@@ -80,7 +82,9 @@ def networks(draw: st.DrawFn) -> Network:
 
 @st.composite
 def entries(draw: st.DrawFn, origin: str) -> AclEntry:
-    expires = draw(st.one_of(st.none(), st.integers(0, 100)))
+    # (and expiries beyond 64 bits, far in the future or the past)
+    expires = draw(st.one_of(st.none(), st.integers(0, 100), st.sampled_from((1 << 70,
+                                                                              -(1 << 70)))))
     return AclEntry(draw(networks()), draw(st.sampled_from(list(Action))), origin,
                     draw(st.text("abc", max_size=2)), expires)
 
@@ -98,9 +102,12 @@ def addresses(draw: st.DrawFn, among: list[Network]) -> bytes:
 
 
 def check(acl: AccessList, model: Model, probes: list[tuple[bytes, int]]) -> None:
+    """The list's lookup (compiled where built) and the reference model's, over the
+    same tables, against the brute-force oracle."""
     for packed, now_ns in probes:
-        assert acl.lookup(packed, now_ns) is model.lookup(ipaddress.ip_address(packed),
-                                                         now_ns), (packed.hex(), now_ns)
+        expected = model.lookup(ipaddress.ip_address(packed), now_ns)
+        assert acl.lookup(packed, now_ns) is expected, (packed.hex(), now_ns)
+        assert longest_match(acl.probes(len(packed)), packed, now_ns) is expected
     assert len(acl) == len(model.config) + len(model.blocklist)
     assert acl.covers_ipv6() == any(n.version == 6 for n in [*model.config, *model.blocklist])
     assert sorted(map(id, acl.entries())) == sorted(
@@ -113,7 +120,8 @@ def check(acl: AccessList, model: Model, probes: list[tuple[bytes, int]]) -> Non
 def test_lookup_matches_a_brute_force_oracle_through_any_sequence_of_changes(
         data: st.DataObject) -> None:
     """Longest prefix wins; on one prefix the blocklist; an expired entry uncovers the
-    configuration's on the same prefix, else a shorter prefix. Built at once or changed
+    configuration's on the same prefix, else a shorter prefix: the compiled lookup and
+    its reference model both, as the oracle finds it. Built at once or changed
     entry by entry (update_blocklist, set_blocklist, a new configuration), lookups are
     the oracle's, and the generation moves whenever a layer changed."""
     model = Model()
@@ -163,6 +171,41 @@ def test_lookup_matches_a_brute_force_oracle_through_any_sequence_of_changes(
     probes = data.draw(st.lists(st.tuples(addresses(among), st.integers(-1, 101)),
                                 max_size=25))
     check(fresh, model, probes)
+
+
+def test_without_the_extension_the_tables_are_dicts_and_the_lookup_python(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no compiler was available at install, the same list works on dicts with
+    the reference lookup, and agrees with the oracle."""
+    monkeypatch.setattr(acl_module, "AddressTable", None)
+    monkeypatch.setattr(acl_module, "_compiled_longest_match", None)
+    rng = random.Random(5)
+
+    def entry(origin: str) -> AclEntry:
+        if rng.random() < 0.6:
+            network: Network = ipaddress.IPv4Network(
+                ((10 << 24) | rng.randrange(4) << 16 | rng.randrange(4) << 8 | rng.randrange(4),
+                 rng.choice(V4_LENGTHS)), strict=False)
+        else:
+            network = ipaddress.IPv6Network(
+                ((0x2001_0DB8 << 96) | rng.randrange(4) << 64 | rng.randrange(4),
+                 rng.choice(V6_LENGTHS)), strict=False)
+        return AclEntry(network, rng.choice(list(Action)), origin, "",
+                        rng.choice((None, 0, 50, 100)))
+
+    model = Model()
+    model.config = {e.network: e for e in (entry("config") for _ in range(12))}
+    model.blocklist = {e.network: e for e in (entry("manual") for _ in range(12))}
+    acl = AccessList(list(model.config.values()), list(model.blocklist.values()))
+    assert all(type(table) is dict for width in (4, 16) for _, table in acl.probes(width))
+    among = [*model.config, *model.blocklist]
+    probes = []
+    for _ in range(600):
+        network = rng.choice(among)
+        packed = (network.network_address + rng.randrange(min(network.num_addresses,
+                                                              1 << 20))).packed
+        probes.append((packed, rng.randrange(-1, 102)))
+    check(acl, model, probes)
 
 
 def test_an_expired_blocklist_entry_uncovers_the_configuration_entry_beneath_it() -> None:

@@ -1,7 +1,12 @@
 """Access lists: allow and deny by CIDR, IPv4 and IPv6, longest prefix wins.
 
-Rule: a lookup is by packed address bytes; entries live in one dict per
-prefix length, so a lookup is at most one dict probe per length in use. Two
+Rule: a lookup is by packed address bytes; entries live in one table per
+prefix length, keyed by the prefix's bytes (the network address cut after its
+last whole or partial byte, host bits zero), so a lookup is at most one probe
+per length in use. Where the extension is built each table is an
+``AddressTable`` and the lookup is compiled (``_fastlane.longest_match``, which
+the packet loop calls directly); :func:`longest_match` is its reference model
+and the lookup without a compiler. Two
 layers share those dicts: the configuration's ``[[acl]]`` entries and the
 blocklist's (``guardntp/blocklist``, entries with an origin and an expiry). On
 one prefix the blocklist entry wins while it is active; an expired entry
@@ -14,10 +19,17 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 
 from ..netaddr import BadAddress
+
+try:
+    from .._fastlane import AddressTable
+    from .._fastlane import longest_match as _compiled_longest_match
+except ImportError:  # no C compiler at install: dicts, and the lookup below
+    AddressTable = None  # type: ignore[assignment, misc]
+    _compiled_longest_match = None  # type: ignore[assignment]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,6 +98,50 @@ _WHERE = [(4, prefixlen) for prefixlen in range(33)] + [(16, prefixlen)
 Key = int
 #: What one key holds: the entry of one layer, or (blocklist entry, config entry).
 Slot = AclEntry | tuple[AclEntry, AclEntry]
+#: One prefix length's entries, by the prefix's bytes (:func:`_prefix_bytes`).
+PrefixTable = MutableMapping[bytes, Slot]
+#: Per address width, the tables in use, longest prefix first: (prefix length, table).
+Probes = tuple[tuple[int, PrefixTable], ...]
+
+
+def _new_table() -> PrefixTable:
+    return {} if AddressTable is None else AddressTable()
+
+
+def _prefix_bytes(prefix: int, prefixlen: int) -> bytes:
+    """A table's key: the ``prefixlen`` bits of ``prefix`` (a network address shifted
+    past its host bits), written in the bytes they cover, the rest of the last byte
+    zero; a /0 is one zero byte."""
+    size = max(1, (prefixlen + 7) // 8)
+    return (prefix << (8 * size - prefixlen)).to_bytes(size, "big")
+
+
+def _prefix_of(key: bytes, prefixlen: int) -> int:
+    return int.from_bytes(key, "big") >> (8 * len(key) - prefixlen)
+
+
+def longest_match(probes: Probes, packed: bytes, now_ns: int) -> AclEntry | None:
+    """The active entry with the longest prefix covering ``packed`` among ``probes``
+    (its width's tables, longest first). On one prefix the blocklist's entry while
+    it is active, then the configuration's; an expired entry uncovers what lies
+    beneath it. The reference model of ``_fastlane.longest_match``."""
+    for prefixlen, table in probes:
+        size = max(1, (prefixlen + 7) // 8)
+        spare = 8 * size - prefixlen
+        key = packed[:size]
+        if spare:
+            key = key[:-1] + bytes((key[-1] >> spare << spare,))
+        entry = table.get(key)
+        if entry is not None:
+            if isinstance(entry, tuple):
+                block, entry = entry
+                expires_ns = block.expires_ns
+                if expires_ns is None or now_ns < expires_ns:
+                    return block
+            expires_ns = entry.expires_ns
+            if expires_ns is None or now_ns < expires_ns:
+                return entry
+    return None
 
 
 def _key(network: Network) -> Key:
@@ -117,8 +173,8 @@ class AclChange:
 
     __slots__ = ("generation", "writes", "new_tables", "config", "blocked")
 
-    def __init__(self, generation: int, writes: list[tuple[dict[int, Slot], int, Slot | None]],
-                 new_tables: dict[tuple[int, int], dict[int, Slot]],
+    def __init__(self, generation: int, writes: list[tuple[PrefixTable, bytes, Slot | None]],
+                 new_tables: dict[tuple[int, int], PrefixTable],
                  config: dict[Key, AclEntry] | None, blocked: int) -> None:
         #: The list's generation the change was worked out against.
         self.generation = generation
@@ -140,10 +196,10 @@ class AccessList:
     may cache a lookup result per source and re-check only when it moves (or when
     the cached entry expires: the result can change then and only then).
 
-    One dict per (address width, prefix length) in use, keyed by the network's
-    address shifted past its host bits. A key held by one layer maps to its entry;
+    One table per (address width, prefix length) in use, keyed by the prefix's
+    bytes (:func:`_prefix_bytes`). A key held by one layer maps to its entry;
     a key held by both maps to the tuple (blocklist entry, configuration entry),
-    so a lookup still probes one dict per length. Which layer a lone entry belongs
+    so a lookup still probes one table per length. Which layer a lone entry belongs
     to is told by the configuration layer's own small dict (``_config``).
     """
 
@@ -152,12 +208,12 @@ class AccessList:
     def __init__(self, entries: Iterable[AclEntry] | None = None,
                  blocklist: Iterable[AclEntry] | None = None) -> None:
         """``entries``: the configuration layer; ``blocklist``: the blocklist layer."""
-        self._tables: dict[tuple[int, int], dict[int, Slot]] = {}
+        self._tables: dict[tuple[int, int], PrefixTable] = {}
         self._config: dict[Key, AclEntry] = {}
         self._blocked = 0
         self._lengths: dict[int, list[int]] = {4: [], 16: []}
-        #: Per address width: (host bits to shift away, table), longest prefix first.
-        self._probes: dict[int, tuple[tuple[int, dict[int, Slot]], ...]] = {4: (), 16: ()}
+        #: Per address width: (prefix length, table), longest prefix first.
+        self._probes: dict[int, Probes] = {4: (), 16: ()}
         self.generation = 0
         if entries is not None or blocklist is not None:
             self.apply(self.plan(config=entries, added=blocklist or ()))
@@ -185,13 +241,13 @@ class AccessList:
         layer = self._config
         keys: Iterable[Key] = (block if config is None
                                else block.keys() | config.keys() | layer.keys())
-        writes: list[tuple[dict[int, Slot], int, Slot | None]] = []
-        new_tables: dict[tuple[int, int], dict[int, Slot]] = {}
+        writes: list[tuple[PrefixTable, bytes, Slot | None]] = []
+        new_tables: dict[tuple[int, int], PrefixTable] = {}
         blocked = self._blocked
         where_of = _WHERE
         for key in keys:
             where = where_of[key & 0xFF]
-            prefix = key >> 8
+            prefix = _prefix_bytes(key >> 8, where[1])
             table = tables.get(where)
             value = None if table is None else table.get(prefix)
             old_block: AclEntry | None
@@ -214,13 +270,17 @@ class AccessList:
             if table is not None:
                 writes.append((table, prefix, new))
             elif new is not None:
-                new_tables.setdefault(where, {})[prefix] = new
+                new_table = new_tables.get(where)
+                if new_table is None:
+                    new_table = new_tables[where] = _new_table()
+                new_table[prefix] = new
         return AclChange(self.generation, writes, new_tables, config, blocked)
 
     def apply(self, change: AclChange) -> None:
         """Make a change :meth:`plan` worked out, bumping the generation once (if any
-        lookup may change). Plain dict stores and deletions of keys known to be
-        there: it cannot fail halfway. A change planned against another generation
+        lookup may change). Plain stores and deletions of keys known to be there
+        (the tables have room to grow: stores cannot fail but for memory): it cannot
+        fail halfway. A change planned against another generation
         is refused (RuntimeError) before anything is touched."""
         if change.generation != self.generation:
             raise RuntimeError("access-list change planned against another generation")
@@ -252,7 +312,7 @@ class AccessList:
         for prefixlens in lengths.values():
             prefixlens.sort(reverse=True)
         tables = self._tables
-        self._probes = {width: tuple((width * 8 - prefixlen, tables[(width, prefixlen)])
+        self._probes = {width: tuple((prefixlen, tables[(width, prefixlen)])
                                      for prefixlen in prefixlens)
                         for width, prefixlens in lengths.items()}
         self._lengths = lengths
@@ -323,6 +383,12 @@ class AccessList:
 
     # ------------------------------------------------------------------ reading
 
+    def probes(self, width: int) -> Probes:
+        """The tables an address of ``width`` bytes (4 or 16) is looked up in, longest
+        prefix first (the compiled loop's view; replaced, never changed, by an edit
+        that adds or empties a prefix length)."""
+        return self._probes.get(width, ())
+
     def covers_ipv6(self) -> bool:
         """Is there any IPv6 entry? (If not, every IPv6 lookup is None: the compiled
         loop then skips the lookup Pipeline.decide makes for each IPv6 packet.)"""
@@ -351,10 +417,11 @@ class AccessList:
         for (width, prefixlen), table in self._tables.items():
             code = prefixlen if width == 4 else 33 + prefixlen
             for prefix, value in table.items():
+                key = _prefix_of(prefix, prefixlen) << 8 | code
                 if isinstance(value, tuple):
-                    found[prefix << 8 | code] = value[0]
-                elif layer.get(prefix << 8 | code) is not value:
-                    found[prefix << 8 | code] = value
+                    found[key] = value[0]
+                elif layer.get(key) is not value:
+                    found[key] = value
         return found
 
     def lookup(self, packed: bytes, now_ns: int) -> AclEntry | None:
@@ -364,19 +431,9 @@ class AccessList:
         probes = self._probes.get(len(packed))
         if not probes:
             return None
-        address = int.from_bytes(packed, "big")
-        for shift, table in probes:
-            entry = table.get(address >> shift)
-            if entry is not None:
-                if isinstance(entry, tuple):
-                    block, entry = entry
-                    expires_ns = block.expires_ns
-                    if expires_ns is None or now_ns < expires_ns:
-                        return block
-                expires_ns = entry.expires_ns
-                if expires_ns is None or now_ns < expires_ns:
-                    return entry
-        return None
+        if _compiled_longest_match is not None:
+            return _compiled_longest_match(probes, packed, now_ns)
+        return longest_match(probes, packed, now_ns)
 
     def __len__(self) -> int:
         """Entries in both layers (a network in both counts twice)."""
