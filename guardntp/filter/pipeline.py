@@ -334,7 +334,7 @@ class Pipeline:
                  authenticator: Authenticator | None = None) -> None:
         self.responder = responder
         #: Bumped whenever something the compiled loop copies (``lane_policy``)
-        #: changes: settings, the authenticator.
+        #: changes: settings, the authenticator, the NTS stage.
         self.config_version = 0
         self._authenticator = authenticator
         self._nts: NtsStage | None = None
@@ -426,7 +426,7 @@ class Pipeline:
     @nts.setter
     def nts(self, stage: NtsStage | None) -> None:
         self._nts = stage
-        self.config_version += 1   # the compiled loop leaves longer datagrams to NTS
+        self.config_version += 1   # the compiled loop asks this stage about NTS requests
 
     def lane_policy(self) -> LanePolicy:
         """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
