@@ -60,11 +60,11 @@ class RecordingPipeline(Pipeline):
 
     def __init__(self) -> None:
         super().__init__(FilterPolicy(random_seed=1), Responder(CLOCK, WALL))
-        self.calls: list[tuple[list[AclEntry], list[Network]]] = []
+        self.calls: list[tuple[list[AclEntry], list[Network | AclEntry]]] = []
         self.refuse_next = False
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
-                         removed: Iterable[Network] = ()) -> None:
+                         removed: Iterable[Network | AclEntry] = ()) -> None:
         added, removed = list(added), list(removed)
         if self.refuse_next:
             self.refuse_next = False
@@ -121,7 +121,8 @@ class Server:
         """Per update since the last call: (cidrs added or replaced, cidrs removed)."""
         calls = self.pipeline.calls
         self.pipeline.calls = []
-        return [({str(e.network) for e in added}, {str(n) for n in removed})
+        return [({str(e.network) for e in added},
+                 {str(n.network if isinstance(n, AclEntry) else n) for n in removed})
                 for added, removed in calls]
 
 

@@ -179,7 +179,7 @@ class LiveBlocklist:
                 added.append(make.entry(row))
                 added_at.append(cidr)
         if added or removed:
-            self.pipeline.update_blocklist(added, [applied[cidr].network for cidr in removed])
+            self.pipeline.update_blocklist(added, [applied[cidr] for cidr in removed])
         # -- applied: from here on nothing can fail
         for cidr in removed:
             del applied[cidr]
@@ -212,7 +212,7 @@ class LiveBlocklist:
                 added.append(entry)
                 added_at.append(cidr)
         removed = ([] if kept == len(applied) else
-                   [old.network for cidr, old in applied.items() if cidr not in fresh])
+                   [old for cidr, old in applied.items() if cidr not in fresh])
         if added or removed:
             self.pipeline.update_blocklist(added, removed)
         # -- applied: from here on nothing can fail
@@ -275,7 +275,7 @@ class LiveBlocklist:
                         lapsed[cidr] = current
         try:
             if lapsed:
-                self.pipeline.update_blocklist((), [entry.network for entry in lapsed.values()])
+                self.pipeline.update_blocklist((), list(lapsed.values()))
         except BaseException:
             for when, cidrs in due:              # as it was: tried again next tick
                 expiring[when] = cidrs

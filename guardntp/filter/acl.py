@@ -41,16 +41,54 @@ class Action(enum.Enum):
     DENY = "deny"        # DENY Kiss-o'-Death (itself rate limited), then drop
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, repr=False)
 class AclEntry:
-    network: Network
+    """One entry of either layer: ``AclEntry(network, action, origin, reason,
+    expires_ns)``.
+
+    The network is kept as its packed address and prefix length, and made again on
+    demand (:attr:`network`): an ``ipaddress`` network costs ~480 bytes, so a
+    blocklist of a million entries held that way would be half a gigabyte of them.
+    """
+
+    packed: bytes                   # the network address, 4 or 16 bytes
+    prefixlen: int
     action: Action
-    origin: str = "config"          # config, manual, import, auto
-    reason: str = ""
-    expires_ns: int | None = None   # wall-clock Unix ns; None = never
+    origin: str                     # config, manual, import, auto
+    reason: str
+    expires_ns: int | None          # wall-clock Unix ns; None = never
+
+    def __init__(self, network: Network | None = None, action: Action | None = None,
+                 origin: str = "config", reason: str = "", expires_ns: int | None = None,
+                 *, packed: bytes | None = None, prefixlen: int | None = None) -> None:
+        """From a network; or (``dataclasses.replace``) from ``packed`` and ``prefixlen``.
+        Raises TypeError for anything that is not an IPv4 or IPv6 network."""
+        if network is not None:
+            if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
+            packed, prefixlen = network.network_address.packed, network.prefixlen
+        elif (packed.__class__ is not bytes or len(packed) not in (4, 16)
+              or prefixlen.__class__ is not int or not 0 <= prefixlen <= 8 * len(packed)):
+            raise TypeError(f"not a network: {packed!r}/{prefixlen!r}")
+        set_field = object.__setattr__
+        set_field(self, "packed", packed)
+        set_field(self, "prefixlen", prefixlen)
+        set_field(self, "action", action)
+        set_field(self, "origin", origin)
+        set_field(self, "reason", reason)
+        set_field(self, "expires_ns", expires_ns)
+
+    @property
+    def network(self) -> Network:
+        return (ipaddress.IPv4Network if len(self.packed) == 4
+                else ipaddress.IPv6Network)((self.packed, self.prefixlen))
 
     def active(self, now_ns: int) -> bool:
         return self.expires_ns is None or now_ns < self.expires_ns
+
+    def __repr__(self) -> str:
+        return (f"AclEntry({self.network}, {self.action}, {self.origin!r}, {self.reason!r}, "
+                f"{self.expires_ns!r})")
 
 
 #: ::ffff:0:0/96, where IPv4-mapped IPv6 addresses live (RFC 4291 section 2.5.5.2).
@@ -155,15 +193,28 @@ def _key(network: Network) -> Key:
     raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
 
 
+def _entry_key(entry: AclEntry) -> Key:
+    """:func:`_key` of the entry's network, without making the network."""
+    prefixlen = entry.prefixlen
+    packed = entry.packed
+    if len(packed) == 4:
+        return int.from_bytes(packed, "big") >> (32 - prefixlen) << 8 | prefixlen
+    return int.from_bytes(packed, "big") >> (128 - prefixlen) << 8 | (33 + prefixlen)
+
+
+def _removal_key(network: Network | AclEntry) -> Key:
+    """The key of a network to remove, given as the network or as its entry."""
+    return _entry_key(network) if isinstance(network, AclEntry) else _key(network)
+
+
 def _checked(entry: AclEntry) -> Key:
     """The key of ``entry``, after checking it is one (a lookup must not fail later)."""
-    key = _key(entry.network)
-    expires_ns = entry.expires_ns
+    expires_ns = getattr(entry, "expires_ns", None)
     if (not isinstance(entry, AclEntry) or not isinstance(entry.action, Action)
             or (expires_ns is not None and expires_ns.__class__ is not int)):
         raise TypeError(f"not an access-list entry (an action, expires_ns an int or "
                         f"None): {entry!r}")
-    return key
+    return _entry_key(entry)
 
 
 class AclChange:
@@ -221,14 +272,15 @@ class AccessList:
     # ------------------------------------------------------------------ changes
 
     def plan(self, config: Iterable[AclEntry] | None = None, added: Iterable[AclEntry] = (),
-             removed: Iterable[Network] = ()) -> AclChange:
+             removed: Iterable[Network | AclEntry] = ()) -> AclChange:
         """Work out a change without making it: with ``config``, that list becomes the
         configuration layer; the blocklist layer loses the entries on ``removed``
-        networks, then gains ``added`` (each replacing the blocklist entry on its
-        network, if any). Only the keys these name are visited. Raises TypeError
-        (AttributeError) for anything that is not an entry, with nothing changed."""
+        networks (given as networks, or as the entries on them), then gains ``added``
+        (each replacing the blocklist entry on its network, if any). Only the keys
+        these name are visited. Raises TypeError for anything that is not an entry
+        (or a network), with nothing changed."""
         config_layer = None if config is None else {_checked(entry): entry for entry in config}
-        block: dict[Key, AclEntry | None] = {_key(network): None for network in removed}
+        block: dict[Key, AclEntry | None] = {_removal_key(network): None for network in removed}
         for entry in added:
             block[_checked(entry)] = entry
         return self._plan(config_layer, block)
@@ -322,7 +374,7 @@ class AccessList:
         self.apply(self.plan(config=entries))
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
-                         removed: Iterable[Network] = ()) -> None:
+                         removed: Iterable[Network | AclEntry] = ()) -> None:
         """Remove the blocklist entries on ``removed``, then add ``added``: only these
         keys are touched, and the generation moves once."""
         self.apply(self.plan(added=added, removed=removed))

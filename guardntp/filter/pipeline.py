@@ -468,8 +468,9 @@ class Pipeline:
         self.acl.set_blocklist(entries)
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
-                         removed: Iterable[Network] = ()) -> None:
-        """Remove the blocklist entries on ``removed``, then add (or replace, on their
+                         removed: Iterable[Network | AclEntry] = ()) -> None:
+        """Remove the blocklist entries on ``removed`` (networks, or the entries on
+        them), then add (or replace, on their
         network) ``added``; takes effect at once. Touches only those entries, whatever
         the size of the list (``guardntp/blocklist/live.py`` hands over what changed
         in the store). All or nothing: raises TypeError for a bad entry with the list
