@@ -64,6 +64,7 @@ _TABLES = ("sources", "prefixes", "newcomers")
 class _SocketCounts(Protocol):
     send_errors: int
     truncated: int
+    decision_errors: int
 
 
 def counter_snapshot(pipeline: Pipeline, server: _SocketCounts | None = None
@@ -82,6 +83,7 @@ def counter_snapshot(pipeline: Pipeline, server: _SocketCounts | None = None
         "bytes_in": pipeline.counters.bytes_in, "bytes_out": pipeline.counters.bytes_out,
         "send_errors": server.send_errors if server is not None else None,
         "truncated": server.truncated if server is not None else None,
+        "decision_errors": server.decision_errors if server is not None else None,
         "tables": tables,
         "table_full": pipeline.table_full,
         "nts": _nts_counts(pipeline),
@@ -102,7 +104,8 @@ def add_snapshots(total: dict[str, Any], other: Mapping[str, Any]) -> None:
         counts[index] += int(value)
     for label, value in other.get("labels", {}).items():
         total["labels"][label] = total["labels"].get(label, 0) + int(value)
-    for key in ("bytes_in", "bytes_out", "table_full", "send_errors", "truncated"):
+    for key in ("bytes_in", "bytes_out", "table_full", "send_errors", "truncated",
+                "decision_errors"):
         if total.get(key) is not None and other.get(key) is not None:
             total[key] += int(other[key])
     for name, value in other.get("nts", {}).items():
@@ -190,6 +193,11 @@ class GuardntpCollector:
             yield CounterMetricFamily("guardntp_truncated_datagrams",
                                       "Datagrams longer than the receive buffer",
                                       value=snapshot["truncated"])
+        if snapshot.get("decision_errors") is not None:
+            yield CounterMetricFamily(
+                "guardntp_decision_errors",
+                "Decisions that raised (a bug): the batch, or datagram, was dropped",
+                value=snapshot["decision_errors"])
 
         yield from self._tables(snapshot, CounterMetricFamily, GaugeMetricFamily)
         yield from self._nts(snapshot, CounterMetricFamily)

@@ -48,6 +48,8 @@ RECV_BUFFER = fastlane.RECV_BUFFER
 _ANC_BUFFER = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(_INT.size)
 #: Datagrams handled per socket per wake-up before the loop looks at timers again.
 BATCH = 256
+#: A decision that raises is logged at most this often (each is counted).
+DECISION_ERROR_LOG_S = 60.0
 #: The clock snapshot is re-taken this often (root dispersion grows 15 ppm/s:
 #: a quarter second is 4 us of dispersion, far below what a reply carries).
 CLOCK_REFRESH_S = 0.25
@@ -194,6 +196,10 @@ class Server:
         self._watch: dict[socket.socket, tuple[int, ...]] = {}
         self.send_errors = 0
         self.truncated = 0
+        #: Batches (compiled loop) or datagrams (Python loop) whose decision raised:
+        #: a bug, counted and logged, never the end of the server.
+        self.decision_errors = 0
+        self._decision_error_logged_s = -DECISION_ERROR_LOG_S
         #: Per socket, the compiled loop (``fastlane``) where it is built; a socket
         #: not in here is served by the one-recvmsg-per-packet loop below.
         self.batched: dict[socket.socket, fastlane.FastLane] = {}
@@ -290,12 +296,27 @@ class Server:
         counters.bytes_in += bytes_in
         counters.bytes_out += bytes_out
 
+    def _decision_failed(self, error: Exception) -> None:
+        """A decision raised (a bug in a stage, not the packet's fault): count it, say so
+        at most once a minute, and keep serving."""
+        self.decision_errors += 1
+        now_s = time.monotonic()
+        if now_s - self._decision_error_logged_s >= DECISION_ERROR_LOG_S:
+            self._decision_error_logged_s = now_s
+            log.error("a packet's decision failed (%d so far; the datagrams of that batch "
+                      "are dropped): %r", self.decision_errors, error)
+            log.debug("the failed decision", exc_info=error)
+
     def _on_datagrams(self, sock: socket.socket) -> None:
         batched = self.batched.get(sock)
         if batched is not None:
-            _, truncated, send_errors = batched.pump(
-                self._transmit_bytes, self.wall_ns, BATCH, self._wait_until_ns,
-                self._others(sock) if self._wait_until_ns else (), self._publish)
+            try:
+                _, truncated, send_errors = batched.pump(
+                    self._transmit_bytes, self.wall_ns, BATCH, self._wait_until_ns,
+                    self._others(sock) if self._wait_until_ns else (), self._publish)
+            except Exception as error:   # the batch is lost, the server is not
+                self._decision_failed(error)
+                return
             self.truncated += truncated
             self.send_errors += send_errors
             return
@@ -318,8 +339,12 @@ class Server:
             if flags & socket.MSG_TRUNC:
                 self.truncated += 1
                 data = b""  # counted as malformed by the sanity stage
-            reason, reply, signer = decide(data, packed_from_sockaddr(sockaddr), sockaddr[1],
-                                           recv_ns, now_ns, ttl=ttl)
+            try:
+                reason, reply, signer = decide(data, packed_from_sockaddr(sockaddr),
+                                               sockaddr[1], recv_ns, now_ns, ttl=ttl)
+            except Exception as error:   # this datagram is dropped, the server is not
+                self._decision_failed(error)
+                continue
             if reply is None:
                 continue
             if reason in _TIME_REASONS:

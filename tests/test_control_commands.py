@@ -21,6 +21,7 @@ REQUEST = bytes([0x23]) + bytes(47)
 class _Loop:
     send_errors = 0
     truncated = 0
+    decision_errors = 0
 
     def add_reader(self, fileobj: Any, callback: Any) -> None: ...
 

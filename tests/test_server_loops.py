@@ -128,6 +128,31 @@ def v6_rig(loop: str, monkeypatch: pytest.MonkeyPatch) -> Rig:
 # ---------------------------------------------------------------------- both loops alike
 
 
+def test_a_decision_that_raises_drops_its_datagrams_not_the_server(rig, caplog):
+    """A stage with a bug (here: decide raises on one request) costs that datagram
+    (the compiled loop: its batch), counted and logged once; the server keeps serving."""
+    poisoned = request(0xBAD)
+    decide = rig.decide
+
+    def failing(data, *args, **kwargs):   # type: ignore[no-untyped-def]
+        if data == poisoned:
+            raise RuntimeError("a stage with a bug")
+        return decide(data, *args, **kwargs)
+
+    rig.pipeline.decide = failing   # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="guardntp.server"):
+        for _ in range(3):
+            rig.send([poisoned])
+            rig.serve()
+    assert rig.server.decision_errors == 3
+    errors = [r for r in caplog.records if "decision failed" in r.getMessage()]
+    assert len(errors) == 1 and "a stage with a bug" in errors[0].getMessage()
+    rig.send([request(0x1234)])
+    rig.serve()
+    (reply,) = rig.replies(1)
+    assert int.from_bytes(reply[24:32], "big") == 0x1234
+
+
 def test_every_packet_is_counted_once_and_every_request_answered(rig):
     datagrams = [request(0x1000 + i) for i in range(200)]   # > 3 batches of 64
     rig.send(datagrams)

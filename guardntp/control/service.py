@@ -49,6 +49,7 @@ class _Loop(Protocol):
 
     send_errors: int
     truncated: int
+    decision_errors: int
 
     def add_reader(self, fileobj: Any, callback: Callable[[Any], None]) -> None: ...
 
@@ -140,6 +141,7 @@ class ControlCommands:
         report = stats_report(self.pipeline)
         report["send_errors"] = self.loop.send_errors
         report["truncated"] = self.loop.truncated
+        report["decision_errors"] = self.loop.decision_errors
         if self.nts is not None:
             report["nts"] = self.nts()
         return report
