@@ -24,6 +24,8 @@ import pytest
 from guardntp import fastlane
 from guardntp import server as server_module
 from guardntp.clock import ClockState
+from guardntp.control.reports import format_stats
+from guardntp.control.service import ControlCommands
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
@@ -145,6 +147,9 @@ def test_a_decision_that_raises_drops_its_datagrams_not_the_server(rig, caplog):
             rig.send([poisoned])
             rig.serve()
     assert rig.server.decision_errors == 3
+    stats = ControlCommands(rig.pipeline, rig.server, None, lambda: "").stats({}, 0)
+    assert stats["decision_errors"] == 3
+    assert "errors       3 decisions raised" in format_stats(stats)
     errors = [r for r in caplog.records if "decision failed" in r.getMessage()]
     assert len(errors) == 1 and "a stage with a bug" in errors[0].getMessage()
     rig.send([request(0x1234)])

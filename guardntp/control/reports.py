@@ -186,6 +186,9 @@ def format_stats(report: Mapping[str, Any]) -> str:
     if nts:
         lines += _nts_lines(nts)
     lines.append(f"bytes        {report['bytes_in']} in, {report['bytes_out']} out")
+    if report.get("decision_errors"):   # a bug: the server's log has the first of each minute
+        lines.append(f"errors       {report['decision_errors']} decisions raised (their "
+                     "datagrams were dropped; see the server's log)")
     if "uptime_s" in report:
         lines.append(f"uptime       {report['uptime_s']:.0f} s")
     return "\n".join(lines) + "\n"
