@@ -1660,6 +1660,14 @@ record_int(Record *r, int i, int64_t *out)
 /* What fast_decide left in its output buffer. */
 enum { REPLY_NONE, REPLY_TIME, REPLY_KOD };
 
+/* The sanity stage's verdict on a request's first byte: its drop reason, or -1
+ * (NTPv1 mode 0 is dropped from the NTP port only). */
+static inline int
+first_byte_drop(Lane *L, unsigned first, int port)
+{
+    return port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+}
+
 /* fingerprint.packet_label: by first byte, except NTPv1, by source port. */
 static inline int
 label_slot(Lane *L, unsigned first, int port)
@@ -2622,7 +2630,7 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
 {
     unsigned first = d[0];
     int base = (int)((first >> 3) & 7) * L->n_reasons;
-    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+    int drop = first_byte_drop(L, first, port);
     int slot = claimed ? NTS_SLOT : label_slot(L, first, port), rc;
     PyObject *found, *entry;
     Record *record, *prefix = NULL;
@@ -2809,7 +2817,7 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
               int64_t recv_ns, int64_t now_ns, unsigned char *out, int *reason, int *reply)
 {
     unsigned first = length > 0 ? d[0] : 0;
-    int drop = port == NTP_PORT ? L->drop_reason_ntp_port[first] : L->drop_reason[first];
+    int drop = first_byte_drop(L, first, port);
     int kind = TAIL_FIELDS, claimed = 0, mac;
     *reply = REPLY_NONE;
     if (length < HEAD || length % 4 != 0)

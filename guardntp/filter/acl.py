@@ -182,24 +182,23 @@ def longest_match(probes: Probes, packed: bytes, now_ns: int) -> AclEntry | None
     return None
 
 
+def _packed_key(packed: bytes, prefixlen: int) -> Key:
+    """The key of the network at ``packed`` (4 or 16 bytes) / ``prefixlen``."""
+    if len(packed) == 4:
+        return int.from_bytes(packed, "big") >> (32 - prefixlen) << 8 | prefixlen
+    return int.from_bytes(packed, "big") >> (128 - prefixlen) << 8 | (33 + prefixlen)
+
+
 def _key(network: Network) -> Key:
     """Raises TypeError for anything that is not an IPv4 or IPv6 network."""
-    if isinstance(network, ipaddress.IPv4Network):
-        prefixlen = network.prefixlen
-        return int(network.network_address) >> (32 - prefixlen) << 8 | prefixlen
-    if isinstance(network, ipaddress.IPv6Network):
-        prefixlen = network.prefixlen
-        return int(network.network_address) >> (128 - prefixlen) << 8 | (33 + prefixlen)
-    raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
+    if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
+    return _packed_key(network.network_address.packed, network.prefixlen)
 
 
 def _entry_key(entry: AclEntry) -> Key:
     """:func:`_key` of the entry's network, without making the network."""
-    prefixlen = entry.prefixlen
-    packed = entry.packed
-    if len(packed) == 4:
-        return int.from_bytes(packed, "big") >> (32 - prefixlen) << 8 | prefixlen
-    return int.from_bytes(packed, "big") >> (128 - prefixlen) << 8 | (33 + prefixlen)
+    return _packed_key(entry.packed, entry.prefixlen)
 
 
 def _removal_key(network: Network | AclEntry) -> Key:
