@@ -160,7 +160,7 @@ typedef struct {
     /* First sightings (first_sighting): the tables and the newcomer ring. ring
      * NULL: the pipeline's ring is not a NewcomerRing, first sightings go to Python. */
     PyObject *sources, *prefixes, *ring, *prefix_overflow;
-    int64_t never, eviction_scan;
+    int64_t never, eviction_scan, earliest_ns, latest_ns;
 
     /* per pump */
     int64_t acl_generation, global_tat, kod_tat, offset_ns;
@@ -214,9 +214,9 @@ monotonic_ns(void)
 
 /* Responder.time_reply_at's receive field: floor(((ns + offset) << 32) / 1e9) + epoch. */
 static void
-put_ntp(unsigned char *out, int64_t unix_ns)
+put_ntp(unsigned char *out, __int128 unix_ns)
 {
-    __int128 t = (__int128)unix_ns << 32;
+    __int128 t = unix_ns * ((__int128)1 << 32);
     __int128 q = t / NS_PER_S;
     uint64_t ntp;
     int i;
@@ -1677,6 +1677,54 @@ label_slot(Lane *L, unsigned first, int port)
     return port == L->netgear_port ? V1_NETGEAR : V1_OTHER;
 }
 
+/*
+ * The bound behind every int64 time sum and difference here: now_ns is clamped
+ * to [earliest_ns, latest_ns], inside +-TIME_BOUND; "never" lies within
+ * 2 * TIME_BOUND behind; an interval or tolerance is at most TIME_BOUND / 2, so
+ * a TAT (at most a tolerance and an interval ahead of a now) stays within
+ * 2 * TIME_BOUND, and any difference of two such times within 3 * TIME_BOUND,
+ * under 2^63. Products (the crowd's repricing, the irregularity test) are
+ * computed in 128 bits.
+ */
+#define TIME_BOUND ((int64_t)1 << 61)
+
+static int
+times_fit(Lane *L)
+{
+    int64_t spans[] = {L->prefix_interval, L->prefix_tolerance, L->global_interval,
+                       L->global_tolerance, L->kod_bucket_interval, L->kod_bucket_tolerance,
+                       L->kod_interval, L->class_memory_ns, L->crowd_window_ns};
+    size_t i;
+    if (L->earliest_ns < -TIME_BOUND || L->latest_ns > TIME_BOUND
+            || L->earliest_ns > L->latest_ns || L->never < -2 * TIME_BOUND
+            || L->never >= L->earliest_ns)
+        return 0;
+    for (i = 0; i < sizeof(spans) / sizeof(spans[0]); i++)
+        if (spans[i] < 0 || spans[i] > TIME_BOUND / 2)
+            return 0;
+    for (i = 0; i < LABEL_SLOTS; i++)
+        if (L->interval[i] < 0 || L->interval[i] > TIME_BOUND / 2 || L->tolerance[i] < 0
+                || L->tolerance[i] > TIME_BOUND / 2)
+            return 0;
+    return 1;
+}
+
+/* A record's cell i holds a time within 2 * TIME_BOUND of zero. */
+static inline int
+record_time(Record *record, int i)
+{
+    int64_t t;
+    return record_int(record, i, &t) && t >= -2 * TIME_BOUND && t <= 2 * TIME_BOUND;
+}
+
+/* The monotonic clock as Pipeline.decide reads it. */
+static inline int64_t
+clamped_now(Lane *L, int64_t now_ns)
+{
+    return now_ns < L->earliest_ns ? L->earliest_ns
+           : now_ns > L->latest_ns ? L->latest_ns : now_ns;
+}
+
 /* May the fast path take a source of this address length at all? IPv6 only
  * where configure() found its source and prefix keys sliceable. */
 static inline int
@@ -1765,7 +1813,7 @@ time_reply_head(Lane *L, const unsigned char *d, int64_t recv_ns, unsigned char 
     out[2] = d[2];
     memcpy(out + 3, L->fields, FIELDS_LEN);
     memcpy(out + 24, d + 40, 8);
-    put_ntp(out + 32, recv_ns + L->offset_ns);
+    put_ntp(out + 32, (__int128)recv_ns + L->offset_ns);
 }
 
 /* Responder.kod_reply(data, request, code, kod_min_poll): 48 bytes. */
@@ -2546,12 +2594,10 @@ first_sighting(Lane *L, const unsigned char *d, int mac, const unsigned char *pa
     Record *record = NULL, *prefix = NULL;
     RingSlot *remembered;
     Key pkey = {0, 0, 0};
-    int64_t since_kod;
     int acl_kind, acl_why, rc;
 
-    if (ring == NULL || __builtin_sub_overflow(now_ns, L->never, &since_kod)
-            || __builtin_sub_overflow(now_ns, L->class_memory_ns, &since_kod))
-        return 0;   /* (the KoD guard's subtraction, as for an established source) */
+    if (ring == NULL)
+        return 0;
     s.newcomer = 0;
     s.k = source_key(L, packed, packed_len);
     if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
@@ -2635,11 +2681,12 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     PyObject *found, *entry;
     Record *record, *prefix = NULL;
     Key pkey = {0, 0, 0};
-    int64_t generation, last_kod, since_kod, ignored, last_seen, gap_ns;
+    int64_t generation, ignored, gap_ns;
     int looked_up, acl_kind, acl_why;
 
     *reply = REPLY_NONE;
     L->counted = 1;
+    now_ns = clamped_now(L, now_ns);
     if (drop >= 0) {                       /* 1. sanity, by first byte */
         L->count_acc[base + drop]++;
         *reason = drop;
@@ -2666,38 +2713,29 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
             || !record_int(record, L->i_acl_generation, &generation))
         return 0;
-    if (!record_int(record, L->i_tat, &ignored) || !record_int(record, L->i_requests, &ignored)
+    /* The times in a record are those the filter writes (a clamped now, a TAT
+     * ahead of one, "never"): within 2 * TIME_BOUND, so differences fit int64. */
+    if (!record_time(record, L->i_tat) || !record_int(record, L->i_requests, &ignored)
             || !record_int(record, L->i_time_replies, &ignored)
             || !record_int(record, L->i_drops, &ignored)
             || !record_int(record, L->i_kods, &ignored)
-            || !record_int(record, L->i_last_kod, &last_kod)
-            || !record_int(record, L->i_last_seen, &last_seen)
+            || !record_time(record, L->i_last_kod)
+            || !record_time(record, L->i_last_seen)
             || !record_int(record, L->i_port, &ignored)
             || !record_int(record, L->i_home_ttl, &ignored)
-            || !record_int(record, L->i_other_tat, &ignored)
+            || !record_time(record, L->i_other_tat)
             || !record_int(record, L->i_port_sketch, &ignored) || ignored < 0
-            || !record_int(record, L->i_window_start, &ignored)
-            || !record_int(record, L->i_crowd, &ignored) || ignored < 1
-            || ignored > L->max_crowd
+            || !record_time(record, L->i_window_start)
+            || !record_int(record, L->i_crowd, &ignored)
             || !record_int(record, L->i_gap_mean, &ignored) || ignored < 0
             || !record_int(record, L->i_gap_dev, &ignored) || ignored < 0
             || !record_int(record, L->i_home_ttl, &ignored)
             || !record_int(record, L->i_other_ttl, &ignored)
-            || !record_int(record, L->i_last_crowd, &ignored) || ignored < 1
-            || ignored > L->max_crowd)
+            || !record_int(record, L->i_last_crowd, &ignored) || ignored < 1)
         return 0;
-    /* Python's arithmetic is unbounded: where a difference would overflow, Python
-     * decides. */
-    if (__builtin_sub_overflow(now_ns, last_seen, &gap_ns)
-            || __builtin_sub_overflow(now_ns, L->class_memory_ns, &ignored)
-            || __builtin_sub_overflow(now_ns, record->cell[L->i_window_start].n, &ignored)
-            || ignored > INT64_MAX / 4)
-        return 0;
-    /* 4. authentication (authenticated(), below: a MAC fails, a source that must
-     * authenticate and sent none is refused). The KoD guard's
-     * subtraction is Python's unbounded one: beyond 64 bits, Python. */
-    if (__builtin_sub_overflow(now_ns, last_kod, &since_kod))
-        return 0;
+    gap_ns = now_ns - record->cell[L->i_last_seen].n;
+    /* 4. authentication: authenticated(), below (a MAC fails, a source that must
+     * authenticate and sent none is refused). */
     /* 3. access list: the record's cached entry while the list is the same and
      * the entry has not lapsed (IPv4); else, and always for IPv6 (whose source
      * key may hold sources with different entries), the list's own lookup, to
@@ -3347,6 +3385,8 @@ Lane_configure(Lane *L, PyObject *policy)
             goto fail;
         }
     if (need_int(policy, "contract.never", &L->never) < 0
+            || need_int(policy, "contract.earliest_ns", &L->earliest_ns) < 0
+            || need_int(policy, "contract.latest_ns", &L->latest_ns) < 0
             || need_int(policy, "contract.eviction_scan", &L->eviction_scan) < 0
             || need_int(policy, "settings.prefix_limit.interval_ns", &L->prefix_interval) < 0
             || need_int(policy, "settings.prefix_limit.tolerance_ns", &L->prefix_tolerance) < 0)
@@ -3397,6 +3437,11 @@ Lane_configure(Lane *L, PyObject *policy)
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
+        goto fail;
+    }
+    if (!times_fit(L)) {
+        PyErr_SetString(PyExc_ValueError, "lane policy: the monotonic range, the limits or "
+                                          "the crowd's windows leave room to overflow int64");
         goto fail;
     }
     for (i = 0; i < 256; i++)

@@ -10,8 +10,9 @@ within or over its buckets: answered, leaked, sent a RATE KoD or dropped). That
 includes first sightings: a new source is inserted into the source table while it
 has room, remembered in the newcomer ring once it is full, and promoted at its
 second request, with the tables' own rules (``filter/buckets.py``). For
-anything else (a record of another shape, arithmetic beyond 64 bits) it calls
-``Pipeline.decide`` before touching anything. It reads
+a record of another shape (which neither side writes) it calls
+``Pipeline.decide`` before touching anything; both read the monotonic clock within
+``pipeline.EARLIEST_NS..LATEST_NS``, so no time leaves 64 bits. It reads
 and updates the pipeline's own records and counters, so ``guardntp clients``,
 metrics, reload and the blocklist see one state whichever path a packet took.
 What it needs of the pipeline it is handed as one typed policy,

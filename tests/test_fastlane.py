@@ -40,7 +40,7 @@ from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
 from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
 from guardntp.filter.lane import LanePolicy
-from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.pipeline import EARLIEST_NS, LATEST_NS, Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.netaddr import ListenSpec
 from guardntp.responder import Responder, inspect_request
@@ -291,6 +291,41 @@ def test_compiled_decisions_match_pipeline_decide(variant: str, seed: int) -> No
         # (the leak is drawn at random: test_floods_of_new_sources... sees it in C)
         assert {Reason.ANSWERED, Reason.RATE_KOD, Reason.RATE_LIMITED} <= decided_in_c, \
             decided_in_c
+
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@pytest.mark.parametrize("variant", ["defaults", "tight", "tight-acl"])
+def test_clocks_at_the_int64_limits_are_decided_in_c_as_python_decides(variant: str) -> None:
+    """Both sides read now_ns within [EARLIEST_NS, LATEST_NS], so a monotonic clock
+    anywhere in int64 (and a wall clock anywhere, for the reply's timestamps) is still
+    decided in C, exactly as the reference decides it."""
+    rng = random.Random(variant)
+    reference, compiled, lane, sock = pair(VARIANTS[variant], 4)
+    edges = (INT64_MIN, INT64_MIN + 1, EARLIEST_NS - 1, EARLIEST_NS, -1, 0, LATEST_NS,
+             LATEST_NS + 1, INT64_MAX - 1, INT64_MAX)
+    now_ns = 0
+    answered = 0
+    try:
+        for step in range(1200):
+            if rng.random() < 0.1:
+                now_ns = rng.choice(edges)
+            else:   # creep (and clamp back into int64 as a clock reading must)
+                now_ns = max(INT64_MIN, min(INT64_MAX, now_ns + rng.randrange(
+                    -NS_PER_S, 5 * NS_PER_S)))
+            recv_ns = rng.choice((WALL_BASE_NS + step, INT64_MIN, INT64_MAX, -1,
+                                  rng.randrange(INT64_MIN, INT64_MAX)))
+            data = bytes((0x23,)) + bytes(39) + step.to_bytes(8, "big")
+            source = rng.choice(V4_SOURCES) if rng.random() < 0.8 else rng.choice(V6_SOURCES)
+            reason, in_c, where, _ = decide_both(reference, compiled, lane, step, data, source,
+                                                 rng.choice(PORTS[:3]), recv_ns, now_ns,
+                                                 rng.choice(TTLS))
+            assert in_c, where
+            answered += reason == Reason.ANSWERED
+    finally:
+        sock.close()
+    assert answered > 0
 
 
 def test_junk_of_every_length_is_dropped_in_c_as_python_drops_it() -> None:
@@ -859,6 +894,12 @@ def test_bad_configuration_is_refused() -> None:
         with pytest.raises(ValueError, match=r"contract\.cells\.last_kod is outside the record"):
             lane.lane.configure(dataclasses.replace(
                 policy, contract=dataclasses.replace(contract, cells=cells)))
+        for wide in (dict(latest_ns=1 << 62), dict(earliest_ns=-(1 << 62)),
+                     dict(never=contract.earliest_ns)):
+            # a clock range whose arithmetic could leave int64
+            with pytest.raises(ValueError, match="overflow int64"):
+                lane.lane.configure(dataclasses.replace(
+                    policy, contract=dataclasses.replace(contract, **wide)))
         with pytest.raises(ValueError):   # a crowd estimate above max_crowd
             lane.lane.configure(with_settings(policy, crowd_of_bits=(1,) * 63 + (10**6,)))
         with pytest.raises(TypeError, match=r"objects\.counts must be a list"):

@@ -14,9 +14,9 @@
 # (FUZZ_REQUIRE_ASAN=1 makes that a failure). PYTHON=... picks the interpreter.
 # CPU: one process. Network: none (the lane's socket is never bound).
 #
-# The default clocks go right up to the int64 limits, where the C arithmetic is still
-# known to differ from Python's (signed overflow, int64-only TATs); --times headroom
-# --no-wild-recv keeps now_ns in -2**61..2**62 and recv_ns near today, as a server's are.
+# The default clocks go right up to the int64 limits (now_ns, which both sides read
+# within pipeline.EARLIEST_NS..LATEST_NS, and recv_ns, the wall clock), and a datagram
+# the compiled core hands to Pipeline.decide instead of deciding it is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

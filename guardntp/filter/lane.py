@@ -140,6 +140,9 @@ class LaneContract:
     record_len: int
     #: A monotonic time before anything: a record's "no KoD yet", "no other class".
     never: int
+    #: The range ``now_ns`` is read within (``pipeline.EARLIEST_NS``, ``LATEST_NS``).
+    earliest_ns: int
+    latest_ns: int
     #: ``buckets.EVICTION_SCAN``: entries one admission may look at.
     eviction_scan: int
     reasons: ReasonCodes

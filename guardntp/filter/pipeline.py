@@ -93,6 +93,13 @@ LAST_CROWD = 20    # the crowd the latest request was charged with
 RECORD_LEN = 21
 
 _NEVER = -(1 << 62)
+#: The monotonic clock as the filter reads it: ``now_ns`` outside this range (73 years
+#: either side of the clock's zero, which Linux sets at boot) counts as its nearer end.
+#: Within it every sum and difference of the times the filter keeps (TATs at most two
+#: refills ahead, _NEVER behind) fits in 64 bits, so the compiled core, which keeps
+#: them as int64, decides exactly as this module does for any clock reading.
+EARLIEST_NS = -(1 << 61)
+LATEST_NS = 1 << 61
 
 #: What the compiled loop and this module agree on whatever the policy (``lane.py``).
 LANE_CONTRACT = LaneContract(
@@ -103,7 +110,8 @@ LANE_CONTRACT = LaneContract(
         other_tat=OTHER_TAT, port_sketch=PORT_SKETCH, window_start=WINDOW_START,
         crowd=CROWD, gap_mean=GAP_MEAN, gap_dev=GAP_DEV, other_ttl=OTHER_TTL,
         last_crowd=LAST_CROWD),
-    record_len=RECORD_LEN, never=_NEVER, eviction_scan=EVICTION_SCAN,
+    record_len=RECORD_LEN, never=_NEVER, earliest_ns=EARLIEST_NS, latest_ns=LATEST_NS,
+    eviction_scan=EVICTION_SCAN,
     reasons=ReasonCodes(
         n_reasons=N_REASONS, reflection=int(Reason.REFLECTION_PORT),
         global_cap=int(Reason.GLOBAL_CAP), last_time_reason=int(Reason.LEAKED),
@@ -483,8 +491,11 @@ class Pipeline:
                ttl: int = -1) -> Decision:
         """The fate of one datagram from ``packed``:``port`` (packed address bytes).
 
-        ``ttl``: the IP TTL (IPv4) or hop limit (IPv6) it arrived with, -1 if unknown."""
+        ``ttl``: the IP TTL (IPv4) or hop limit (IPv6) it arrived with, -1 if unknown.
+        ``now_ns`` is read within [EARLIEST_NS, LATEST_NS]."""
         sane: Request | Reason | None
+        if not EARLIEST_NS <= now_ns <= LATEST_NS:
+            now_ns = EARLIEST_NS if now_ns < EARLIEST_NS else LATEST_NS
         if len(data) == HEADER_LEN:
             first = data[0]
             sane = self._sanity_48[first]
