@@ -10,12 +10,12 @@
  *   sendmmsg the replies in chunks of 16, each chunk's time replies stamped
  *   just before the call.
  *
- * The filter stays in Python and stays the authority: Pipeline.decide is the
- * reference model. This file decides a packet itself only on the paths below,
- * and there it reads and writes the very same Python objects Pipeline.decide
- * uses (the tables' AddressTables of per-source and prefix Records, the
- * newcomer ring, the counters, the global and KoD buckets), with the same
- * arithmetic:
+ * Pipeline.decide is the reference model: this file decides every packet as it
+ * would, reading and writing the very same Python objects Pipeline.decide uses
+ * (the tables' AddressTables of per-source and prefix Records, the newcomer
+ * ring, the counters, the global and KoD buckets), with the same arithmetic
+ * (both read the monotonic clock within EARLIEST_NS..LATEST_NS, where every
+ * time it keeps fits in int64: times_fit):
  *   - a request whose first byte the sanity table drops (modes 0, 2, 4-7, bad
  *     versions) -> that drop, counted; a datagram of another length whose
  *     length (short, not a multiple of 4), first byte or tail (extension
@@ -50,10 +50,10 @@
  * sanity verdict and label depend on the source port too (label_slot).
  * A source that must authenticate (authenticator.required_for) and sent no
  * MAC is dropped here as AUTH_REQUIRED.
- * Everything else (records of another shape, differences beyond 64 bits)
- * goes to Pipeline.decide unchanged, before anything here has been modified:
- * with clocks inside the 64-bit range, no datagram the fuzz or the
- * differential tests have found.
+ * There is no per-packet handoff. A record the filter did not write is an
+ * error (the batch is lost and counted). Where the tables or the ring are
+ * Python's (the reference model's), or objects.enabled is false, the loop is
+ * only the socket layer: Pipeline.decide decides every packet (slow_decide).
  * What it knows of the filter it copies at configure() from one typed policy
  * object (guardntp/filter/lane.py, built by Pipeline.lane_policy()): the record
  * layout and the reason codes it shares with pipeline.py, the compiled policy's
@@ -126,12 +126,12 @@ typedef struct {
     unsigned char kod_of_first[LABEL_SLOTS];
     int netgear_port;
     signed char drop_reason[256], drop_reason_ntp_port[256];  /* the latter: port 123 */
-    unsigned char eligible[256], reply_mode[256];
+    unsigned char eligible[256], reply_mode[256];   /* eligible: not dropped by first byte */
     int64_t prefix_interval, prefix_tolerance;
     int has_global;
     int64_t global_interval, global_tolerance;
     int v4_prefix_bits, n_reasons, n_counts, reason_reflection, reason_global_cap;
-    int v6_fast, v6_source_bytes, v6_prefix_bits;  /* v6_fast: both keys sliceable */
+    int v6_source_bytes, v6_prefix_bits;
     int reason_leaked, reason_rate_kod, reason_rate_limited, last_time_reason;
     int reason_acl_deny, reason_blocklisted, reason_deny_kod, reason_malformed;
     int reason_auth_required, reason_auth_failed, reason_crypto_nak;
@@ -1717,20 +1717,22 @@ record_time(Record *record, int i)
     return record_int(record, i, &t) && t >= -2 * TIME_BOUND && t <= 2 * TIME_BOUND;
 }
 
+/* A table holds only records the filter made, whose cells hold what it writes
+ * there. Anything else is a bug elsewhere: an error here (the batch is lost and
+ * counted as a decision error), never a decision by other rules. */
+static int
+foreign_record(const char *table)
+{
+    PyErr_Format(PyExc_TypeError, "a %s record the filter did not write", table);
+    return -1;
+}
+
 /* The monotonic clock as Pipeline.decide reads it. */
 static inline int64_t
 clamped_now(Lane *L, int64_t now_ns)
 {
     return now_ns < L->earliest_ns ? L->earliest_ns
            : now_ns > L->latest_ns ? L->latest_ns : now_ns;
-}
-
-/* May the fast path take a source of this address length at all? IPv6 only
- * where configure() found its source and prefix keys sliceable. */
-static inline int
-fast_source(Lane *L, int packed_len)
-{
-    return packed_len == 4 || (packed_len == 16 && L->v6_fast);
 }
 
 /* Pipeline.decide's source key: the IPv4 address, or the IPv6 address's first
@@ -1875,8 +1877,10 @@ acl_verdict(Lane *L, PyObject *entry, int *kind, int *why)
     *kind = value == L->action_allow ? ACL_PASS : value == L->action_exempt ? ACL_EXEMPT
             : value == L->action_drop ? ACL_DROP : value == L->action_deny ? ACL_DENY : -1;
     Py_DECREF(value);
-    if (*kind < 0)
-        return 0;
+    if (*kind < 0) {
+        PyErr_SetString(PyExc_TypeError, "an access-list entry whose action is not an Action");
+        return -1;
+    }
     if (*kind == ACL_PASS || *kind == ACL_EXEMPT)
         return 1;
     if ((value = PyObject_GetAttr(entry, str_origin)) == NULL)
@@ -2531,13 +2535,13 @@ find_prefix(Lane *L, const unsigned char *packed, int packed_len, Record **prefi
     *pkey = prefix_key(L, packed, packed_len);
     found = table_find(PREFIX_TABLE(L), *pkey);
     if (found != NULL) {
-        if (Py_TYPE(found) != &RecordType || IS_OBJECT((Record *)found, 0))
-            return 0;
+        if (Py_TYPE(found) != &RecordType || !record_time((Record *)found, 0))
+            return foreign_record("prefix");
         *prefix = (Record *)found;
         return 1;
     }
     *prefix = NULL;
-    return L->ring != NULL;   /* no ring: configure() found no way to create records here */
+    return 1;
 }
 
 /*
@@ -2577,10 +2581,9 @@ listed(Lane *L, const unsigned char *d, Record *record, Sighting *s, int base, i
  * A source the table does not hold (Pipeline.decide's `record is None`): a
  * first request while there is room (inserted), once the table is full a
  * newcomer (remembered in the ring), or a returning newcomer (promoted if the
- * table admits it). Everything that could send the packet to Python is checked
- * before anything changes: the source is not in the table,
- * its access-list entry (looked up as Python would; lookup() is pure) is none
- * or a silent drop, its prefix record is usable.
+ * table admits it). The access-list entry (looked up as Python would;
+ * lookup() is pure), the auth stage and the prefix record are read before
+ * anything changes.
  */
 static int
 first_sighting(Lane *L, const unsigned char *d, int mac, const unsigned char *packed,
@@ -2596,8 +2599,6 @@ first_sighting(Lane *L, const unsigned char *d, int mac, const unsigned char *pa
     Key pkey = {0, 0, 0};
     int acl_kind, acl_why, rc;
 
-    if (ring == NULL)
-        return 0;
     s.newcomer = 0;
     s.k = source_key(L, packed, packed_len);
     if ((entry = acl_lookup(L, packed, packed_len, recv_ns)) == NULL)   /* 3. */
@@ -2661,13 +2662,12 @@ done:
 }
 
 /*
- * The paths of Pipeline.decide for a request that this file takes (see its
- * top): d is its header; mac says what the auth stage makes of its tail, and
- * claimed whether the NTS stage claimed it (its label) (decide_longer; for 48
- * bytes MAC_NONE and 0). Returns 1 when decided here (*reason and
- * *reply set: a time reply's first 40 bytes or a KoD's 48 are in out), 0 to
- * leave the packet to Pipeline.decide with nothing modified, -1 on a Python
- * error.
+ * Pipeline.decide for a request whose length and tail are sane (see this
+ * file's top): d is its header; mac says what the auth stage makes of its
+ * tail, and claimed whether the NTS stage claimed it (its label)
+ * (decide_longer; for 48 bytes MAC_NONE and 0). Returns 1 (*reason and *reply
+ * set: a time reply's first 40 bytes or a KoD's 48 are in out), or -1 on a
+ * Python error.
  */
 static int
 fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigned char *packed,
@@ -2692,15 +2692,11 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
         *reason = drop;
         return 1;
     }
-    if (!L->eligible[first])
-        return 0;
     if (L->reflection[port >> 3] & (1u << (port & 7))) {   /* 2. reflection */
         L->count_acc[base + L->reason_reflection]++;
         *reason = L->reason_reflection;
         return 1;
     }
-    if (!fast_source(L, packed_len))
-        return 0;
 
     /* Read everything first: a packet that leaves here must leave nothing changed. */
     found = table_find(SOURCE_TABLE(L), source_key(L, packed, packed_len));
@@ -2708,11 +2704,11 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
         return first_sighting(L, d, mac, packed, packed_len, port, ttl, slot, base, recv_ns,
                               now_ns, out, reason, reply);
     if (Py_TYPE(found) != &RecordType || Py_SIZE(found) != RECORD_CELLS)
-        return 0;
+        return foreign_record("source");
     record = (Record *)found;
     if (!IS_OBJECT(record, L->i_acl_entry) || !IS_OBJECT(record, L->i_label)
             || !record_int(record, L->i_acl_generation, &generation))
-        return 0;
+        return foreign_record("source");
     /* The times in a record are those the filter writes (a clamped now, a TAT
      * ahead of one, "never"): within 2 * TIME_BOUND, so differences fit int64. */
     if (!record_time(record, L->i_tat) || !record_int(record, L->i_requests, &ignored)
@@ -2732,7 +2728,7 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
             || !record_int(record, L->i_home_ttl, &ignored)
             || !record_int(record, L->i_other_ttl, &ignored)
             || !record_int(record, L->i_last_crowd, &ignored) || ignored < 1)
-        return 0;
+        return foreign_record("source");
     gap_ns = now_ns - record->cell[L->i_last_seen].n;
     /* 4. authentication: authenticated(), below (a MAC fails, a source that must
      * authenticate and sent none is refused). */
@@ -2893,7 +2889,8 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
                        reason, reply);
 }
 
-/* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its tuple. */
+/* Pipeline.decide(data, packed, port, recv_ns, now_ns, ttl) -> new reference to its
+ * tuple: every packet, where the loop is only the socket layer (!L->enabled). */
 static PyObject *
 slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len, int port,
             int ttl, int64_t recv_ns, int64_t now_ns)
@@ -3300,7 +3297,6 @@ Lane_configure(Lane *L, PyObject *policy)
     Py_DECREF(labels);
     if (need_bytes(policy, "settings.drop_reason", drop, 256) < 0
             || need_bytes(policy, "settings.drop_reason_ntp_port", drop_ntp_port, 256) < 0
-            || need_bytes(policy, "settings.eligible", L->eligible, 256) < 0
             || need_bytes(policy, "settings.reply_mode", L->reply_mode, 256) < 0
             || need_bytes(policy, "settings.reflection", L->reflection, 8192) < 0
             || need_int_tuple(policy, "settings.interval_ns", L->interval, LABEL_SLOTS) < 0
@@ -3319,8 +3315,9 @@ Lane_configure(Lane *L, PyObject *policy)
                                             : L->labels[i] != NULL;
         L->drop_reason[i] = drop[i] == 255 ? -1 : (signed char)drop[i];
         L->drop_reason_ntp_port[i] = drop_ntp_port[i] == 255 ? -1 : (signed char)drop_ntp_port[i];
+        L->eligible[i] = L->drop_reason[i] < 0;
         if (L->eligible[i] && (!labelled || L->reply_mode[i] > 7)) {
-            PyErr_SetString(PyExc_ValueError, "an eligible first byte needs a label and a mode");
+            PyErr_SetString(PyExc_ValueError, "a first byte not dropped needs a label and a mode");
             goto fail;
         }
     }
@@ -3394,14 +3391,17 @@ Lane_configure(Lane *L, PyObject *policy)
     if (need_int(policy, "settings.v4_prefix_bits", &v) < 0)
         goto fail;
     L->v4_prefix_bits = (int)v;
-    /* IPv6 sources take the fast path when both their keys fit the index. */
     if (need_int(policy, "settings.v6_source_bytes", &v) < 0)
         goto fail;
     L->v6_source_bytes = (int)v;
     if (need_int(policy, "settings.v6_prefix_bits", &v) < 0)
         goto fail;
     L->v6_prefix_bits = (int)v;
-    L->v6_fast = L->v6_source_bytes >= 1 && L->v6_source_bytes <= 16 && v >= 1 && v <= 128;
+    if (L->v6_source_bytes < 1 || L->v6_source_bytes > 16 || v < 1 || v > 128) {
+        PyErr_SetString(PyExc_ValueError, "lane policy: an IPv6 source key of 1-16 bytes and "
+                                          "a prefix of 1-128 bits");
+        goto fail;
+    }
     if (need_int(policy, "contract.reasons.n_reasons", &v) < 0)
         goto fail;
     L->n_reasons = (int)v;
@@ -3433,7 +3433,9 @@ Lane_configure(Lane *L, PyObject *policy)
                                          "must both be callables, or nts_claims None");
         goto fail;
     }
-    L->enabled = enabled && tables_compiled;
+    /* Tables or a ring in Python (the reference model's): the reference decides
+     * every packet, and says so (objects.enabled false does the same). */
+    L->enabled = enabled && tables_compiled && L->ring != NULL;
     if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
@@ -3668,8 +3670,6 @@ prefetch(Lane *L, int count)
             if (L->rh[i].msg_len != HEAD || !L->eligible[head[0]])
                 continue;
             packed_len = source_of(L, i, &packed);
-            if (!fast_source(L, packed_len))
-                continue;
             if (pass == 0) {
                 Key k = source_key(L, packed, packed_len);
                 __builtin_prefetch(table_home(sources, k));
@@ -3731,7 +3731,7 @@ handle(Lane *L, int i, int64_t now_ns, PyObject *wall_ns, int *queued,
                             &reply_kind);
         Py_CLEAR(L->datagram);
         if (decided <= 0 || reply_kind == REPLY_NONE)
-            Py_CLEAR(L->signer);   /* (a drop, or Python's to decide: it verifies again) */
+            Py_CLEAR(L->signer);   /* (a drop: no reply to sign) */
         if (decided < 0)
             return -1;
     }

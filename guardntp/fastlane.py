@@ -1,25 +1,26 @@
 """The compiled packet loop: ``recvmmsg`` -> decide -> ``sendmmsg`` in C.
 
-Rule: the filter's logic lives in ``filter/pipeline.py``; this is an accelerator
-for its common cases, never a second authority. ``guardntp/_fastlane.c`` decides
-a datagram itself only when :meth:`Pipeline.decide` would (a request dropped by
-its length, first byte, tail or source port; the access list's drop, deny with
-its DENY KoD and exempt; a MAC, verified by ``Pipeline.verify_mac``; NTS, through
-the NTS stage's ``claims`` and ``decide``; a source
-within or over its buckets: answered, leaked, sent a RATE KoD or dropped). That
-includes first sightings: a new source is inserted into the source table while it
-has room, remembered in the newcomer ring once it is full, and promoted at its
-second request, with the tables' own rules (``filter/buckets.py``). For
-a record of another shape (which neither side writes) it calls
-``Pipeline.decide`` before touching anything; both read the monotonic clock within
-``pipeline.EARLIEST_NS..LATEST_NS``, so no time leaves 64 bits. It reads
-and updates the pipeline's own records and counters, so ``guardntp clients``,
-metrics, reload and the blocklist see one state whichever path a packet took.
+Rule: ``guardntp/_fastlane.c`` decides every packet, exactly as
+:meth:`Pipeline.decide` (the reference model) would: the sanity stage for every
+length and tail, reflection ports, the access list's every action, the auth stage
+(a MAC through ``Pipeline.verify_mac``; NTS through the NTS stage's ``claims`` and
+``decide``), first sightings (the source table while it has room, the newcomer ring
+once it is full, promotion at a source's second request, with the tables' own rules,
+``filter/buckets.py``), and a source within or over its buckets: answered, leaked,
+sent a RATE KoD or dropped. Both read the monotonic clock within
+``pipeline.EARLIEST_NS..LATEST_NS``, so no time leaves 64 bits. There is no
+per-packet handoff: a record the filter did not write is an error (the server drops
+that batch and counts it), never a packet for Python. Only where the pipeline's
+tables are Python's (no compiled ``AddressTable`` or ring) or the policy disables
+the core (``LanePolicy.disabled``, for tests that watch every decision) does the
+loop call ``Pipeline.decide`` for every packet, and then it is only the socket
+layer. It reads and updates the pipeline's own records and counters, so
+``guardntp clients``, metrics, reload and the blocklist see one state.
 What it needs of the pipeline it is handed as one typed policy,
 ``Pipeline.lane_policy()`` (``filter/lane.py``), again whenever
 ``Pipeline.config_version`` moves.
-``tests/test_fastlane.py`` feeds random traffic through both and compares
-replies, counters and records.
+``tests/test_fastlane.py`` and ``tools/fuzz_fastlane.py`` feed random traffic
+through both and compare replies, counters and records.
 
 Why: on one core the interpreter's per-packet cost (4-5 us) is what kept guardntp
 at ~0.4x chronyd's answer rate; compiled, it answers at 1.06-1.22x (``docs/benchmarks.md``).
@@ -119,7 +120,8 @@ class FastLane:
     def decide_one(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
                    ttl: int = -1) -> tuple[int, bytes | None, object, bool]:
         """One datagram through the compiled decision, no socket touched (tests, the
-        in-process replay): (reason, reply, signer, decided in C)."""
+        in-process replay): (reason, reply, signer, decided in C: False only where
+        the core is disabled and ``Pipeline.decide`` decided)."""
         self._configure()
         return self.lane.decide_one(data, packed, port, recv_ns, now_ns, ttl)
 

@@ -867,6 +867,33 @@ def test_tables_in_python_leave_every_packet_to_python() -> None:
         sock.close()
 
 
+def test_a_record_the_filter_did_not_write_is_an_error_not_a_handoff() -> None:
+    """The core decides every packet, or raises: it never passes one to Python
+    because its state looks odd. The server counts such a batch as a decision error."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        pipeline = Pipeline(FilterPolicy(), Responder(CLOCK, WALL_BASE_NS))
+        lane = fastlane.FastLane(sock, pipeline)
+        request = bytes((0x23, 0, 6)) + bytes(45)
+        source, other = bytes((192, 0, 2, 1)), bytes((192, 0, 2, 2))
+        assert lane.decide_one(request, source, 40_000, WALL_BASE_NS, NS_PER_S)[3] is True
+        record = pipeline.sources.records[source]
+        for cell, odd in ((3, "three"), (0, (1 << 62) + 1)):   # not an int; a time out of range
+            kept = record[cell]
+            record[cell] = odd
+            with pytest.raises(TypeError, match="did not write"):
+                lane.decide_one(request, source, 40_000, WALL_BASE_NS, 2 * NS_PER_S)
+            record[cell] = kept
+        pipeline.sources.records[other] = list(record)   # a list, not a Record
+        with pytest.raises(TypeError, match="source record the filter did not write"):
+            lane.decide_one(request, other, 40_000, WALL_BASE_NS, 2 * NS_PER_S)
+        del pipeline.sources.records[other]
+        assert lane.decide_one(request, source, 40_000, WALL_BASE_NS, 3 * NS_PER_S)[::3] == \
+            (Reason.ANSWERED, True)
+    finally:
+        sock.close()
+
+
 def with_settings(policy: LanePolicy, **changes: Any) -> LanePolicy:
     return dataclasses.replace(policy, settings=dataclasses.replace(policy.settings, **changes))
 
@@ -887,8 +914,8 @@ def test_bad_configuration_is_refused() -> None:
         with pytest.raises(AttributeError, match=r"^lane policy has no objects\.sources$"):
             lane.lane.configure(dataclasses.replace(
                 policy, objects=without_sources))  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match=r"settings\.eligible must be 256 bytes"):
-            lane.lane.configure(with_settings(policy, eligible=b"short"))
+        with pytest.raises(TypeError, match=r"settings\.drop_reason must be 256 bytes"):
+            lane.lane.configure(with_settings(policy, drop_reason=b"short"))
         contract = policy.contract
         cells = contract.cells._replace(last_kod=99)
         with pytest.raises(ValueError, match=r"contract\.cells\.last_kod is outside the record"):

@@ -173,9 +173,7 @@ class LaneSettings:
     drop_reason: bytes
     #: ... the same from source port 123 (NTPv1 mode 0 is dropped there).
     drop_reason_ntp_port: bytes
-    #: Per first byte: 1 where the loop may answer it (sane, no MAC), else 0.
-    eligible: bytes
-    #: Per first byte: the reply's mode where eligible.
+    #: Per first byte: the reply's mode where it is not dropped.
     reply_mode: bytes
     #: A bitmap of the 65536 source ports dropped as reflection (bit port & 7 of byte
     #: port >> 3).
@@ -210,7 +208,6 @@ class LaneSettings:
         answer_symmetric = compiled.policy.answer_symmetric
         drop_reason = bytearray(b"\xff" * 256)
         drop_reason_ntp_port = bytearray(b"\xff" * 256)
-        eligible = bytearray(256)
         reply_mode = bytearray(256)
         for first in range(256):
             packet = bytes((first,)) + padding
@@ -222,8 +219,7 @@ class LaneSettings:
                 drop_reason_ntp_port[first] = at_ntp_port
             if isinstance(sane, Reason):
                 drop_reason[first] = sane
-            elif sane.mac_key_id is None and sane.whole_tail_mac is None:
-                eligible[first] = 1
+            else:   # (48 bytes: no tail, so no MAC)
                 reply_mode[first] = sane.reply_mode
         labels = (*compiled.label_of_first, fingerprint.NETGEAR, fingerprint.SNTPV1,
                   fingerprint.NTS)
@@ -238,8 +234,8 @@ class LaneSettings:
             reflection[port >> 3] |= 1 << (port & 7)
         return cls(
             labels=labels, drop_reason=bytes(drop_reason),
-            drop_reason_ntp_port=bytes(drop_reason_ntp_port), eligible=bytes(eligible),
-            reply_mode=bytes(reply_mode), reflection=bytes(reflection),
+            drop_reason_ntp_port=bytes(drop_reason_ntp_port), reply_mode=bytes(reply_mode),
+            reflection=bytes(reflection),
             interval_ns=tuple(limit.interval_ns for limit in limits),
             tolerance_ns=tuple(limit.tolerance_ns for limit in limits),
             kod_of_first=kod_of_first, prefix_limit=compiled.prefix_limit,
@@ -257,13 +253,13 @@ class LaneObjects:
     """The pipeline's objects the loop reads and updates in place."""
 
     pipeline: Pipeline
-    #: Where the loop hands every packet it does not decide itself.
+    #: ``Pipeline.decide``, which decides every packet where the loop is disabled.
     decide: Callable[[bytes, bytes, int, int, int, int], Decision]
     counts: list[int]
     label_counts: dict[str, int]
     acl: AccessList
     responder: Responder
-    #: False: the loop hands every packet to ``decide``.
+    #: False: ``decide`` decides every packet, the loop only receives and sends.
     enabled: bool
     #: ``authenticator.required_for`` where some source must authenticate, else None.
     required_for: Callable[[bytes], bool] | None
@@ -280,8 +276,8 @@ class LaneObjects:
     #: evicts from as BucketTable does.
     sources: BucketTable
     prefixes: BucketTable
-    #: The newcomer ring; where it is not a compiled NewcomerRing, first sightings
-    #: stay with ``decide``.
+    #: The newcomer ring; where it is not a compiled NewcomerRing (or the tables are
+    #: not AddressTables), ``decide`` decides every packet.
     newcomers: NewcomerRing | PyNewcomerRing
     #: The record a prefix overflows into when the prefix table is full.
     prefix_overflow: SourceRecord
@@ -297,6 +293,6 @@ class LanePolicy:
     objects: LaneObjects
 
     def disabled(self) -> LanePolicy:
-        """The same, with the loop handing every packet to ``decide`` (tests that must
+        """The same, with ``decide`` deciding every packet (tests that must
         see every decision)."""
         return replace(self, objects=replace(self.objects, enabled=False))

@@ -5,10 +5,11 @@ clock, for the reply and for access-list expiry) and ``now_ns`` (monotonic, for
 buckets, so a clock step cannot open or shut every bucket at once). Every packet
 is counted exactly once, by (NTP version, :class:`~guardntp.verdicts.Reason`).
 
-Where the compiled loop is built (``guardntp/_fastlane.c``) it decides the common
-paths itself, first sightings and the newcomer ring included, on these same
-tables: this method is then the reference model ``tests/test_fastlane.py`` holds
-it to, and the path for what the loop hands over (``guardntp/fastlane.py``).
+Where the compiled loop is built (``guardntp/_fastlane.c``) it decides every
+packet itself, on these same tables: this method is then the reference model
+``tests/test_fastlane.py`` and ``tools/fuzz_fastlane.py`` hold it to, and it decides
+only where the core cannot run (no compiler at install, tables in Python, or a test
+that disables the core; ``guardntp/fastlane.py``).
 
 Stages, in order; the first that decides ends the packet:
 
@@ -306,7 +307,7 @@ def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
                         f"whole bytes of the address): {v6_source_bits // 8 * 8} or "
                         f"{v6_source_bits // 8 * 8 + 8}?")
     # Prefix keys of any length are masked bit by bit (_prefix_key; the compiled loop
-    # does the same for IPv4 and hands IPv6 with a non-byte prefix to decide()).
+    # does the same).
     v4_prefix_bits = _whole("ipv4_prefix", policy.ipv4_prefix, 1, 32)
     v6_prefix_bits = _whole("ipv6_prefix", policy.ipv6_prefix, 1, 128)
     for key in ("max_sources", "max_prefixes", "max_newcomers"):
