@@ -213,8 +213,9 @@ class Server:
         elif sockets:
             # Several times slower under a flood: an operator must see this at start.
             log.warning("packet loop: the plain Python recvmsg loop is serving, NOT the "
-                        "compiled one (%s): expect a fraction of the compiled loop's rate "
-                        "under a flood", fastlane.unavailable_because())
+                        "compiled one (%s): the reference model (Pipeline.decide) decides "
+                        "every packet; expect a fraction of the compiled loop's rate under "
+                        "a flood", fastlane.unavailable_because())
         self.add_periodic(CLOCK_REFRESH_S, self.refresh_clock)
         self.add_periodic(GC_FREEZE_S, gc.freeze)
         self.add_periodic(GC_FULL_COLLECT_S, collect_frozen_garbage)
