@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchutil import MILLION, make_pipeline, source_address  # noqa: E402
 
-from guardntp.filter.pipeline import Pipeline, new_record  # noqa: E402
+from guardntp.filter.pipeline import Pipeline  # noqa: E402
+from guardntp.filter.reference import new_record  # noqa: E402
 from guardntp.timestamps import NS_PER_S  # noqa: E402
 
 

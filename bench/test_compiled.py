@@ -19,7 +19,8 @@ from benchutil import REQUEST, WALL_NS, Clock, make_pipeline, source_address
 from conftest import build_million_pipeline
 
 from guardntp import fastlane
-from guardntp.filter.pipeline import Pipeline, new_record
+from guardntp.filter.pipeline import Pipeline
+from guardntp.filter.reference import new_record
 from guardntp.verdicts import Reason
 
 pytestmark = pytest.mark.skipif(not fastlane.available(), reason="compiled loop not built")

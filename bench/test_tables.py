@@ -18,7 +18,7 @@ import pytest
 from benchutil import MILLION, make_pipeline, source_address
 
 from guardntp.filter.acl import AccessList, AclEntry, Action, longest_match
-from guardntp.filter.pipeline import new_record
+from guardntp.filter.reference import new_record
 
 
 @pytest.fixture(scope="module")

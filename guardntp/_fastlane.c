@@ -56,7 +56,7 @@
  * only the socket layer: Pipeline.decide decides every packet (slow_decide).
  * What it knows of the filter it copies at configure() from one typed policy
  * object (guardntp/filter/lane.py, built by Pipeline.lane_policy()): the record
- * layout and the reason codes it shares with pipeline.py, the compiled policy's
+ * layout and the reason codes it shares with reference.py, the compiled policy's
  * tables per first byte and its limits, and the pipeline's live objects.
  * tests/test_fastlane.py runs random traffic (and floods of new sources)
  * through both, the reference with its tables in OrderedDicts and its ring in
@@ -143,13 +143,13 @@ typedef struct {
     PyObject *nts_claims, *nts_decide; /* the NTS stage's (None: no NTS) */
     /* wire.py's tail lengths: (extension field, MAC, bare MAC, longest MAC, crypto-NAK) */
     int min_ext_field, min_mac, max_bare_mac, max_mac, crypto_nak_len;
-    double leak_share;                 /* Pipeline._over_limit: leak, else RATE KoD, else drop */
+    double leak_share;   /* ReferenceModel._over_limit: leak, else RATE KoD, else drop */
     int send_kod;
     int64_t kod_interval, kod_bucket_interval, kod_bucket_tolerance, kod_min_poll;
     Py_ssize_t record_len;
     int i_tat, i_requests, i_time_replies, i_drops, i_last_seen, i_label;
     int i_acl_generation, i_acl_entry, i_port, i_kods, i_last_kod, i_first_seen;
-    /* Traffic classes and the crowd estimate (guardntp/filter/crowd.py, Pipeline._observe) */
+    /* Traffic classes and the crowd estimate (guardntp/filter/crowd.py, ReferenceModel._observe) */
     int i_home_ttl, i_other_tat, i_port_sketch, i_window_start, i_crowd, i_gap_mean,
         i_gap_dev, i_other_ttl, i_last_crowd;
     int64_t initial_ttls[3];
@@ -1743,7 +1743,7 @@ source_key(Lane *L, const unsigned char *packed, int packed_len)
     return address_key(packed, packed_len == 4 ? 4 : L->v6_source_bytes);
 }
 
-/* Pipeline._prefix_key, as a table key. IPv4: the default /24 is a 3-byte
+/* reference.prefix_key, as a table key. IPv4: the default /24 is a 3-byte
  * slice, any other length the address shifted right, as 4 bytes. IPv6: b"6"
  * and the prefix's bytes (the default /56: 7), or for a prefix that is not
  * whole bytes (or /128) b"6" and the 16 bytes of the address shifted right. */
@@ -1792,7 +1792,7 @@ source_record(Lane *L, const unsigned char *packed, int packed_len)
     return (Record *)found;
 }
 
-/* Pipeline._global_allows: take one reply from the global budget if it has one. */
+/* ReferenceModel._global_allows: take one reply from the global budget if it has one. */
 static inline int
 global_allows(Lane *L, int64_t now_ns)
 {
@@ -2163,7 +2163,7 @@ authenticated(Lane *L, const unsigned char *packed, int packed_len, int mac, int
     return 1;
 }
 
-/* Pipeline._kod_allowed: the source's KoD guard, the KoD budget, the global budget. */
+/* ReferenceModel._kod_allowed: the source's KoD guard, the KoD budget, the global budget. */
 static inline int
 kod_allowed(Lane *L, Record *record, int64_t now_ns)
 {
@@ -2176,7 +2176,7 @@ kod_allowed(Lane *L, Record *record, int64_t now_ns)
     return 1;
 }
 
-/* Pipeline._kod: count it, build it. */
+/* ReferenceModel._kod: count it, build it. */
 static inline int
 send_kod(Lane *L, const unsigned char *d, Record *record, int base, const char *code,
          int why, unsigned char *out, int *reason, int *reply)
@@ -2347,7 +2347,7 @@ typedef struct {
     Key k;                 /* its key in the source table and in the ring */
 } Sighting;
 
-/* Pipeline._establish: move a newcomer into the source table. */
+/* ReferenceModel._establish: move a newcomer into the source table. */
 static int
 establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
 {
@@ -2361,9 +2361,9 @@ establish(Lane *L, Sighting *s, Record *record, int64_t now_ns)
 }
 
 /*
- * Pipeline._observe: account one request to its source's traffic class and crowd
+ * ReferenceModel._observe: account one request to its source's traffic class and crowd
  * estimate. Returns the cell of the bucket it is charged to; *crowd the divisor
- * of that bucket's interval, *contested whether the address is contested (Pipeline._observe).
+ * of that bucket's interval, *contested whether the address is contested.
  */
 /* crowd.initial_ttl */
 static inline int64_t
@@ -2455,7 +2455,7 @@ observe(Lane *L, Record *record, int port, int ttl, int64_t gap_ns, int64_t now_
 /*
  * Stages 5-7 of Pipeline.decide on a record already updated for this request
  * (from `if not exempt:` on): the source and prefix buckets, over the limit
- * (Pipeline._over_limit: leak, RATE KoD, drop), the global cap, the reply.
+ * (ReferenceModel._over_limit: leak, RATE KoD, drop), the global cap, the reply.
  * prefix NULL: the prefix is not in its table yet (created and admitted here,
  * else the shared overflow record). s: a first sighting, or NULL. Called only
  * once every check is passed: it decides, it never hands back to Python.

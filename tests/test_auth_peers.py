@@ -27,7 +27,7 @@ from conftest import (
 
 from guardntp.auth.keys import load_key_file
 from guardntp.auth.server import KeyAuthenticator
-from guardntp.filter.pipeline import Signer
+from guardntp.filter.reference import Signer
 from guardntp.responder import Request
 from guardntp.verdicts import Reason
 

@@ -28,8 +28,9 @@ from guardntp.blocklist.entries import (
 )
 from guardntp.clock import ClockState
 from guardntp.filter.acl import Action
-from guardntp.filter.pipeline import DROPS, LAST_SEEN, Pipeline, new_record
+from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
+from guardntp.filter.reference import DROPS, LAST_SEEN, new_record
 from guardntp.responder import Responder
 from guardntp.timestamps import NS_PER_S
 from guardntp.wire import Mode, NtpPacket, encode

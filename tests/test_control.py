@@ -28,7 +28,7 @@ from guardntp.control.channel import (
     socket_path,
 )
 from guardntp.control.reports import client_rows, format_clients, source_text
-from guardntp.filter.pipeline import new_record
+from guardntp.filter.reference import new_record
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,9 @@ import pytest
 
 from guardntp.blocklist.auto import AutoBlocker, AutoPolicy
 from guardntp.filter import crowd
-from guardntp.filter.pipeline import CROWD, HOME_TTL, Pipeline
+from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
+from guardntp.filter.reference import CROWD, HOME_TTL
 from guardntp.responder import Responder
 from guardntp.timesources.local import LocalClock
 from guardntp.timestamps import NS_PER_S

@@ -40,8 +40,9 @@ from guardntp.clock import ClockState
 from guardntp.filter.acl import AclEntry, Action
 from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
 from guardntp.filter.lane import LanePolicy
-from guardntp.filter.pipeline import EARLIEST_NS, LATEST_NS, Pipeline
+from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
+from guardntp.filter.reference import EARLIEST_NS, LATEST_NS
 from guardntp.netaddr import ListenSpec
 from guardntp.responder import Responder, inspect_request
 from guardntp.server import Server, open_socket

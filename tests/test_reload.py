@@ -20,7 +20,7 @@ from guardntp.commands.serve import build_config
 from guardntp.config import Config
 from guardntp.daemon.errors import ReloadRejected
 from guardntp.daemon.service import Service
-from guardntp.filter.pipeline import TAT
+from guardntp.filter.reference import TAT
 from guardntp.signals import DeferredSignals
 from guardntp.verdicts import Reason
 

@@ -59,13 +59,14 @@ from guardntp.filter.acl import AclEntry, Action
 from guardntp.filter.buckets import PyNewcomerRing
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import DEFAULT_REFLECTION_PORTS, BadPolicy, FilterPolicy, LabelPolicy
+from guardntp.filter.reference import NEVER
+from guardntp.filter.reference import prefix_key as prefix_key_of
 from guardntp.responder import Responder
 from guardntp.timestamps import NS_PER_S
 from guardntp.verdicts import Reason
 
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
-NEVER = -(1 << 62)   # pipeline._NEVER: a record's "no KoD yet", "no other class"
 #: --times headroom: now_ns stays within [-2**61, 2**62], a little beyond the range
 #: the filter reads it in (pipeline.EARLIEST_NS..LATEST_NS); the default goes to the
 #: int64 limits.
@@ -634,7 +635,8 @@ def run_episode(seed: int, episode: int, max_steps: int, deadline: float, check_
                     sanitizer_fault(kind)
             stats.in_c += 1
             stats.c_reasons[Reason(reason).name] += 1
-            prefix_key = reference._prefix_key(packed, v4)
+            prefix_key = prefix_key_of(packed, reference.v4_prefix_bits,
+                                       reference.v6_prefix_bits)
             if step >= full_from or step % check_every == 0:
                 stats.full_checks += 1
                 want, got = full_state(reference), full_state(compiled)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from functools import partial
 
 from ..filter.acl import AccessList, AclEntry, Action
-from ..filter.pipeline import Signer
+from ..filter.reference import Signer
 from ..responder import Request
 from . import mac
 from .keys import Key

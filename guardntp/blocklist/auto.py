@@ -33,7 +33,7 @@ from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..filter.pipeline import ACL_ENTRY, DROPS, KODS, LAST_SEEN, is_contested
+from ..filter.reference import ACL_ENTRY, DROPS, KODS, LAST_SEEN, is_contested
 from ..timestamps import NS_PER_S
 from .entries import ACTIONS, BadDuration, Network, parse_duration
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..clock import ClockState
 from ..filter import fingerprint
-from ..filter.pipeline import (
+from ..filter.pipeline import Pipeline
+from ..filter.reference import (
     DROPS,
     FIRST_SEEN,
     HOME_TTL,
@@ -25,7 +26,6 @@ from ..filter.pipeline import (
     OTHER_TTL,
     REQUESTS,
     TIME_REPLIES,
-    Pipeline,
 )
 from ..timestamps import NS_PER_S, short_to_ns
 from ..wire import refid_to_text

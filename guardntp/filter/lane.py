@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from ..responder import Responder
     from .acl import AccessList
     from .buckets import BucketTable, PyNewcomerRing
-    from .pipeline import CompiledPolicy, Decision, Pipeline, SourceRecord
+    from .pipeline import CompiledPolicy, Pipeline
+    from .reference import Decision, SourceRecord
 
 class RecordCells(NamedTuple):
     """The index of each cell of a source record (``pipeline.py``'s layout), by name."""
@@ -107,7 +108,7 @@ class TailLengths(NamedTuple):
 
 class CrowdModel(NamedTuple):
     """The crowd estimate's constants (``crowd.py``), which the loop's copy of
-    ``Pipeline._observe`` uses."""
+    ``ReferenceModel._observe`` uses."""
 
     sketch_bits: int
     ewma_shift: int
@@ -121,7 +122,7 @@ class CrowdModel(NamedTuple):
 
 
 class KodSettings(NamedTuple):
-    """When a RATE or DENY KoD may be sent (``Pipeline._kod_allowed``)."""
+    """When a RATE or DENY KoD may be sent (``ReferenceModel._kod_allowed``)."""
 
     #: At most one KoD per source in this long.
     guard_interval_ns: int
@@ -193,7 +194,7 @@ class LaneSettings:
     max_crowd: int
     #: Crowd estimate per number of port-sketch bits set (0-63).
     crowd_of_bits: tuple[int, ...]
-    #: Over the limit (``Pipeline._over_limit``): the leak draws from the pipeline's
+    #: Over the limit (``ReferenceModel._over_limit``): the leak draws from the pipeline's
     #: own stream, so both paths draw the same numbers.
     random: Callable[[], float]
     leak_share: float

@@ -1,35 +1,22 @@
-"""One call decides a packet's fate: ``Pipeline.decide`` -> (reason, reply, signer).
+"""The filter's control plane: :class:`Pipeline` holds its state and its policy.
 
-Rule: pure with respect to I/O. Time comes in as arguments: ``recv_ns`` (wall
-clock, for the reply and for access-list expiry) and ``now_ns`` (monotonic, for
-buckets, so a clock step cannot open or shut every bucket at once). Every packet
-is counted exactly once, by (NTP version, :class:`~guardntp.verdicts.Reason`).
-
-Where the compiled loop is built (``guardntp/_fastlane.c``) it decides every
-packet itself, on these same tables: this method is then the reference model
-``tests/test_fastlane.py`` and ``tools/fuzz_fastlane.py`` hold it to, and it decides
-only where the core cannot run (no compiler at install, tables in Python, or a test
-that disables the core; ``guardntp/fastlane.py``).
-
-Stages, in order; the first that decides ends the packet:
-
-1. sanity      length, alignment, version, mode, tail (``responder.inspect_request``)
-2. reflection  source port 0 or a well-known service port -> drop
-3. access      longest-prefix access list and blocklist -> drop / DENY KoD / exempt
-4. auth        a MAC must verify (``authenticator``); policy may require one
-5. buckets     per source (label policy), per prefix, then the global reply budget
-6. over limit  random leak -> time; else RATE KoD if the source's guard time and
-               the global KoD budget allow; else drop
-7. respond     the stateless responder builds the reply
+Rule: the decision is not here. The compiled core (``guardntp/_fastlane.c``) decides
+every packet; its reference model, the executable spec of each stage, is
+``filter/reference.py``'s :class:`~guardntp.filter.reference.ReferenceModel`, whose
+``decide`` a pipeline inherits (and which decides where no compiler was available).
+This module compiles a :class:`~guardntp.filter.policy.FilterPolicy` into what both
+read (:func:`compile_policy`, checked before a reload touches anything), holds the
+tables, counters, access list and budgets they share, swaps a new policy in keeping
+every table (:meth:`Pipeline.apply_policy`), applies blocklist changes, and hands the
+core its typed copy of all of it (:meth:`Pipeline.lane_policy`, ``filter/lane.py``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable, Iterable, MutableSequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
 from ..timestamps import NS_PER_S
@@ -64,43 +51,38 @@ from .lane import (
     TailLengths,
 )
 from .policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
-
-Signer = Callable[[bytes], bytes]
-Decision = tuple[Reason, bytes | None, Signer | None]
-
-# Per-source record layout (a list: one dict probe finds the bucket and the counters).
-TAT = 0            # GCRA theoretical arrival time, monotonic ns
-REQUESTS = 1
-TIME_REPLIES = 2
-KODS = 3
-DROPS = 4
-FIRST_SEEN = 5     # monotonic ns
-LAST_SEEN = 6      # monotonic ns
-LAST_KOD = 7       # monotonic ns of the last KoD sent, for the per-source guard
-LABEL = 8          # packet label of the latest request
-ACL_GENERATION = 9 # access-list generation the cached entry below belongs to
-ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
-PORT = 11          # latest source port
-# Traffic classes and the crowd estimate (``crowd.py``):
-HOME_TTL = 12      # the TTL / hop limit of the source's first request; -1: unknown
-OTHER_TAT = 13     # the bucket of requests from another TTL class
-PORT_SKETCH = 14   # source ports seen this window, one bit each (crowd.port_bit)
-WINDOW_START = 15  # monotonic ns the sketch's window began
-CROWD = 16         # the last complete window's estimate
-GAP_MEAN = 17      # moving average of the gap between requests, ns; 0: none yet
-GAP_DEV = 18       # moving average of |gap - mean|, ns
-OTHER_TTL = 19     # the TTL of the latest request charged to OTHER_TAT; -1: none
-LAST_CROWD = 20    # the crowd the latest request was charged with
-RECORD_LEN = 21
-
-_NEVER = -(1 << 62)
-#: The monotonic clock as the filter reads it: ``now_ns`` outside this range (73 years
-#: either side of the clock's zero, which Linux sets at boot) counts as its nearer end.
-#: Within it every sum and difference of the times the filter keeps (TATs at most two
-#: refills ahead, _NEVER behind) fits in 64 bits, so the compiled core, which keeps
-#: them as int64, decides exactly as this module does for any clock reading.
-EARLIEST_NS = -(1 << 61)
-LATEST_NS = 1 << 61
+from .reference import (
+    ACL_ENTRY,
+    ACL_GENERATION,
+    CROWD,
+    DROPS,
+    EARLIEST_NS,
+    FIRST_SEEN,
+    GAP_DEV,
+    GAP_MEAN,
+    HOME_TTL,
+    KODS,
+    LABEL,
+    LAST_CROWD,
+    LAST_KOD,
+    LAST_SEEN,
+    LATEST_NS,
+    NEVER,
+    OTHER_TAT,
+    OTHER_TTL,
+    PORT,
+    PORT_SKETCH,
+    RECORD_LEN,
+    REQUESTS,
+    TAT,
+    TIME_REPLIES,
+    WINDOW_START,
+    Authenticator,
+    NtsStage,
+    ReferenceModel,
+    SourceRecord,
+    new_prefix_record,
+)
 
 #: What the compiled loop and this module agree on whatever the policy (``lane.py``).
 LANE_CONTRACT = LaneContract(
@@ -111,7 +93,7 @@ LANE_CONTRACT = LaneContract(
         other_tat=OTHER_TAT, port_sketch=PORT_SKETCH, window_start=WINDOW_START,
         crowd=CROWD, gap_mean=GAP_MEAN, gap_dev=GAP_DEV, other_ttl=OTHER_TTL,
         last_crowd=LAST_CROWD),
-    record_len=RECORD_LEN, never=_NEVER, earliest_ns=EARLIEST_NS, latest_ns=LATEST_NS,
+    record_len=RECORD_LEN, never=NEVER, earliest_ns=EARLIEST_NS, latest_ns=LATEST_NS,
     eviction_scan=EVICTION_SCAN,
     reasons=ReasonCodes(
         n_reasons=N_REASONS, reflection=int(Reason.REFLECTION_PORT),
@@ -133,76 +115,10 @@ LANE_CONTRACT = LaneContract(
         min_ext_field=MIN_EXT_FIELD_LEN, min_mac=MIN_MAC_LEN,
         max_bare_mac=MAX_V4_BARE_MAC_LEN, max_mac=MAX_MAC_LEN, crypto_nak=CRYPTO_NAK_LEN))
 
-#: A record is indexed like a list. Where the compiled module is built it is a
-#: ``_fastlane.Record``: the same 21 items in one compact object whose integers are
-#: kept unboxed, which the compiled loop updates in place (``guardntp/_fastlane.c``).
-SourceRecord = MutableSequence[Any]
 try:
     from .._fastlane import Lane as _Lane
-    from .._fastlane import Record as _Record
-except ImportError:  # no C compiler at install: plain lists, and no compiled loop to configure
+except ImportError:  # no C compiler at install: no compiled core to configure
     _Lane = None  # type: ignore[assignment, misc]
-    _Record = None  # type: ignore[assignment, misc]
-
-# Hot-path aliases: a module global is one cached load, an enum class attribute is not.
-_ANSWERED = Reason.ANSWERED
-_REFLECTION_PORT = Reason.REFLECTION_PORT
-_GLOBAL_CAP = Reason.GLOBAL_CAP
-
-KOD_RATE = b"RATE"
-KOD_DENY = b"DENY"
-#: RFC 8915 §5.7: the NTS NAK.
-KOD_NTS_NAK = b"NTSN"
-
-
-class Authenticator(Protocol):
-    """What the auth stage needs (``guardntp/auth``): verify a MAC'd request."""
-
-    def verify(self, data: bytes, request: Request) -> Signer | None:
-        """A signer for the reply if the MAC verifies, else None (dropped, counted)."""
-
-    def required_for(self, packed: bytes) -> bool:
-        """Does policy require authentication from this source?
-
-        Optionally an authenticator also has ``requires_any() -> bool``: False there
-        lets the compiled loop (``fastlane``) answer plain requests without asking."""
-
-
-class NtsStage(Protocol):
-    """What the auth stage needs of NTS (``guardntp/nts``).
-
-    ``claims(data)``: does the request carry an NTS Unique Identifier (cheap)?
-    ``decide(data)``, for a request it claims: ``("reply", finish)``,
-    ``("nak", finish)`` or ``("drop", None)``, where ``finish(header)`` completes
-    a 48-byte reply header with the NTS fields.
-    """
-
-    def claims(self, request: bytes) -> bool: ...
-
-    def decide(self, request: bytes) -> tuple[str, Signer | None]: ...
-
-
-def new_record(now_ns: int, label: str, port: int, ttl: int = -1) -> SourceRecord:
-    # TAT = now: a newcomer starts with a full bucket (and the other class's, _NEVER,
-    # is full too).
-    items = [now_ns, 0, 0, 0, 0, now_ns, now_ns, _NEVER, label, -1, None, port,
-             ttl, _NEVER, 0, now_ns, 1, 0, 0, -1, 1]
-    return items if _Record is None else _Record(items)
-
-
-def new_prefix_record(now_ns: int) -> SourceRecord:
-    """A prefix's record: its TAT alone (a one-cell Record where compiled)."""
-    return [now_ns] if _Record is None else _Record((now_ns,))
-
-
-def is_contested(record: SourceRecord, now_ns: int, charged_cell: int | None = None) -> bool:
-    """Both of the source's TTL classes active (charged within ``crowd.CLASS_MEMORY_NS``;
-    ``charged_cell``: the bucket the request at hand is charged to counts as active), from
-    the same kind of sender at two distances: perhaps a spoofer in its owner's name."""
-    since = now_ns - crowd.CLASS_MEMORY_NS
-    return (crowd.same_initial_ttl(record[HOME_TTL], record[OTHER_TTL])
-            and (charged_cell == OTHER_TAT or record[OTHER_TAT] > since)
-            and (charged_cell == TAT or record[TAT] > since))
 
 
 @dataclass(frozen=True)
@@ -338,7 +254,10 @@ def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
         ttl_classes=ttl_classes)
 
 
-class Pipeline:
+class Pipeline(ReferenceModel):
+    """The filter's state and policy; :meth:`decide` (the reference model) is
+    inherited from :class:`~guardntp.filter.reference.ReferenceModel`."""
+
     def __init__(self, policy: FilterPolicy, responder: Responder,
                  authenticator: Authenticator | None = None) -> None:
         self.responder = responder
@@ -485,298 +404,3 @@ class Pipeline:
         in the store). All or nothing: raises TypeError for a bad entry with the list
         untouched; the access list's generation moves once."""
         self.acl.update_blocklist(added, removed)
-
-    # ------------------------------------------------------------------ the decision
-
-    def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
-               ttl: int = -1) -> Decision:
-        """The fate of one datagram from ``packed``:``port`` (packed address bytes).
-
-        ``ttl``: the IP TTL (IPv4) or hop limit (IPv6) it arrived with, -1 if unknown.
-        ``now_ns`` is read within [EARLIEST_NS, LATEST_NS]."""
-        sane: Request | Reason | None
-        if not EARLIEST_NS <= now_ns <= LATEST_NS:
-            now_ns = EARLIEST_NS if now_ns < EARLIEST_NS else LATEST_NS
-        if len(data) == HEADER_LEN:
-            first = data[0]
-            sane = self._sanity_48[first]
-            if sane is None:
-                sane = inspect_request(data, port, self.policy.answer_symmetric)
-        else:
-            sane = inspect_request(data, port, self.policy.answer_symmetric)
-            first = data[0] if data else 0
-        counts = self.counters.counts
-        base = ((first >> 3) & 7) * N_REASONS
-        if isinstance(sane, Reason):
-            counts[base + sane] += 1
-            return sane, None, None
-        request = sane
-        if port in self.reflection_ports:
-            counts[base + _REFLECTION_PORT] += 1
-            return _REFLECTION_PORT, None, None
-
-        label = self._label_of_first[first] or fingerprint.packet_label(first, port)
-        nts = self._nts
-        if nts is not None and len(data) > HEADER_LEN and nts.claims(data):
-            label = fingerprint.NTS
-        self.label_counts[label] += 1
-        v4 = len(packed) == 4
-        key = packed if v4 else packed[: self.v6_source_bytes]
-        sources = self.sources
-        record = sources.records.get(key)
-        newcomer = False
-        if record is None:
-            record = new_record(now_ns, label, port, ttl)
-            remembered_tat = self.newcomers.get(key)
-            if remembered_tat is None:
-                # A first request: straight in while there is room; once the table is
-                # full, first sightings are remembered by TAT only, in the newcomer ring.
-                if len(sources.records) < sources.max_entries:
-                    sources.insert(key, record)
-                else:
-                    newcomer = True
-            else:
-                record[TAT] = remembered_tat
-                record[REQUESTS] = 1
-                if sources.admit(key, record, now_ns):
-                    self.newcomers.forget(key)
-                else:
-                    newcomer = True   # no room among established sources: stays a newcomer
-                    self.table_full += 1
-        record[REQUESTS] += 1
-        gap_ns = now_ns - record[LAST_SEEN]
-        record[LAST_SEEN] = now_ns
-        record[LABEL] = label
-        record[PORT] = port
-
-        # -- access list (cached per record while the list and the entry stand)
-        acl = self.acl
-        entry = record[ACL_ENTRY]
-        if (record[ACL_GENERATION] != acl.generation
-                or (entry is not None and not entry.active(recv_ns))
-                or not v4):
-            entry = acl.lookup(packed, recv_ns)
-            record[ACL_GENERATION] = acl.generation
-            record[ACL_ENTRY] = entry
-        exempt = False
-        if entry is not None:
-            action = entry.action
-            if action is Action.EXEMPT:
-                exempt = True
-            elif action is not Action.ALLOW:
-                reason = Reason.ACL_DENY if entry.origin == "config" else Reason.BLOCKLISTED
-                if (action is Action.DENY
-                        and (not newcomer or self._establish(key, record, now_ns))
-                        and self._kod_allowed(record, now_ns)):
-                    return self._kod(data, request, record, base, KOD_DENY, Reason.DENY_KOD, None)
-                counts[base + reason] += 1
-                record[DROPS] += 1
-                return reason, None, None
-
-        # -- authentication: NTS (RFC 8915), else a symmetric-key MAC
-        signer: Signer | None = None
-        if label == fingerprint.NTS and nts is not None and request.mac_key_id is None:
-            kind, finish = nts.decide(data)
-            if finish is None:   # malformed, or an authenticator that fails: no reply
-                counts[base + Reason.NTS_REJECTED] += 1
-                record[DROPS] += 1
-                return Reason.NTS_REJECTED, None, None
-            if kind == "nak":    # a cookie that does not open: back to NTS-KE
-                counts[base + Reason.NTS_NAK] += 1
-                record[KODS] += 1
-                return (Reason.NTS_NAK,
-                        self.responder.kod_reply(data, request, KOD_NTS_NAK, 0), finish)
-            signer = finish
-        authenticator = self._authenticator
-        if signer is None:
-            request, signer, refused = self._verify_mac(data, request)
-            if refused is None and signer is None and authenticator is not None \
-                    and authenticator.required_for(packed):
-                refused = Reason.AUTH_REQUIRED
-            if refused is not None:
-                counts[base + refused] += 1
-                record[DROPS] += 1
-                return refused, None, None
-
-        # -- buckets
-        if not exempt:
-            limit = self.label_limits.get(label, self.source_limit)
-            tat_cell, crowd_size, contested = self._observe(record, port, ttl, gap_ns, now_ns)
-            tat = record[tat_cell]
-            if tat < now_ns:
-                tat = now_ns
-            prefix_key = (packed[: self._v4_prefix_bytes] if v4 and self._v4_prefix_bytes
-                          else self._prefix_key(packed, v4))
-            prefixes = self.prefixes
-            prefix_record = prefixes.records.get(prefix_key)
-            if prefix_record is None:
-                prefix_record = new_prefix_record(now_ns)
-                if not prefixes.admit(prefix_key, prefix_record, now_ns):
-                    prefix_record = self._prefix_overflow
-            prefix_tat = prefix_record[TAT]
-            if prefix_tat < now_ns:
-                prefix_tat = now_ns
-            prefix_limit = self.prefix_limit
-            if (tat - now_ns > limit.tolerance_ns
-                    or prefix_tat - now_ns > prefix_limit.tolerance_ns):
-                return self._over_limit(data, request, record, base, label, recv_ns, now_ns,
-                                        signer, key if newcomer else None, contested)
-            record[tat_cell] = tat + limit.interval_ns // crowd_size
-            prefix_record[TAT] = prefix_tat + prefix_limit.interval_ns
-            if newcomer:
-                self.newcomers.remember(key, record[TAT])
-        global_limit = self.global_limit
-        if global_limit is not None:  # _global_allows, inlined on the answer path
-            global_tat = self._global_tat if self._global_tat > now_ns else now_ns
-            if global_tat - now_ns > global_limit.tolerance_ns:
-                counts[base + _GLOBAL_CAP] += 1
-                record[DROPS] += 1
-                return _GLOBAL_CAP, None, None
-            self._global_tat = global_tat + global_limit.interval_ns
-        counts[base] += 1  # Reason.ANSWERED == 0
-        record[TIME_REPLIES] += 1
-        return _ANSWERED, self.responder.time_reply_at(data, request, recv_ns), signer
-
-    # ------------------------------------------------------------------ helpers
-
-    def _verify_mac(self, data: bytes, request: Request
-                    ) -> tuple[Request, Signer | None, Reason | None]:
-        """The MAC check of the auth stage: (the request as read, a signer for the reply
-        if its MAC verifies, the reason to refuse it if it fails). A tail of fields
-        that may be one long MAC is tried as the MAC first; if that fails, the request
-        is plain. No MAC at all: (request, None, None). Pure: only the authenticator
-        is asked."""
-        authenticator = self._authenticator
-        if request.whole_tail_mac is not None and authenticator is not None:
-            signer = authenticator.verify(data, request.whole_tail_mac)
-            if signer is not None:
-                return request.whole_tail_mac, signer, None
-        if request.mac_key_id is None:
-            return request, None, None
-        signer = authenticator.verify(data, request) if authenticator else None
-        return request, signer, Reason.AUTH_FAILED if signer is None else None
-
-    def verify_mac(self, data: bytes, port: int) -> tuple[int | None, Signer | None]:
-        """What the compiled core asks of a sane request with a MAC (it verifies no MAC
-        itself): (the reason to refuse it, or None; a signer for the reply, or None)."""
-        request = inspect_request(data, port, self.policy.answer_symmetric)
-        if isinstance(request, Reason):   # the core asks only about sane requests
-            return int(request), None
-        _, signer, refused = self._verify_mac(data, request)
-        return (None if refused is None else int(refused)), signer
-
-    def _observe(self, record: SourceRecord, port: int, ttl: int, gap_ns: int, now_ns: int
-                 ) -> tuple[int, int, bool]:
-        """Account one request to its source's traffic (``crowd.py``). Returns the cell
-        of the bucket it is charged to (its TTL class's), the crowd that bucket's
-        interval is divided by, and whether the address is *contested*: both classes
-        active, from the same kind of sender at different distances (a spoofer?)."""
-        tat_cell = TAT
-        if self.ttl_classes and ttl >= 0:
-            home = record[HOME_TTL]
-            if home < 0:
-                record[HOME_TTL] = ttl
-            elif ttl - home > crowd.TTL_SLACK or home - ttl > crowd.TTL_SLACK:
-                tat_cell = OTHER_TAT
-                record[OTHER_TTL] = ttl
-        contested = is_contested(record, now_ns, tat_cell)
-        if self.max_crowd == 1:
-            return tat_cell, 1, contested
-        started = record[WINDOW_START]
-        if now_ns - started >= crowd.CROWD_WINDOW_NS:
-            # The window that just ended is kept only if it ended within a window.
-            record[CROWD] = (self.crowd_of_bits[record[PORT_SKETCH].bit_count()]
-                             if now_ns - started < 2 * crowd.CROWD_WINDOW_NS else 1)
-            record[PORT_SKETCH] = 0
-            record[WINDOW_START] = now_ns
-        sketch = record[PORT_SKETCH] | crowd.port_bit(port)
-        record[PORT_SKETCH] = sketch
-        if gap_ns > 0:
-            mean = record[GAP_MEAN]
-            if mean == 0:   # a first gap: irregular until the gaps show otherwise
-                record[GAP_MEAN] = gap_ns
-                record[GAP_DEV] = gap_ns >> 1
-            else:
-                deviation = gap_ns - mean if gap_ns >= mean else mean - gap_ns
-                dev = record[GAP_DEV]
-                record[GAP_MEAN] = mean + ((gap_ns - mean) >> crowd.EWMA_SHIFT)
-                record[GAP_DEV] = dev + ((deviation - dev) >> crowd.EWMA_SHIFT)
-        size = 1
-        if not contested and crowd.is_irregular(record[GAP_MEAN], record[GAP_DEV]):
-            so_far = crowd.extrapolated(self.crowd_of_bits[sketch.bit_count()],
-                                        now_ns - record[WINDOW_START])
-            size = min(self.max_crowd, max(record[CROWD], so_far))
-        last = record[LAST_CROWD]
-        if size > last:
-            # A bigger crowd keeps the requests it has used (its burst grows with it):
-            # what it used at one client's price is repriced at the crowd's.
-            tat = record[tat_cell]
-            if tat > now_ns:
-                record[tat_cell] = now_ns + (tat - now_ns) * last // size
-        record[LAST_CROWD] = size
-        return tat_cell, size, contested
-
-    def _prefix_key(self, packed: bytes, v4: bool) -> bytes:
-        """IPv4 /24 -> 3 bytes; IPv6 /56 -> b"6" + 7 bytes (the tag keeps families apart)."""
-        bits = self.v4_prefix_bits if v4 else self.v6_prefix_bits
-        if bits % 8 == 0:
-            return packed[: bits // 8] if v4 else b"6" + packed[: bits // 8]
-        width = len(packed) * 8
-        masked = (int.from_bytes(packed, "big") >> (width - bits)).to_bytes(len(packed), "big")
-        return masked if v4 else b"6" + masked
-
-    def _global_allows(self, now_ns: int) -> bool:
-        limit = self.global_limit
-        if limit is None:
-            return True
-        tat = self._global_tat if self._global_tat > now_ns else now_ns
-        if tat - now_ns > limit.tolerance_ns:
-            return False
-        self._global_tat = tat + limit.interval_ns
-        return True
-
-    def _kod_allowed(self, record: SourceRecord, now_ns: int) -> bool:
-        if now_ns - record[LAST_KOD] < self.kod_interval_ns:
-            return False
-        limit = self.kod_limit
-        tat = self._kod_tat if self._kod_tat > now_ns else now_ns
-        if tat - now_ns > limit.tolerance_ns or not self._global_allows(now_ns):
-            return False
-        self._kod_tat = tat + limit.interval_ns
-        record[LAST_KOD] = now_ns
-        return True
-
-    def _kod(self, data: bytes, request: Request, record: SourceRecord, base: int, code: bytes,
-             reason: Reason, signer: Signer | None) -> Decision:
-        self.counters.counts[base + reason] += 1
-        record[KODS] += 1
-        return reason, self.responder.kod_reply(data, request, code, self.policy.kod_min_poll), \
-            signer
-
-    def _establish(self, key: bytes, record: SourceRecord, now_ns: int) -> bool:
-        """Move a newcomer into the established table (a KoD's guard time must be kept)."""
-        if not self.sources.admit(key, record, now_ns):
-            return False
-        self.newcomers.forget(key)
-        return True
-
-    def _over_limit(self, data: bytes, request: Request, record: SourceRecord, base: int,
-                    label: str, recv_ns: int, now_ns: int, signer: Signer | None,
-                    newcomer_key: bytes | None = None, contested: bool = False) -> Decision:
-        counts = self.counters.counts
-        if self.leak_share and self.random.random() < self.leak_share \
-                and self._global_allows(now_ns):
-            counts[base + Reason.LEAKED] += 1
-            record[TIME_REPLIES] += 1
-            responder = self.responder
-            return (Reason.LEAKED,
-                    responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
-        # A contested address: the limited class may be a spoofer, and a KoD would
-        # reach (and slow down) the address's real owner.
-        if (self.policy.send_kod and self.label_kod.get(label, True) and not contested
-                and (newcomer_key is None or self._establish(newcomer_key, record, now_ns))
-                and self._kod_allowed(record, now_ns)):
-            return self._kod(data, request, record, base, KOD_RATE, Reason.RATE_KOD, signer)
-        counts[base + Reason.RATE_LIMITED] += 1
-        record[DROPS] += 1
-        return Reason.RATE_LIMITED, None, None
