@@ -131,26 +131,6 @@ def tail(rng: random.Random) -> bytes:
     return rng.randbytes(4 * rng.randint(1, 30))
 
 
-def state(pipeline: Pipeline) -> dict[str, object]:
-    """Everything the filter keeps, to compare after each packet."""
-    return {
-        "counts": list(pipeline.counters.counts),
-        "labels": dict(pipeline.label_counts),
-        "sources": [(k, list(v)) for k, v in pipeline.sources.records.items()],
-        "prefixes": [(k, list(v)) for k, v in pipeline.prefixes.records.items()],
-        "newcomers": dict(pipeline.newcomers.tats),
-        # The ring's order (oldest first) and what it forgot, not just its contents.
-        "ring": pipeline.newcomers.ring.items(),
-        "ring_evictions": pipeline.newcomers.evictions,
-        "refused": (pipeline.sources.admissions_refused, pipeline.prefixes.admissions_refused),
-        "prefix_overflow": list(pipeline._prefix_overflow),
-        "global_tat": pipeline._global_tat,
-        "kod_tat": pipeline._kod_tat,
-        "table_full": pipeline.table_full,
-        "evictions": (pipeline.sources.evictions, pipeline.prefixes.evictions),
-    }
-
-
 TIGHT = dict(source_rate=2.0, source_burst=3, prefix_rate=6.0, prefix_burst=8,
              max_sources=6, max_prefixes=3, max_newcomers=4, global_reply_rate=25.0,
              global_reply_burst=5, kod_interval_s=1.0, kod_rate=3.0, kod_burst=2,
@@ -200,7 +180,7 @@ def decide_both(reference: Pipeline, compiled: Pipeline, lane: fastlane.FastLane
     assert (signer is None) == (expected[2] is None), where
     if signer is not None:   # the same key and digest length: the same signed reply
         assert signer(reply) == expected[2](expected[1]), where
-    assert state(compiled) == state(reference), where
+    assert compiled.snapshot() == reference.snapshot(), where
     return reason, in_c, where, signer is not None
 
 
@@ -419,7 +399,7 @@ def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
             expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
             got = lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
             assert got[3] is True and got[:2] == expected[:2]
-            assert state(compiled) == state(reference)
+            assert compiled.snapshot() == reference.snapshot()
         assert lane.first_sightings == len(sources)
         for step in range(40):
             now_ns += NS_PER_S // 8
@@ -428,7 +408,7 @@ def test_the_compiled_path_rate_limits_and_caps_as_python_does() -> None:
             reason, reply, _, in_c = lane.decide_one(data, source, 40_000,
                                                      WALL_BASE_NS + now_ns, now_ns)
             assert in_c and (reason, reply) == expected[:2], step
-            assert state(compiled) == state(reference), step
+            assert compiled.snapshot() == reference.snapshot(), step
             seen[Reason(reason)] = seen.get(Reason(reason), 0) + 1
             if reason == Reason.RATE_KOD:
                 assert reply is not None and reply[12:16] == b"RATE" and reply[1] == 0
@@ -471,7 +451,7 @@ def test_access_list_entries_are_decided_in_c_as_python_decides() -> None:
             reason, reply, _, in_c = lane.decide_one(data, source, 40_000,
                                                      WALL_BASE_NS + now_ns, now_ns)
             assert (reason, reply) == expected[:2], step
-            assert state(compiled) == state(reference), step
+            assert compiled.snapshot() == reference.snapshot(), step
             seen.setdefault((source, Reason(reason)), set()).add(in_c)
             if reason == Reason.DENY_KOD:
                 assert reply is not None and reply[12:16] == b"DENY" and reply[1] == 0
@@ -606,7 +586,7 @@ def test_a_full_table_of_drained_offenders_refuses_promotion_in_c_as_in_python()
             expected = reference.decide(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
             got = lane.decide_one(data, source, 40_000, WALL_BASE_NS + now_ns, now_ns)
             assert got[3] is True and got[:2] == expected[:2]
-            assert state(compiled) == state(reference)
+            assert compiled.snapshot() == reference.snapshot()
     finally:
         sock.close()
     assert compiled.table_full > 20 and compiled.sources.admissions_refused > 20

@@ -175,25 +175,6 @@ def python_ring(pipeline: Pipeline) -> None:
     pipeline.newcomers.ring = model
 
 
-def full_state(pipeline: Pipeline) -> dict[str, object]:
-    """Everything the filter keeps (tests/test_fastlane.py state())."""
-    return {
-        "counts": list(pipeline.counters.counts),
-        "labels": dict(pipeline.label_counts),
-        "sources": [(k, list(v)) for k, v in pipeline.sources.records.items()],
-        "prefixes": [(k, list(v)) for k, v in pipeline.prefixes.records.items()],
-        "newcomers": dict(pipeline.newcomers.tats),
-        "ring": pipeline.newcomers.ring.items(),
-        "ring_evictions": pipeline.newcomers.evictions,
-        "refused": (pipeline.sources.admissions_refused, pipeline.prefixes.admissions_refused),
-        "prefix_overflow": list(pipeline._prefix_overflow),
-        "global_tat": pipeline._global_tat,
-        "kod_tat": pipeline._kod_tat,
-        "table_full": pipeline.table_full,
-        "evictions": (pipeline.sources.evictions, pipeline.prefixes.evictions),
-    }
-
-
 def quick_state(pipeline: Pipeline, key: bytes, prefix_key: bytes) -> dict[str, object]:
     """What one datagram can change that is cheap to read: counters, sizes, the
     source's and its prefix's records, its newcomer entry, the shared buckets."""
@@ -639,7 +620,7 @@ def run_episode(seed: int, episode: int, max_steps: int, deadline: float, check_
                                        reference.v6_prefix_bits)
             if step >= full_from or step % check_every == 0:
                 stats.full_checks += 1
-                want, got = full_state(reference), full_state(compiled)
+                want, got = reference.snapshot(), compiled.snapshot()
             else:
                 want = quick_state(reference, key, prefix_key)
                 got = quick_state(compiled, key, prefix_key)
@@ -676,7 +657,7 @@ def run_episode(seed: int, episode: int, max_steps: int, deadline: float, check_
                 stats.clock_changes += 1
         else:
             step += 1   # (the loop ran to its end)
-        want, got = full_state(reference), full_state(compiled)
+        want, got = reference.snapshot(), compiled.snapshot()
         if want != got:
             raise Failure(f"state at the episode's end: {differences(want, got)}")
     except Failure as failure:

@@ -388,6 +388,27 @@ class Pipeline(ReferenceModel):
             sources=self.sources, prefixes=self.prefixes, newcomers=self.newcomers.ring,
             prefix_overflow=self._prefix_overflow)
 
+    def snapshot(self) -> dict[str, object]:
+        """Everything the filter keeps, as plain values: the counters, every record of
+        both tables in their order, the newcomer ring in its order and what it forgot,
+        the shared budgets. Two pipelines that decided the same packets alike (the
+        compiled core's and the reference model's) have equal snapshots."""
+        return {
+            "counts": list(self.counters.counts),
+            "labels": dict(self.label_counts),
+            "sources": [(k, list(v)) for k, v in self.sources.records.items()],
+            "prefixes": [(k, list(v)) for k, v in self.prefixes.records.items()],
+            "newcomers": dict(self.newcomers.tats),
+            "ring": self.newcomers.ring.items(),
+            "ring_evictions": self.newcomers.evictions,
+            "refused": (self.sources.admissions_refused, self.prefixes.admissions_refused),
+            "prefix_overflow": list(self._prefix_overflow),
+            "global_tat": self._global_tat,
+            "kod_tat": self._kod_tat,
+            "table_full": self.table_full,
+            "evictions": (self.sources.evictions, self.prefixes.evictions),
+        }
+
     def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
         """Make ``entries`` the whole blocklist layer; takes effect at once. Applied as
         a difference: only entries that changed on their network are written (the
