@@ -379,7 +379,10 @@ def test_a_step_of_the_system_clock_under_us_keeps_the_served_time(
         # would be -1 s): our served offset must absorb it.
         monkeypatch.setattr(UpstreamClock, "_realtime_minus_monotonic",
                             staticmethod(lambda: base + 5 * NS_PER_S))
-        after = clock.state(time.time_ns()).offset_ns
+        # The wall clock read after the step reads 5 s more too: without it, the
+        # frequency estimate (hundreds of ppm after two quick polls on a busy machine)
+        # would extrapolate over a step that never happened (5 s x 443 ppm = 2.2 ms).
+        after = clock.state(time.time_ns() + 5 * NS_PER_S).offset_ns
         assert abs(after - (before - 5 * NS_PER_S)) < 1 * MS
 
 
