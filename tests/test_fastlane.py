@@ -531,10 +531,10 @@ def test_floods_of_new_sources_are_decided_in_c_as_python_decides(variant: str,
             else:
                 data = packet(rng)
             port = rng.choice(PORTS) if rng.random() < 0.1 else 40_000 + step % 7
-            key = source if len(source) == 4 else source[: reference.v6_source_bytes]
+            key = source if len(source) == 4 else source[: reference.compiled.v6_source_bytes]
             new = key not in reference.sources.records
             plain = (len(data) == 48 and data[0] in (0x23, 0x1B, 0x0B)
-                     and port not in reference.reflection_ports
+                     and port not in reference.compiled.reflection_ports
                      and (len(source) == 4 or not reference.acl.covers_ipv6()))
             entry = reference.acl.lookup(source, recv_ns)   # (before: it may expire)
             before = lane.first_sightings

@@ -287,9 +287,10 @@ BAD_POLICIES = {
 
 def observable(pipeline: Pipeline) -> dict[str, object]:
     """What a reload may change, by value, beside the attributes compared by identity."""
+    compiled = pipeline.compiled
     return {
-        "limits": (pipeline.source_limit, pipeline.prefix_limit, pipeline.kod_limit,
-                   pipeline.global_limit, dict(pipeline.label_limits)),
+        "limits": (compiled.source_limit, compiled.prefix_limit, compiled.kod_limit,
+                   compiled.global_limit, dict(compiled.label_limits)),
         "sizes": (pipeline.sources.max_entries, pipeline.prefixes.max_entries,
                   pipeline.newcomers.max_entries),
         "acl": (pipeline.acl.generation, sorted(str(e.network) for e in pipeline.acl.entries())),
@@ -330,12 +331,13 @@ def test_a_good_policy_applies_fully_and_keeps_the_records() -> None:
     h.pipeline.apply_policy(new)
     p = h.pipeline
     assert p.policy is new and p.config_version == version + 1
-    assert (p.source_limit.burst, p.kod_interval_ns, p.newcomers.max_entries) == \
+    assert (p.compiled.source_limit.burst, p.compiled.kod_interval_ns, p.newcomers.max_entries) == \
         (100, 30 * NS_PER_S, 1000)
-    assert p.label_limits[fingerprint.SNTPV1].burst == 7 and p.label_kod[fingerprint.SNTPV1]
-    assert fingerprint.NETGEAR not in p.label_limits   # the label table is replaced whole
+    assert p.compiled.label_limits[fingerprint.SNTPV1].burst == 7
+    assert p.compiled.label_kod[fingerprint.SNTPV1]
+    assert fingerprint.NETGEAR not in p.compiled.label_limits   # the label table is replaced whole
     assert p.sources.records[ip("198.51.100.9")] is record and record[1] == 17
-    assert p.lane_policy().settings.tolerance_ns[0x23] == 99 * p.source_limit.interval_ns
+    assert p.lane_policy().settings.tolerance_ns[0x23] == 99 * p.compiled.source_limit.interval_ns
     assert h.send("203.0.113.1")[0] is Reason.ACL_DENY
     # The drained bucket is kept (TAT 17 x 2 s ahead); the larger burst now covers it.
     assert h.send("198.51.100.9")[0] is Reason.ANSWERED
@@ -555,7 +557,7 @@ def test_kods_per_source_never_exceed_their_budget(intervals, kod_interval_s):
     kods = h.count(Reason.RATE_KOD)
     # In the filter's own integer nanoseconds: a float bound rounds (2 KoDs 1.914 s apart
     # against a 0.957 s guard once read as 1.9999999998 allowed).
-    assert kods <= 1 + (h.now - start) // h.pipeline.kod_interval_ns
+    assert kods <= 1 + (h.now - start) // h.pipeline.compiled.kod_interval_ns
 
 
 @settings(max_examples=30, deadline=None)

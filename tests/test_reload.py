@@ -150,13 +150,13 @@ def test_service_reload_keeps_tables_and_records_and_applies_the_new_policy(
         assert "burst 5" in message
         assert pipeline.sources is table and table.records[SOURCE] is record
         assert record[TAT] == tat_before
-        assert pipeline.source_limit.burst == 5
+        assert pipeline.compiled.source_limit.burst == 5
         assert service.operations.reloads == {"ok": 1, "rejected": 0}
 
         (tmp_path / "guardntp.toml").write_text("[filter]\nsource_burst = 0\n")
         with pytest.raises(ReloadRejected, match=r"guardntp.toml:2: filter.source_burst"):
             service.reload()
-        assert pipeline.source_limit.burst == 5
+        assert pipeline.compiled.source_limit.burst == 5
         assert service.config.filter.source_burst == 5
         assert service.operations.reloads == {"ok": 1, "rejected": 1}
     finally:
@@ -216,7 +216,7 @@ def test_a_refused_reload_applies_nothing_and_is_counted(tmp_path: Path, bad_par
         (tmp_path / "guardntp.toml").write_text(text)
         with pytest.raises(ReloadRejected):
             service.reload()
-        assert pipeline.source_limit.burst == 2
+        assert pipeline.compiled.source_limit.burst == 2
         assert pipeline.policy.source_burst == 2
         assert service.config.filter.source_burst == 2
         assert service.blocklist.auto.policy == auto_before
@@ -225,7 +225,7 @@ def test_a_refused_reload_applies_nothing_and_is_counted(tmp_path: Path, bad_par
         answer = service.commands.reload({"command": "reload"}, 1 << 16)
         assert answer["reloaded"] is False and "\n" not in answer["error"]
         assert service.operations.reloads == {"ok": 0, "rejected": 2}
-        assert pipeline.source_limit.burst == 2
+        assert pipeline.compiled.source_limit.burst == 2
     finally:
         service.blocklist.close()
         for sock in service.sockets:

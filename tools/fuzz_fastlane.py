@@ -575,7 +575,7 @@ def run_episode(seed: int, episode: int, max_steps: int, deadline: float, check_
                      f"{ipaddress.ip_address(packed)} port {port} ttl {ttl} "
                      f"recv_ns {recv_ns} now_ns {now_ns}")
             v4 = len(packed) == 4
-            key = packed if v4 else packed[: reference.v6_source_bytes]
+            key = packed if v4 else packed[: reference.compiled.v6_source_bytes]
             new = key not in reference.sources.records
             before = (lane.first_sightings, lane.fast_decisions)
             try:
@@ -616,8 +616,8 @@ def run_episode(seed: int, episode: int, max_steps: int, deadline: float, check_
                     sanitizer_fault(kind)
             stats.in_c += 1
             stats.c_reasons[Reason(reason).name] += 1
-            prefix_key = prefix_key_of(packed, reference.v4_prefix_bits,
-                                       reference.v6_prefix_bits)
+            prefix_key = prefix_key_of(packed, reference.compiled.v4_prefix_bits,
+                                       reference.compiled.v6_prefix_bits)
             if step >= full_from or step % check_every == 0:
                 stats.full_checks += 1
                 want, got = reference.snapshot(), compiled.snapshot()

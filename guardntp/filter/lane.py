@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from ..responder import Responder
     from .acl import AccessList
     from .buckets import BucketTable, PyNewcomerRing
-    from .pipeline import CompiledPolicy, Pipeline
-    from .reference import Decision, SourceRecord
+    from .pipeline import Pipeline
+    from .reference import CompiledPolicy, Decision, SourceRecord
 
 class RecordCells(NamedTuple):
     """The index of each cell of a source record (``pipeline.py``'s layout), by name."""

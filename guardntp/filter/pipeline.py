@@ -16,9 +16,8 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from ..responder import Request, Responder, inspect_request
+from ..responder import Responder, inspect_request
 from ..timestamps import NS_PER_S
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import (
@@ -78,6 +77,7 @@ from .reference import (
     TIME_REPLIES,
     WINDOW_START,
     Authenticator,
+    CompiledPolicy,
     NtsStage,
     ReferenceModel,
     SourceRecord,
@@ -119,38 +119,6 @@ try:
     from .._fastlane import Lane as _Lane
 except ImportError:  # no C compiler at install: no compiled core to configure
     _Lane = None  # type: ignore[assignment, misc]
-
-
-@dataclass(frozen=True)
-class CompiledPolicy:
-    """What :class:`Pipeline` derives from a :class:`FilterPolicy`, all of it checked:
-    built by :func:`compile_policy` before a reload touches the running pipeline."""
-
-    policy: FilterPolicy
-    source_limit: Limit
-    prefix_limit: Limit
-    label_limits: dict[str, Limit]
-    label_kod: dict[str, bool]
-    global_limit: Limit | None
-    kod_limit: Limit
-    kod_interval_ns: int
-    leak_share: float
-    random: random.Random
-    reflection_ports: frozenset[int]
-    v6_source_bytes: int
-    v4_prefix_bits: int
-    v6_prefix_bits: int
-    #: IPv4 prefix keys on a byte boundary are a slice (the default /24); else 0.
-    v4_prefix_bytes: int
-    #: A 48-byte request's sanity verdict and packet label depend on its first byte
-    #: alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
-    #: those entries are None and take the full path. Shared Requests are immutable.
-    sanity_48: list[Request | Reason | None]
-    label_of_first: list[str | None]
-    #: Crowd estimate per number of port-sketch bits set; max_crowd 1: no estimate.
-    max_crowd: int
-    crowd_of_bits: tuple[int, ...]
-    ttl_classes: bool
 
 
 def _whole(key: str, value: object, low: int, high: int, why: str = "") -> int:
@@ -316,26 +284,7 @@ class Pipeline(ReferenceModel):
                 raise BadPolicy("", f"the compiled packet loop refuses these settings: "
                                 f"{error}") from None
         # -- the swap: from here on nothing can fail
-        self.policy = policy
-        self.source_limit = compiled.source_limit
-        self.prefix_limit = compiled.prefix_limit
-        self.label_limits = compiled.label_limits
-        self.label_kod = compiled.label_kod
-        self.global_limit = compiled.global_limit
-        self.kod_limit = compiled.kod_limit
-        self.kod_interval_ns = compiled.kod_interval_ns
-        self.leak_share = compiled.leak_share
-        self.random = compiled.random
-        self.reflection_ports = compiled.reflection_ports
-        self.v6_source_bytes = compiled.v6_source_bytes
-        self.v4_prefix_bits = compiled.v4_prefix_bits
-        self.v6_prefix_bits = compiled.v6_prefix_bits
-        self._v4_prefix_bytes = compiled.v4_prefix_bytes
-        self._sanity_48 = compiled.sanity_48
-        self._label_of_first = compiled.label_of_first
-        self.max_crowd = compiled.max_crowd
-        self.crowd_of_bits = compiled.crowd_of_bits
-        self.ttl_classes = compiled.ttl_classes
+        self.compiled = compiled
         self.sources.max_entries = policy.max_sources
         self.prefixes.max_entries = policy.max_prefixes
         self.newcomers = newcomers

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, MutableSequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
@@ -162,27 +163,13 @@ def prefix_key(packed: bytes, v4_prefix_bits: int, v6_prefix_bits: int) -> bytes
     return masked if v4 else b"6" + masked
 
 
-class ReferenceModel:
-    """:meth:`decide` and its stages, over the state a
-    :class:`~guardntp.filter.pipeline.Pipeline` holds (declared below; the pipeline
-    sets it from the compiled policy, ``pipeline.compile_policy``)."""
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """What the stages read of a :class:`FilterPolicy`, all of it checked: built by
+    ``pipeline.compile_policy`` before a reload touches the running pipeline, and
+    swapped in whole."""
 
-    # -- the state the stages read and write
     policy: FilterPolicy
-    responder: Responder
-    counters: Counters
-    label_counts: dict[str, int]
-    sources: BucketTable
-    prefixes: BucketTable
-    newcomers: NewcomerTable
-    acl: AccessList
-    table_full: int
-    _authenticator: Authenticator | None
-    _nts: NtsStage | None
-    _global_tat: int
-    _kod_tat: int
-    _prefix_overflow: SourceRecord
-    # -- the compiled policy
     source_limit: Limit
     prefix_limit: Limit
     label_limits: dict[str, Limit]
@@ -196,12 +183,45 @@ class ReferenceModel:
     v6_source_bytes: int
     v4_prefix_bits: int
     v6_prefix_bits: int
-    _v4_prefix_bytes: int
-    _sanity_48: list[Request | Reason | None]
-    _label_of_first: list[str | None]
+    #: IPv4 prefix keys on a byte boundary are a slice (the default /24); else 0.
+    v4_prefix_bytes: int
+    #: A 48-byte request's sanity verdict and packet label depend on its first byte
+    #: alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
+    #: those entries are None and take the full path. Shared Requests are immutable.
+    sanity_48: list[Request | Reason | None]
+    label_of_first: list[str | None]
+    #: Crowd estimate per number of port-sketch bits set; max_crowd 1: no estimate.
     max_crowd: int
     crowd_of_bits: tuple[int, ...]
     ttl_classes: bool
+
+
+class ReferenceModel:
+    """:meth:`decide` and its stages, over the state a
+    :class:`~guardntp.filter.pipeline.Pipeline` holds (declared below; the pipeline
+    sets it from the compiled policy, ``pipeline.compile_policy``)."""
+
+    # -- the state the stages read and write
+    responder: Responder
+    counters: Counters
+    label_counts: dict[str, int]
+    sources: BucketTable
+    prefixes: BucketTable
+    newcomers: NewcomerTable
+    acl: AccessList
+    table_full: int
+    _authenticator: Authenticator | None
+    _nts: NtsStage | None
+    _global_tat: int
+    _kod_tat: int
+    _prefix_overflow: SourceRecord
+    #: The policy as the stages read it (swapped in whole by ``apply_policy``).
+    compiled: CompiledPolicy
+
+    @property
+    def policy(self) -> FilterPolicy:
+        """The settings in force."""
+        return self.compiled.policy
 
     def decide(self, data: bytes, packed: bytes, port: int, recv_ns: int, now_ns: int,
                ttl: int = -1) -> Decision:
@@ -221,12 +241,12 @@ class ReferenceModel:
             return sane, None, None
         request = sane
         # 2. reflection
-        if port in self.reflection_ports:
+        if port in self.compiled.reflection_ports:
             counts[base + _REFLECTION_PORT] += 1
             return _REFLECTION_PORT, None, None
         label = self._label(data, first, port)
         self.label_counts[label] += 1
-        key = packed if len(packed) == 4 else packed[: self.v6_source_bytes]
+        key = packed if len(packed) == 4 else packed[: self.compiled.v6_source_bytes]
         record, newcomer = self._source(key, label, port, ttl, now_ns)
         gap_ns = now_ns - record[LAST_SEEN]
         record[LAST_SEEN] = now_ns
@@ -270,7 +290,7 @@ class ReferenceModel:
         """1. The request as read, or the Reason it is dropped for. A 48-byte request's
         verdict depends on its first byte alone (NTPv1 mode 0 also on the port)."""
         if len(data) == HEADER_LEN:
-            sane = self._sanity_48[first]
+            sane = self.compiled.sanity_48[first]
             if sane is not None:
                 return sane
         return inspect_request(data, port, self.policy.answer_symmetric)
@@ -281,7 +301,7 @@ class ReferenceModel:
         nts = self._nts
         if nts is not None and len(data) > HEADER_LEN and nts.claims(data):
             return fingerprint.NTS
-        return self._label_of_first[first] or fingerprint.packet_label(first, port)
+        return self.compiled.label_of_first[first] or fingerprint.packet_label(first, port)
 
     def _source(self, key: bytes, label: str, port: int, ttl: int, now_ns: int
                 ) -> tuple[SourceRecord, bool]:
@@ -403,13 +423,14 @@ class ReferenceModel:
         its crowd) and its prefix's: both charged if both conform (a newcomer's TAT
         remembered in the ring), else neither. Returns (within both, the address is
         contested: :meth:`_observe`)."""
-        limit = self.label_limits.get(label, self.source_limit)
+        compiled = self.compiled
+        limit = compiled.label_limits.get(label, compiled.source_limit)
         tat_cell, crowd_size, contested = self._observe(record, port, ttl, gap_ns, now_ns)
         tat = record[tat_cell]
         if tat < now_ns:
             tat = now_ns
-        key = (packed[: self._v4_prefix_bytes] if len(packed) == 4 and self._v4_prefix_bytes
-               else prefix_key(packed, self.v4_prefix_bits, self.v6_prefix_bits))
+        key = (packed[: compiled.v4_prefix_bytes] if len(packed) == 4 and compiled.v4_prefix_bytes
+               else prefix_key(packed, compiled.v4_prefix_bits, compiled.v6_prefix_bits))
         prefixes = self.prefixes
         prefix_record = prefixes.records.get(key)
         if prefix_record is None:
@@ -419,7 +440,7 @@ class ReferenceModel:
         prefix_tat = prefix_record[TAT]
         if prefix_tat < now_ns:
             prefix_tat = now_ns
-        prefix_limit = self.prefix_limit
+        prefix_limit = compiled.prefix_limit
         if tat - now_ns > limit.tolerance_ns or prefix_tat - now_ns > prefix_limit.tolerance_ns:
             return False, contested
         record[tat_cell] = tat + limit.interval_ns // crowd_size
@@ -435,7 +456,7 @@ class ReferenceModel:
         interval is divided by, and whether the address is *contested*: both classes
         active, from the same kind of sender at different distances (a spoofer?)."""
         tat_cell = TAT
-        if self.ttl_classes and ttl >= 0:
+        if self.compiled.ttl_classes and ttl >= 0:
             home = record[HOME_TTL]
             if home < 0:
                 record[HOME_TTL] = ttl
@@ -443,12 +464,12 @@ class ReferenceModel:
                 tat_cell = OTHER_TAT
                 record[OTHER_TTL] = ttl
         contested = is_contested(record, now_ns, tat_cell)
-        if self.max_crowd == 1:
+        if self.compiled.max_crowd == 1:
             return tat_cell, 1, contested
         started = record[WINDOW_START]
         if now_ns - started >= crowd.CROWD_WINDOW_NS:
             # The window that just ended is kept only if it ended within a window.
-            record[CROWD] = (self.crowd_of_bits[record[PORT_SKETCH].bit_count()]
+            record[CROWD] = (self.compiled.crowd_of_bits[record[PORT_SKETCH].bit_count()]
                              if now_ns - started < 2 * crowd.CROWD_WINDOW_NS else 1)
             record[PORT_SKETCH] = 0
             record[WINDOW_START] = now_ns
@@ -466,9 +487,9 @@ class ReferenceModel:
                 record[GAP_DEV] = dev + ((deviation - dev) >> crowd.EWMA_SHIFT)
         size = 1
         if not contested and crowd.is_irregular(record[GAP_MEAN], record[GAP_DEV]):
-            so_far = crowd.extrapolated(self.crowd_of_bits[sketch.bit_count()],
+            so_far = crowd.extrapolated(self.compiled.crowd_of_bits[sketch.bit_count()],
                                         now_ns - record[WINDOW_START])
-            size = min(self.max_crowd, max(record[CROWD], so_far))
+            size = min(self.compiled.max_crowd, max(record[CROWD], so_far))
         last = record[LAST_CROWD]
         if size > last:
             # A bigger crowd keeps the requests it has used (its burst grows with it):
@@ -486,7 +507,7 @@ class ReferenceModel:
         else a RATE KoD where KoDs are on for the label, the address is not contested,
         and the source's guard and the KoD budget allow; else dropped."""
         counts = self.counters.counts
-        if self.leak_share and self.random.random() < self.leak_share \
+        if self.compiled.leak_share and self.compiled.random.random() < self.compiled.leak_share \
                 and self._global_allows(now_ns):
             counts[base + Reason.LEAKED] += 1
             record[TIME_REPLIES] += 1
@@ -495,7 +516,7 @@ class ReferenceModel:
                     responder.time_reply(data, request, responder.served_ntp(recv_ns)), signer)
         # A contested address: the limited class may be a spoofer, and a KoD would
         # reach (and slow down) the address's real owner.
-        if (self.policy.send_kod and self.label_kod.get(label, True) and not contested
+        if (self.policy.send_kod and self.compiled.label_kod.get(label, True) and not contested
                 and (newcomer_key is None or self._establish(newcomer_key, record, now_ns))
                 and self._kod_allowed(record, now_ns)):
             return self._kod(data, request, record, base, KOD_RATE, Reason.RATE_KOD, signer)
@@ -507,7 +528,7 @@ class ReferenceModel:
 
     def _global_allows(self, now_ns: int) -> bool:
         """The global reply budget (none: every reply allowed), charged if it allows."""
-        limit = self.global_limit
+        limit = self.compiled.global_limit
         if limit is None:
             return True
         tat = self._global_tat if self._global_tat > now_ns else now_ns
@@ -519,9 +540,9 @@ class ReferenceModel:
     def _kod_allowed(self, record: SourceRecord, now_ns: int) -> bool:
         """At most one KoD per source per guard interval, within the KoD budget and the
         global reply budget (all charged if they allow)."""
-        if now_ns - record[LAST_KOD] < self.kod_interval_ns:
+        if now_ns - record[LAST_KOD] < self.compiled.kod_interval_ns:
             return False
-        limit = self.kod_limit
+        limit = self.compiled.kod_limit
         tat = self._kod_tat if self._kod_tat > now_ns else now_ns
         if tat - now_ns > limit.tolerance_ns or not self._global_allows(now_ns):
             return False
