@@ -3276,7 +3276,8 @@ Lane_configure(Lane *L, PyObject *policy)
         PyErr_SetString(PyExc_TypeError, "lane policy: settings.random must be callable");
         goto fail;
     }
-    /* Tables in Python (OrderedDicts: the reference model's): Python decides all. */
+    /* Tables in Python (OrderedDicts: the reference model's): the reference model
+     * decides every packet (enabled, below). */
     tables_compiled = Py_TYPE(L->index) == &AddressTableType
                       && Py_TYPE(L->prefix_index) == &AddressTableType;
     if (Py_TYPE(L->ring) != &NewcomerRingType || Py_TYPE(L->prefix_overflow) != &RecordType

@@ -306,8 +306,8 @@ class Pipeline(ReferenceModel):
         self.config_version += 1   # the compiled loop asks this stage about NTS requests
 
     def lane_policy(self) -> LanePolicy:
-        """What the compiled packet loop (``guardntp/fastlane.py``) needs to decide the
-        common cases exactly as :meth:`decide` does: the objects it reads and updates in
+        """What the compiled core (``guardntp/fastlane.py``) needs to decide every
+        packet exactly as :meth:`decide` does: the objects it reads and updates in
         place, and per first byte of a 48-byte request the sanity verdict, label, reply
         mode and bucket limit (``filter/lane.py``). Valid until ``config_version``
         changes."""
