@@ -2725,7 +2725,6 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
             || !record_int(record, L->i_crowd, &ignored)
             || !record_int(record, L->i_gap_mean, &ignored) || ignored < 0
             || !record_int(record, L->i_gap_dev, &ignored) || ignored < 0
-            || !record_int(record, L->i_home_ttl, &ignored)
             || !record_int(record, L->i_other_ttl, &ignored)
             || !record_int(record, L->i_last_crowd, &ignored) || ignored < 1)
         return foreign_record("source");

@@ -212,7 +212,6 @@ def compile_policy(policy: FilterPolicy) -> CompiledPolicy:
         random=random.Random(policy.random_seed),
         reflection_ports=frozenset(ports), v6_source_bytes=v6_source_bits // 8,
         v4_prefix_bits=v4_prefix_bits, v6_prefix_bits=v6_prefix_bits,
-        v4_prefix_bytes=v4_prefix_bits // 8 if v4_prefix_bits % 8 == 0 else 0,
         sanity_48=[None if (first >> 3) & 7 == 1 and first & 7 == 0
                    else inspect_request(bytes((first,)) + padding, 0, answer_symmetric)
                    for first in range(256)],

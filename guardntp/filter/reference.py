@@ -183,8 +183,6 @@ class CompiledPolicy:
     v6_source_bytes: int
     v4_prefix_bits: int
     v6_prefix_bits: int
-    #: IPv4 prefix keys on a byte boundary are a slice (the default /24); else 0.
-    v4_prefix_bytes: int
     #: A 48-byte request's sanity verdict and packet label depend on its first byte
     #: alone, except NTPv1 (mode 0 and the Netgear label look at the source port):
     #: those entries are None and take the full path. Shared Requests are immutable.
@@ -429,8 +427,7 @@ class ReferenceModel:
         tat = record[tat_cell]
         if tat < now_ns:
             tat = now_ns
-        key = (packed[: compiled.v4_prefix_bytes] if len(packed) == 4 and compiled.v4_prefix_bytes
-               else prefix_key(packed, compiled.v4_prefix_bits, compiled.v6_prefix_bits))
+        key = prefix_key(packed, compiled.v4_prefix_bits, compiled.v6_prefix_bits)
         prefixes = self.prefixes
         prefix_record = prefixes.records.get(key)
         if prefix_record is None:
