@@ -17,7 +17,7 @@ import cachetools
 import pytest
 from benchutil import MILLION, make_pipeline, source_address
 
-from guardntp.filter.acl import AccessList, AclEntry, Action, longest_match
+from guardntp.filter.acl import AccessList, AclEntry, Action, Match, longest_match
 from guardntp.filter.reference import new_record
 
 
@@ -108,14 +108,15 @@ def test_access_list_lookup_among_100k_entries(benchmark, blocklisted, kind):
     without the call's cost) against its reference model ``acl.longest_match``."""
     rng = random.Random(2)
     addresses = [rng.getrandbits(32).to_bytes(4, "big") for _ in range(4096)]
-    probes = blocklisted.probes(4)
+    probes, block = blocklisted.probes(4), blocklisted.block_table
     state = {"next": 0}
     lookup = blocklisted.lookup
 
-    def one() -> AclEntry | None:
+    def one() -> Match | None:
         index = state["next"] = (state["next"] + 1) & 4095
         packed = addresses[index]
-        return lookup(packed, 0) if kind == "compiled" else longest_match(probes, packed, 0)
+        return lookup(packed, 0) if kind == "compiled" else longest_match(probes, block, packed, 0)
 
     benchmark(one)
-    assert all(blocklisted.lookup(a, 0) is longest_match(probes, a, 0) for a in addresses)
+    assert all(blocklisted.lookup(a, 0) is longest_match(probes, block, a, 0)
+               for a in addresses)

@@ -32,9 +32,12 @@
  *     stamped and then completed when its chunk is sent;
  *   - a source port on the reflection list -> drop, counted;
  *   - the access list (IPv4: the record's cached entry while the list and the
- *     entry stand, else the list's lookup, longest_match_in over the list's own
- *     AddressTables; IPv6: the lookup every time, as
- *     Python does): DROP -> drop; DENY -> a DENY KoD within the KoD guard and
+ *     entry stand, else the list's lookup; IPv6: the lookup every time, as
+ *     Python does). The lookup, longest_match_in, walks the prefix lengths of
+ *     both layers longest first: the configuration's AddressTables
+ *     (AccessList.probes) and the blocklist's BlockTable (AccessList.block_table),
+ *     whose entry wins a tie; a lapsed entry uncovers shorter prefixes.
+ *     DROP -> drop; DENY -> a DENY KoD within the KoD guard and
  *     budget, else drop; EXEMPT -> a time reply (or the global cap's drop);
  *   - no entry or ALLOW: both buckets conforming -> a time reply (or the
  *     global cap's drop); over either -> the random leak's time reply, a RATE
@@ -164,10 +167,11 @@ typedef struct {
 
     /* per pump */
     int64_t acl_generation, global_tat, kod_tat, offset_ns;
-    int acl_covers_v6;                 /* the access list has an IPv6 entry */
+    int acl_covers_v6;                 /* the access list has an IPv6 entry (either layer) */
     /* AccessList.probes(4) and (16), as of probes_generation: its tables to look
-     * an address up in, longest prefix first (owned). */
-    PyObject *probes4, *probes6;
+     * an address up in, longest prefix first (owned); and its block_table, the
+     * blocklist layer (a BlockTable, owned, or NULL: none). */
+    PyObject *probes4, *probes6, *block;
     int64_t probes_generation;
     int acl_empty;                     /* ... no entry at all (of acl_empty_generation) */
     int64_t acl_empty_generation;
@@ -246,6 +250,8 @@ get_attr_i64(PyObject *obj, const char *name, int64_t *value)
 /* ------------------------------------------------------------------ pump state */
 
 static int buckets_in(Lane *L);
+static PyTypeObject BlockTableType;
+static int block_covers_v6(PyObject *table);
 
 /* Read what may change between pumps: the access list's generation, the global
  * bucket, the responder's clock snapshot (reply_heads, fields, offset_ns). */
@@ -274,7 +280,7 @@ begin(Lane *L)
         return -1;
     Py_DECREF(obj);
     if (L->probes4 == NULL || L->probes_generation != L->acl_generation) {
-        PyObject *v4 = PyObject_CallMethod(L->acl, "probes", "i", 4), *v6 = NULL;
+        PyObject *v4 = PyObject_CallMethod(L->acl, "probes", "i", 4), *v6 = NULL, *block;
         if (v4 != NULL)
             v6 = PyObject_CallMethod(L->acl, "probes", "i", 16);
         if (v6 == NULL || !PyTuple_Check(v4) || !PyTuple_Check(v6)) {
@@ -284,10 +290,29 @@ begin(Lane *L)
             Py_XDECREF(v6);
             return -1;
         }
+        /* The blocklist layer: an access list without the attribute has none. */
+        if ((block = PyObject_GetAttrString(L->acl, "block_table")) == NULL
+                && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            block = Py_NewRef(Py_None);
+        }
+        if (block != NULL && block != Py_None && Py_TYPE(block) != &BlockTableType) {
+            PyErr_Format(PyExc_TypeError, "AccessList.block_table must be a BlockTable or "
+                         "None, not %.100s", Py_TYPE(block)->tp_name);
+            Py_CLEAR(block);
+        }
+        if (block == NULL) {
+            Py_DECREF(v4);
+            Py_DECREF(v6);
+            return -1;
+        }
+        if (block == Py_None)
+            Py_CLEAR(block);
         Py_XSETREF(L->probes4, v4);
         Py_XSETREF(L->probes6, v6);
+        Py_XSETREF(L->block, block);
         L->probes_generation = L->acl_generation;
-        L->acl_covers_v6 = PyTuple_GET_SIZE(v6) > 0;
+        L->acl_covers_v6 = PyTuple_GET_SIZE(v6) > 0 || (block != NULL && block_covers_v6(block));
     }
     if (buckets_in(L) < 0)
         return -1;
@@ -1261,6 +1286,1194 @@ static PyTypeObject AddressTableType = {
 #define SOURCE_TABLE(L) ((AddressTable *)(L)->index)
 #define PREFIX_TABLE(L) ((AddressTable *)(L)->prefix_index)
 
+/* ------------------------------------------------------------------ BlockTable */
+
+/*
+ * The access list's blocklist layer (filter/acl.py, guardntp/blocklist): a
+ * network (its address, host bits zero, and prefix length) -> a verdict, the
+ * object a lookup returns (its action, origin, reason and expires_ns). An
+ * import or the auto-blocker writes many entries with one verdict object.
+ *
+ * Why: an entry as Python objects (an AclEntry in an AddressTable slot, its
+ * bytes key) costs ~350 bytes, and the blocklist may hold a million. Here an
+ * entry is one slot: {network address, verdict id}, 8 bytes for IPv4 and 24
+ * for IPv6, in a table between 1/8 and 1/2 full (about 16-32 bytes an IPv4
+ * entry as it grows). The verdict is not a pointer in the slot but a 32-bit id
+ * into an array that holds one reference per distinct verdict object and its
+ * use count (how many entries hold it); at a use count of 0 the reference is
+ * released and the id reused. A small open-addressed index over the objects'
+ * addresses finds a verdict's id, so a write costs no Python object either.
+ *
+ * Layout: one sub-table per prefix code (IPv4 /0-/32: codes 0-32, IPv6
+ * /0-/128: 33-161, as acl.py's _WHERE), allocated only while it holds entries,
+ * and per family a bitmap of the prefix lengths in use, so a lookup probes only
+ * those, longest first (longest_match_in), merged with the configuration's.
+ * Each sub-table: capacity a power of two, at least 8, at most half full,
+ * halved when a deletion leaves it under 1/8 full; the hash is index_hash, keyed
+ * with the process's random seed (a spoofing attacker cannot choose addresses
+ * that share a probe run) with the prefix code mixed in; linear probing,
+ * deletion by backward shift (no tombstones).
+ *
+ * apply() is all or nothing: it checks every op, then makes every allocation
+ * the writes could need (new sub-tables, growth, room for new verdicts), then
+ * writes with operations that cannot fail; the references it let go are
+ * released only once the table is whole again, since a verdict's finaliser may
+ * run Python code that reads or changes the table. purge() removes the entries
+ * of some verdicts (an import replaced or withdrawn) a bounded number of slots
+ * per call, resumable from a cursor, so a million entries go over several
+ * timer ticks without stalling the packet loop; for the same reason it rehashes
+ * no sub-table bigger than its budget: the shrink is left to the next apply().
+ *
+ * Not tracked by the cyclic GC: verdicts refer to enums, strings and ints, none
+ * of which leads back here. Slots and the verdict arrays come from PyMem_Raw*,
+ * so tracemalloc (contrib/sizing/measure.py) counts them.
+ */
+#define BLOCK_CODES 162                  /* IPv4 /0-/32: codes 0-32; IPv6 /0-/128: 33-161 */
+#define BLOCK_V6 33                      /* the code of IPv6 /0 */
+#define BLOCK_MIN_CAPACITY 8
+#define BLOCK_MAX_CAPACITY (1ULL << 31)  /* a slot number and the cursor's fit 32 bits */
+#define BLOCK_MAX_ENTRIES (UINT32_MAX - 1)   /* a use count is 32 bits */
+#define BLOCK_MAX_VERDICTS (1U << 30)
+
+typedef struct {
+    uint32_t key;          /* the network address */
+    uint32_t id;           /* its verdict's, 0 in an empty slot */
+} Block4;
+
+typedef struct {
+    uint64_t hi, lo;       /* the network address, big-endian halves */
+    uint32_t id;
+    uint32_t spare;
+} Block6;
+
+typedef struct {
+    void *slots;           /* Block4 (codes 0-32) or Block6; NULL while the length holds nothing */
+    uint32_t mask;         /* capacity - 1 */
+    uint32_t count;
+} BlockSub;
+
+typedef struct {
+    PyObject *object;      /* a reference held; NULL: a free id */
+    uint32_t uses;         /* entries holding it; of a free id, the next free id (0: none) */
+    uint32_t marked;       /* one of the verdicts purge() is removing */
+} Verdict;
+
+typedef struct {
+    PyObject_HEAD
+    BlockSub sub[BLOCK_CODES];
+    uint64_t used[2][3];   /* per family (IPv4, IPv6): bit p set while /p holds entries */
+    uint64_t loose[3];     /* by code: sub-tables purge() left under 1/8 full, for apply() */
+    Py_ssize_t count;
+    Verdict *verdicts;     /* by id; [0] unused */
+    uint32_t room;         /* ids the array has room for */
+    uint32_t top;          /* ids below it have been handed out (1: none) */
+    uint32_t free_id;      /* the last id released, 0: none */
+    uint32_t n_verdicts;   /* distinct verdicts held */
+    uint32_t *vindex;      /* verdict ids by their object's address; 0: an empty slot */
+    uint32_t vmask;        /* its capacity - 1 */
+    uint64_t version;      /* moves on every change (the lists built from it check it) */
+} BlockTable;
+
+static PyTypeObject BlockTableType;
+
+static inline void
+bit_set(uint64_t *bits, int i)
+{
+    bits[i >> 6] |= 1ULL << (i & 63);
+}
+
+static inline void
+bit_clear(uint64_t *bits, int i)
+{
+    bits[i >> 6] &= ~(1ULL << (i & 63));
+}
+
+static inline int
+bit_test(const uint64_t *bits, int i)
+{
+    return (bits[i >> 6] >> (i & 63)) & 1;
+}
+
+/* The highest bit below `below` set in bits (three words), or -1: the longest
+ * prefix length in use shorter than below. */
+static inline int
+longest_below(const uint64_t *bits, int below)
+{
+    while (below > 0) {
+        int p = below - 1, w = p >> 6;
+        uint64_t word = bits[w] & (UINT64_MAX >> (63 - (p & 63)));
+        if (word != 0)
+            return w * 64 + 63 - __builtin_clzll(word);
+        below = w * 64;
+    }
+    return -1;
+}
+
+/* The top n bits of a 64-bit word set (n clamped to 0-64). */
+static inline uint64_t
+high_bits(int n)
+{
+    return n <= 0 ? 0 : n >= 64 ? UINT64_MAX : UINT64_MAX << (64 - n);
+}
+
+static inline uint64_t
+load_be64(const unsigned char *bytes)
+{
+    uint64_t x = 0;
+    int i;
+    for (i = 0; i < 8; i++)
+        x = (x << 8) | bytes[i];
+    return x;
+}
+
+/* An address's key halves: IPv4 in lo; IPv6 hi, lo. */
+static inline void
+address_halves(const unsigned char *packed, int packed_len, uint64_t *hi, uint64_t *lo)
+{
+    if (packed_len == 4) {
+        *hi = 0;
+        *lo = (uint64_t)packed[0] << 24 | (uint64_t)packed[1] << 16 | (uint64_t)packed[2] << 8
+              | packed[3];
+    } else {
+        *hi = load_be64(packed);
+        *lo = load_be64(packed + 8);
+    }
+}
+
+/* The network of prefix code `code` that covers the address (hi, lo). */
+static inline void
+network_of(int code, uint64_t *hi, uint64_t *lo)
+{
+    if (code < BLOCK_V6)
+        *lo &= high_bits(code) >> 32;
+    else {
+        *hi &= high_bits(code - BLOCK_V6);
+        *lo &= high_bits(code - BLOCK_V6 - 64);
+    }
+}
+
+static inline uint64_t
+block_hash(int code, uint64_t hi, uint64_t lo)
+{
+    Key key = {hi, lo, (uint32_t)code + 1};
+    return index_hash(key);
+}
+
+static inline size_t
+slot_size(int code)
+{
+    return code < BLOCK_V6 ? sizeof(Block4) : sizeof(Block6);
+}
+
+static inline uint32_t
+sub_id(const BlockSub *s, int code, uint64_t i)
+{
+    return code < BLOCK_V6 ? ((const Block4 *)s->slots)[i].id : ((const Block6 *)s->slots)[i].id;
+}
+
+static inline void
+sub_key(const BlockSub *s, int code, uint64_t i, uint64_t *hi, uint64_t *lo)
+{
+    if (code < BLOCK_V6) {
+        *hi = 0;
+        *lo = ((const Block4 *)s->slots)[i].key;
+    } else {
+        *hi = ((const Block6 *)s->slots)[i].hi;
+        *lo = ((const Block6 *)s->slots)[i].lo;
+    }
+}
+
+static inline void
+sub_set_id(BlockSub *s, int code, uint64_t i, uint32_t id)
+{
+    if (code < BLOCK_V6)
+        ((Block4 *)s->slots)[i].id = id;
+    else
+        ((Block6 *)s->slots)[i].id = id;
+}
+
+/* The slot of network (hi, lo) in sub-table code, or -1. */
+static inline int64_t
+sub_find(const BlockSub *s, int code, uint64_t hi, uint64_t lo)
+{
+    uint64_t i;
+    if (s->slots == NULL)
+        return -1;
+    i = block_hash(code, hi, lo) & s->mask;
+    if (code < BLOCK_V6) {
+        const Block4 *slots = s->slots;
+        for (;; i = (i + 1) & s->mask) {
+            if (slots[i].id == 0)
+                return -1;
+            if (slots[i].key == (uint32_t)lo)
+                return (int64_t)i;
+        }
+    } else {
+        const Block6 *slots = s->slots;
+        for (;; i = (i + 1) & s->mask) {
+            if (slots[i].id == 0)
+                return -1;
+            if (slots[i].lo == lo && slots[i].hi == hi)
+                return (int64_t)i;
+        }
+    }
+}
+
+/* Place network (hi, lo), absent, holding verdict id. Room must have been made. */
+static void
+sub_place(BlockSub *s, int code, uint64_t hi, uint64_t lo, uint32_t id)
+{
+    uint64_t i = block_hash(code, hi, lo) & s->mask;
+    if (code < BLOCK_V6) {
+        Block4 *slots = s->slots;
+        while (slots[i].id != 0)
+            i = (i + 1) & s->mask;
+        slots[i].key = (uint32_t)lo;
+        slots[i].id = id;
+    } else {
+        Block6 *slots = s->slots;
+        while (slots[i].id != 0)
+            i = (i + 1) & s->mask;
+        slots[i].hi = hi;
+        slots[i].lo = lo;
+        slots[i].id = id;
+    }
+    s->count++;
+}
+
+/* Empty slot `hole`: pull later members of its probe run back into it unless
+ * their home lies cyclically in (hole, j] (backward shift). The slots examined. */
+static uint64_t
+sub_remove(BlockSub *s, int code, uint64_t hole)
+{
+    uint64_t i = hole, j = hole, examined = 0, home, mask = s->mask;
+    if (code < BLOCK_V6) {   /* (one loop per slot type: purge() spends its time here) */
+        Block4 *slots = s->slots;
+        for (;;) {
+            j = (j + 1) & mask;
+            examined++;
+            if (slots[j].id == 0)
+                break;
+            home = block_hash(code, 0, slots[j].key) & mask;
+            if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+                continue;
+            slots[i] = slots[j];
+            i = j;
+        }
+        slots[i].key = slots[i].id = 0;
+    } else {
+        Block6 *slots = s->slots;
+        for (;;) {
+            j = (j + 1) & mask;
+            examined++;
+            if (slots[j].id == 0)
+                break;
+            home = block_hash(code, slots[j].hi, slots[j].lo) & mask;
+            if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+                continue;
+            slots[i] = slots[j];
+            i = j;
+        }
+        memset(&slots[i], 0, sizeof slots[i]);
+    }
+    s->count--;
+    return examined;
+}
+
+/* The first slot in [from, end) holding an entry of a marked verdict, else end.
+ * only: the one verdict marked (the common case: the ids compared, no load), or 0. */
+static uint64_t
+sub_scan(const BlockSub *s, int code, const Verdict *verdicts, uint32_t only, uint64_t from,
+         uint64_t end)
+{
+    if (code < BLOCK_V6) {
+        const Block4 *slots = s->slots;
+        if (only != 0) {
+            while (from < end && slots[from].id != only)
+                from++;
+            return from;
+        }
+        for (; from < end; from++)
+            if (slots[from].id != 0 && verdicts[slots[from].id].marked)
+                break;
+    } else {
+        const Block6 *slots = s->slots;
+        for (; from < end; from++)
+            if (slots[from].id != 0 && verdicts[slots[from].id].marked)
+                break;
+    }
+    return from;
+}
+
+/* Move sub-table code's entries into fresh (mask + 1 zeroed slots), freeing the old. */
+static void
+sub_rehash(BlockSub *s, int code, void *fresh, uint32_t mask)
+{
+    BlockSub old = *s;
+    uint64_t i, hi, lo;
+    s->slots = fresh;
+    s->mask = mask;
+    s->count = 0;
+    if (old.slots == NULL)
+        return;
+    for (i = 0; i <= old.mask; i++) {
+        uint32_t id = sub_id(&old, code, i);
+        if (id != 0) {
+            sub_key(&old, code, i, &hi, &lo);
+            sub_place(s, code, hi, lo, id);
+        }
+    }
+    PyMem_RawFree(old.slots);
+}
+
+/* The smallest capacity at which n entries leave a table at most half full. */
+static uint64_t
+capacity_for(uint64_t n)
+{
+    uint64_t capacity = BLOCK_MIN_CAPACITY;
+    while (capacity < 2 * n)
+        capacity *= 2;
+    return capacity;
+}
+
+/* The capacity a sub-table of capacity `capacity` holding `count` shrinks to
+ * (itself: none): halved while under 1/8 full, not below the minimum. */
+static uint64_t
+shrunk_capacity(uint64_t capacity, uint64_t count)
+{
+    while (capacity > BLOCK_MIN_CAPACITY && count * 8 < capacity)
+        capacity /= 2;
+    return capacity;
+}
+
+static inline uint64_t
+verdict_hash(PyObject *object)
+{
+    Key key = {0, (uint64_t)(uintptr_t)object, MAX_KEY + 1};
+    return index_hash(key);
+}
+
+/* The id of verdict object, 0 if the table holds none. */
+static inline uint32_t
+verdict_id(const BlockTable *t, PyObject *object)
+{
+    uint64_t i;
+    if (t->vindex == NULL)
+        return 0;
+    for (i = verdict_hash(object) & t->vmask;; i = (i + 1) & t->vmask) {
+        uint32_t id = t->vindex[i];
+        if (id == 0 || t->verdicts[id].object == object)
+            return id;
+    }
+}
+
+static void
+vindex_place(BlockTable *t, uint32_t id)
+{
+    uint64_t i = verdict_hash(t->verdicts[id].object) & t->vmask;
+    while (t->vindex[i] != 0)
+        i = (i + 1) & t->vmask;
+    t->vindex[i] = id;
+}
+
+/* Hold verdict object (absent) under a new id, no uses yet. Room must have been made. */
+static uint32_t
+verdict_add(BlockTable *t, PyObject *object)
+{
+    uint32_t id = t->free_id;
+    if (id != 0)
+        t->free_id = t->verdicts[id].uses;
+    else
+        id = t->top++;
+    Py_INCREF(object);
+    t->verdicts[id].object = object;
+    t->verdicts[id].uses = 0;
+    t->verdicts[id].marked = 0;
+    vindex_place(t, id);
+    t->n_verdicts++;
+    return id;
+}
+
+/* Let go of verdict id (no entry holds it): the reference it held, for the
+ * caller to release once the table is consistent. */
+static PyObject *
+verdict_drop(BlockTable *t, uint32_t id)
+{
+    PyObject *object = t->verdicts[id].object;
+    uint64_t i = verdict_hash(object) & t->vmask, j, home;
+    while (t->vindex[i] != id)
+        i = (i + 1) & t->vmask;
+    for (j = i;;) {   /* backward shift, as sub_remove */
+        uint32_t moved;
+        j = (j + 1) & t->vmask;
+        if ((moved = t->vindex[j]) == 0)
+            break;
+        home = verdict_hash(t->verdicts[moved].object) & t->vmask;
+        if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+            continue;
+        t->vindex[i] = moved;
+        i = j;
+    }
+    t->vindex[i] = 0;
+    t->verdicts[id].object = NULL;
+    t->verdicts[id].uses = t->free_id;
+    t->verdicts[id].marked = 0;
+    t->free_id = id;
+    t->n_verdicts--;
+    return object;
+}
+
+/* One entry fewer holds verdict id: its reference if that was the last (see
+ * verdict_drop), else NULL. */
+static PyObject *
+verdict_unuse(BlockTable *t, uint32_t id)
+{
+    return --t->verdicts[id].uses == 0 ? verdict_drop(t, id) : NULL;
+}
+
+/* No verdict left: give back the arrays (the ids start again from 1). */
+static void
+verdicts_tidy(BlockTable *t)
+{
+    if (t->n_verdicts != 0 || t->verdicts == NULL)
+        return;
+    PyMem_RawFree(t->verdicts);
+    PyMem_RawFree(t->vindex);
+    t->verdicts = NULL;
+    t->vindex = NULL;
+    t->room = t->vmask = t->free_id = 0;
+    t->top = 1;
+}
+
+static void
+sub_free(BlockTable *t, int code)
+{
+    BlockSub *s = &t->sub[code];
+    PyMem_RawFree(s->slots);
+    s->slots = NULL;
+    s->mask = s->count = 0;
+    bit_clear(t->used[code >= BLOCK_V6], code < BLOCK_V6 ? code : code - BLOCK_V6);
+    bit_clear(t->loose, code);
+}
+
+/* After writes to sub-table code: freed if empty, shrunk if under 1/8 full (if
+ * the smaller slots cannot be had, it stays as it is and is tried again later). */
+static void
+sub_tidy(BlockTable *t, int code)
+{
+    BlockSub *s = &t->sub[code];
+    uint64_t capacity, want;
+    void *fresh;
+    if (s->slots == NULL)
+        return;
+    if (s->count == 0) {
+        sub_free(t, code);
+        return;
+    }
+    capacity = (uint64_t)s->mask + 1;
+    want = shrunk_capacity(capacity, s->count);
+    bit_clear(t->loose, code);
+    if (want == capacity)
+        return;
+    if ((fresh = PyMem_RawCalloc(want, slot_size(code))) == NULL) {
+        bit_set(t->loose, code);
+        return;
+    }
+    sub_rehash(s, code, fresh, (uint32_t)(want - 1));
+}
+
+/* The network of a Python call: (packed, prefixlen) -> its code and address;
+ * -1 with TypeError or ValueError set. */
+static int
+block_network(PyObject *packed, PyObject *prefixlen, int *code, uint64_t *hi, uint64_t *lo)
+{
+    const unsigned char *bytes;
+    Py_ssize_t width;
+    long bits;
+    int overflow = 0;
+    uint64_t host_hi, host_lo;
+    if (!PyBytes_Check(packed)) {
+        PyErr_Format(PyExc_TypeError, "a network address is bytes, not %.100s",
+                     Py_TYPE(packed)->tp_name);
+        return -1;
+    }
+    width = PyBytes_GET_SIZE(packed);
+    if (width != 4 && width != 16) {
+        PyErr_Format(PyExc_ValueError, "a network address is 4 or 16 bytes, not %zd",
+                     width);
+        return -1;
+    }
+    if (!PyLong_Check(prefixlen) || PyBool_Check(prefixlen)) {
+        PyErr_Format(PyExc_TypeError, "a prefix length is an int, not %.100s",
+                     Py_TYPE(prefixlen)->tp_name);
+        return -1;
+    }
+    bits = PyLong_AsLongAndOverflow(prefixlen, &overflow);
+    if (overflow || bits < 0 || bits > 8 * width) {
+        PyErr_Format(PyExc_ValueError, "a prefix length of a %zd-byte address is 0-%zd",
+                     width, 8 * width);
+        return -1;
+    }
+    bytes = (const unsigned char *)PyBytes_AS_STRING(packed);
+    *code = width == 4 ? (int)bits : BLOCK_V6 + (int)bits;
+    address_halves(bytes, (int)width, hi, lo);
+    host_hi = *hi;
+    host_lo = *lo;
+    network_of(*code, hi, lo);
+    if (host_hi != *hi || host_lo != *lo) {
+        PyErr_Format(PyExc_ValueError, "host bits set past the /%ld", bits);
+        return -1;
+    }
+    return 0;
+}
+
+/* The packed network address of a slot's key. */
+static PyObject *
+network_bytes(int code, uint64_t hi, uint64_t lo)
+{
+    unsigned char bytes[16];
+    int i, width = code < BLOCK_V6 ? 4 : 16;
+    for (i = 0; i < width; i++) {
+        int shift = 8 * (width - 1 - i);
+        bytes[i] = (unsigned char)(shift >= 64 ? hi >> (shift - 64) : lo >> shift);
+    }
+    return PyBytes_FromStringAndSize((const char *)bytes, width);
+}
+
+/* The verdict (borrowed) of the entry on the /prefixlen covering an address (its
+ * halves), or NULL. */
+static inline PyObject *
+block_find(const BlockTable *t, int v6, uint64_t hi, uint64_t lo, int prefixlen)
+{
+    int code = v6 ? BLOCK_V6 + prefixlen : prefixlen;
+    int64_t i;
+    network_of(code, &hi, &lo);
+    if ((i = sub_find(&t->sub[code], code, hi, lo)) < 0)
+        return NULL;
+    return t->verdicts[sub_id(&t->sub[code], code, (uint64_t)i)].object;
+}
+
+/* Does the table hold an IPv6 entry? */
+static int
+block_covers_v6(PyObject *table)
+{
+    const uint64_t *bits = ((BlockTable *)table)->used[1];
+    return (bits[0] | bits[1] | bits[2]) != 0;
+}
+
+/* Name the op the pending error is about: "ops[3]: host bits set past the /24". */
+static void
+name_op(Py_ssize_t index)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (type != NULL)
+        PyErr_Format(type, "ops[%zd]: %S", index, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* One op of apply(), checked. */
+typedef struct {
+    uint64_t hi, lo;
+    PyObject *verdict;     /* borrowed from the op; NULL: delete */
+    PyObject *released;    /* a verdict reference the write let go, released after the batch */
+    int code;
+} BlockOp;
+
+/* A set of object addresses (the verdicts new to the table in one batch). */
+typedef struct {
+    PyObject **slots;
+    uint64_t mask, count;
+} PointerSet;
+
+/* Add object (if absent): 1 added, 0 there, -1 out of memory. */
+static int
+pointer_set_add(PointerSet *set, PyObject *object)
+{
+    uint64_t i;
+    if ((set->count + 1) * 2 > set->mask + 1) {
+        uint64_t capacity = set->slots == NULL ? 16 : (set->mask + 1) * 2, j;
+        PyObject **fresh = PyMem_RawCalloc(capacity, sizeof(PyObject *));
+        if (fresh == NULL)
+            return -1;
+        for (j = 0; set->slots != NULL && j <= set->mask; j++)
+            if (set->slots[j] != NULL) {
+                for (i = verdict_hash(set->slots[j]) & (capacity - 1); fresh[i] != NULL;
+                     i = (i + 1) & (capacity - 1))
+                    ;
+                fresh[i] = set->slots[j];
+            }
+        PyMem_RawFree(set->slots);
+        set->slots = fresh;
+        set->mask = capacity - 1;
+    }
+    for (i = verdict_hash(object) & set->mask; set->slots[i] != NULL; i = (i + 1) & set->mask)
+        if (set->slots[i] == object)
+            return 0;
+    set->slots[i] = object;
+    set->count++;
+    return 1;
+}
+
+/* apply() step 2: every allocation the ops could need, made before anything
+ * changes: the slots of every sub-table as if every put of a network absent
+ * now added one (a bound: duplicates count twice), and room for every verdict
+ * new to the table. Then the sub-tables move into their new slots and the
+ * verdict index into its new array, which changes no lookup. -1: MemoryError,
+ * nothing changed. */
+static int
+block_reserve(BlockTable *t, const BlockOp *ops, Py_ssize_t n)
+{
+    uint64_t need[BLOCK_CODES], added = 0, fresh_mask[BLOCK_CODES], want, room;
+    void *fresh[BLOCK_CODES];
+    uint32_t *vindex = NULL;
+    uint64_t vcapacity = 0;
+    PointerSet new_verdicts = {NULL, 0, 0};
+    PyObject *last = NULL;
+    Py_ssize_t k;
+    int code;
+    memset(need, 0, sizeof need);
+    memset(fresh_mask, 0, sizeof fresh_mask);
+    memset(fresh, 0, sizeof fresh);
+    for (k = 0; k < n; k++) {
+        const BlockOp *op = &ops[k];
+        if (op->verdict == NULL)
+            continue;
+        if (sub_find(&t->sub[op->code], op->code, op->hi, op->lo) < 0) {
+            need[op->code]++;
+            added++;
+        }
+        if (op->verdict != last) {   /* (ops of one import share a verdict: skip the set) */
+            last = op->verdict;
+            if (verdict_id(t, last) == 0 && pointer_set_add(&new_verdicts, last) < 0)
+                goto no_memory;
+        }
+    }
+    if ((uint64_t)t->count + added > BLOCK_MAX_ENTRIES
+            || (uint64_t)t->n_verdicts + new_verdicts.count > BLOCK_MAX_VERDICTS) {
+        PyMem_RawFree(new_verdicts.slots);
+        PyErr_SetString(PyExc_MemoryError, "a BlockTable holds at most 2**32 - 2 entries "
+                                           "and 2**30 verdicts");
+        return -1;
+    }
+    for (code = 0; code < BLOCK_CODES; code++) {
+        BlockSub *s = &t->sub[code];
+        if (need[code] == 0)
+            continue;
+        want = capacity_for(s->count + need[code]);
+        if (s->slots != NULL && want <= (uint64_t)s->mask + 1)
+            continue;
+        if (want > BLOCK_MAX_CAPACITY)
+            goto no_memory;
+        if ((fresh[code] = PyMem_RawCalloc(want, slot_size(code))) == NULL)
+            goto no_memory;
+        fresh_mask[code] = want - 1;
+    }
+    if (new_verdicts.count != 0) {
+        uint64_t verdicts = (uint64_t)t->n_verdicts + new_verdicts.count;
+        vcapacity = capacity_for(verdicts);
+        if (t->vindex != NULL && vcapacity <= (uint64_t)t->vmask + 1)
+            vcapacity = 0;
+        else if ((vindex = PyMem_RawCalloc(vcapacity, sizeof(uint32_t))) == NULL)
+            goto no_memory;
+        /* Ids come from the free list first, then from top: at most 1 + verdicts. */
+        room = verdicts + 1 > t->top ? verdicts + 1 : t->top;
+        if (room > t->room) {
+            uint64_t grown = t->room * 2 > room ? t->room * 2 : room;
+            Verdict *array;
+            if (grown < 8)
+                grown = 8;
+            /* Last: once it succeeds nothing can fail (a bigger array changes nothing). */
+            array = PyMem_RawRealloc(t->verdicts, grown * sizeof(Verdict));
+            if (array == NULL)
+                goto no_memory;
+            memset(array + t->room, 0, (grown - t->room) * sizeof(Verdict));
+            t->verdicts = array;
+            t->room = (uint32_t)grown;
+        }
+    }
+    PyMem_RawFree(new_verdicts.slots);
+    for (code = 0; code < BLOCK_CODES; code++)
+        if (fresh[code] != NULL)
+            sub_rehash(&t->sub[code], code, fresh[code], (uint32_t)fresh_mask[code]);
+    if (vindex != NULL) {
+        uint32_t id;
+        PyMem_RawFree(t->vindex);
+        t->vindex = vindex;
+        t->vmask = (uint32_t)(vcapacity - 1);
+        for (id = 1; id < t->top; id++)
+            if (t->verdicts[id].object != NULL)
+                vindex_place(t, id);
+    }
+    return 0;
+no_memory:
+    for (code = 0; code < BLOCK_CODES; code++)
+        PyMem_RawFree(fresh[code]);
+    PyMem_RawFree(vindex);
+    PyMem_RawFree(new_verdicts.slots);
+    PyErr_NoMemory();
+    return -1;
+}
+
+/* apply() step 3: one op, on room block_reserve made. Cannot fail. */
+static void
+block_write(BlockTable *t, BlockOp *op)
+{
+    BlockSub *s = &t->sub[op->code];
+    int64_t i = sub_find(s, op->code, op->hi, op->lo);
+    uint32_t old = i >= 0 ? sub_id(s, op->code, (uint64_t)i) : 0, id;
+    if (op->verdict == NULL) {
+        if (i < 0)
+            return;
+        sub_remove(s, op->code, (uint64_t)i);
+        t->count--;
+        op->released = verdict_unuse(t, old);
+        return;
+    }
+    if ((id = verdict_id(t, op->verdict)) == 0)
+        id = verdict_add(t, op->verdict);
+    if (id == old)
+        return;
+    t->verdicts[id].uses++;
+    if (i >= 0) {
+        sub_set_id(s, op->code, (uint64_t)i, id);
+        op->released = verdict_unuse(t, old);
+        return;
+    }
+    sub_place(s, op->code, op->hi, op->lo, id);
+    t->count++;
+    bit_set(t->used[op->code >= BLOCK_V6],
+            op->code < BLOCK_V6 ? op->code : op->code - BLOCK_V6);
+}
+
+static PyObject *
+BlockTable_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    BlockTable *t;
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "BlockTable() takes no arguments");
+        return NULL;
+    }
+    t = (BlockTable *)type->tp_alloc(type, 0);   /* (zeroed) */
+    if (t == NULL)
+        return NULL;
+    t->top = 1;
+    return (PyObject *)t;
+}
+
+static void
+BlockTable_dealloc(BlockTable *t)
+{
+    Verdict *verdicts = t->verdicts;
+    uint32_t id, top = t->top;
+    int code;
+    for (code = 0; code < BLOCK_CODES; code++)
+        PyMem_RawFree(t->sub[code].slots);
+    PyMem_RawFree(t->vindex);
+    t->verdicts = NULL;
+    for (id = 1; verdicts != NULL && id < top; id++)
+        Py_XDECREF(verdicts[id].object);
+    PyMem_RawFree(verdicts);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static Py_ssize_t
+BlockTable_length(BlockTable *t)
+{
+    return t->count;
+}
+
+static PyObject *
+BlockTable_apply(BlockTable *t, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "apply() takes a sequence of (packed, prefixlen, "
+                                         "verdict)"), **items;
+    BlockOp *ops = NULL;
+    Py_ssize_t n, k;
+    uint64_t touched[3] = {0, 0, 0};
+    int code;
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    items = PySequence_Fast_ITEMS(seq);
+    if (n > 0 && (ops = PyMem_Calloc((size_t)n, sizeof(BlockOp))) == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    /* 1. Check every op: no Python code runs from here to step 4, so the
+     * borrowed verdicts stay as they are. */
+    for (k = 0; k < n; k++) {
+        PyObject *item = items[k], *verdict;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
+            PyErr_Format(PyExc_TypeError, "ops[%zd]: an op is a (packed, prefixlen, verdict) "
+                         "tuple, not %.100s", k, Py_TYPE(item)->tp_name);
+            goto fail;
+        }
+        if (block_network(PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1), &ops[k].code,
+                          &ops[k].hi, &ops[k].lo) < 0) {
+            name_op(k);
+            goto fail;
+        }
+        verdict = PyTuple_GET_ITEM(item, 2);
+        ops[k].verdict = verdict == Py_None ? NULL : verdict;
+    }
+    /* 2. Every allocation the writes could need. */
+    if (n > 0 && block_reserve(t, ops, n) < 0)
+        goto fail;
+    /* 3. The writes, in order (a later op on the same network wins). */
+    for (k = 0; k < n; k++) {
+        block_write(t, &ops[k]);
+        bit_set(touched, ops[k].code);
+    }
+    for (k = 0; k < 3; k++)
+        touched[k] |= t->loose[k];
+    for (code = longest_below(touched, BLOCK_CODES); code >= 0;
+         code = longest_below(touched, code))
+        sub_tidy(t, code);
+    verdicts_tidy(t);
+    t->version++;
+    /* 4. The references let go, now that the table is whole (finalisers may run). */
+    for (k = 0; k < n; k++)
+        Py_XDECREF(ops[k].released);
+    PyMem_Free(ops);
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+fail:
+    PyMem_Free(ops);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *
+BlockTable_get(BlockTable *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    uint64_t hi, lo;
+    int code;
+    int64_t i;
+    PyObject *verdict = Py_None;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get(packed, prefixlen)");
+        return NULL;
+    }
+    if (block_network(args[0], args[1], &code, &hi, &lo) < 0)
+        return NULL;
+    if ((i = sub_find(&t->sub[code], code, hi, lo)) >= 0)
+        verdict = t->verdicts[sub_id(&t->sub[code], code, (uint64_t)i)].object;
+    Py_INCREF(verdict);
+    return verdict;
+}
+
+static PyObject *
+BlockTable_lengths(BlockTable *t, PyObject *arg)
+{
+    long width = PyLong_Check(arg) ? PyLong_AsLong(arg) : -1;
+    uint64_t bits[3];
+    PyObject *lengths;
+    Py_ssize_t n = 0;
+    int p;
+    if (width != 4 && width != 16) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "lengths(width): width is 4 or 16");
+        }
+        return NULL;
+    }
+    memcpy(bits, t->used[width == 16], sizeof bits);
+    for (p = longest_below(bits, 129); p >= 0; p = longest_below(bits, p))
+        n++;
+    if ((lengths = PyTuple_New(n)) == NULL)
+        return NULL;
+    n = 0;
+    for (p = longest_below(bits, 129); p >= 0; p = longest_below(bits, p)) {
+        PyObject *length = PyLong_FromLong(p);
+        if (length == NULL) {
+            Py_DECREF(lengths);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(lengths, n++, length);
+    }
+    return lengths;
+}
+
+static void
+changed_while_read(void)
+{
+    PyErr_SetString(PyExc_RuntimeError, "BlockTable changed while it was read");
+}
+
+/* items(): every entry. Making the tuples may run the cyclic GC and with it
+ * finalisers that could change the table: the version says. */
+static PyObject *
+BlockTable_items(BlockTable *t, PyObject *unused)
+{
+    uint64_t version = t->version, i, hi, lo;
+    PyObject *list = PyList_New(t->count);
+    Py_ssize_t n = 0;
+    int code;
+    (void)unused;
+    if (list == NULL)
+        return NULL;
+    if (t->version != version)
+        goto changed;
+    for (code = 0; code < BLOCK_CODES; code++) {
+        BlockSub *s = &t->sub[code];
+        for (i = 0; s->slots != NULL && i <= s->mask; i++) {
+            uint32_t id = sub_id(s, code, i);
+            PyObject *packed, *prefixlen, *item;
+            if (id == 0)
+                continue;
+            sub_key(s, code, i, &hi, &lo);
+            packed = network_bytes(code, hi, lo);
+            prefixlen = PyLong_FromLong(code < BLOCK_V6 ? code : code - BLOCK_V6);
+            item = packed != NULL && prefixlen != NULL ? PyTuple_New(3) : NULL;
+            if (item == NULL) {
+                Py_XDECREF(packed);
+                Py_XDECREF(prefixlen);
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(item, 0, packed);
+            PyTuple_SET_ITEM(item, 1, prefixlen);
+            if (t->version != version) {
+                Py_INCREF(Py_None);
+                PyTuple_SET_ITEM(item, 2, Py_None);
+                Py_DECREF(item);
+                goto changed;
+            }
+            Py_INCREF(t->verdicts[id].object);
+            PyTuple_SET_ITEM(item, 2, t->verdicts[id].object);
+            PyList_SET_ITEM(list, n++, item);
+        }
+    }
+    return list;
+changed:
+    Py_DECREF(list);
+    changed_while_read();
+    return NULL;
+}
+
+/* verdicts(): (verdict, uses) for every verdict held. */
+static PyObject *
+BlockTable_verdicts(BlockTable *t, PyObject *unused)
+{
+    uint64_t version = t->version;
+    PyObject *list = PyList_New(t->n_verdicts);
+    Py_ssize_t n = 0;
+    uint32_t id;
+    (void)unused;
+    if (list == NULL)
+        return NULL;
+    for (id = 1; id < t->top; id++) {
+        PyObject *uses, *item;
+        if (t->version != version)
+            goto changed;
+        if (t->verdicts[id].object == NULL)
+            continue;
+        uses = PyLong_FromUnsignedLong(t->verdicts[id].uses);
+        item = uses != NULL ? PyTuple_New(2) : NULL;
+        if (item == NULL) {
+            Py_XDECREF(uses);
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(item, 1, uses);
+        if (t->version != version) {
+            Py_INCREF(Py_None);
+            PyTuple_SET_ITEM(item, 0, Py_None);
+            Py_DECREF(item);
+            goto changed;
+        }
+        Py_INCREF(t->verdicts[id].object);
+        PyTuple_SET_ITEM(item, 0, t->verdicts[id].object);
+        PyList_SET_ITEM(list, n++, item);
+    }
+    if (t->version != version)
+        goto changed;
+    return list;
+changed:
+    Py_DECREF(list);
+    changed_while_read();
+    return NULL;
+}
+
+/*
+ * purge(verdicts, start, max_slots) -> (removed, next): remove the entries of
+ * these verdicts met in at most max_slots slots from cursor start. Every slot
+ * looked at counts, those a removal's backward shift examines too; a shift is
+ * not cut short, so a call may go past max_slots by a probe run. A cursor is
+ * 1 + (code << 32 | slot), 0 the start; next is 0 once the pass reached the end.
+ * A cursor taken before the table changed is still safe: past a sub-table's end
+ * (it shrank) the pass goes on with the next. A sub-table the pass leaves empty
+ * is freed; one it leaves under 1/8 full is shrunk if that costs no more than
+ * the slots left in the call, else by the next apply().
+ */
+static PyObject *
+BlockTable_purge(BlockTable *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *seq, **objects;
+    unsigned long long start;
+    long long cursor;
+    int overflow = 0;
+    Py_ssize_t max_slots, removed = 0, k, n, marked = 0;
+    int64_t budget;
+    uint64_t slot, next = 0;
+    uint32_t only = 0;
+    int code;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "purge(verdicts, start, max_slots)");
+        return NULL;
+    }
+    if (!PyLong_Check(args[1]) || !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "purge(): start and max_slots are ints");
+        return NULL;
+    }
+    cursor = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (overflow < 0 || (overflow == 0 && cursor < 0)) {
+        PyErr_SetString(PyExc_ValueError, "purge(): a cursor is an int >= 0");
+        return NULL;
+    }
+    /* (a cursor far past the end: the pass is over) */
+    start = overflow > 0 ? (unsigned long long)BLOCK_CODES << 32 : (unsigned long long)cursor;
+    max_slots = PyLong_AsSsize_t(args[2]);
+    if (max_slots < 1) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "purge(): max_slots must be 1 to 2**63 - 1");
+        }
+        return NULL;
+    }
+    if ((seq = PySequence_Fast(args[0], "purge() takes an iterable of verdicts")) == NULL)
+        return NULL;
+    /* seq holds a reference to each verdict: a use count reaching 0 below lets
+     * the table's reference go at once, and the object outlives the walk. */
+    n = PySequence_Fast_GET_SIZE(seq);
+    objects = PySequence_Fast_ITEMS(seq);
+    for (k = 0; k < n; k++) {
+        uint32_t id = verdict_id(t, objects[k]);
+        if (id != 0 && !t->verdicts[id].marked) {
+            t->verdicts[id].marked = 1;
+            marked++;
+            only = id;
+        }
+    }
+    if (marked == 0) {
+        Py_DECREF(seq);
+        return Py_BuildValue("(nK)", (Py_ssize_t)0, 0ULL);
+    }
+    if (start == 0)
+        code = 0, slot = 0;
+    else if ((start - 1) >> 32 >= BLOCK_CODES)
+        code = BLOCK_CODES, slot = 0;
+    else
+        code = (int)((start - 1) >> 32), slot = (start - 1) & UINT32_MAX;
+    budget = max_slots;
+    while (code < BLOCK_CODES) {
+        BlockSub *s = &t->sub[code];
+        uint64_t end, i;
+        uint32_t id;
+        int whole;
+        if (s->slots != NULL && s->count == 0)
+            sub_free(t, code);
+        if (s->slots == NULL || slot > s->mask) {
+            /* The pass leaves this sub-table. */
+            if (s->slots != NULL && bit_test(t->loose, code)) {
+                uint64_t capacity = (uint64_t)s->mask + 1;
+                if ((int64_t)capacity <= budget) {
+                    budget -= (int64_t)capacity;
+                    sub_tidy(t, code);
+                }
+            }
+            code++;
+            slot = 0;
+            continue;
+        }
+        if (budget <= 0)
+            break;
+        end = (uint64_t)s->mask + 1;
+        if (end - slot > (uint64_t)budget)
+            end = slot + (uint64_t)budget;
+        end = sub_scan(s, code, t->verdicts, marked == 1 ? only : 0, slot, end);
+        budget -= (int64_t)(end - slot);
+        slot = end;
+        if (slot > s->mask || budget <= 0)
+            continue;
+        /* A marked entry: take its run (to the next empty slot, within the budget
+         * and the array) and remove the marked entries in it from the back, where a
+         * removal with an empty slot after it shifts nothing and hashes nothing. A
+         * run cut short by the budget is begun again by the next call (a shift may
+         * have pulled a marked entry in from past its end). */
+        end = slot + 1;
+        while (end <= s->mask && (int64_t)(end - slot) < budget && sub_id(s, code, end) != 0)
+            end++;
+        whole = end > s->mask || sub_id(s, code, end) == 0;
+        budget -= (int64_t)(end - slot);
+        for (i = end; i-- > slot;) {
+            id = sub_id(s, code, i);
+            if (id == 0 || !t->verdicts[id].marked)
+                continue;
+            budget -= (int64_t)sub_remove(s, code, i);
+            t->count--;
+            removed++;
+            if (--t->verdicts[id].uses == 0)
+                Py_DECREF(verdict_drop(t, id));   /* (not the last reference: seq holds one) */
+        }
+        if (whole)
+            slot = end;   /* (else the run was cut short: slot stays) */
+        if (s->count * 8 < (uint64_t)s->mask + 1 && s->mask + 1 > BLOCK_MIN_CAPACITY)
+            bit_set(t->loose, code);
+    }
+    if (code < BLOCK_CODES)
+        next = 1 + ((uint64_t)code << 32 | slot);
+    for (k = 0; k < n; k++) {
+        uint32_t id = verdict_id(t, objects[k]);
+        if (id != 0)
+            t->verdicts[id].marked = 0;
+    }
+    verdicts_tidy(t);
+    t->version++;   /* (a sub-table may have been freed or shrunk without a removal) */
+    Py_DECREF(seq);
+    return Py_BuildValue("(nK)", removed, (unsigned long long)next);
+}
+
+static PyMethodDef BlockTable_methods[] = {
+    {"apply", (PyCFunction)BlockTable_apply, METH_O,
+     "apply(ops): ops a sequence of (packed, prefixlen, verdict), verdict None to delete "
+     "the network; in order, all or nothing (TypeError, ValueError, MemoryError: no change)"},
+    {"get", (PyCFunction)(void (*)(void))BlockTable_get, METH_FASTCALL,
+     "get(packed, prefixlen) -> the verdict on that network, else None"},
+    {"lengths", (PyCFunction)BlockTable_lengths, METH_O,
+     "lengths(width) -> the prefix lengths in use for width 4 or 16, longest first"},
+    {"items", (PyCFunction)BlockTable_items, METH_NOARGS,
+     "items() -> [(packed, prefixlen, verdict)], in no particular order"},
+    {"verdicts", (PyCFunction)BlockTable_verdicts, METH_NOARGS,
+     "verdicts() -> [(verdict, uses)] for every distinct verdict held"},
+    {"purge", (PyCFunction)(void (*)(void))BlockTable_purge, METH_FASTCALL,
+     "purge(verdicts, start, max_slots) -> (removed, next): remove the entries of these "
+     "verdicts among at most max_slots slots from cursor start (0: the beginning); "
+     "next is 0 at the end of the pass, else the cursor to go on from"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods BlockTable_as_mapping = {
+    .mp_length = (lenfunc)BlockTable_length,
+};
+
+static PyTypeObject BlockTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.BlockTable",
+    .tp_basicsize = sizeof(BlockTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "BlockTable(): the blocklist layer, network (packed, prefixlen) -> verdict, "
+              "a slot per entry (see guardntp/_fastlane.c)",
+    .tp_new = BlockTable_new,
+    .tp_dealloc = (destructor)BlockTable_dealloc,
+    .tp_methods = BlockTable_methods,
+    .tp_as_mapping = &BlockTable_as_mapping,
+};
+
 /* ------------------------------------------------------------------ NewcomerRing */
 
 /*
@@ -1917,76 +3130,117 @@ acl_active(PyObject *entry, int64_t now_ns)
     return active;
 }
 
+/* The configuration entry found in a configuration probe's table: the entry if
+ * it is active (a new reference), None if it is not, NULL on error. */
+static PyObject *
+config_match(PyObject *found, int64_t now_ns)
+{
+    PyObject *entry = found;
+    int rc;
+    Py_INCREF(found);   /* (acl_active may run Python code that changes the table) */
+    if ((rc = acl_active(entry, now_ns)) <= 0)
+        entry = rc < 0 ? NULL : Py_None;
+    Py_XINCREF(entry);
+    Py_DECREF(found);
+    return entry;
+}
+
 /*
- * The longest-prefix match of acl.longest_match (its reference model): among
- * probes, AccessList.probes(width) ((prefix length, AddressTable) pairs, longest
- * first), the active entry with the longest prefix covering packed. A key that
- * holds both layers holds (blocklist entry, configuration entry): the
- * blocklist's while it is active, else the configuration's; a lapsed entry
+ * The longest-prefix match of acl.longest_match (its reference model) over both
+ * layers: the configuration's probes, AccessList.probes(width) ((prefix length,
+ * AddressTable) pairs, longest first), and the blocklist's BlockTable (or
+ * NULL). The prefix lengths of both are walked longest first; at each, the
+ * BlockTable's verdict if there is one and it is active, else the
+ * configuration's entry if there is one and it is active. A lapsed entry
  * uncovers the shorter prefixes. A new reference (None: no entry), NULL on error.
  */
 static PyObject *
-longest_match_in(PyObject *probes, const unsigned char *packed, int packed_len, int64_t now_ns)
+longest_match_in(PyObject *probes, BlockTable *block, const unsigned char *packed,
+                 int packed_len, int64_t now_ns)
 {
-    Py_ssize_t i, n = PyTuple_GET_SIZE(probes);
-    for (i = 0; i < n; i++) {
-        PyObject *probe = PyTuple_GET_ITEM(probes, i), *found, *entry;
-        unsigned char key[16];
+    Py_ssize_t next_probe = 0, n = PyTuple_GET_SIZE(probes);
+    int v6 = packed_len == 16, rc;
+    uint64_t hi = 0, lo = 0, used[3] = {0, 0, 0};
+    long config = -1, blocked = -1;   /* the next length of each layer, -1: none left */
+    PyObject *config_table = NULL;
+    if (block != NULL) {
+        memcpy(used, block->used[v6], sizeof used);   /* (a copy: see block_find below) */
+        address_halves(packed, packed_len, &hi, &lo);
+        blocked = longest_below(used, 8 * packed_len + 1);
+    }
+    for (;;) {
         long prefixlen;
-        int size, spare, rc;
-        if (!PyTuple_Check(probe) || PyTuple_GET_SIZE(probe) != 2
-                || Py_TYPE(PyTuple_GET_ITEM(probe, 1)) != &AddressTableType) {
-            PyErr_SetString(PyExc_TypeError, "probes must be (prefix length, AddressTable)");
-            return NULL;
-        }
-        prefixlen = PyLong_AsLong(PyTuple_GET_ITEM(probe, 0));
-        if (prefixlen < 0 || prefixlen > 8L * packed_len) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "a prefix longer than the address");
-            return NULL;
-        }
-        size = prefixlen > 8 ? (int)(prefixlen + 7) / 8 : 1;
-        spare = 8 * size - (int)prefixlen;
-        memcpy(key, packed, size);
-        key[size - 1] = (unsigned char)(key[size - 1] >> spare << spare);
-        found = table_find((AddressTable *)PyTuple_GET_ITEM(probe, 1), address_key(key, size));
-        if (found == NULL)
-            continue;
-        entry = found;
-        if (PyTuple_Check(found) && PyTuple_GET_SIZE(found) == 2) {
-            if ((rc = acl_active(PyTuple_GET_ITEM(found, 0), now_ns)) < 0)
+        if (config < 0 && next_probe < n) {
+            PyObject *probe = PyTuple_GET_ITEM(probes, next_probe++);
+            if (!PyTuple_Check(probe) || PyTuple_GET_SIZE(probe) != 2
+                    || Py_TYPE(PyTuple_GET_ITEM(probe, 1)) != &AddressTableType) {
+                PyErr_SetString(PyExc_TypeError, "probes must be (prefix length, AddressTable)");
                 return NULL;
-            if (rc) {
-                Py_INCREF(PyTuple_GET_ITEM(found, 0));
-                return PyTuple_GET_ITEM(found, 0);
             }
-            entry = PyTuple_GET_ITEM(found, 1);
+            config = PyLong_AsLong(PyTuple_GET_ITEM(probe, 0));
+            if (config < 0 || config > 8L * packed_len) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a prefix longer than the address");
+                return NULL;
+            }
+            config_table = PyTuple_GET_ITEM(probe, 1);
         }
-        if ((rc = acl_active(entry, now_ns)) < 0)
-            return NULL;
-        if (rc) {
-            Py_INCREF(entry);
-            return entry;
+        prefixlen = config > blocked ? config : blocked;
+        if (prefixlen < 0)
+            break;
+        if (prefixlen == blocked) {
+            /* Looked up afresh each time: an expires_ns that ran Python code may have
+             * changed the table (a sub-table in the copied bitmap may be gone). */
+            PyObject *verdict = block_find(block, v6, hi, lo, (int)prefixlen);
+            blocked = longest_below(used, (int)prefixlen);
+            if (verdict != NULL) {
+                Py_INCREF(verdict);
+                if ((rc = acl_active(verdict, now_ns)) != 0) {
+                    if (rc < 0)
+                        Py_CLEAR(verdict);
+                    return verdict;
+                }
+                Py_DECREF(verdict);
+            }
+        }
+        if (prefixlen == config) {
+            unsigned char key[16];
+            int size = prefixlen > 8 ? (int)(prefixlen + 7) / 8 : 1;
+            int spare = 8 * size - (int)prefixlen;
+            PyObject *found, *entry;
+            memcpy(key, packed, size);
+            key[size - 1] = (unsigned char)(key[size - 1] >> spare << spare);
+            config = -1;
+            found = table_find((AddressTable *)config_table, address_key(key, size));
+            if (found == NULL)
+                continue;
+            if ((entry = config_match(found, now_ns)) != Py_None)
+                return entry;   /* (or NULL) */
+            Py_DECREF(entry);
         }
     }
     Py_RETURN_NONE;
 }
 
-/* longest_match(probes, packed, now_ns): the compiled AccessList.lookup. */
+/* longest_match(probes, block, packed, now_ns): the compiled AccessList.lookup. */
 static PyObject *
 longest_match(PyObject *module, PyObject *args)
 {
-    PyObject *probes, *entry = NULL;
+    PyObject *probes, *block, *entry = NULL;
     Py_buffer packed;
     long long now_ns;
     (void)module;
-    if (!PyArg_ParseTuple(args, "O!y*L:longest_match", &PyTuple_Type, &probes, &packed,
-                          &now_ns))
+    if (!PyArg_ParseTuple(args, "O!Oy*L:longest_match", &PyTuple_Type, &probes, &block,
+                          &packed, &now_ns))
         return NULL;
-    if (packed.len != 4 && packed.len != 16)
+    if (block != Py_None && Py_TYPE(block) != &BlockTableType)
+        PyErr_Format(PyExc_TypeError, "longest_match(): block is a BlockTable or None, "
+                     "not %.100s", Py_TYPE(block)->tp_name);
+    else if (packed.len != 4 && packed.len != 16)
         PyErr_SetString(PyExc_ValueError, "an address is 4 or 16 bytes");
     else
-        entry = longest_match_in(probes, packed.buf, (int)packed.len, now_ns);
+        entry = longest_match_in(probes, block == Py_None ? NULL : (BlockTable *)block,
+                                 packed.buf, (int)packed.len, now_ns);
     PyBuffer_Release(&packed);
     return entry;
 }
@@ -2000,8 +3254,8 @@ acl_lookup(Lane *L, const unsigned char *packed, int packed_len, int64_t recv_ns
         Py_INCREF(Py_None);
         return Py_None;
     }
-    return longest_match_in(packed_len == 4 ? L->probes4 : L->probes6, packed, packed_len,
-                            recv_ns);
+    return longest_match_in(packed_len == 4 ? L->probes4 : L->probes6, (BlockTable *)L->block,
+                            packed, packed_len, recv_ns);
 }
 
 /* Pipeline.decide step 4 for a request without a MAC: must this source
@@ -2955,6 +4209,7 @@ release_config(Lane *L)
     Py_CLEAR(L->acl);
     Py_CLEAR(L->probes4);   /* (the next begin() asks the new list for its own) */
     Py_CLEAR(L->probes6);
+    Py_CLEAR(L->block);
     Py_CLEAR(L->responder);
     Py_CLEAR(L->sources);
     Py_CLEAR(L->prefixes);
@@ -4122,8 +5377,10 @@ static PyTypeObject LaneType = {
 
 static PyMethodDef module_methods[] = {
     {"longest_match", longest_match, METH_VARARGS,
-     "longest_match(probes, packed, now_ns): the compiled AccessList.lookup "
-     "(its reference model: guardntp.filter.acl.longest_match)"},
+     "longest_match(probes, block, packed, now_ns): the compiled AccessList.lookup over "
+     "the configuration's probes (AccessList.probes(width)) and the blocklist's BlockTable "
+     "(or None): the active entry with the longest prefix covering packed, the "
+     "BlockTable's on a tie (its reference model: guardntp.filter.acl.longest_match)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -4138,7 +5395,7 @@ PyInit__fastlane(void)
     PyObject *m;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
             || PyType_Ready(&AddressTableType) < 0 || PyType_Ready(&TableIteratorType) < 0
-            || PyType_Ready(&NewcomerRingType) < 0)
+            || PyType_Ready(&NewcomerRingType) < 0 || PyType_Ready(&BlockTableType) < 0)
         return NULL;
     str_action = PyUnicode_InternFromString("action");
     str_expires_ns = PyUnicode_InternFromString("expires_ns");
@@ -4179,6 +5436,12 @@ PyInit__fastlane(void)
     Py_INCREF(&NewcomerRingType);
     if (PyModule_AddObject(m, "NewcomerRing", (PyObject *)&NewcomerRingType) < 0) {
         Py_DECREF(&NewcomerRingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&BlockTableType);
+    if (PyModule_AddObject(m, "BlockTable", (PyObject *)&BlockTableType) < 0) {
+        Py_DECREF(&BlockTableType);
         Py_DECREF(m);
         return NULL;
     }

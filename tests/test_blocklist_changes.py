@@ -72,6 +72,21 @@ class RecordingPipeline(Pipeline):
         self.calls.append((added, removed))
         super().update_blocklist(added, removed)
 
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+        """Recorded as the removal of what the sweep took out."""
+        if self.refuse_next:
+            self.refuse_next = False
+            raise MemoryError("refused by the test")
+        before = self._networks()
+        more = super().expire_blocklist(now_ns, max_slots)
+        gone = before - self._networks()
+        if gone:
+            self.calls.append(([], sorted(gone)))
+        return more
+
+    def _networks(self) -> set[tuple[bytes, int]]:
+        return {(packed, prefixlen) for packed, prefixlen, _ in self.acl.block_table.items()}
+
 
 class CountingStore(BlockStore):
     """The server's store, counting how it was read: every row, or the changes."""
@@ -121,9 +136,16 @@ class Server:
         """Per update since the last call: (cidrs added or replaced, cidrs removed)."""
         calls = self.pipeline.calls
         self.pipeline.calls = []
-        return [({str(e.network) for e in added},
-                 {str(n.network if isinstance(n, AclEntry) else n) for n in removed})
+        return [({str(e.network) for e in added}, {str(network_of(n)) for n in removed})
                 for added, removed in calls]
+
+
+def network_of(removed: object) -> Network:
+    if isinstance(removed, AclEntry):
+        return removed.network
+    if isinstance(removed, tuple):
+        return ipaddress.ip_network(removed)
+    return removed  # type: ignore[return-value]
 
 
 def store_says(writer: BlockStore, now_ns: int) -> dict[Network, AclEntry]:

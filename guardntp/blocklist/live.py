@@ -5,15 +5,17 @@ server's loop asks SQLite for ``PRAGMA data_version`` (a counter that moves
 when another connection commits; no table is read) and only on a change
 reads what changed since the last load: the store's change log (filled by
 SQLite triggers, whoever writes) names the rows, and only those are read
-and compared with what was applied (by cidr, the store's key). The
+and compared with what the access list holds on their network (it is the
+one record of what was applied: nothing is kept here per entry). The
 difference goes to ``Pipeline.update_blocklist``: a ``block add`` among a
 million entries reads one row and writes one entry into the access list, not
 a new list. Every row is read only when the log cannot say what changed (the
 first load, a replaced file, a log trimmed past what this server saw, a file
 of the previous version this server may not write). Buckets and counters are
 untouched. Expiry needs no timer of its own
-(a lookup ignores an expired entry); when entries lapse they are removed (a
-heap of expiry times says which, no row is read), to keep the table small.
+(a lookup ignores an expired entry); when an expiry time comes, the lapsed
+entries are swept out of the access list a bounded number of slots per tick
+(no row is read), to keep the table small.
 
 The server's connection waits at most ``BUSY_MS`` for a lock: a long import
 by the CLI must not stall the packet loop, so a busy moment is retried on the
@@ -23,17 +25,16 @@ next tick instead.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..filter.acl import AclEntry
+from ..filter.acl import AclEntry, BlockVerdict, NetworkKey, network_key_of_text
 from ..filter.pipeline import Pipeline
 from .auto import AutoBlocker, AutoPolicy, network_of_key
-from .entries import ACTIONS, ORIGINS, BlockEntry, format_duration
+from .entries import ACTIONS, BlockEntry, format_duration
 from .store import BlockStore, Changes, LogPosition, Row, StoreError
 
 log = logging.getLogger("guardntp.blocklist")
@@ -46,6 +47,9 @@ BUSY_MS = 20
 PURGE_NS = 60 * 1_000_000_000
 #: Automatic blocks waiting for the lock; beyond this a flood of new offenders waits.
 MAX_PENDING_AUTO = 4096
+#: Slots of the blocklist table one timer tick sweeps for lapsed entries: a fraction
+#: of a millisecond of the packet loop's time however large the list.
+SWEEP_SLOTS = 50_000
 
 
 class LiveBlocklist:
@@ -62,20 +66,12 @@ class LiveBlocklist:
         self._position: LogPosition | None = None
         self._inode = store.path.stat().st_ino
         self._warn_about(store)
-        self._next_expiry_ns: int | None = None
-        #: What the filter has now, by the store's cidr (its primary key, written
-        #: normalised: str of the network). The entries are the filter's own objects;
-        #: the row is not kept, an entry says all a comparison needs. Keyed by the
-        #: cidr text (~60 bytes an entry) rather than the network: a whole read then
-        #: parses no unchanged row (among a million, 3-4 s instead of 22-26 s).
-        self._applied: dict[str, AclEntry] = {}
-        #: Expiry times of applied entries (a heap), and by time the cidrs that were
-        #: applied with it: an import's entries share one time, one heap item. Stale
-        #: cidrs (an entry since replaced or removed) are skipped when their time
-        #: comes; ``_expiry_items`` counts every cidr held, stale or not.
+        #: Expiry times of what was applied, each once (an import's entries share one):
+        #: when one comes, the access list sweeps out the entries that lapsed.
         self._expiry_times: list[int] = []
-        self._expiring: dict[int, list[str]] = {}
-        self._expiry_items = 0
+        self._expiry_known: set[int] = set()
+        #: A sweep of lapsed entries under way (bounded work per tick).
+        self._sweeping = False
         self._pending_auto: dict[bytes, BlockEntry] = {}
         self._last_purge_ns: int | None = None
         # What `guardntp stats` reports.
@@ -109,12 +105,16 @@ class LiveBlocklist:
             if str(error) != self.last_error:
                 log.warning("blocklist: %s (retrying)", error)
             self.last_error = str(error)
-        expiry = self._next_expiry_ns
-        if expiry is not None and now_ns >= expiry:
+        times = self._expiry_times
+        if times and times[0] <= now_ns:
+            while times and times[0] <= now_ns:
+                self._expiry_known.discard(heapq.heappop(times))
+            self._sweeping = True
+        if self._sweeping:
             # Needs no row: an applied entry past its expiry is lapsed whatever the
             # file says now (a lookup already ignores it), so a store that cannot be
             # read does not hold this up.
-            self._expire(now_ns)
+            self._sweep(now_ns)
         if self.auto.policy.enabled:
             self._scan(now_ns)
 
@@ -161,133 +161,75 @@ class LiveBlocklist:
 
     def _load_changes(self, changes: Changes, now_ns: int) -> None:
         """The rows the log named: each cidr once, either gone or as it is now."""
-        applied = self._applied
+        held = self.pipeline.acl.blocklist_verdict
         make = _EntryMaker(self.store)
         added: list[AclEntry] = []
-        added_at: list[str] = []
-        removed: list[str] = []
+        removed: list[NetworkKey] = []
         for cidr in changes.gone:
-            if cidr in applied:
-                removed.append(cidr)
+            key = make.key_or_none(cidr)
+            if key is not None and held(key) is not None:
+                removed.append(key)
         for row in changes.rows:
-            cidr = row[0]
-            old = applied.get(cidr)
+            key = make.key(row)
+            old = held(key)
             if _lapsed(row, now_ns):
                 if old is not None:
-                    removed.append(cidr)
+                    removed.append(key)
             elif old is None or not make.same(row, old):   # same: only created_ns moved
-                added.append(make.entry(row))
-                added_at.append(cidr)
+                added.append(make.entry(row, key))
         if added or removed:
-            self.pipeline.update_blocklist(added, [applied[cidr] for cidr in removed])
-        # -- applied: from here on nothing can fail
-        for cidr in removed:
-            del applied[cidr]
-        applied.update(zip(added_at, added, strict=True))
-        self._expiries_for(added, added_at)
+            self.pipeline.update_blocklist(added, removed)
+        self._expiries_for(added)
         self._loaded(changes.position, len(added), len(removed))
 
     def _load_all(self, now_ns: int) -> None:
         """Every row read and compared with what was applied: the first load, or the
-        log cannot say what changed."""
-        applied = self._applied
+        log cannot say what changed. What no live row holds any more is removed."""
+        held = self.pipeline.acl.blocklist_verdict
         make = _EntryMaker(self.store)
-        fresh: dict[str, AclEntry] = {}
+        live: set[NetworkKey] = set()
         added: list[AclEntry] = []
-        added_at: list[str] = []
-        kept = 0        # cidrs applied before that a live row still has
+        kept = 0        # networks applied before that a live row still has
         with self.store.read_all() as (position, rows):
             for row in rows:
                 if _lapsed(row, now_ns):
                     continue
-                cidr = row[0]
-                old = applied.get(cidr)
+                key = make.key(row)
+                live.add(key)
+                old = held(key)
                 if old is not None:
                     kept += 1
                     if make.same(row, old):
-                        fresh[cidr] = old
                         continue
-                entry = make.entry(row)
-                fresh[cidr] = entry
-                added.append(entry)
-                added_at.append(cidr)
-        removed = ([] if kept == len(applied) else
-                   [old for cidr, old in applied.items() if cidr not in fresh])
+                added.append(make.entry(row, key))
+        table = self.pipeline.acl.block_table
+        removed = ([] if kept == len(table) else
+                   [(packed, prefixlen) for packed, prefixlen, _ in table.items()
+                    if (packed, prefixlen) not in live])
         if added or removed:
             self.pipeline.update_blocklist(added, removed)
-        # -- applied: from here on nothing can fail
-        self._applied = fresh
-        self._expiries_for(added, added_at)
+        self._expiries_for(added)
         self._loaded(position, len(added), len(removed))
 
     def _loaded(self, position: LogPosition | None, added: int, removed: int) -> None:
         self._position = position
-        self._next_expiry_ns = self._expiry_times[0] if self._expiry_times else None
-        self.active_entries = len(self._applied)
+        self.active_entries = len(self.pipeline.acl.block_table)
         self.loads += 1
-        log.debug("blocklist: %d active entries (%d added or changed, %d removed)",
-                  len(self._applied), added, removed)
+        log.debug("blocklist: %d entries (%d added or changed, %d removed)",
+                  self.active_entries, added, removed)
 
-    def _expiries_for(self, added: list[AclEntry], added_at: list[str]) -> None:
-        """Enter the expiries of entries just applied, or (when most of what is held
-        is stale) index every applied entry's afresh."""
-        if self._expiry_items + len(added) > 2 * len(self._applied) + 64:
-            self._expiry_times = []
-            self._expiring = {}
-            self._expiry_items = 0
-            self._add_expiries(self._applied.values(), self._applied.keys())
-        else:
-            self._add_expiries(added, added_at)
-
-    def _add_expiries(self, entries: Iterable[AclEntry], cidrs: Iterable[str]) -> None:
-        expiring = self._expiring
-        times = self._expiry_times
-        for entry, cidr in zip(entries, cidrs, strict=True):
+    def _expiries_for(self, added: list[AclEntry]) -> None:
+        known = self._expiry_known
+        for entry in added:
             expires_ns = entry.expires_ns
-            if expires_ns is None:
-                continue
-            held = expiring.get(expires_ns)
-            if held is None:
-                expiring[expires_ns] = [cidr]
-                heapq.heappush(times, expires_ns)
-            else:
-                held.append(cidr)
-            self._expiry_items += 1
+            if expires_ns is not None and expires_ns not in known:
+                known.add(expires_ns)
+                heapq.heappush(self._expiry_times, expires_ns)
 
-    def _expire(self, now_ns: int) -> None:
-        """Remove the applied entries that have lapsed by ``now_ns``, and only those;
-        no row needs reading (an entry re-added with a later expiry in the store but
-        not loaded yet is added again by that load)."""
-        applied = self._applied
-        times = self._expiry_times
-        expiring = self._expiring
-        due: list[tuple[int, list[str]]] = []
-        while times and times[0] <= now_ns:
-            when = heapq.heappop(times)
-            due.append((when, expiring.pop(when)))
-        lapsed: dict[str, AclEntry] = {}     # a cidr listed twice (once stale) is one
-        for _, cidrs in due:
-            for cidr in cidrs:
-                current = applied.get(cidr)
-                if current is not None:
-                    expires_ns = current.expires_ns
-                    if expires_ns is not None and expires_ns <= now_ns:
-                        lapsed[cidr] = current
-        try:
-            if lapsed:
-                self.pipeline.update_blocklist((), list(lapsed.values()))
-        except BaseException:
-            for when, cidrs in due:              # as it was: tried again next tick
-                expiring[when] = cidrs
-                heapq.heappush(times, when)
-            raise
-        for cidr in lapsed:
-            del applied[cidr]
-        self._expiry_items -= sum(len(cidrs) for _, cidrs in due)
-        self._next_expiry_ns = times[0] if times else None
-        self.active_entries = len(applied)
-        if lapsed:
-            log.debug("blocklist: %d entries lapsed, %d active", len(lapsed), len(applied))
+    def _sweep(self, now_ns: int) -> None:
+        """One bounded step of taking lapsed entries out of the access list."""
+        self._sweeping = self.pipeline.expire_blocklist(now_ns, SWEEP_SLOTS)
+        self.active_entries = len(self.pipeline.acl.block_table)
 
     # ------------------------------------------------------------------ automatic blocks
 
@@ -339,41 +281,45 @@ def _lapsed(row: Row, now_ns: int) -> bool:
 
 
 class _EntryMaker:
-    """Access-list entries from rows, checked (a bad row is a one-line StoreError, not
-    a traceback from the packet loop) and sharing their values: SQLite hands every row
-    its own copy of ``import`` and of the feed's reason and expiry, which a million
-    entries would otherwise hold a million times (~110 bytes an entry, ~145 with a TTL)."""
+    """Access-list entries from rows, checked: a bad row is a one-line StoreError, not
+    a traceback from the packet loop. (The entries are passing: the access list keeps
+    one shared verdict per distinct action, origin, reason and expiry.)"""
 
     def __init__(self, store: BlockStore) -> None:
         self.path = store.path
-        self.texts: dict[str, str] = {origin: origin for origin in ORIGINS}
-        self.times: dict[int, int] = {}
 
     @staticmethod
-    def same(row: Row, entry: AclEntry) -> bool:
-        """Would ``row`` make ``entry`` again? (Without parsing its network: the cidr
-        that keys them is the same.)"""
+    def same(row: Row, verdict: BlockVerdict) -> bool:
+        """Would ``row`` say what ``verdict`` says? (Its network keyed both.)"""
         _, action, reason, _, expires_ns, origin = row
-        return (ACTIONS.get(action) is entry.action and expires_ns == entry.expires_ns
-                and reason == entry.reason and origin == entry.origin)
+        return (ACTIONS.get(action) is verdict.action and expires_ns == verdict.expires_ns
+                and reason == verdict.reason and origin == verdict.origin)
 
-    def entry(self, row: Row) -> AclEntry:
-        cidr, action, reason, _, expires_ns, origin = row
+    def key(self, row: Row) -> NetworkKey:
+        """The row's network, as the access list keys it."""
         try:
-            network = ipaddress.ip_network(cidr)
+            return network_key_of_text(row[0])
         except (ValueError, TypeError) as error:
             raise self._bad(row, str(error)) from None
+
+    @staticmethod
+    def key_or_none(cidr: str) -> NetworkKey | None:
+        try:
+            return network_key_of_text(cidr)
+        except (ValueError, TypeError):
+            return None     # (never applied, then)
+
+    def entry(self, row: Row, key: NetworkKey) -> AclEntry:
+        _, action, reason, _, expires_ns, origin = row
         if action not in ACTIONS:
             raise self._bad(row, f"unknown action {action!r}")
         if not isinstance(reason, str) or not isinstance(origin, str):
             raise self._bad(row, "reason and origin must be text")
-        if expires_ns is not None:
-            if expires_ns.__class__ is not int:
-                raise self._bad(row, f"expires_ns {expires_ns!r} is not an integer")
-            expires_ns = self.times.setdefault(expires_ns, expires_ns)
-        texts = self.texts
-        return AclEntry(network, ACTIONS[action], texts.setdefault(origin, origin),
-                        texts.setdefault(reason, reason), expires_ns)
+        if expires_ns is not None and expires_ns.__class__ is not int:
+            raise self._bad(row, f"expires_ns {expires_ns!r} is not an integer")
+        packed, prefixlen = key
+        return AclEntry(None, ACTIONS[action], origin, reason, expires_ns,
+                        packed=packed, prefixlen=prefixlen)
 
     def _bad(self, row: Row, why: str) -> StoreError:
         return StoreError(f"{self.path}: the row for {row[0]!r} cannot be applied ({why}); "

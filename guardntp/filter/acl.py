@@ -1,34 +1,38 @@
 """Access lists: allow and deny by CIDR, IPv4 and IPv6, longest prefix wins.
 
-Rule: a lookup is by packed address bytes; entries live in one table per
-prefix length, keyed by the prefix's bytes (the network address cut after its
-last whole or partial byte, host bits zero), so a lookup is at most one probe
-per length in use. Where the extension is built each table is an
-``AddressTable`` and the lookup is compiled (``_fastlane.longest_match``, which
-the packet loop calls directly); :func:`longest_match` is its reference model
-and the lookup without a compiler. Two
-layers share those dicts: the configuration's ``[[acl]]`` entries and the
-blocklist's (``guardntp/blocklist``, entries with an origin and an expiry). On
-one prefix the blocklist entry wins while it is active; an expired entry
-uncovers what lies beneath it (the configuration's entry on the same prefix,
-else a shorter prefix). The blocklist changes by difference: a ``block add``
-among 100 000 entries writes one key, not a new table.
+Rule: a lookup is by packed address bytes, over two layers: the configuration's
+``[[acl]]`` entries (a few: one table per prefix length of :class:`AclEntry`
+objects, keyed by the prefix's bytes, the network address cut after its last
+whole or partial byte) and the blocklist's (up to millions, with an origin and
+an expiry: one compact ``_fastlane.BlockTable``, whose slot per network holds
+the number of a shared :class:`BlockVerdict`, ~20-30 bytes an entry). A lookup
+is at most one probe per prefix length in use in either layer, longest first;
+where the extension is built it is compiled (``_fastlane.longest_match``, which
+the packet loop calls directly), and :func:`longest_match` over
+:class:`DictBlockTable` is its reference model and the lookup without a
+compiler. On one prefix the blocklist entry wins while it is active; an expired
+entry uncovers what lies beneath it (the configuration's entry on the same
+prefix, else a shorter prefix). The blocklist changes by difference: a ``block
+add`` among a million entries writes one slot, not a new table.
 """
-
 from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
+import weakref
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..netaddr import BadAddress
 
 try:
-    from .._fastlane import AddressTable
+    from .._fastlane import AddressTable, BlockTable
     from .._fastlane import longest_match as _compiled_longest_match
 except ImportError:  # no C compiler at install: dicts, and the lookup below
     AddressTable = None  # type: ignore[assignment, misc]
+    BlockTable = None  # type: ignore[assignment, misc]
     _compiled_longest_match = None  # type: ignore[assignment]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -126,24 +130,136 @@ def parse_network(text: str, strict: bool = True) -> Network:
     return as_seen_by_the_filter(network)
 
 
-#: (address width in bytes, prefix length) of each table, by a small code: IPv4 /0-/32
-#: are codes 0-32, IPv6 /0-/128 codes 33-161.
+#: (address width in bytes, prefix length) of each configuration table, by a small
+#: code: IPv4 /0-/32 are codes 0-32, IPv6 /0-/128 codes 33-161.
 _WHERE = [(4, prefixlen) for prefixlen in range(33)] + [(16, prefixlen)
                                                         for prefixlen in range(129)]
-#: Where an entry lives in an :class:`AccessList`: its network's address shifted past
-#: the host bits (its key in the table), shifted 8 bits left over its table's code.
-#: One int, not a tuple: a plan for 100 000 entries makes no garbage to collect.
+#: Where a configuration entry lives in an :class:`AccessList`: its network's address
+#: shifted past the host bits, shifted 8 bits left over its table's code.
 Key = int
-#: What one key holds: the entry of one layer, or (blocklist entry, config entry).
-Slot = AclEntry | tuple[AclEntry, AclEntry]
-#: One prefix length's entries, by the prefix's bytes (:func:`_prefix_bytes`).
-PrefixTable = MutableMapping[bytes, Slot]
-#: Per address width, the tables in use, longest prefix first: (prefix length, table).
+#: A network as the blocklist layer keys it: (the network address, 4 or 16 bytes,
+#: host bits zero; the prefix length).
+NetworkKey = tuple[bytes, int]
+#: One prefix length's configuration entries, by the prefix's bytes (:func:`_prefix_bytes`).
+PrefixTable = MutableMapping[bytes, "AclEntry"]
+#: Per address width, the configuration tables in use, longest prefix first.
 Probes = tuple[tuple[int, PrefixTable], ...]
+#: What a blocklist change writes: (network address, prefix length, verdict or None).
+BlockOp = tuple[bytes, int, "BlockVerdict | None"]
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class BlockVerdict:
+    """What a blocklist entry says, without its network: the value the blocklist layer
+    keeps for each network, and what a lookup that lands on one returns. Entries that
+    say the same share one (an import of a million: one action, origin, reason and
+    expiry), so an entry costs its key in a compact table and nothing else."""
+
+    action: Action
+    origin: str
+    reason: str
+    expires_ns: int | None          # wall-clock Unix ns; None = never
+
+    def active(self, now_ns: int) -> bool:
+        return self.expires_ns is None or now_ns < self.expires_ns
+
+
+#: What a lookup finds: a configuration entry, or a blocklist entry's verdict.
+Match = AclEntry | BlockVerdict
+
+
+class DictBlockTable:
+    """The blocklist layer where the extension is not built, and the reference model
+    of ``_fastlane.BlockTable``: the same methods over a dict of verdicts by network."""
+
+    __slots__ = ("_entries", "_lengths")
+
+    def __init__(self) -> None:
+        self._entries: dict[NetworkKey, BlockVerdict] = {}
+        #: Per (width, prefix length) in use, how many entries it holds.
+        self._lengths: dict[tuple[int, int], int] = {}
+
+    def apply(self, ops: Iterable[BlockOp]) -> None:
+        """Puts (a verdict) and deletions (None) in order, after checking every one:
+        a bad op raises TypeError or ValueError with nothing changed."""
+        checked = [(_network_key(packed, prefixlen), verdict) for packed, prefixlen, verdict
+                   in _triples(ops)]
+        entries, lengths = self._entries, self._lengths
+        for key, verdict in checked:
+            where = (len(key[0]), key[1])
+            if verdict is None:
+                if entries.pop(key, None) is not None:
+                    lengths[where] -= 1
+                    if not lengths[where]:
+                        del lengths[where]
+            else:
+                if key not in entries:
+                    lengths[where] = lengths.get(where, 0) + 1
+                entries[key] = verdict
+
+    def get(self, packed: bytes, prefixlen: int) -> BlockVerdict | None:
+        return self._entries.get(_network_key(packed, prefixlen))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lengths(self, width: int) -> tuple[int, ...]:
+        if width not in (4, 16):
+            raise ValueError("an address is 4 or 16 bytes wide")
+        return tuple(sorted((length for w, length in self._lengths if w == width),
+                            reverse=True))
+
+    def items(self) -> list[tuple[bytes, int, BlockVerdict]]:
+        return [(packed, prefixlen, verdict)
+                for (packed, prefixlen), verdict in self._entries.items()]
+
+    def verdicts(self) -> list[tuple[BlockVerdict, int]]:
+        uses: dict[int, list[Any]] = {}
+        for verdict in self._entries.values():
+            held = uses.get(id(verdict))
+            if held is None:
+                uses[id(verdict)] = [verdict, 1]
+            else:
+                held[1] += 1
+        return [(verdict, count) for verdict, count in uses.values()]
+
+    def purge(self, verdicts: Iterable[BlockVerdict], start: int,
+              max_slots: int) -> tuple[int, int]:
+        """Every entry whose verdict is one of ``verdicts`` goes, in one pass."""
+        doomed = {id(verdict) for verdict in verdicts}
+        gone = [(packed, prefixlen, None) for (packed, prefixlen), verdict
+                in self._entries.items() if id(verdict) in doomed]
+        self.apply(gone)
+        return len(gone), 0
+
+
+def _triples(ops: Iterable[BlockOp]) -> list[BlockOp]:
+    triples = list(ops)
+    for op in triples:
+        if not isinstance(op, tuple) or len(op) != 3:
+            raise TypeError(f"a blocklist op is (packed, prefixlen, verdict), not {op!r}")
+    return triples
+
+
+def _network_key(packed: bytes, prefixlen: int) -> NetworkKey:
+    """``(packed, prefixlen)`` checked: 4 or 16 bytes, a prefix length that fits, no
+    host bits set past it."""
+    if packed.__class__ is not bytes or len(packed) not in (4, 16):
+        raise TypeError(f"a network address is 4 or 16 bytes, not {packed!r}")
+    bits = 8 * len(packed)
+    if prefixlen.__class__ is not int or not 0 <= prefixlen <= bits:
+        raise ValueError(f"a prefix length is 0 to {bits}, not {prefixlen!r}")
+    if int.from_bytes(packed, "big") & ((1 << (bits - prefixlen)) - 1):
+        raise ValueError(f"host bits set past the /{prefixlen} in {packed.hex()}")
+    return packed, prefixlen
 
 
 def _new_table() -> PrefixTable:
     return {} if AddressTable is None else AddressTable()
+
+
+def _new_block_table() -> DictBlockTable | BlockTable:
+    return DictBlockTable() if BlockTable is None else BlockTable()
 
 
 def _prefix_bytes(prefix: int, prefixlen: int) -> bytes:
@@ -154,30 +270,36 @@ def _prefix_bytes(prefix: int, prefixlen: int) -> bytes:
     return (prefix << (8 * size - prefixlen)).to_bytes(size, "big")
 
 
-def _prefix_of(key: bytes, prefixlen: int) -> int:
-    return int.from_bytes(key, "big") >> (8 * len(key) - prefixlen)
+def _masked(packed: bytes, prefixlen: int) -> bytes:
+    """The address of the /``prefixlen`` network holding ``packed``."""
+    bits = 8 * len(packed)
+    return (int.from_bytes(packed, "big") >> (bits - prefixlen) << (bits - prefixlen)
+            ).to_bytes(len(packed), "big")
 
 
-def longest_match(probes: Probes, packed: bytes, now_ns: int) -> AclEntry | None:
-    """The active entry with the longest prefix covering ``packed`` among ``probes``
-    (its width's tables, longest first). On one prefix the blocklist's entry while
-    it is active, then the configuration's; an expired entry uncovers what lies
-    beneath it. The reference model of ``_fastlane.longest_match``."""
-    for prefixlen, table in probes:
-        size = max(1, (prefixlen + 7) // 8)
-        spare = 8 * size - prefixlen
-        key = packed[:size]
-        if spare:
-            key = key[:-1] + bytes((key[-1] >> spare << spare,))
-        entry = table.get(key)
-        if entry is not None:
-            if isinstance(entry, tuple):
-                block, entry = entry
-                expires_ns = block.expires_ns
-                if expires_ns is None or now_ns < expires_ns:
-                    return block
-            expires_ns = entry.expires_ns
-            if expires_ns is None or now_ns < expires_ns:
+def longest_match(probes: Probes, block: DictBlockTable | BlockTable | None, packed: bytes,
+                  now_ns: int) -> Match | None:
+    """The active entry with the longest prefix covering ``packed``, over both layers:
+    ``probes``, the configuration's tables for its width (longest first), and
+    ``block``, the blocklist layer. On one prefix the blocklist's while it is active,
+    then the configuration's; an expired entry uncovers what lies beneath it. The
+    reference model of ``_fastlane.longest_match``."""
+    tables = dict(probes)
+    blocked = () if block is None else block.lengths(len(packed))
+    for prefixlen in sorted(tables.keys() | set(blocked), reverse=True):
+        if prefixlen in blocked:
+            verdict = block.get(_masked(packed, prefixlen), prefixlen)  # type: ignore[union-attr]
+            if verdict is not None and verdict.active(now_ns):
+                return verdict
+        table = tables.get(prefixlen)
+        if table is not None:
+            size = max(1, (prefixlen + 7) // 8)
+            spare = 8 * size - prefixlen
+            key = packed[:size]
+            if spare:
+                key = key[:-1] + bytes((key[-1] >> spare << spare,))
+            entry = table.get(key)
+            if entry is not None and entry.active(now_ns):
                 return entry
     return None
 
@@ -189,23 +311,6 @@ def _packed_key(packed: bytes, prefixlen: int) -> Key:
     return int.from_bytes(packed, "big") >> (128 - prefixlen) << 8 | (33 + prefixlen)
 
 
-def _key(network: Network) -> Key:
-    """Raises TypeError for anything that is not an IPv4 or IPv6 network."""
-    if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
-    return _packed_key(network.network_address.packed, network.prefixlen)
-
-
-def _entry_key(entry: AclEntry) -> Key:
-    """:func:`_key` of the entry's network, without making the network."""
-    return _packed_key(entry.packed, entry.prefixlen)
-
-
-def _removal_key(network: Network | AclEntry) -> Key:
-    """The key of a network to remove, given as the network or as its entry."""
-    return _entry_key(network) if isinstance(network, AclEntry) else _key(network)
-
-
 def _checked(entry: AclEntry) -> Key:
     """The key of ``entry``, after checking it is one (a lookup must not fail later)."""
     expires_ns = getattr(entry, "expires_ns", None)
@@ -213,31 +318,69 @@ def _checked(entry: AclEntry) -> Key:
             or (expires_ns is not None and expires_ns.__class__ is not int)):
         raise TypeError(f"not an access-list entry (an action, expires_ns an int or "
                         f"None): {entry!r}")
-    return _entry_key(entry)
+    return _packed_key(entry.packed, entry.prefixlen)
+
+
+def network_key(network: Network | AclEntry | NetworkKey) -> NetworkKey:
+    """How the blocklist layer keys a network given as a network, an entry on it, or
+    already as ``(packed, prefixlen)``. Raises TypeError for anything else."""
+    if isinstance(network, AclEntry):
+        return network.packed, network.prefixlen
+    if isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return network.network_address.packed, network.prefixlen
+    if isinstance(network, tuple) and len(network) == 2:
+        try:
+            return _network_key(*network)
+        except ValueError as error:
+            raise TypeError(str(error)) from None
+    raise TypeError(f"not an IPv4 or IPv6 network: {network!r}")
+
+
+def network_key_of_text(cidr: str) -> NetworkKey:
+    """``(packed, prefixlen)`` of a network written as ``str()`` of an ``ipaddress``
+    network (the blocklist store's key), without making the network: a load that
+    compares a million rows parses each one. Anything else written the way
+    :mod:`ipaddress` reads it (strict: no host bits) is read as it would be; else
+    ValueError."""
+    if cidr.__class__ is not str:
+        raise TypeError(f"a network is text, not {cidr!r}")
+    address, slash, length = cidr.partition("/")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, address)
+        if socket.inet_ntop(family, packed) == address and length.isascii() \
+                and length.isdigit() and (length == "0" or length[0] != "0"):
+            return _network_key(packed, int(length) if slash else 8 * len(packed))
+    except (OSError, ValueError):
+        pass
+    network = ipaddress.ip_network(cidr)    # the rare form: its reading, or its error
+    return network.network_address.packed, network.prefixlen
 
 
 class AclChange:
     """A change to an :class:`AccessList`, worked out and checked by
     :meth:`AccessList.plan` without touching the list, applied by
-    :meth:`AccessList.apply` with operations that cannot fail."""
+    :meth:`AccessList.apply`: the blocklist's writes all or nothing, then the
+    configuration's, which cannot fail."""
 
-    __slots__ = ("generation", "writes", "new_tables", "config", "blocked")
+    __slots__ = ("generation", "writes", "new_tables", "config", "block_ops")
 
-    def __init__(self, generation: int, writes: list[tuple[PrefixTable, bytes, Slot | None]],
+    def __init__(self, generation: int, writes: list[tuple[PrefixTable, bytes, AclEntry | None]],
                  new_tables: dict[tuple[int, int], PrefixTable],
-                 config: dict[Key, AclEntry] | None, blocked: int) -> None:
+                 config: dict[Key, AclEntry] | None, block_ops: list[BlockOp]) -> None:
         #: The list's generation the change was worked out against.
         self.generation = generation
-        #: Into tables the list has already: (table, key, new slot or None to delete).
+        #: Into configuration tables the list has already: (table, key, entry or None).
         self.writes = writes
-        #: Tables for prefix lengths not in use yet, filled already.
+        #: Configuration tables for prefix lengths not in use yet, filled already.
         self.new_tables = new_tables
         self.config = config       # the new configuration layer, or None: unchanged
-        self.blocked = blocked     # blocklist entries after the change
+        #: The blocklist layer's writes, each one a change of what it holds.
+        self.block_ops = block_ops
 
     def __bool__(self) -> bool:
         """Does it change any lookup?"""
-        return bool(self.writes or self.new_tables)
+        return bool(self.writes or self.new_tables or self.block_ops)
 
 
 class AccessList:
@@ -246,95 +389,103 @@ class AccessList:
     may cache a lookup result per source and re-check only when it moves (or when
     the cached entry expires: the result can change then and only then).
 
-    One table per (address width, prefix length) in use, keyed by the prefix's
-    bytes (:func:`_prefix_bytes`). A key held by one layer maps to its entry;
-    a key held by both maps to the tuple (blocklist entry, configuration entry),
-    so a lookup still probes one table per length. Which layer a lone entry belongs
-    to is told by the configuration layer's own small dict (``_config``).
+    The configuration layer (a few entries) is one table per (address width, prefix
+    length) in use, keyed by the prefix's bytes (:func:`_prefix_bytes`), of
+    :class:`AclEntry` objects. The blocklist layer (up to millions) is one
+    ``block_table`` (``_fastlane.BlockTable``: one compact slot per network holding
+    the number of a shared :class:`BlockVerdict`). A lookup visits the prefix lengths
+    either layer uses, longest first.
     """
 
-    __slots__ = ("_tables", "_lengths", "_probes", "_config", "_blocked", "generation")
+    __slots__ = ("_tables", "_probes", "_config", "block_table", "_verdicts", "_purge_at",
+                 "generation")
 
     def __init__(self, entries: Iterable[AclEntry] | None = None,
                  blocklist: Iterable[AclEntry] | None = None) -> None:
         """``entries``: the configuration layer; ``blocklist``: the blocklist layer."""
         self._tables: dict[tuple[int, int], PrefixTable] = {}
         self._config: dict[Key, AclEntry] = {}
-        self._blocked = 0
-        self._lengths: dict[int, list[int]] = {4: [], 16: []}
-        #: Per address width: (prefix length, table), longest prefix first.
+        #: Per address width: (prefix length, table) of the configuration, longest first.
         self._probes: dict[int, Probes] = {4: (), 16: ()}
+        self.block_table = _new_block_table()
+        #: One verdict per distinct (action, origin, reason, expiry) in use: the table
+        #: holds them, this finds them (and forgets one when no entry holds it).
+        self._verdicts: weakref.WeakValueDictionary[tuple[Any, ...], BlockVerdict] = \
+            weakref.WeakValueDictionary()
+        #: Where the sweep of lapsed blocklist entries goes on from (0: from the start).
+        self._purge_at = 0
         self.generation = 0
         if entries is not None or blocklist is not None:
             self.apply(self.plan(config=entries, added=blocklist or ()))
 
     # ------------------------------------------------------------------ changes
 
+    def verdict_of(self, entry: AclEntry) -> BlockVerdict:
+        """The shared verdict of what ``entry`` says (checked: TypeError if it is not
+        an entry)."""
+        _checked(entry)
+        said = (entry.action, entry.origin, entry.reason, entry.expires_ns)
+        verdict = self._verdicts.get(said)
+        if verdict is None:
+            if not isinstance(entry.origin, str) or not isinstance(entry.reason, str):
+                raise TypeError(f"an entry's origin and reason are text: {entry!r}")
+            verdict = self._verdicts[said] = BlockVerdict(*said)
+        return verdict
+
     def plan(self, config: Iterable[AclEntry] | None = None, added: Iterable[AclEntry] = (),
-             removed: Iterable[Network | AclEntry] = ()) -> AclChange:
+             removed: Iterable[Network | AclEntry | NetworkKey] = ()) -> AclChange:
         """Work out a change without making it: with ``config``, that list becomes the
         configuration layer; the blocklist layer loses the entries on ``removed``
-        networks (given as networks, or as the entries on them), then gains ``added``
-        (each replacing the blocklist entry on its network, if any). Only the keys
-        these name are visited. Raises TypeError for anything that is not an entry
-        (or a network), with nothing changed."""
+        networks (given as networks, as the entries on them, or as ``(packed,
+        prefixlen)``), then gains ``added`` (each replacing the blocklist entry on its
+        network, if any). Only the keys these name are visited. Raises TypeError for
+        anything that is not an entry (or a network), with nothing changed."""
         config_layer = None if config is None else {_checked(entry): entry for entry in config}
-        block: dict[Key, AclEntry | None] = {_removal_key(network): None for network in removed}
+        wanted: dict[NetworkKey, BlockVerdict | None] = {
+            network_key(network): None for network in removed}
         for entry in added:
-            block[_checked(entry)] = entry
-        return self._plan(config_layer, block)
+            verdict = self.verdict_of(entry)
+            wanted[(entry.packed, entry.prefixlen)] = verdict
+        return self._plan(config_layer, wanted)
 
     def _plan(self, config: dict[Key, AclEntry] | None,
-              block: dict[Key, AclEntry | None]) -> AclChange:
-        """``config``: the new configuration layer (None: as it is); ``block``: per key,
-        the blocklist entry to hold there (None: none)."""
-        tables = self._tables
-        layer = self._config
-        keys: Iterable[Key] = (block if config is None
-                               else block.keys() | config.keys() | layer.keys())
-        writes: list[tuple[PrefixTable, bytes, Slot | None]] = []
+              wanted: dict[NetworkKey, BlockVerdict | None]) -> AclChange:
+        """``config``: the new configuration layer (None: as it is); ``wanted``: per
+        network, the blocklist verdict to hold there (None: none)."""
+        get = self.block_table.get
+        block_ops = [(packed, prefixlen, verdict) for (packed, prefixlen), verdict
+                     in wanted.items() if get(packed, prefixlen) is not verdict]
+        writes: list[tuple[PrefixTable, bytes, AclEntry | None]] = []
         new_tables: dict[tuple[int, int], PrefixTable] = {}
-        blocked = self._blocked
-        where_of = _WHERE
-        for key in keys:
-            where = where_of[key & 0xFF]
-            prefix = _prefix_bytes(key >> 8, where[1])
-            table = tables.get(where)
-            value = None if table is None else table.get(prefix)
-            old_block: AclEntry | None
-            old_conf: AclEntry | None
-            if value is None:
-                old_block = old_conf = None
-            elif isinstance(value, tuple):
-                old_block, old_conf = value
-            elif layer.get(key) is value:
-                old_block, old_conf = None, value
-            else:
-                old_block, old_conf = value, None
-            new_block = block.get(key, old_block)
-            new_conf = old_conf if config is None else config.get(key)
-            if new_block is old_block and new_conf is old_conf:
-                continue
-            blocked += (new_block is not None) - (old_block is not None)
-            new: Slot | None = (new_conf if new_block is None else new_block if new_conf is None
-                                else (new_block, new_conf))
-            if table is not None:
-                writes.append((table, prefix, new))
-            elif new is not None:
-                new_table = new_tables.get(where)
-                if new_table is None:
-                    new_table = new_tables[where] = _new_table()
-                new_table[prefix] = new
-        return AclChange(self.generation, writes, new_tables, config, blocked)
+        if config is not None:
+            tables = self._tables
+            layer = self._config
+            for key in config.keys() | layer.keys():
+                old, new = layer.get(key), config.get(key)
+                if old is new:
+                    continue
+                where = _WHERE[key & 0xFF]
+                prefix = _prefix_bytes(key >> 8, where[1])
+                table = tables.get(where)
+                if table is not None:
+                    writes.append((table, prefix, new))
+                elif new is not None:
+                    new_table = new_tables.get(where)
+                    if new_table is None:
+                        new_table = new_tables[where] = _new_table()
+                    new_table[prefix] = new
+        return AclChange(self.generation, writes, new_tables, config, block_ops)
 
     def apply(self, change: AclChange) -> None:
         """Make a change :meth:`plan` worked out, bumping the generation once (if any
-        lookup may change). Plain stores and deletions of keys known to be there
-        (the tables have room to grow: stores cannot fail but for memory): it cannot
-        fail halfway. A change planned against another generation
-        is refused (RuntimeError) before anything is touched."""
+        lookup may change). The blocklist's writes go first, all or nothing (a table
+        that cannot grow raises MemoryError with nothing changed); the configuration's
+        are plain stores and deletions of a few keys. A change planned against another
+        generation is refused (RuntimeError) before anything is touched."""
         if change.generation != self.generation:
             raise RuntimeError("access-list change planned against another generation")
+        if change.block_ops:
+            self.block_table.apply(change.block_ops)
         if change.config is not None:
             self._config = change.config
         if not change:
@@ -353,42 +504,37 @@ class AccessList:
         tables.update(change.new_tables)
         if emptied or change.new_tables:
             self._index()
-        self._blocked = change.blocked
         self.generation += 1
 
     def _index(self) -> None:
         lengths: dict[int, list[int]] = {4: [], 16: []}
         for width, prefixlen in self._tables:
             lengths[width].append(prefixlen)
-        for prefixlens in lengths.values():
-            prefixlens.sort(reverse=True)
         tables = self._tables
         self._probes = {width: tuple((prefixlen, tables[(width, prefixlen)])
-                                     for prefixlen in prefixlens)
+                                     for prefixlen in sorted(prefixlens, reverse=True))
                         for width, prefixlens in lengths.items()}
-        self._lengths = lengths
 
     def set_config(self, entries: Iterable[AclEntry]) -> None:
         """Make ``entries`` the configuration layer; the blocklist layer stays."""
         self.apply(self.plan(config=entries))
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
-                         removed: Iterable[Network | AclEntry] = ()) -> None:
+                         removed: Iterable[Network | AclEntry | NetworkKey] = ()) -> None:
         """Remove the blocklist entries on ``removed``, then add ``added``: only these
         keys are touched, and the generation moves once."""
         self.apply(self.plan(added=added, removed=removed))
 
     def blocklist_plan(self, entries: Iterable[AclEntry]) -> AclChange:
-        """The change that makes ``entries`` the whole blocklist layer: only entries
-        that differ from the present ones (on their network) are written."""
-        current = self._blocklist_layer()
-        wanted = {_checked(entry): entry for entry in entries}
-        block: dict[Key, AclEntry | None] = {key: None for key in current if key not in wanted}
-        for key, entry in wanted.items():
-            present = current.get(key)
-            if present is not entry and present != entry:
-                block[key] = entry
-        return self._plan(None, block)
+        """The change that makes ``entries`` the whole blocklist layer: only networks
+        whose verdict differs from the present one are written."""
+        wanted: dict[NetworkKey, BlockVerdict | None] = {}
+        for entry in entries:
+            verdict = self.verdict_of(entry)
+            wanted[(entry.packed, entry.prefixlen)] = verdict
+        for packed, prefixlen, _ in self.block_table.items():
+            wanted.setdefault((packed, prefixlen), None)
+        return self._plan(None, wanted)
 
     def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
         self.apply(self.blocklist_plan(entries))
@@ -402,16 +548,32 @@ class AccessList:
 
     def remove(self, network: Network, blocklist: bool = False) -> bool:
         """Take the entry on ``network`` out of one layer; was there one?"""
-        key = _key(network)
         if blocklist:
-            change = self._plan(None, {key: None})
-        elif key in self._config:
-            change = self._plan({k: e for k, e in self._config.items() if k != key}, {})
+            change = self._plan(None, {network_key(network): None})
         else:
-            return False
+            key = _packed_key(*network_key(network))
+            if key not in self._config:
+                return False
+            change = self._plan({k: e for k, e in self._config.items() if k != key}, {})
         if not change:
             return False
         self.apply(change)
+        return True
+
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+        """Sweep out blocklist entries that have lapsed by ``now_ns`` (a lookup ignores
+        them already: this only keeps the table small), visiting at most ``max_slots``
+        of its slots, so that the packet loop waits little however large the list.
+        Does the sweep need another call?"""
+        table = self.block_table
+        lapsed = [verdict for verdict, _ in table.verdicts()
+                  if verdict.expires_ns is not None and verdict.expires_ns <= now_ns]
+        if not lapsed:
+            self._purge_at = 0
+            return False
+        removed, self._purge_at = table.purge(lapsed, self._purge_at, max_slots)
+        if removed:
+            self.generation += 1
         return True
 
     def replace(self, entries: Iterable[AclEntry],
@@ -426,66 +588,56 @@ class AccessList:
         loop holds it) and bumping the generation so cached lookups are redone.
         Plain assignments only, so it cannot fail halfway; ``other`` is not used again."""
         self._tables = other._tables
-        self._lengths = other._lengths
         self._probes = other._probes
         self._config = other._config
-        self._blocked = other._blocked
+        self.block_table = other.block_table
+        self._verdicts = other._verdicts
+        self._purge_at = 0
         self.generation += 1
 
     # ------------------------------------------------------------------ reading
 
     def probes(self, width: int) -> Probes:
-        """The tables an address of ``width`` bytes (4 or 16) is looked up in, longest
-        prefix first (the compiled loop's view; replaced, never changed, by an edit
-        that adds or empties a prefix length)."""
+        """The configuration tables an address of ``width`` bytes (4 or 16) is looked up
+        in, longest prefix first (the compiled loop's view; replaced, never changed, by
+        an edit that adds or empties a prefix length)."""
         return self._probes.get(width, ())
 
     def covers_ipv6(self) -> bool:
         """Is there any IPv6 entry? (If not, every IPv6 lookup is None: the compiled
         loop then skips the lookup Pipeline.decide makes for each IPv6 packet.)"""
-        return bool(self._lengths[16])
+        return bool(self._probes[16]) or bool(self.block_table.lengths(16))
 
     def entries(self) -> list[AclEntry]:
         """Every entry of both layers (one network may appear twice: once per layer)."""
-        found: list[AclEntry] = []
-        for table in self._tables.values():
-            for value in table.values():
-                if isinstance(value, tuple):
-                    found.extend(value)
-                else:
-                    found.append(value)
-        return found
+        return [*self._config.values(), *self.blocklist_entries()]
 
     def config_entries(self) -> list[AclEntry]:
         return list(self._config.values())
 
     def blocklist_entries(self) -> list[AclEntry]:
-        return list(self._blocklist_layer().values())
+        """The blocklist layer's entries, made from its networks and verdicts."""
+        return [AclEntry(None, verdict.action, verdict.origin, verdict.reason,
+                         verdict.expires_ns, packed=packed, prefixlen=prefixlen)
+                for packed, prefixlen, verdict in self.block_table.items()]
 
-    def _blocklist_layer(self) -> dict[Key, AclEntry]:
-        layer = self._config
-        found: dict[Key, AclEntry] = {}
-        for (width, prefixlen), table in self._tables.items():
-            code = prefixlen if width == 4 else 33 + prefixlen
-            for prefix, value in table.items():
-                key = _prefix_of(prefix, prefixlen) << 8 | code
-                if isinstance(value, tuple):
-                    found[key] = value[0]
-                elif layer.get(key) is not value:
-                    found[key] = value
-        return found
+    def blocklist_verdict(self, network: Network | AclEntry | NetworkKey) -> BlockVerdict | None:
+        """What the blocklist layer holds on ``network`` (lapsed or not), if anything."""
+        return self.block_table.get(*network_key(network))
 
-    def lookup(self, packed: bytes, now_ns: int) -> AclEntry | None:
+    def lookup(self, packed: bytes, now_ns: int) -> Match | None:
         """The active entry with the longest prefix covering ``packed``, if any. On one
         prefix the blocklist's entry while it is active, then the configuration's; an
         expired entry uncovers what lies beneath it."""
         probes = self._probes.get(len(packed))
-        if not probes:
+        if probes is None:
             return None
         if _compiled_longest_match is not None:
-            return _compiled_longest_match(probes, packed, now_ns)
-        return longest_match(probes, packed, now_ns)
+            # (a BlockTable: the extension that has the lookup made the table)
+            return _compiled_longest_match(probes, self.block_table, packed,  # type: ignore[arg-type]
+                                           now_ns)
+        return longest_match(probes, self.block_table, packed, now_ns)
 
     def __len__(self) -> int:
         """Entries in both layers (a network in both counts twice)."""
-        return len(self._config) + self._blocked
+        return len(self._config) + len(self.block_table)

@@ -29,7 +29,7 @@ from ..wire import (
     MIN_MAC_LEN,
 )
 from . import crowd, fingerprint
-from .acl import AccessList, AclEntry, Action, Network
+from .acl import AccessList, AclEntry, Action, Network, NetworkKey
 from .buckets import (
     EVICTION_SCAN,
     BadLimit,
@@ -365,11 +365,17 @@ class Pipeline(ReferenceModel):
         self.acl.set_blocklist(entries)
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
-                         removed: Iterable[Network | AclEntry] = ()) -> None:
-        """Remove the blocklist entries on ``removed`` (networks, or the entries on
-        them), then add (or replace, on their
+                         removed: Iterable[Network | AclEntry | NetworkKey] = ()) -> None:
+        """Remove the blocklist entries on ``removed`` (networks, the entries on them, or
+        ``(packed, prefixlen)``), then add (or replace, on their
         network) ``added``; takes effect at once. Touches only those entries, whatever
         the size of the list (``guardntp/blocklist/live.py`` hands over what changed
         in the store). All or nothing: raises TypeError for a bad entry with the list
         untouched; the access list's generation moves once."""
         self.acl.update_blocklist(added, removed)
+
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+        """Sweep lapsed blocklist entries out of the access list, at most ``max_slots``
+        of its slots at a time; does the sweep need another call? (A lookup ignores a
+        lapsed entry already: this keeps the table small.)"""
+        return self.acl.expire_blocklist(now_ns, max_slots)

@@ -39,7 +39,7 @@ from ..responder import Request, Responder, inspect_request
 from ..verdicts import N_REASONS, Counters, Reason
 from ..wire import HEADER_LEN
 from . import crowd, fingerprint
-from .acl import AccessList, AclEntry, Action
+from .acl import AccessList, Action, Match
 from .buckets import BucketTable, Limit, NewcomerTable
 from .policy import FilterPolicy
 
@@ -57,7 +57,7 @@ LAST_SEEN = 6      # monotonic ns
 LAST_KOD = 7       # monotonic ns of the last KoD sent, for the per-source guard
 LABEL = 8          # packet label of the latest request
 ACL_GENERATION = 9 # access-list generation the cached entry below belongs to
-ACL_ENTRY = 10     # cached access-list match (AclEntry or None)
+ACL_ENTRY = 10     # cached access-list match (acl.Match or None)
 PORT = 11          # latest source port
 # Traffic classes and the crowd estimate (``crowd.py``):
 HOME_TTL = 12      # the TTL / hop limit of the source's first request; -1: unknown
@@ -329,12 +329,12 @@ class ReferenceModel:
         record[REQUESTS] += 1
         return record, newcomer
 
-    def _access(self, record: SourceRecord, packed: bytes, recv_ns: int) -> AclEntry | None:
+    def _access(self, record: SourceRecord, packed: bytes, recv_ns: int) -> Match | None:
         """3. The source's access-list entry: the record's cached one while the list and
         the entry stand (IPv4), else looked up (always for IPv6, whose source key may
         hold addresses with different entries) and cached."""
         acl = self.acl
-        entry: AclEntry | None = record[ACL_ENTRY]
+        entry: Match | None = record[ACL_ENTRY]
         if (record[ACL_GENERATION] != acl.generation
                 or (entry is not None and not entry.active(recv_ns))
                 or len(packed) != 4):
@@ -344,7 +344,7 @@ class ReferenceModel:
         return entry
 
     def _listed(self, data: bytes, request: Request, record: SourceRecord, base: int,
-                entry: AclEntry, newcomer_key: bytes | None, now_ns: int) -> Decision:
+                entry: Match, newcomer_key: bytes | None, now_ns: int) -> Decision:
         """3. A DROP or DENY entry: a DENY KoD where the source's guard and the KoD
         budget allow (a newcomer must find room among established sources first, to keep
         its guard time), else dropped, as ACL_DENY (the configuration's) or BLOCKLISTED."""
