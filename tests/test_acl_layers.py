@@ -477,3 +477,27 @@ def test_the_live_blocklist_hands_over_only_what_changed(
     finally:
         writer.close()
         live.close()
+
+
+def test_lapsed_entries_are_swept_out_a_bounded_step_at_a_time() -> None:
+    """An import of 100 000 that lapses leaves the table over several bounded steps;
+    no lookup matches one meanwhile, and what stays is untouched."""
+    feed = many(100_000, expires_ns=1_000)
+    kept = AclEntry(NET("198.51.100.0/24"), Action.DROP, "manual")
+    acl = AccessList([AclEntry(SLASH24, Action.DROP)], [*feed, kept])
+    assert acl.expire_blocklist(999, 50_000) == 0 and len(acl) == 100_002
+    assert acl.lapsed_blocklist_entries(1_000) == 100_000
+    generation = acl.generation
+    left, steps = 100_000, 0
+    while left:
+        assert acl.lookup(feed[5].packed, 1_000) is None
+        before = left
+        left = acl.expire_blocklist(1_000, 50_000)
+        assert left < before or steps > 0
+        assert left == acl.lapsed_blocklist_entries(1_000) == len(acl) - 2
+        steps += 1
+        assert steps < 100
+    assert steps > 1 and acl.generation > generation
+    assert acl.blocklist_entries() == [kept] and len(acl) == 2
+    assert acl.lookup(bytes((198, 51, 100, 9)), 1_000) is acl.verdict_of(kept)
+    assert acl.expire_blocklist(2_000, 50_000) == 0

@@ -72,7 +72,7 @@ class RecordingPipeline(Pipeline):
         self.calls.append((added, removed))
         super().update_blocklist(added, removed)
 
-    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> int:
         """Recorded as the removal of what the sweep took out."""
         if self.refuse_next:
             self.refuse_next = False

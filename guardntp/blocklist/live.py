@@ -180,7 +180,7 @@ class LiveBlocklist:
         if added or removed:
             self.pipeline.update_blocklist(added, removed)
         self._expiries_for(added)
-        self._loaded(changes.position, len(added), len(removed))
+        self._loaded(changes.position, len(added), len(removed), now_ns)
 
     def _load_all(self, now_ns: int) -> None:
         """Every row read and compared with what was applied: the first load, or the
@@ -209,11 +209,14 @@ class LiveBlocklist:
         if added or removed:
             self.pipeline.update_blocklist(added, removed)
         self._expiries_for(added)
-        self._loaded(position, len(added), len(removed))
+        self._loaded(position, len(added), len(removed), now_ns)
 
-    def _loaded(self, position: LogPosition | None, added: int, removed: int) -> None:
+    def _loaded(self, position: LogPosition | None, added: int, removed: int,
+                now_ns: int) -> None:
         self._position = position
-        self.active_entries = len(self.pipeline.acl.block_table)
+        acl = self.pipeline.acl
+        self.active_entries = len(acl.block_table) - (
+            acl.lapsed_blocklist_entries(now_ns) if self._sweeping else 0)
         self.loads += 1
         log.debug("blocklist: %d entries (%d added or changed, %d removed)",
                   self.active_entries, added, removed)
@@ -228,8 +231,9 @@ class LiveBlocklist:
 
     def _sweep(self, now_ns: int) -> None:
         """One bounded step of taking lapsed entries out of the access list."""
-        self._sweeping = self.pipeline.expire_blocklist(now_ns, SWEEP_SLOTS)
-        self.active_entries = len(self.pipeline.acl.block_table)
+        left = self.pipeline.expire_blocklist(now_ns, SWEEP_SLOTS)
+        self._sweeping = left > 0
+        self.active_entries = len(self.pipeline.acl.block_table) - left
 
     # ------------------------------------------------------------------ automatic blocks
 

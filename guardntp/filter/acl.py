@@ -339,22 +339,29 @@ def network_key(network: Network | AclEntry | NetworkKey) -> NetworkKey:
 def network_key_of_text(cidr: str) -> NetworkKey:
     """``(packed, prefixlen)`` of a network written as ``str()`` of an ``ipaddress``
     network (the blocklist store's key), without making the network: a load that
-    compares a million rows parses each one. Anything else written the way
-    :mod:`ipaddress` reads it (strict: no host bits) is read as it would be; else
-    ValueError."""
+    compares a million rows parses each one. The socket module's parser takes what
+    :mod:`ipaddress` takes of an address but scoped IPv6 (both refuse leading zeros in
+    IPv4); any other form is read by :mod:`ipaddress` as it would be (strict: no host
+    bits), or refused with its ValueError."""
     if cidr.__class__ is not str:
         raise TypeError(f"a network is text, not {cidr!r}")
-    address, slash, length = cidr.partition("/")
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        packed = socket.inet_pton(family, address)
-        if socket.inet_ntop(family, packed) == address and length.isascii() \
-                and length.isdigit() and (length == "0" or length[0] != "0"):
-            return _network_key(packed, int(length) if slash else 8 * len(packed))
-    except (OSError, ValueError):
-        pass
+    address, _, length = cidr.partition("/")
+    if length.isdigit() and length.isascii() and (length[0] != "0" or length == "0"):
+        try:
+            packed = _inet_pton(_AF_INET6 if ":" in address else _AF_INET, address)
+        except OSError:
+            pass
+        else:
+            prefixlen, bits = int(length), 8 * len(packed)
+            if prefixlen <= bits and not (int.from_bytes(packed, "big")
+                                          & ((1 << (bits - prefixlen)) - 1)):
+                return packed, prefixlen
     network = ipaddress.ip_network(cidr)    # the rare form: its reading, or its error
     return network.network_address.packed, network.prefixlen
+
+
+_inet_pton = socket.inet_pton
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
 class AclChange:
@@ -560,21 +567,29 @@ class AccessList:
         self.apply(change)
         return True
 
-    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> int:
         """Sweep out blocklist entries that have lapsed by ``now_ns`` (a lookup ignores
         them already: this only keeps the table small), visiting at most ``max_slots``
         of its slots, so that the packet loop waits little however large the list.
-        Does the sweep need another call?"""
+        Returns how many lapsed entries the table still holds (0: the sweep is done)."""
         table = self.block_table
-        lapsed = [verdict for verdict, _ in table.verdicts()
-                  if verdict.expires_ns is not None and verdict.expires_ns <= now_ns]
+        lapsed = self._lapsed(now_ns)
         if not lapsed:
             self._purge_at = 0
-            return False
-        removed, self._purge_at = table.purge(lapsed, self._purge_at, max_slots)
+            return 0
+        removed, self._purge_at = table.purge([verdict for verdict, _ in lapsed],
+                                              self._purge_at, max_slots)
         if removed:
             self.generation += 1
-        return True
+        return sum(uses for _, uses in lapsed) - removed
+
+    def lapsed_blocklist_entries(self, now_ns: int) -> int:
+        """Blocklist entries that have lapsed by ``now_ns`` and are not swept out yet."""
+        return sum(uses for _, uses in self._lapsed(now_ns))
+
+    def _lapsed(self, now_ns: int) -> list[tuple[BlockVerdict, int]]:
+        return [(verdict, uses) for verdict, uses in self.block_table.verdicts()
+                if verdict.expires_ns is not None and verdict.expires_ns <= now_ns]
 
     def replace(self, entries: Iterable[AclEntry],
                 blocklist: Iterable[AclEntry] | None = None) -> None:

@@ -374,8 +374,8 @@ class Pipeline(ReferenceModel):
         untouched; the access list's generation moves once."""
         self.acl.update_blocklist(added, removed)
 
-    def expire_blocklist(self, now_ns: int, max_slots: int) -> bool:
+    def expire_blocklist(self, now_ns: int, max_slots: int) -> int:
         """Sweep lapsed blocklist entries out of the access list, at most ``max_slots``
-        of its slots at a time; does the sweep need another call? (A lookup ignores a
-        lapsed entry already: this keeps the table small.)"""
+        of its slots at a time (a lookup ignores a lapsed entry already: this keeps
+        the table small). Returns how many lapsed entries are left to sweep."""
         return self.acl.expire_blocklist(now_ns, max_slots)
