@@ -1296,9 +1296,10 @@ static PyTypeObject AddressTableType = {
  *
  * Why: an entry as Python objects (an AclEntry in an AddressTable slot, its
  * bytes key) costs ~350 bytes, and the blocklist may hold a million. Here an
- * entry is one slot: {network address, verdict id}, 8 bytes for IPv4 and 24
- * for IPv6, in a table between 1/8 and 1/2 full (about 16-32 bytes an IPv4
- * entry as it grows). The verdict is not a pointer in the slot but a 32-bit id
+ * entry is one slot: {network address, verdict id}, 8 bytes for IPv4, 16 for
+ * an IPv6 network of /64 or shorter (its first half is the whole network) and
+ * 24 for a longer one, in a table between 1/8 and 1/2 full (about 16-32 bytes
+ * an IPv4 entry as it grows, 32-64 an IPv6 /64). The verdict is not a pointer in the slot but a 32-bit id
  * into an array that holds one reference per distinct verdict object and its
  * use count (how many entries hold it); at a use count of 0 the reference is
  * released and the id reused. A small open-addressed index over the objects'
@@ -1341,13 +1342,22 @@ typedef struct {
 } Block4;
 
 typedef struct {
-    uint64_t hi, lo;       /* the network address, big-endian halves */
+    uint64_t hi;           /* an IPv6 network of /0-/64: its address's first half */
+    uint32_t id;
+    uint32_t spare;
+} Block6n;
+
+typedef struct {
+    uint64_t hi, lo;       /* an IPv6 network of /65-/128: its address, big-endian halves */
     uint32_t id;
     uint32_t spare;
 } Block6;
 
+#define BLOCK_V6_WIDE (BLOCK_V6 + 65)    /* the code of IPv6 /65, the first with a Block6 */
+
 typedef struct {
-    void *slots;           /* Block4 (codes 0-32) or Block6; NULL while the length holds nothing */
+    void *slots;           /* Block4 (codes 0-32), Block6n (IPv6 /0-/64) or Block6; NULL
+                            * while the length holds nothing */
     uint32_t mask;         /* capacity - 1 */
     uint32_t count;
 } BlockSub;
@@ -1462,13 +1472,16 @@ block_hash(int code, uint64_t hi, uint64_t lo)
 static inline size_t
 slot_size(int code)
 {
-    return code < BLOCK_V6 ? sizeof(Block4) : sizeof(Block6);
+    return code < BLOCK_V6 ? sizeof(Block4) : code < BLOCK_V6_WIDE ? sizeof(Block6n)
+                                                                   : sizeof(Block6);
 }
 
 static inline uint32_t
 sub_id(const BlockSub *s, int code, uint64_t i)
 {
-    return code < BLOCK_V6 ? ((const Block4 *)s->slots)[i].id : ((const Block6 *)s->slots)[i].id;
+    return code < BLOCK_V6 ? ((const Block4 *)s->slots)[i].id
+           : code < BLOCK_V6_WIDE ? ((const Block6n *)s->slots)[i].id
+           : ((const Block6 *)s->slots)[i].id;
 }
 
 static inline void
@@ -1477,6 +1490,9 @@ sub_key(const BlockSub *s, int code, uint64_t i, uint64_t *hi, uint64_t *lo)
     if (code < BLOCK_V6) {
         *hi = 0;
         *lo = ((const Block4 *)s->slots)[i].key;
+    } else if (code < BLOCK_V6_WIDE) {
+        *hi = ((const Block6n *)s->slots)[i].hi;
+        *lo = 0;
     } else {
         *hi = ((const Block6 *)s->slots)[i].hi;
         *lo = ((const Block6 *)s->slots)[i].lo;
@@ -1488,6 +1504,8 @@ sub_set_id(BlockSub *s, int code, uint64_t i, uint32_t id)
 {
     if (code < BLOCK_V6)
         ((Block4 *)s->slots)[i].id = id;
+    else if (code < BLOCK_V6_WIDE)
+        ((Block6n *)s->slots)[i].id = id;
     else
         ((Block6 *)s->slots)[i].id = id;
 }
@@ -1506,6 +1524,14 @@ sub_find(const BlockSub *s, int code, uint64_t hi, uint64_t lo)
             if (slots[i].id == 0)
                 return -1;
             if (slots[i].key == (uint32_t)lo)
+                return (int64_t)i;
+        }
+    } else if (code < BLOCK_V6_WIDE) {
+        const Block6n *slots = s->slots;
+        for (;; i = (i + 1) & s->mask) {
+            if (slots[i].id == 0)
+                return -1;
+            if (slots[i].hi == hi)
                 return (int64_t)i;
         }
     } else {
@@ -1529,6 +1555,12 @@ sub_place(BlockSub *s, int code, uint64_t hi, uint64_t lo, uint32_t id)
         while (slots[i].id != 0)
             i = (i + 1) & s->mask;
         slots[i].key = (uint32_t)lo;
+        slots[i].id = id;
+    } else if (code < BLOCK_V6_WIDE) {
+        Block6n *slots = s->slots;
+        while (slots[i].id != 0)
+            i = (i + 1) & s->mask;
+        slots[i].hi = hi;
         slots[i].id = id;
     } else {
         Block6 *slots = s->slots;
@@ -1561,6 +1593,20 @@ sub_remove(BlockSub *s, int code, uint64_t hole)
             i = j;
         }
         slots[i].key = slots[i].id = 0;
+    } else if (code < BLOCK_V6_WIDE) {
+        Block6n *slots = s->slots;
+        for (;;) {
+            j = (j + 1) & mask;
+            examined++;
+            if (slots[j].id == 0)
+                break;
+            home = block_hash(code, slots[j].hi, 0) & mask;
+            if (i <= j ? (i < home && home <= j) : (i < home || home <= j))
+                continue;
+            slots[i] = slots[j];
+            i = j;
+        }
+        memset(&slots[i], 0, sizeof slots[i]);
     } else {
         Block6 *slots = s->slots;
         for (;;) {
@@ -1593,6 +1639,11 @@ sub_scan(const BlockSub *s, int code, const Verdict *verdicts, uint32_t only, ui
                 from++;
             return from;
         }
+        for (; from < end; from++)
+            if (slots[from].id != 0 && verdicts[slots[from].id].marked)
+                break;
+    } else if (code < BLOCK_V6_WIDE) {
+        const Block6n *slots = s->slots;
         for (; from < end; from++)
             if (slots[from].id != 0 && verdicts[slots[from].id].marked)
                 break;
