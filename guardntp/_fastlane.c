@@ -1426,30 +1426,6 @@ high_bits(int n)
     return n <= 0 ? 0 : n >= 64 ? UINT64_MAX : UINT64_MAX << (64 - n);
 }
 
-static inline uint64_t
-load_be64(const unsigned char *bytes)
-{
-    uint64_t x = 0;
-    int i;
-    for (i = 0; i < 8; i++)
-        x = (x << 8) | bytes[i];
-    return x;
-}
-
-/* An address's key halves: IPv4 in lo; IPv6 hi, lo. */
-static inline void
-address_halves(const unsigned char *packed, int packed_len, uint64_t *hi, uint64_t *lo)
-{
-    if (packed_len == 4) {
-        *hi = 0;
-        *lo = (uint64_t)packed[0] << 24 | (uint64_t)packed[1] << 16 | (uint64_t)packed[2] << 8
-              | packed[3];
-    } else {
-        *hi = load_be64(packed);
-        *lo = load_be64(packed + 8);
-    }
-}
-
 /* The network of prefix code `code` that covers the address (hi, lo). */
 static inline void
 network_of(int code, uint64_t *hi, uint64_t *lo)
@@ -1843,6 +1819,7 @@ block_network(PyObject *packed, PyObject *prefixlen, int *code, uint64_t *hi, ui
     long bits;
     int overflow = 0;
     uint64_t host_hi, host_lo;
+    Key key;
     if (!PyBytes_Check(packed)) {
         PyErr_Format(PyExc_TypeError, "a network address is bytes, not %.100s",
                      Py_TYPE(packed)->tp_name);
@@ -1867,7 +1844,9 @@ block_network(PyObject *packed, PyObject *prefixlen, int *code, uint64_t *hi, ui
     }
     bytes = (const unsigned char *)PyBytes_AS_STRING(packed);
     *code = width == 4 ? (int)bits : BLOCK_V6 + (int)bits;
-    address_halves(bytes, (int)width, hi, lo);
+    key = address_key(bytes, (int)width);   /* IPv4 in lo; IPv6 hi, lo */
+    *hi = key.hi;
+    *lo = key.lo;
     host_hi = *hi;
     host_lo = *lo;
     network_of(*code, hi, lo);
@@ -1878,18 +1857,6 @@ block_network(PyObject *packed, PyObject *prefixlen, int *code, uint64_t *hi, ui
     return 0;
 }
 
-/* The packed network address of a slot's key. */
-static PyObject *
-network_bytes(int code, uint64_t hi, uint64_t lo)
-{
-    unsigned char bytes[16];
-    int i, width = code < BLOCK_V6 ? 4 : 16;
-    for (i = 0; i < width; i++) {
-        int shift = 8 * (width - 1 - i);
-        bytes[i] = (unsigned char)(shift >= 64 ? hi >> (shift - 64) : lo >> shift);
-    }
-    return PyBytes_FromStringAndSize((const char *)bytes, width);
-}
 
 /* The verdict (borrowed) of the entry on the /prefixlen covering an address (its
  * halves), or NULL. */
@@ -2274,10 +2241,14 @@ BlockTable_items(BlockTable *t, PyObject *unused)
         for (i = 0; s->slots != NULL && i <= s->mask; i++) {
             uint32_t id = sub_id(s, code, i);
             PyObject *packed, *prefixlen, *item;
+            Key network;
             if (id == 0)
                 continue;
             sub_key(s, code, i, &hi, &lo);
-            packed = network_bytes(code, hi, lo);
+            network.hi = hi;
+            network.lo = lo;
+            network.length = code < BLOCK_V6 ? 4 : 16;
+            packed = key_bytes(network);
             prefixlen = PyLong_FromLong(code < BLOCK_V6 ? code : code - BLOCK_V6);
             item = packed != NULL && prefixlen != NULL ? PyTuple_New(3) : NULL;
             if (item == NULL) {
@@ -3215,8 +3186,10 @@ longest_match_in(PyObject *probes, BlockTable *block, const unsigned char *packe
     long config = -1, blocked = -1;   /* the next length of each layer, -1: none left */
     PyObject *config_table = NULL;
     if (block != NULL) {
+        Key address = address_key(packed, packed_len);   /* IPv4 in lo; IPv6 hi, lo */
         memcpy(used, block->used[v6], sizeof used);   /* (a copy: see block_find below) */
-        address_halves(packed, packed_len, &hi, &lo);
+        hi = address.hi;
+        lo = address.lo;
         blocked = longest_below(used, 8 * packed_len + 1);
     }
     for (;;) {

@@ -249,7 +249,7 @@ def _network_key(packed: bytes, prefixlen: int) -> NetworkKey:
     bits = 8 * len(packed)
     if prefixlen.__class__ is not int or not 0 <= prefixlen <= bits:
         raise ValueError(f"a prefix length is 0 to {bits}, not {prefixlen!r}")
-    if int.from_bytes(packed, "big") & ((1 << (bits - prefixlen)) - 1):
+    if _masked(packed, prefixlen) != packed:
         raise ValueError(f"host bits set past the /{prefixlen} in {packed.hex()}")
     return packed, prefixlen
 
@@ -352,9 +352,8 @@ def network_key_of_text(cidr: str) -> NetworkKey:
         except OSError:
             pass
         else:
-            prefixlen, bits = int(length), 8 * len(packed)
-            if prefixlen <= bits and not (int.from_bytes(packed, "big")
-                                          & ((1 << (bits - prefixlen)) - 1)):
+            prefixlen = int(length)
+            if prefixlen <= 8 * len(packed) and _masked(packed, prefixlen) == packed:
                 return packed, prefixlen
     network = ipaddress.ip_network(cidr)    # the rare form: its reading, or its error
     return network.network_address.packed, network.prefixlen
