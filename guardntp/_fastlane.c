@@ -76,9 +76,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define HEAD 48
 #define BEFORE_TRANSMIT 40
@@ -1298,8 +1300,9 @@ static PyTypeObject AddressTableType = {
  * bytes key) costs ~350 bytes, and the blocklist may hold a million. Here an
  * entry is one slot: {network address, verdict id}, 8 bytes for IPv4, 16 for
  * an IPv6 network of /64 or shorter (its first half is the whole network) and
- * 24 for a longer one, in a table between 1/8 and 1/2 full (about 16-32 bytes
- * an IPv4 entry as it grows, 32-64 an IPv6 /64). The verdict is not a pointer in the slot but a 32-bit id
+ * 20 for a longer one. As a table grows, an IPv4 entry costs 16-32 bytes, an
+ * IPv6 /64 32-64 and a longer IPv6 network 30-60 (its table may be 2/3 full).
+ * The verdict is not a pointer in the slot but a 32-bit id
  * into an array that holds one reference per distinct verdict object and its
  * use count (how many entries hold it); at a use count of 0 the reference is
  * released and the id reused. A small open-addressed index over the objects'
@@ -1309,8 +1312,8 @@ static PyTypeObject AddressTableType = {
  * /0-/128: 33-161, as acl.py's _WHERE), allocated only while it holds entries,
  * and per family a bitmap of the prefix lengths in use, so a lookup probes only
  * those, longest first (longest_match_in), merged with the configuration's.
- * Each sub-table: capacity a power of two, at least 8, at most half full,
- * halved when a deletion leaves it under 1/8 full; the hash is index_hash, keyed
+ * Each sub-table: capacity a power of two, at least 8, at most half full (2/3
+ * for Block6 slots), halved when a deletion leaves it under 1/8 full; the hash is index_hash, keyed
  * with the process's random seed (a spoofing attacker cannot choose addresses
  * that share a probe run) with the prefix code mixed in; linear probing,
  * deletion by backward shift (no tombstones).
@@ -1347,10 +1350,9 @@ typedef struct {
     uint32_t spare;
 } Block6n;
 
-typedef struct {
+typedef struct __attribute__((packed)) {
     uint64_t hi, lo;       /* an IPv6 network of /65-/128: its address, big-endian halves */
-    uint32_t id;
-    uint32_t spare;
+    uint32_t id;           /* (packed: 20 bytes, not 24) */
 } Block6;
 
 #define BLOCK_V6_WIDE (BLOCK_V6 + 65)    /* the code of IPv6 /65, the first with a Block6 */
@@ -1361,6 +1363,16 @@ typedef struct {
     uint32_t mask;         /* capacity - 1 */
     uint32_t count;
 } BlockSub;
+
+/* An emptied or shrunk sub-table's old slots, given back to the kernel a slice
+ * at a time (release()) rather than in one free(): unmapping the 16 MB of a
+ * million IPv4 entries at once would hold the packet loop for milliseconds. */
+typedef struct {
+    void *memory;
+    uintptr_t next, end;   /* the whole pages inside it not given back yet */
+} Retired;
+
+#define BLOCK_RETIRE_MIN ((size_t)1 << 20)   /* smaller arrays are freed at once */
 
 typedef struct {
     PyObject *object;      /* a reference held; NULL: a free id */
@@ -1381,6 +1393,8 @@ typedef struct {
     uint32_t n_verdicts;   /* distinct verdicts held */
     uint32_t *vindex;      /* verdict ids by their object's address; 0: an empty slot */
     uint32_t vmask;        /* its capacity - 1 */
+    Retired *retired;      /* slots waiting to be given back (release()) */
+    size_t n_retired, retired_room;
     uint64_t version;      /* moves on every change (the lists built from it check it) */
 } BlockTable;
 
@@ -1632,9 +1646,42 @@ sub_scan(const BlockSub *s, int code, const Verdict *verdicts, uint32_t only, ui
     return from;
 }
 
-/* Move sub-table code's entries into fresh (mask + 1 zeroed slots), freeing the old. */
+/* Let go of a sub-table's old slots: a large array is retired (given back
+ * in slices by release()), unless the list of them cannot grow; else freed. */
 static void
-sub_rehash(BlockSub *s, int code, void *fresh, uint32_t mask)
+slots_retire(BlockTable *t, void *memory, size_t bytes)
+{
+    if (memory == NULL)
+        return;
+    if (bytes >= BLOCK_RETIRE_MIN) {
+        if (t->n_retired == t->retired_room) {
+            size_t room = t->retired_room ? 2 * t->retired_room : 8;
+            Retired *grown = PyMem_RawRealloc(t->retired, room * sizeof(Retired));
+            if (grown != NULL) {
+                t->retired = grown;
+                t->retired_room = room;
+            }
+        }
+        if (t->n_retired < t->retired_room) {
+            /* (only whole pages inside the array: the allocator's own header
+             * before it, and its neighbours, are never touched) */
+            uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+            Retired *r = &t->retired[t->n_retired++];
+            r->memory = memory;
+            r->next = ((uintptr_t)memory + page - 1) & ~(page - 1);
+            r->end = ((uintptr_t)memory + bytes) & ~(page - 1);
+            if (r->end < r->next)
+                r->end = r->next;
+            return;
+        }
+    }
+    PyMem_RawFree(memory);
+}
+
+/* Move sub-table code's entries into fresh (mask + 1 zeroed slots); the old
+ * slots are freed, or with retire, retired (slots_retire). */
+static void
+sub_rehash(BlockTable *t, BlockSub *s, int code, void *fresh, uint32_t mask, int retire)
 {
     BlockSub old = *s;
     uint64_t i, hi, lo;
@@ -1650,7 +1697,10 @@ sub_rehash(BlockSub *s, int code, void *fresh, uint32_t mask)
             sub_place(s, code, hi, lo, id);
         }
     }
-    PyMem_RawFree(old.slots);
+    if (retire)
+        slots_retire(t, old.slots, ((size_t)old.mask + 1) * slot_size(code));
+    else
+        PyMem_RawFree(old.slots);
 }
 
 /* The smallest capacity at which n entries leave a table at most half full. */
@@ -1659,6 +1709,20 @@ capacity_for(uint64_t n)
 {
     uint64_t capacity = BLOCK_MIN_CAPACITY;
     while (capacity < 2 * n)
+        capacity *= 2;
+    return capacity;
+}
+
+/* The same for sub-table code's entries: at most half full, but a table of
+ * 20-byte Block6 slots at most 2/3 full, so that an entry costs 30-60 bytes
+ * as it grows (at most half full it would be 40-80). */
+static uint64_t
+sub_capacity_for(int code, uint64_t n)
+{
+    uint64_t capacity = BLOCK_MIN_CAPACITY;
+    if (code < BLOCK_V6_WIDE)
+        return capacity_for(n);
+    while (2 * capacity < 3 * n)
         capacity *= 2;
     return capacity;
 }
@@ -1776,7 +1840,7 @@ static void
 sub_free(BlockTable *t, int code)
 {
     BlockSub *s = &t->sub[code];
-    PyMem_RawFree(s->slots);
+    slots_retire(t, s->slots, ((size_t)s->mask + 1) * slot_size(code));
     s->slots = NULL;
     s->mask = s->count = 0;
     bit_clear(t->used[code >= BLOCK_V6], code < BLOCK_V6 ? code : code - BLOCK_V6);
@@ -1806,7 +1870,7 @@ sub_tidy(BlockTable *t, int code)
         bit_set(t->loose, code);
         return;
     }
-    sub_rehash(s, code, fresh, (uint32_t)(want - 1));
+    sub_rehash(t, s, code, fresh, (uint32_t)(want - 1), 1);
 }
 
 /* The network of a Python call: (packed, prefixlen) -> its code and address;
@@ -1981,7 +2045,7 @@ block_reserve(BlockTable *t, const BlockOp *ops, Py_ssize_t n)
         BlockSub *s = &t->sub[code];
         if (need[code] == 0)
             continue;
-        want = capacity_for(s->count + need[code]);
+        want = sub_capacity_for(code, s->count + need[code]);
         if (s->slots != NULL && want <= (uint64_t)s->mask + 1)
             continue;
         if (want > BLOCK_MAX_CAPACITY)
@@ -2016,7 +2080,7 @@ block_reserve(BlockTable *t, const BlockOp *ops, Py_ssize_t n)
     PyMem_RawFree(new_verdicts.slots);
     for (code = 0; code < BLOCK_CODES; code++)
         if (fresh[code] != NULL)
-            sub_rehash(&t->sub[code], code, fresh[code], (uint32_t)fresh_mask[code]);
+            sub_rehash(t, &t->sub[code], code, fresh[code], (uint32_t)fresh_mask[code], 0);
     if (vindex != NULL) {
         uint32_t id;
         PyMem_RawFree(t->vindex);
@@ -2088,8 +2152,12 @@ BlockTable_dealloc(BlockTable *t)
     Verdict *verdicts = t->verdicts;
     uint32_t id, top = t->top;
     int code;
+    size_t r;
     for (code = 0; code < BLOCK_CODES; code++)
         PyMem_RawFree(t->sub[code].slots);
+    for (r = 0; r < t->n_retired; r++)
+        PyMem_RawFree(t->retired[r].memory);
+    PyMem_RawFree(t->retired);
     PyMem_RawFree(t->vindex);
     t->verdicts = NULL;
     for (id = 1; verdicts != NULL && id < top; id++)
@@ -2460,7 +2528,45 @@ BlockTable_purge(BlockTable *t, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nK)", removed, (unsigned long long)next);
 }
 
+/* release(max_bytes): give back to the kernel at most max_bytes of retired
+ * slots (their pages dropped with madvise, then the array freed once all
+ * are); the bytes still waiting. */
+static PyObject *
+BlockTable_release(BlockTable *t, PyObject *arg)
+{
+    Py_ssize_t budget = PyLong_AsSsize_t(arg);
+    size_t waiting = 0, r;
+    if (budget < 1) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "release(): max_bytes must be 1 to 2**63 - 1");
+        }
+        return NULL;
+    }
+    while (t->n_retired > 0 && budget > 0) {
+        Retired *last = &t->retired[t->n_retired - 1];
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        uintptr_t slice = last->end - last->next;
+        if (slice > (uintptr_t)budget)   /* whole pages, at least one */
+            slice = ((uintptr_t)budget + page - 1) & ~(page - 1);
+        if (slice > 0)
+            (void)madvise((void *)last->next, slice, MADV_DONTNEED);
+        last->next += slice;
+        budget -= (Py_ssize_t)slice;
+        if (last->next >= last->end) {   /* (its pages are gone: free() unmaps little) */
+            PyMem_RawFree(last->memory);
+            t->n_retired--;
+        }
+    }
+    for (r = 0; r < t->n_retired; r++)
+        waiting += t->retired[r].end - t->retired[r].next;
+    return PyLong_FromSize_t(waiting);
+}
+
 static PyMethodDef BlockTable_methods[] = {
+    {"release", (PyCFunction)BlockTable_release, METH_O,
+     "release(max_bytes) -> bytes: give back at most max_bytes of the memory emptied "
+     "sub-tables held; the bytes still waiting"},
     {"apply", (PyCFunction)BlockTable_apply, METH_O,
      "apply(ops): ops a sequence of (packed, prefixlen, verdict), verdict None to delete "
      "the network; in order, all or nothing (TypeError, ValueError, MemoryError: no change)"},

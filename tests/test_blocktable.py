@@ -549,6 +549,50 @@ def test_purge_of_nothing_it_holds_changes_nothing() -> None:
     check(table, model)
 
 
+
+@pytest.mark.parametrize("emptied_by", ["apply", "purge"])
+def test_an_emptied_big_table_is_given_back_in_slices(emptied_by: str) -> None:
+    verdict = Verdict(Action.DROP)
+    table = BlockTable()
+    nets = [net(4, 10 << 24 | i, 32) for i in range(300_000)]   # 2**20 slots: 8 MiB
+    table.apply([n + (verdict,) for n in nets])
+    assert table.release(1 << 20) == 0   # nothing retired yet
+    if emptied_by == "apply":
+        table.apply([n + (None,) for n in nets])
+    else:
+        purge_all(table, [verdict], 50_000)
+        table.purge([verdict], 0, 50_000)   # (the pass that finds the table empty)
+    assert len(table) == 0 and table.lengths(4) == ()
+    waiting = [table.release(1 << 20)]
+    while waiting[-1]:
+        waiting.append(table.release(1 << 20))
+        assert len(waiting) < 20
+    assert 7 <= len(waiting) <= 9 and waiting == sorted(waiting, reverse=True)
+    # the table works on: entries go in and are found again
+    table.apply([n + (verdict,) for n in nets[:10]])
+    assert table.get(*nets[3]) is verdict and len(table) == 10
+
+
+def test_a_shrunk_big_table_gives_its_old_slots_back_in_slices() -> None:
+    keep, doomed = Verdict(Action.DENY), Verdict(Action.DROP)
+    table = BlockTable()
+    nets = [net(16, 0x2001_0DB8 << 96 | i, 128) for i in range(200_000)]
+    table.apply([n + (keep if i < 100 else doomed,) for i, n in enumerate(nets)])
+    table.apply([n + (None,) for n in nets[100:]])   # under 1/8 full: shrunk
+    waiting = table.release(1 << 20)
+    assert waiting > 0
+    assert table.release(1 << 40) == 0
+    assert len(table) == 100 and table.get(*nets[42]) is keep and table.get(*nets[142]) is None
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            table.release(bad)
+        with pytest.raises(ValueError):
+            acl_module.DictBlockTable().release(bad)
+    with pytest.raises(TypeError):
+        table.release("1")
+    assert acl_module.DictBlockTable().release(1 << 20) == 0
+
+
 # ------------------------------------------------------------------ the packet loop
 
 WALL = 1_800_000_000 * NS_PER_S

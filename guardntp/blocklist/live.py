@@ -50,6 +50,9 @@ MAX_PENDING_AUTO = 4096
 #: Slots of the blocklist table one timer tick sweeps for lapsed entries: a fraction
 #: of a millisecond of the packet loop's time however large the list.
 SWEEP_SLOTS = 50_000
+#: Bytes of an emptied blocklist table given back to the kernel per tick: a
+#: million-entry table's 16 MB at once would hold the packet loop for milliseconds.
+RELEASE_BYTES = 1 << 20
 
 
 class LiveBlocklist:
@@ -115,6 +118,7 @@ class LiveBlocklist:
             # file says now (a lookup already ignores it), so a store that cannot be
             # read does not hold this up.
             self._sweep(now_ns)
+        self.pipeline.release_blocklist_memory(RELEASE_BYTES)
         if self.auto.policy.enabled:
             self._scan(now_ns)
 

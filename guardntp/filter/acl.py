@@ -232,6 +232,12 @@ class DictBlockTable:
         self.apply(gone)
         return len(gone), 0
 
+    def release(self, max_bytes: int) -> int:
+        """Memory held for giving back: none here (a dict frees what it drops)."""
+        if max_bytes < 1:
+            raise ValueError("release(): max_bytes must be 1 to 2**63 - 1")
+        return 0
+
 
 def _triples(ops: Iterable[BlockOp]) -> list[BlockOp]:
     triples = list(ops)

@@ -379,3 +379,9 @@ class Pipeline(ReferenceModel):
         of its slots at a time (a lookup ignores a lapsed entry already: this keeps
         the table small). Returns how many lapsed entries are left to sweep."""
         return self.acl.expire_blocklist(now_ns, max_slots)
+
+    def release_blocklist_memory(self, max_bytes: int) -> int:
+        """Give back to the kernel at most ``max_bytes`` of the memory that emptied or
+        shrunk blocklist tables held (in slices: all of a big one at once would hold the
+        packet loop for milliseconds). Returns the bytes still waiting."""
+        return self.acl.block_table.release(max_bytes)
