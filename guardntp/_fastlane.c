@@ -165,10 +165,13 @@ typedef struct {
     /* First sightings (first_sighting): the tables and the newcomer ring. ring
      * NULL: the pipeline's ring is not a NewcomerRing, first sightings go to Python. */
     PyObject *sources, *prefixes, *ring, *prefix_overflow;
+    /* The global reply and KoD budgets: the pipeline's two-cell Record, read and
+     * written in place (BUDGET_GLOBAL, BUDGET_KOD). */
+    PyObject *budgets;
     int64_t never, eviction_scan, earliest_ns, latest_ns;
 
     /* per pump */
-    int64_t acl_generation, global_tat, kod_tat, offset_ns;
+    int64_t acl_generation, offset_ns;
     int acl_covers_v6;                 /* the access list has an IPv6 entry (either layer) */
     /* AccessList.probes(4) and (16), as of probes_generation: its tables to look
      * an address up in, longest prefix first (owned); and its block_table, the
@@ -251,7 +254,7 @@ get_attr_i64(PyObject *obj, const char *name, int64_t *value)
 
 /* ------------------------------------------------------------------ pump state */
 
-static int buckets_in(Lane *L);
+static int budgets_in_cells(PyObject *budgets);
 static PyTypeObject BlockTableType;
 static int block_covers_v6(PyObject *table);
 
@@ -316,8 +319,11 @@ begin(Lane *L)
         L->probes_generation = L->acl_generation;
         L->acl_covers_v6 = PyTuple_GET_SIZE(v6) > 0 || (block != NULL && block_covers_v6(block));
     }
-    if (buckets_in(L) < 0)
+    if (!budgets_in_cells(L->budgets)) {
+        /* (only Python's unbounded arithmetic makes a TAT past 64 bits) */
+        PyErr_SetString(PyExc_TypeError, "the pipeline's budgets must be ints that fit 64 bits");
         return -1;
+    }
     snapshot = PyObject_GetAttrString(L->responder, "wire_snapshot");
     if (snapshot == NULL)
         return -1;
@@ -337,11 +343,9 @@ begin(Lane *L)
     return 0;
 }
 
-/* The end of a pump or of decide_one, after begin() succeeded: the counts and
- * the global and KoD buckets go back to Python. An exception already pending (a
- * failed Pipeline.decide, a failed send) is kept: these calls must neither run
- * with it set nor replace it. */
-static int buckets_out(Lane *L);
+/* The end of a pump or of decide_one, after begin() succeeded: the counts go
+ * back to Python. An exception already pending (a failed Pipeline.decide, a
+ * failed send) is kept: these calls must neither run with it set nor replace it. */
 static int flush_counts(Lane *L);
 
 static int
@@ -350,7 +354,7 @@ finish(Lane *L)
     PyObject *type, *value, *traceback;
     int rc;
     PyErr_Fetch(&type, &value, &traceback);
-    rc = flush_counts(L) < 0 || buckets_out(L) < 0 ? -1 : 0;
+    rc = flush_counts(L) < 0 ? -1 : 0;
     if (type != NULL) {
         if (rc < 0)
             PyErr_Clear();   /* the first error is the one to report */
@@ -358,43 +362,6 @@ finish(Lane *L)
         rc = -1;
     }
     return rc;
-}
-
-/* The global and KoD buckets live here during a pump; Python's copies are
- * brought up to date before Pipeline.decide runs and read back after it. */
-static int
-set_attr_i64(PyObject *obj, const char *name, int64_t value)
-{
-    PyObject *number = PyLong_FromLongLong(value);
-    int rc;
-    if (number == NULL)
-        return -1;
-    rc = PyObject_SetAttrString(obj, name, number);
-    Py_DECREF(number);
-    return rc;
-}
-
-static int
-buckets_out(Lane *L)
-{
-    if (set_attr_i64(L->pipeline, "_kod_tat", L->kod_tat) < 0)
-        return -1;
-    return L->has_global ? set_attr_i64(L->pipeline, "_global_tat", L->global_tat) : 0;
-}
-
-static int
-buckets_in(Lane *L)
-{
-    PyObject *obj;
-    if ((obj = get_attr_i64(L->pipeline, "_kod_tat", &L->kod_tat)) == NULL)
-        return -1;
-    Py_DECREF(obj);
-    if (!L->has_global)
-        return 0;
-    if ((obj = get_attr_i64(L->pipeline, "_global_tat", &L->global_tat)) == NULL)
-        return -1;
-    Py_DECREF(obj);
-    return 0;
 }
 
 /* Add what the fast path counted to the pipeline's counters and label counts.
@@ -487,6 +454,19 @@ typedef struct {
 static PyTypeObject RecordType;
 
 #define IS_OBJECT(r, i) (((r)->objects >> (i)) & 1u)
+
+/* The pipeline's budgets (reference.GLOBAL_TAT, KOD_TAT): a two-cell Record,
+ * checked at configure() to be one and at each begin() to hold two ints. */
+#define BUDGET_GLOBAL 0
+#define BUDGET_KOD 1
+#define BUDGET_CELLS 2
+#define BUDGET(L, i) (((Record *)(L)->budgets)->cell[i].n)
+
+static int
+budgets_in_cells(PyObject *budgets)
+{
+    return !IS_OBJECT((Record *)budgets, BUDGET_GLOBAL) && !IS_OBJECT((Record *)budgets, BUDGET_KOD);
+}
 
 static int
 record_store(Record *r, Py_ssize_t i, PyObject *value)
@@ -3140,10 +3120,10 @@ global_allows(Lane *L, int64_t now_ns)
     int64_t tat;
     if (!L->has_global)
         return 1;
-    tat = L->global_tat > now_ns ? L->global_tat : now_ns;
+    tat = BUDGET(L, BUDGET_GLOBAL) > now_ns ? BUDGET(L, BUDGET_GLOBAL) : now_ns;
     if (tat - now_ns > L->global_tolerance)
         return 0;
-    L->global_tat = tat + L->global_interval;
+    BUDGET(L, BUDGET_GLOBAL) = tat + L->global_interval;
     return 1;
 }
 
@@ -3551,11 +3531,11 @@ authenticated(Lane *L, const unsigned char *packed, int packed_len, int mac, int
 static inline int
 kod_allowed(Lane *L, Record *record, int64_t now_ns)
 {
-    int64_t kod_tat = L->kod_tat > now_ns ? L->kod_tat : now_ns;
+    int64_t kod_tat = BUDGET(L, BUDGET_KOD) > now_ns ? BUDGET(L, BUDGET_KOD) : now_ns;
     if (now_ns - record->cell[L->i_last_kod].n < L->kod_interval
             || kod_tat - now_ns > L->kod_bucket_tolerance || !global_allows(L, now_ns))
         return 0;
-    L->kod_tat = kod_tat + L->kod_bucket_interval;
+    BUDGET(L, BUDGET_KOD) = kod_tat + L->kod_bucket_interval;
     record->cell[L->i_last_kod].n = now_ns;
     return 1;
 }
@@ -4280,8 +4260,6 @@ slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len
 {
     PyObject *args[6] = {data, NULL, NULL, NULL, NULL, NULL}, *result = NULL;
     int i;
-    if (buckets_out(L) < 0)
-        return NULL;
     args[1] = PyBytes_FromStringAndSize((const char *)packed, packed_len);
     args[2] = PyLong_FromLong(port);
     args[3] = PyLong_FromLongLong(recv_ns);
@@ -4296,10 +4274,6 @@ slow_decide(Lane *L, PyObject *data, const unsigned char *packed, int packed_len
     if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3) {
         Py_DECREF(result);
         PyErr_SetString(PyExc_TypeError, "decide must return (reason, reply, signer)");
-        return NULL;
-    }
-    if (buckets_in(L) < 0) {
-        Py_DECREF(result);
         return NULL;
     }
     return result;
@@ -4345,6 +4319,7 @@ release_config(Lane *L)
     Py_CLEAR(L->prefixes);
     Py_CLEAR(L->ring);
     Py_CLEAR(L->prefix_overflow);
+    Py_CLEAR(L->budgets);
     for (i = 0; i < LABEL_SLOTS; i++)
         Py_CLEAR(L->labels[i]);
     L->configured = 0;
@@ -4586,7 +4561,8 @@ Lane_configure(Lane *L, PyObject *policy)
         {"objects.nts_claims", &L->nts_claims}, {"objects.nts_decide", &L->nts_decide},
         {"objects.sources", &L->sources},
         {"objects.prefixes", &L->prefixes}, {"objects.newcomers", &L->ring},
-        {"objects.prefix_overflow", &L->prefix_overflow}, {"settings.random", &L->random},
+        {"objects.prefix_overflow", &L->prefix_overflow}, {"objects.budgets", &L->budgets},
+        {"settings.random", &L->random},
         {"contract.action_allow", &L->action_allow},
         {"contract.action_exempt", &L->action_exempt},
         {"contract.action_drop", &L->action_drop},
@@ -4664,6 +4640,11 @@ Lane_configure(Lane *L, PyObject *policy)
      * decides every packet (enabled, below). */
     tables_compiled = Py_TYPE(L->index) == &AddressTableType
                       && Py_TYPE(L->prefix_index) == &AddressTableType;
+    if (Py_TYPE(L->budgets) != &RecordType || Py_SIZE(L->budgets) != BUDGET_CELLS) {
+        PyErr_SetString(PyExc_TypeError,
+                        "lane policy: objects.budgets must be a Record of 2 cells");
+        goto fail;
+    }
     if (Py_TYPE(L->ring) != &NewcomerRingType || Py_TYPE(L->prefix_overflow) != &RecordType
             || IS_OBJECT((Record *)L->prefix_overflow, 0))
         Py_CLEAR(L->ring);   /* no C ring (or no Record to overflow into): Python's job */
@@ -5252,7 +5233,7 @@ publish_counted(Lane *L, PyObject *publish, int64_t *truncated, int64_t *send_er
                 int64_t *bytes_in, int64_t *bytes_out)
 {
     PyObject *result;
-    if (flush_counts(L) < 0 || buckets_out(L) < 0)
+    if (flush_counts(L) < 0)
         return -1;
     if (publish == Py_None
             || (*truncated == 0 && *send_errors == 0 && *bytes_in == 0 && *bytes_out == 0))

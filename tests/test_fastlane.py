@@ -42,7 +42,7 @@ from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
 from guardntp.filter.lane import LanePolicy
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
-from guardntp.filter.reference import EARLIEST_NS, LATEST_NS
+from guardntp.filter.reference import EARLIEST_NS, GLOBAL_TAT, KOD_TAT, LATEST_NS
 from guardntp.netaddr import ListenSpec
 from guardntp.responder import Responder, inspect_request
 from guardntp.server import Server, open_socket
@@ -1047,18 +1047,42 @@ def test_the_wait_ends_when_another_descriptor_or_a_signal_needs_python() -> Non
         sock.close()
 
 
+def test_the_loop_reads_and_writes_the_pipelines_budgets_in_place() -> None:
+    # One copy of the global reply and KoD budgets: what the loop charges is in
+    # Pipeline.budgets at once (no copy back at the end of a pump), and what Python
+    # writes there the loop sees at the next packet.
+    _, compiled, lane, sock = pair({"global_reply_rate": 10.0, "global_reply_burst": 1}, 1)
+    try:
+        request, now = bytes((0x23,)) + bytes(47), 10 * NS_PER_S
+        budgets = compiled.budgets
+        reason, reply, _, _ = lane.decide_one(request, bytes((192, 0, 2, 1)), 40000,
+                                              WALL_BASE_NS + now, now)
+        assert reason == Reason.ANSWERED and reply is not None
+        assert budgets[GLOBAL_TAT] == now + NS_PER_S // 10   # one reply charged
+        budgets[GLOBAL_TAT] = now + 60 * NS_PER_S            # the budget spent, by Python
+        reason, reply, _, _ = lane.decide_one(request, bytes((192, 0, 2, 2)), 40000,
+                                              WALL_BASE_NS + now, now)
+        assert reason == Reason.GLOBAL_CAP and reply is None
+        budgets[GLOBAL_TAT] = 0                               # ... and refilled
+        reason, _, _, _ = lane.decide_one(request, bytes((192, 0, 2, 3)), 40000,
+                                          WALL_BASE_NS + now, now)
+        assert reason == Reason.ANSWERED and compiled.budgets is budgets
+    finally:
+        sock.close()
+
+
 def test_a_failed_start_of_a_decision_keeps_pythons_buckets_and_its_error() -> None:
     # begin() refuses a global TAT past 64 bits (only Python's unbounded arithmetic makes
-    # one): the error must surface as it is, and the lane must not write its own stale
-    # copy of the buckets back over Python's.
+    # one): the error must surface as it is, and the budgets stay as Python left them.
     reference, compiled, lane, sock = pair({}, 1)
     try:
         source, now = bytes((192, 0, 2, 1)), 10 * NS_PER_S
         lane.decide_one(bytes((0x23,)) + bytes(47), source, 40000, WALL_BASE_NS + now, now)
-        compiled._global_tat = (1 << 63) + 5
+        kod_tat = compiled.budgets[KOD_TAT]
+        compiled.budgets[GLOBAL_TAT] = (1 << 63) + 5
         with pytest.raises(TypeError, match="64 bits"):
             lane.decide_one(bytes((0x23,)) + bytes(47), source, 40000, WALL_BASE_NS + now,
                             2 * now)
-        assert compiled._global_tat == (1 << 63) + 5
+        assert list(compiled.budgets) == [(1 << 63) + 5, kod_tat]
     finally:
         sock.close()

@@ -193,8 +193,7 @@ def quick_state(pipeline: Pipeline, key: bytes, prefix_key: bytes) -> dict[str, 
         "oldest": (next(iter(pipeline.sources.records), None),
                    next(iter(pipeline.prefixes.records), None)),
         "prefix_overflow": list(pipeline._prefix_overflow),
-        "global_tat": pipeline._global_tat,
-        "kod_tat": pipeline._kod_tat,
+        "budgets": list(pipeline.budgets),
         "table_full": pipeline.table_full,
     }
 

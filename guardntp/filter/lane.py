@@ -282,6 +282,9 @@ class LaneObjects:
     newcomers: NewcomerRing | PyNewcomerRing
     #: The record a prefix overflows into when the prefix table is full.
     prefix_overflow: SourceRecord
+    #: The global reply and KoD budgets (``reference.GLOBAL_TAT``, ``KOD_TAT``): a
+    #: two-cell Record the loop reads and writes in place.
+    budgets: SourceRecord
 
 
 @dataclass(frozen=True, slots=True)

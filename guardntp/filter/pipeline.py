@@ -59,7 +59,9 @@ from .reference import (
     FIRST_SEEN,
     GAP_DEV,
     GAP_MEAN,
+    GLOBAL_TAT,
     HOME_TTL,
+    KOD_TAT,
     KODS,
     LABEL,
     LAST_CROWD,
@@ -81,6 +83,7 @@ from .reference import (
     NtsStage,
     ReferenceModel,
     SourceRecord,
+    new_budgets,
     new_prefix_record,
 )
 
@@ -244,8 +247,7 @@ class Pipeline(ReferenceModel):
         #: Two layers, the configuration's [[acl]] and the blocklist's (``acl.py``).
         self.acl = AccessList()
         self._config_acl: list[AclEntry] = []
-        self._global_tat = 0
-        self._kod_tat = 0
+        self.budgets = new_budgets()
         self._prefix_overflow: SourceRecord = new_prefix_record(0)
         self.apply_policy(policy)
 
@@ -334,7 +336,7 @@ class Pipeline(ReferenceModel):
             nts_claims=None if nts is None else nts.claims,
             nts_decide=None if nts is None else nts.decide,
             sources=self.sources, prefixes=self.prefixes, newcomers=self.newcomers.ring,
-            prefix_overflow=self._prefix_overflow)
+            prefix_overflow=self._prefix_overflow, budgets=self.budgets)
 
     def snapshot(self) -> dict[str, object]:
         """Everything the filter keeps, as plain values: the counters, every record of
@@ -351,8 +353,8 @@ class Pipeline(ReferenceModel):
             "ring_evictions": self.newcomers.evictions,
             "refused": (self.sources.admissions_refused, self.prefixes.admissions_refused),
             "prefix_overflow": list(self._prefix_overflow),
-            "global_tat": self._global_tat,
-            "kod_tat": self._kod_tat,
+            "global_tat": self.budgets[GLOBAL_TAT],
+            "kod_tat": self.budgets[KOD_TAT],
             "table_full": self.table_full,
             "evictions": (self.sources.evictions, self.prefixes.evictions),
         }

@@ -71,6 +71,12 @@ OTHER_TTL = 19     # the TTL of the latest request charged to OTHER_TAT; -1: non
 LAST_CROWD = 20    # the crowd the latest request was charged with
 RECORD_LEN = 21
 
+# The budgets every source shares (``ReferenceModel.budgets``: one two-cell record,
+# which the compiled core reads and writes in place, as it does a source's):
+GLOBAL_TAT = 0     # the global reply budget's TAT, monotonic ns
+KOD_TAT = 1        # the global KoD budget's TAT, monotonic ns
+BUDGETS_LEN = 2
+
 #: A monotonic time before anything: a record's "no KoD yet", "no other class".
 NEVER = -(1 << 62)
 #: The monotonic clock as the filter reads it: ``now_ns`` outside this range (73 years
@@ -133,6 +139,12 @@ def new_record(now_ns: int, label: str, port: int, ttl: int = -1) -> SourceRecor
     # is full too).
     items = [now_ns, 0, 0, 0, 0, now_ns, now_ns, NEVER, label, -1, None, port,
              ttl, NEVER, 0, now_ns, 1, 0, 0, -1, 1]
+    return items if _Record is None else _Record(items)
+
+
+def new_budgets() -> SourceRecord:
+    """The shared budgets, both full (a two-cell Record where compiled)."""
+    items = [0] * BUDGETS_LEN
     return items if _Record is None else _Record(items)
 
 
@@ -210,8 +222,8 @@ class ReferenceModel:
     table_full: int
     _authenticator: Authenticator | None
     _nts: NtsStage | None
-    _global_tat: int
-    _kod_tat: int
+    #: The global reply and KoD budgets' TATs (GLOBAL_TAT, KOD_TAT).
+    budgets: SourceRecord
     _prefix_overflow: SourceRecord
     #: The policy as the stages read it (swapped in whole by ``apply_policy``).
     compiled: CompiledPolicy
@@ -528,10 +540,11 @@ class ReferenceModel:
         limit = self.compiled.global_limit
         if limit is None:
             return True
-        tat = self._global_tat if self._global_tat > now_ns else now_ns
+        budgets = self.budgets
+        tat = budgets[GLOBAL_TAT] if budgets[GLOBAL_TAT] > now_ns else now_ns
         if tat - now_ns > limit.tolerance_ns:
             return False
-        self._global_tat = tat + limit.interval_ns
+        budgets[GLOBAL_TAT] = tat + limit.interval_ns
         return True
 
     def _kod_allowed(self, record: SourceRecord, now_ns: int) -> bool:
@@ -540,10 +553,11 @@ class ReferenceModel:
         if now_ns - record[LAST_KOD] < self.compiled.kod_interval_ns:
             return False
         limit = self.compiled.kod_limit
-        tat = self._kod_tat if self._kod_tat > now_ns else now_ns
+        budgets = self.budgets
+        tat = budgets[KOD_TAT] if budgets[KOD_TAT] > now_ns else now_ns
         if tat - now_ns > limit.tolerance_ns or not self._global_allows(now_ns):
             return False
-        self._kod_tat = tat + limit.interval_ns
+        budgets[KOD_TAT] = tat + limit.interval_ns
         record[LAST_KOD] = now_ns
         return True
 
