@@ -85,7 +85,6 @@
 #define HEAD 48
 #define BEFORE_TRANSMIT 40
 #define STAMP_EVERY 16
-#define MAX_COUNTS 512
 #define FIELDS_LEN 21
 #define HEADS_LEN 128
 /* A receive timestamp and a TTL / hop limit (an int; both for a mapped IPv4 source). */
@@ -182,10 +181,9 @@ typedef struct {
     int64_t acl_empty_generation;
     int64_t max_sources, max_prefixes; /* the tables' max_entries */
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
-    int64_t count_acc[MAX_COUNTS];
-    int64_t label_acc[LABEL_SLOTS];
+    int64_t label_acc[LABEL_SLOTS];    /* counts by label slot, for flush_counts() */
     int64_t fast_decisions, first_sightings, promotions;
-    int counted;                       /* count_acc or label_acc may be non-zero */
+    int counted;                       /* label_acc may be non-zero */
     /* The datagram being decided, for verify_mac (which needs its bytes), and the
      * signer its MAC verified with: owned, taken by the reply (else released). */
     const unsigned char *datagram_head, *datagram_tail;
@@ -364,34 +362,18 @@ finish(Lane *L)
     return rc;
 }
 
-/* Add what the fast path counted to the pipeline's counters and label counts.
- * Runs even when an error is on its way out, so keeps that error aside. */
+/* Add what the fast path counted by label to the pipeline's label counts (a
+ * dict keyed by the label strings). Runs even when an error is on its way
+ * out, so keeps that error aside. */
 static int
 flush_counts(Lane *L)
 {
     int i, rc = 0;
     PyObject *type, *value, *traceback;
-    if (!L->counted)   /* a pump that decided nothing in C: skip the 600-odd cells */
+    if (!L->counted)   /* a pump that decided nothing in C: skip the 259 slots */
         return 0;
     L->counted = 0;
     PyErr_Fetch(&type, &value, &traceback);
-    for (i = 0; i < L->n_counts; i++) {
-        PyObject *old, *now;
-        int64_t base;
-        if (L->count_acc[i] == 0)
-            continue;
-        old = PyList_GET_ITEM(L->counts, i);
-        if (!as_i64(old, &base)) {
-            rc = -1;
-            break;
-        }
-        now = PyLong_FromLongLong(base + L->count_acc[i]);
-        if (now == NULL || PyList_SetItem(L->counts, i, now) < 0) {
-            rc = -1;
-            break;
-        }
-        L->count_acc[i] = 0;
-    }
     for (i = 0; rc == 0 && i < LABEL_SLOTS; i++) {
         PyObject *label = L->labels[i], *old, *now;
         int64_t base = 0;
@@ -425,6 +407,117 @@ flush_counts(Lane *L)
     return rc;
 }
 
+
+/* ------------------------------------------------------------------ Counts */
+
+/*
+ * The packet counts by (NTP version, reason) (verdicts.Counters.counts): a
+ * fixed-length sequence of 64-bit counts, which the compiled core adds to in
+ * place and Python reads and writes like the list it was (counts[i], counts[i]
+ * += n, len, iteration, list(counts)). One copy: nothing is gathered on the
+ * side and flushed at the end of a pump, so what a scrape or a test reads is
+ * what has been counted.
+ */
+typedef struct {
+    PyObject_VAR_HEAD
+    int64_t count[1];
+} Counts;
+
+static PyTypeObject CountsType;
+
+#define COUNT(L, i) (((Counts *)(L)->counts)->count[i])
+
+static PyObject *
+Counts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Py_ssize_t size;
+    Counts *c;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)
+            || !PyArg_ParseTuple(args, "n:Counts", &size))
+        return NULL;
+    if (size < 0 || size > 1 << 16) {
+        PyErr_SetString(PyExc_ValueError, "Counts(size): a size of 0 to 65536");
+        return NULL;
+    }
+    if ((c = (Counts *)type->tp_alloc(type, size)) == NULL)
+        return NULL;
+    memset(c->count, 0, (size_t)size * sizeof(int64_t));
+    return (PyObject *)c;
+}
+
+static Py_ssize_t
+Counts_length(Counts *c)
+{
+    return Py_SIZE(c);
+}
+
+static PyObject *
+Counts_item(Counts *c, Py_ssize_t i)
+{
+    if (i < 0 || i >= Py_SIZE(c)) {
+        PyErr_SetString(PyExc_IndexError, "Counts index out of range");
+        return NULL;
+    }
+    return PyLong_FromLongLong(c->count[i]);
+}
+
+static int
+Counts_ass_item(Counts *c, Py_ssize_t i, PyObject *value)
+{
+    long long n;
+    int overflow = 0;
+    if (i < 0 || i >= Py_SIZE(c)) {
+        PyErr_SetString(PyExc_IndexError, "Counts assignment index out of range");
+        return -1;
+    }
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Counts items cannot be deleted");
+        return -1;
+    }
+    if (!PyLong_Check(value) || PyBool_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "a count is an int, not %.100s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    n = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || n < 0) {
+        PyErr_SetString(PyExc_OverflowError, "a count is 0 to 2**63 - 1");
+        return -1;
+    }
+    c->count[i] = n;
+    return 0;
+}
+
+static PyObject *
+Counts_repr(Counts *c)
+{
+    PyObject *list = PySequence_List((PyObject *)c), *text;
+    if (list == NULL)
+        return NULL;
+    text = PyUnicode_FromFormat("Counts(%R)", list);
+    Py_DECREF(list);
+    return text;
+}
+
+static PySequenceMethods Counts_as_sequence = {
+    .sq_length = (lenfunc)Counts_length,
+    .sq_item = (ssizeargfunc)Counts_item,
+    .sq_ass_item = (ssizeobjargproc)Counts_ass_item,
+};
+
+static PyTypeObject CountsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "guardntp._fastlane.Counts",
+    .tp_basicsize = offsetof(Counts, count),
+    .tp_itemsize = sizeof(int64_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counts(size): size 64-bit counts, all 0 (see guardntp/_fastlane.c)",
+    .tp_new = Counts_new,
+    .tp_repr = (reprfunc)Counts_repr,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_as_sequence = &Counts_as_sequence,
+};
 
 /* ------------------------------------------------------------------ Record */
 
@@ -3546,7 +3639,7 @@ send_kod(Lane *L, const unsigned char *d, Record *record, int base, const char *
          int why, unsigned char *out, int *reason, int *reply)
 {
     record->cell[L->i_kods].n++;
-    L->count_acc[base + why]++;
+    COUNT(L, base + why)++;
     kod_reply(L, d, code, L->kod_min_poll, out);
     *reason = why;
     *reply = REPLY_KOD;
@@ -3558,7 +3651,7 @@ static inline int
 drop_charged(Lane *L, Record *record, int base, int why, int *reason)
 {
     record->cell[L->i_drops].n++;
-    L->count_acc[base + why]++;
+    COUNT(L, base + why)++;
     *reason = why;
     return 1;
 }
@@ -3568,7 +3661,7 @@ static inline int
 time_answer(Lane *L, const unsigned char *d, Record *record, int base, int why,
             int64_t recv_ns, unsigned char *out, int *reason, int *reply)
 {
-    L->count_acc[base + why]++;
+    COUNT(L, base + why)++;
     record->cell[L->i_time_replies].n++;
     L->fast_decisions++;
     time_reply_head(L, d, recv_ns, out);
@@ -3876,7 +3969,7 @@ buckets(Lane *L, const unsigned char *d, Record *record, Record *prefix, Key pke
                 return send_kod(L, d, record, base, "RATE", L->reason_rate_kod, out, reason,
                                 reply);
         }
-        L->count_acc[base + L->reason_rate_limited]++;
+        COUNT(L, base + L->reason_rate_limited)++;
         record->cell[L->i_drops].n++;
         *reason = L->reason_rate_limited;
         return 1;
@@ -3925,7 +4018,7 @@ listed(Lane *L, const unsigned char *d, Record *record, Sighting *s, int base, i
         return capped_answer(L, d, record, base, recv_ns, now_ns, out, reason, reply);
     if (kind == NTS_NAK) {   /* back to NTS-KE: no guard, no budget, the request's poll */
         record->cell[L->i_kods].n++;
-        L->count_acc[base + L->reason_nts_nak]++;
+        COUNT(L, base + L->reason_nts_nak)++;
         kod_reply(L, d, "NTSN", 0, out);
         *reason = L->reason_nts_nak;
         *reply = REPLY_KOD;
@@ -4052,12 +4145,12 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     L->counted = 1;
     now_ns = clamped_now(L, now_ns);
     if (drop >= 0) {                       /* 1. sanity, by first byte */
-        L->count_acc[base + drop]++;
+        COUNT(L, base + drop)++;
         *reason = drop;
         return 1;
     }
     if (L->reflection[port >> 3] & (1u << (port & 7))) {   /* 2. reflection */
-        L->count_acc[base + L->reason_reflection]++;
+        COUNT(L, base + L->reason_reflection)++;
         *reason = L->reason_reflection;
         return 1;
     }
@@ -4226,7 +4319,7 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
     }
     if (drop >= 0) {
         L->counted = 1;
-        L->count_acc[(int)((first >> 3) & 7) * L->n_reasons + drop]++;
+        COUNT(L, (int)((first >> 3) & 7) * L->n_reasons + drop)++;
         *reason = drop;
         return 1;
     }
@@ -4624,8 +4717,8 @@ Lane_configure(Lane *L, PyObject *policy)
     L->prefix_index = PyObject_GetAttrString(L->prefixes, "records");
     if (L->index == NULL || L->prefix_index == NULL)
         goto fail;
-    if (!PyList_CheckExact(L->counts)) {
-        PyErr_SetString(PyExc_TypeError, "lane policy: objects.counts must be a list");
+    if (Py_TYPE(L->counts) != &CountsType) {
+        PyErr_SetString(PyExc_TypeError, "lane policy: objects.counts must be a Counts");
         goto fail;
     }
     if (!PyDict_Check(L->label_counts)) {
@@ -4802,7 +4895,7 @@ Lane_configure(Lane *L, PyObject *policy)
     /* Tables or a ring in Python (the reference model's): the reference decides
      * every packet, and says so (objects.enabled false does the same). */
     L->enabled = enabled && tables_compiled && L->ring != NULL;
-    if (L->n_counts > MAX_COUNTS || PyList_GET_SIZE(L->counts) != L->n_counts
+    if (Py_SIZE(L->counts) != L->n_counts
             || L->v4_prefix_bits < 1 || L->v4_prefix_bits > 32) {
         PyErr_SetString(PyExc_ValueError, "counts or prefix length out of range");
         goto fail;
@@ -4817,7 +4910,6 @@ Lane_configure(Lane *L, PyObject *policy)
             PyErr_SetString(PyExc_ValueError, "a drop reason outside the reasons");
             goto fail;
         }
-    memset(L->count_acc, 0, sizeof(L->count_acc));
     memset(L->label_acc, 0, sizeof(L->label_acc));
     L->acl_empty = -1;
     L->configured = 1;
@@ -5505,6 +5597,7 @@ PyInit__fastlane(void)
 {
     PyObject *m;
     if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&RecordType) < 0
+            || PyType_Ready(&CountsType) < 0
             || PyType_Ready(&AddressTableType) < 0 || PyType_Ready(&TableIteratorType) < 0
             || PyType_Ready(&NewcomerRingType) < 0 || PyType_Ready(&BlockTableType) < 0)
         return NULL;
@@ -5535,6 +5628,12 @@ PyInit__fastlane(void)
     Py_INCREF(&RecordType);
     if (PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0) {
         Py_DECREF(&RecordType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&CountsType);
+    if (PyModule_AddObject(m, "Counts", (PyObject *)&CountsType) < 0) {
+        Py_DECREF(&CountsType);
         Py_DECREF(m);
         return NULL;
     }

@@ -7,6 +7,12 @@ server counts by (NTP version, reason) and the verdict follows from the reason.
 from __future__ import annotations
 
 import enum
+from collections.abc import MutableSequence
+
+try:
+    from ._fastlane import Counts as _Counts
+except ImportError:  # no C compiler at install: a list
+    _Counts = None  # type: ignore[assignment, misc]
 
 
 class Verdict(enum.Enum):
@@ -62,7 +68,10 @@ class Counters:
     __slots__ = ("counts", "bytes_in", "bytes_out")
 
     def __init__(self) -> None:
-        self.counts = [0] * (N_VERSIONS * N_REASONS)
+        #: Where the extension is built a ``_fastlane.Counts``, which the compiled core
+        #: adds to in place (a list's methods for reading and writing one cell).
+        self.counts: MutableSequence[int] = (
+            [0] * (N_VERSIONS * N_REASONS) if _Counts is None else _Counts(N_VERSIONS * N_REASONS))
         self.bytes_in = 0
         self.bytes_out = 0
 

@@ -910,8 +910,12 @@ def test_bad_configuration_is_refused() -> None:
                     policy, contract=dataclasses.replace(contract, **wide)))
         with pytest.raises(ValueError):   # a crowd estimate above max_crowd
             lane.lane.configure(with_settings(policy, crowd_of_bits=(1,) * 63 + (10**6,)))
-        with pytest.raises(TypeError, match=r"objects\.counts must be a list"):
+        with pytest.raises(TypeError, match=r"objects\.counts must be a Counts"):
             lane.lane.configure(with_objects(policy, counts=(0,) * len(policy.objects.counts)))
+        with pytest.raises(ValueError, match="counts"):   # not one per (version, reason)
+            lane.lane.configure(with_objects(policy, counts=type(policy.objects.counts)(3)))
+        with pytest.raises(TypeError, match=r"objects\.budgets must be a Record of 2 cells"):
+            lane.lane.configure(with_objects(policy, budgets=[0, 0]))
         with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
             lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
         lane.lane.configure(policy)

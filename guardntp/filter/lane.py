@@ -23,7 +23,7 @@ itself: a new policy (``Pipeline.config_version``) means a new ``configure``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -256,7 +256,8 @@ class LaneObjects:
     pipeline: Pipeline
     #: ``Pipeline.decide``, which decides every packet where the loop is disabled.
     decide: Callable[[bytes, bytes, int, int, int, int], Decision]
-    counts: list[int]
+    #: ``Counters.counts``: a ``_fastlane.Counts`` the loop adds to in place.
+    counts: MutableSequence[int]
     label_counts: dict[str, int]
     acl: AccessList
     responder: Responder
