@@ -181,9 +181,11 @@ typedef struct {
     int64_t acl_empty_generation;
     int64_t max_sources, max_prefixes; /* the tables' max_entries */
     unsigned char reply_heads[HEADS_LEN], fields[FIELDS_LEN];
-    int64_t label_acc[LABEL_SLOTS];    /* counts by label slot, for flush_counts() */
+    /* The counts by label (objects.label_counts: a LabelCounts): its Counts, and
+     * per label slot the cell of that slot's label. */
+    PyObject *label_cells;
+    int label_index[LABEL_SLOTS];
     int64_t fast_decisions, first_sightings, promotions;
-    int counted;                       /* label_acc may be non-zero */
     /* The datagram being decided, for verify_mac (which needs its bytes), and the
      * signer its MAC verified with: owned, taken by the reply (else released). */
     const unsigned char *datagram_head, *datagram_tail;
@@ -341,72 +343,6 @@ begin(Lane *L)
     return 0;
 }
 
-/* The end of a pump or of decide_one, after begin() succeeded: the counts go
- * back to Python. An exception already pending (a failed Pipeline.decide, a
- * failed send) is kept: these calls must neither run with it set nor replace it. */
-static int flush_counts(Lane *L);
-
-static int
-finish(Lane *L)
-{
-    PyObject *type, *value, *traceback;
-    int rc;
-    PyErr_Fetch(&type, &value, &traceback);
-    rc = flush_counts(L) < 0 ? -1 : 0;
-    if (type != NULL) {
-        if (rc < 0)
-            PyErr_Clear();   /* the first error is the one to report */
-        PyErr_Restore(type, value, traceback);
-        rc = -1;
-    }
-    return rc;
-}
-
-/* Add what the fast path counted by label to the pipeline's label counts (a
- * dict keyed by the label strings). Runs even when an error is on its way
- * out, so keeps that error aside. */
-static int
-flush_counts(Lane *L)
-{
-    int i, rc = 0;
-    PyObject *type, *value, *traceback;
-    if (!L->counted)   /* a pump that decided nothing in C: skip the 259 slots */
-        return 0;
-    L->counted = 0;
-    PyErr_Fetch(&type, &value, &traceback);
-    for (i = 0; rc == 0 && i < LABEL_SLOTS; i++) {
-        PyObject *label = L->labels[i], *old, *now;
-        int64_t base = 0;
-        if (L->label_acc[i] == 0)
-            continue;
-        old = PyDict_GetItemWithError(L->label_counts, label);
-        if (old == NULL && PyErr_Occurred()) {
-            rc = -1;
-            break;
-        }
-        if (old != NULL && !as_i64(old, &base)) {
-            rc = -1;
-            break;
-        }
-        now = PyLong_FromLongLong(base + L->label_acc[i]);
-        if (now == NULL)
-            rc = -1;
-        else {
-            rc = PyDict_SetItem(L->label_counts, label, now);
-            Py_DECREF(now);
-        }
-        L->label_acc[i] = 0;
-    }
-    if (rc < 0 && !PyErr_Occurred())
-        PyErr_SetString(PyExc_TypeError, "counters must hold ints");
-    if (type != NULL) {
-        if (rc < 0)
-            PyErr_Clear();
-        PyErr_Restore(type, value, traceback);
-    }
-    return rc;
-}
-
 
 /* ------------------------------------------------------------------ Counts */
 
@@ -426,6 +362,7 @@ typedef struct {
 static PyTypeObject CountsType;
 
 #define COUNT(L, i) (((Counts *)(L)->counts)->count[i])
+#define LABEL_COUNT(L, slot) (((Counts *)(L)->label_cells)->count[(L)->label_index[slot]])
 
 static PyObject *
 Counts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -4067,7 +4004,7 @@ first_sighting(Lane *L, const unsigned char *d, int mac, const unsigned char *pa
         goto done;
 
     /* From here on this packet is decided here, in Pipeline.decide's order. */
-    L->label_acc[slot]++;
+    LABEL_COUNT(L, slot)++;
     if ((record = new_source_record(L, now_ns, slot, port, ttl)) == NULL) {
         rc = -1;
         goto done;
@@ -4142,7 +4079,6 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     int looked_up, acl_kind, acl_why;
 
     *reply = REPLY_NONE;
-    L->counted = 1;
     now_ns = clamped_now(L, now_ns);
     if (drop >= 0) {                       /* 1. sanity, by first byte */
         COUNT(L, base + drop)++;
@@ -4213,7 +4149,7 @@ fast_decide(Lane *L, const unsigned char *d, int mac, int claimed, const unsigne
     }
 
     /* Commit, as Pipeline.decide would have. */
-    L->label_acc[slot]++;
+    LABEL_COUNT(L, slot)++;
     record->cell[L->i_requests].n++;
     record->cell[L->i_last_seen].n = now_ns;
     set_label(L, record, slot);
@@ -4318,8 +4254,7 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
                : kind == TAIL_CRYPTO_NAK ? L->reason_crypto_nak : -1;
     }
     if (drop >= 0) {
-        L->counted = 1;
-        COUNT(L, (int)((first >> 3) & 7) * L->n_reasons + drop)++;
+            COUNT(L, (int)((first >> 3) & 7) * L->n_reasons + drop)++;
         *reason = drop;
         return 1;
     }
@@ -4403,6 +4338,7 @@ release_config(Lane *L)
     Py_CLEAR(L->action_deny);
     Py_CLEAR(L->counts);
     Py_CLEAR(L->label_counts);
+    Py_CLEAR(L->label_cells);
     Py_CLEAR(L->acl);
     Py_CLEAR(L->probes4);   /* (the next begin() asks the new list for its own) */
     Py_CLEAR(L->probes6);
@@ -4643,6 +4579,43 @@ need_int_tuple(PyObject *policy, const char *path, int64_t *out, Py_ssize_t size
     return 0;
 }
 
+/* Each label slot's cell in the label counts: the index of its label in
+ * objects.label_counts.labels (a tuple of str, one per cell). */
+static int
+label_cells_of(Lane *L)
+{
+    PyObject *names = PyObject_GetAttrString(L->label_counts, "labels");
+    Py_ssize_t n = 0, k;
+    int i, rc = 0;
+    if (names == NULL)
+        return -1;
+    if (!PyTuple_Check(names) || (n = PyTuple_GET_SIZE(names)) != Py_SIZE(L->label_cells)) {
+        Py_DECREF(names);
+        PyErr_SetString(PyExc_TypeError, "lane policy: objects.label_counts.labels must be a "
+                                         "tuple of one label per count");
+        return -1;
+    }
+    for (i = 0; i < LABEL_SLOTS && rc == 0; i++) {
+        L->label_index[i] = 0;
+        if (L->labels[i] == NULL)
+            continue;
+        for (k = 0; k < n; k++) {
+            int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(names, k), L->labels[i], Py_EQ);
+            if (same < 0)
+                rc = -1;
+            if (same != 0)
+                break;
+        }
+        if (rc == 0 && k == n) {
+            PyErr_Format(PyExc_ValueError, "lane policy: the label %R has no count", L->labels[i]);
+            rc = -1;
+        }
+        L->label_index[i] = (int)k;
+    }
+    Py_DECREF(names);
+    return rc;
+}
+
 static PyObject *
 Lane_configure(Lane *L, PyObject *policy)
 {
@@ -4721,8 +4694,12 @@ Lane_configure(Lane *L, PyObject *policy)
         PyErr_SetString(PyExc_TypeError, "lane policy: objects.counts must be a Counts");
         goto fail;
     }
-    if (!PyDict_Check(L->label_counts)) {
-        PyErr_SetString(PyExc_TypeError, "lane policy: objects.label_counts must be a dict");
+    L->label_cells = PyObject_GetAttrString(L->label_counts, "counts");
+    if (L->label_cells == NULL)
+        goto fail;
+    if (Py_TYPE(L->label_cells) != &CountsType) {
+        PyErr_SetString(PyExc_TypeError,
+                        "lane policy: objects.label_counts.counts must be a Counts");
         goto fail;
     }
     if (!PyCallable_Check(L->random)) {
@@ -4754,6 +4731,8 @@ Lane_configure(Lane *L, PyObject *policy)
         L->labels[i] = value == Py_None ? NULL : (Py_INCREF(value), value);
     }
     Py_DECREF(labels);
+    if (label_cells_of(L) < 0)
+        goto fail;
     if (need_bytes(policy, "settings.drop_reason", drop, 256) < 0
             || need_bytes(policy, "settings.drop_reason_ntp_port", drop_ntp_port, 256) < 0
             || need_bytes(policy, "settings.reply_mode", L->reply_mode, 256) < 0
@@ -4910,7 +4889,6 @@ Lane_configure(Lane *L, PyObject *policy)
             PyErr_SetString(PyExc_ValueError, "a drop reason outside the reasons");
             goto fail;
         }
-    memset(L->label_acc, 0, sizeof(L->label_acc));
     L->acl_empty = -1;
     L->configured = 1;
     Py_RETURN_NONE;
@@ -5317,16 +5295,15 @@ wait_readable(Lane *L, int64_t until_ns, struct pollfd *fds, int nfds)
     return (fds[0].revents & (POLLIN | POLLERR)) ? WAIT_DATA : WAIT_OTHER;
 }
 
-/* Make everything counted so far visible to Python (the metrics are scraped
- * from another thread): the pipeline's counters and buckets, and through
- * publish(truncated, send_errors, bytes_in, bytes_out) the rest. */
+/* Hand Python what the loop tallies itself (the metrics are scraped from
+ * another thread): publish(truncated, send_errors, bytes_in, bytes_out). The
+ * packet counts, by reason and by label, need nothing: they are counted in
+ * Python's own Counts. */
 static int
-publish_counted(Lane *L, PyObject *publish, int64_t *truncated, int64_t *send_errors,
+publish_counted(PyObject *publish, int64_t *truncated, int64_t *send_errors,
                 int64_t *bytes_in, int64_t *bytes_out)
 {
     PyObject *result;
-    if (flush_counts(L) < 0)
-        return -1;
     if (publish == Py_None
             || (*truncated == 0 && *send_errors == 0 && *bytes_in == 0 && *bytes_out == 0))
         return 0;
@@ -5348,9 +5325,9 @@ publish_counted(Lane *L, PyObject *publish, int64_t *truncated, int64_t *send_er
  *
  * Under steady traffic the next request comes within microseconds, so first
  * wait up to QUIET_NS without publishing; only a longer lull pays for
- * publishing (flushing ~400 counters, a Python call) before the long wait.
- * The counters Python sees are thus behind by at most a pump's budget of
- * requests or one QUIET_NS lull.
+ * publishing (a Python call) before the long wait. The byte and send-error
+ * tallies Python sees are thus behind by at most a pump's budget of requests
+ * or one QUIET_NS lull (the packet counts are never behind).
  */
 static int
 wait_for_more(Lane *L, int64_t until_ns, struct pollfd *fds, int nfds, PyObject *publish,
@@ -5359,7 +5336,7 @@ wait_for_more(Lane *L, int64_t until_ns, struct pollfd *fds, int nfds, PyObject 
     int64_t quiet_until = monotonic_ns() + QUIET_NS;
     int waited = wait_readable(L, quiet_until < until_ns ? quiet_until : until_ns, fds, nfds);
     if (waited == WAIT_TIMEOUT && quiet_until < until_ns) {
-        if (publish_counted(L, publish, truncated, send_errors, bytes_in, bytes_out) < 0)
+        if (publish_counted(publish, truncated, send_errors, bytes_in, bytes_out) < 0)
             return -1;
         waited = wait_readable(L, until_ns, fds, nfds);
     }
@@ -5452,7 +5429,7 @@ Lane_pump(Lane *L, PyObject *args)
             break;
     }
     release_queue(L, queued);
-    if (finish(L) < 0 || failed)
+    if (failed || PyErr_Occurred())
         return NULL;
     return Py_BuildValue("LLLLL", (long long)handled, (long long)truncated,
                          (long long)send_errors, (long long)bytes_in, (long long)bytes_out);
@@ -5464,7 +5441,7 @@ static PyObject *
 Lane_decide_one(Lane *L, PyObject *args)
 {
     Py_buffer data, packed;
-    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0, ttl = -1, begun = 0;
+    int port, reason = 0, reply_kind = REPLY_NONE, decided = 0, ttl = -1;
     long long recv_ns, now_ns;
     unsigned char reply[HEAD];
     PyObject *result = NULL;
@@ -5478,7 +5455,6 @@ Lane_decide_one(Lane *L, PyObject *args)
     }
     if (begin(L) < 0)
         goto done;
-    begun = 1;
     if (L->enabled)
         decided = data.len == HEAD
             ? fast_decide(L, data.buf, MAC_NONE, 0, packed.buf, (int)packed.len, port, ttl,
@@ -5513,8 +5489,6 @@ Lane_decide_one(Lane *L, PyObject *args)
         Py_DECREF(slow);
     }
 done:
-    if (begun && finish(L) < 0)   /* (a failed begin() read no buckets to write back) */
-        Py_CLEAR(result);
     PyBuffer_Release(&data);
     PyBuffer_Release(&packed);
     return result;

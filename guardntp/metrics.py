@@ -1,11 +1,13 @@
 """The Prometheus endpoint (``[metrics] listen``, ``--metrics HOST:PORT``).
 
 Rule: the packet path pays nothing for metrics. The pipeline already counts
-every packet in plain integer lists (``Counters``, ``label_counts``, the
-tables' eviction counts); :class:`GuardntpCollector` reads them when Prometheus
-scrapes, in the HTTP server's thread, and turns them into metric families. No
-per-packet Prometheus call exists. Copying a list of ints under the GIL is
-atomic, so a scrape sees each counter at one instant, never half-updated.
+every packet in flat sequences of integers (``Counters.counts`` and
+``label_counts.counts``: ``_fastlane.Counts`` the compiled core adds to in place,
+the tables' eviction counts); :class:`GuardntpCollector` reads them when
+Prometheus scrapes, in the HTTP server's thread, and turns them into metric
+families. No per-packet Prometheus call exists. Copying one into a list under
+the GIL runs no Python code, so a scrape sees each counter at one instant,
+never half-updated.
 
 Label sets are bounded by construction: NTP version (3 bits), reason (the
 ``Reason`` enum), fingerprint label (``fingerprint.PACKET_LABELS``), table

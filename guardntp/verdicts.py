@@ -7,7 +7,7 @@ server counts by (NTP version, reason) and the verdict follows from the reason.
 from __future__ import annotations
 
 import enum
-from collections.abc import MutableSequence
+from collections.abc import Iterable, Iterator, MutableMapping, MutableSequence
 
 try:
     from ._fastlane import Counts as _Counts
@@ -102,3 +102,36 @@ class Counters:
 
     def total(self) -> int:
         return sum(self.counts)
+
+
+class LabelCounts(MutableMapping[str, int]):
+    """Packet counts by label (``filter/fingerprint.py``): a mapping of a fixed set of
+    labels over one ``counts`` sequence (a ``_fastlane.Counts`` where the extension is
+    built, which the compiled core adds to in place). Labels cannot be added or
+    removed: an unknown label is a KeyError."""
+
+    __slots__ = ("labels", "counts", "_cell")
+
+    def __init__(self, labels: Iterable[str]) -> None:
+        self.labels = tuple(dict.fromkeys(labels))
+        self._cell = {label: cell for cell, label in enumerate(self.labels)}
+        self.counts: MutableSequence[int] = (
+            [0] * len(self.labels) if _Counts is None else _Counts(len(self.labels)))
+
+    def __getitem__(self, label: str) -> int:
+        return self.counts[self._cell[label]]
+
+    def __setitem__(self, label: str, count: int) -> None:
+        self.counts[self._cell[label]] = count
+
+    def __delitem__(self, label: str) -> None:
+        raise TypeError("a label's count cannot be deleted")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return f"LabelCounts({dict(self)!r})"

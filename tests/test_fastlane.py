@@ -37,6 +37,7 @@ from guardntp.auth import mac
 from guardntp.auth.keys import parse_key_line
 from guardntp.auth.server import KeyAuthenticator
 from guardntp.clock import ClockState
+from guardntp.filter import fingerprint
 from guardntp.filter.acl import AclEntry, Action
 from guardntp.filter.buckets import AddressTable, NewcomerRing, PyNewcomerRing
 from guardntp.filter.lane import LanePolicy
@@ -48,7 +49,7 @@ from guardntp.responder import Responder, inspect_request
 from guardntp.server import Server, open_socket
 from guardntp.timesources.local import LocalClock
 from guardntp.timestamps import NS_PER_S, ntp_to_unix_ns
-from guardntp.verdicts import Reason
+from guardntp.verdicts import LabelCounts, Reason
 
 pytestmark = pytest.mark.skipif(
     not fastlane.available(), reason=f"compiled loop unavailable: {fastlane.unavailable_because()}")
@@ -916,6 +917,14 @@ def test_bad_configuration_is_refused() -> None:
             lane.lane.configure(with_objects(policy, counts=type(policy.objects.counts)(3)))
         with pytest.raises(TypeError, match=r"objects\.budgets must be a Record of 2 cells"):
             lane.lane.configure(with_objects(policy, budgets=[0, 0]))
+        labels = policy.objects.label_counts
+        listed = LabelCounts(labels.labels)
+        listed.counts = [0] * len(labels)
+        with pytest.raises(TypeError, match=r"label_counts\.counts must be a Counts"):
+            lane.lane.configure(with_objects(policy, label_counts=listed))
+        with pytest.raises(ValueError, match="has no count"):   # a label the loop can give
+            lane.lane.configure(with_objects(policy, label_counts=LabelCounts(
+                label for label in labels.labels if label != fingerprint.NTPV4)))
         with pytest.raises(RuntimeError):   # refused config leaves it unconfigured
             lane.lane.decide_one(bytes(48), bytes(4), 1, 0, 0)
         lane.lane.configure(policy)
@@ -1071,6 +1080,32 @@ def test_the_loop_reads_and_writes_the_pipelines_budgets_in_place() -> None:
         reason, _, _, _ = lane.decide_one(request, bytes((192, 0, 2, 3)), 40000,
                                           WALL_BASE_NS + now, now)
         assert reason == Reason.ANSWERED and compiled.budgets is budgets
+    finally:
+        sock.close()
+
+
+def test_the_loop_counts_in_the_pipelines_own_counts() -> None:
+    # By (version, reason) and by label, the loop adds to the Counts the pipeline
+    # reads: the same objects, moved by each decision.
+    _, compiled, lane, sock = pair({}, 1)
+    try:
+        counts, labels = compiled.counters.counts, compiled.label_counts
+        now = 10 * NS_PER_S
+        for host in range(3):
+            lane.decide_one(bytes((0x23,)) + bytes(47), bytes((192, 0, 2, host)), 40000,
+                            WALL_BASE_NS + now, now)
+        lane.decide_one(bytes((0x26,)) + bytes(47), bytes((192, 0, 2, 9)), 40000,
+                        WALL_BASE_NS + now, now)
+        assert compiled.counters.counts is counts and compiled.label_counts is labels
+        assert counts[4 * len(Reason) + Reason.ANSWERED] == 3
+        assert counts[4 * len(Reason) + Reason.CONTROL_MODE] == 1
+        assert labels[fingerprint.NTPV4] == 3 and sum(labels.values()) == 3
+        with pytest.raises(KeyError):
+            labels["no such label"] += 1
+        with pytest.raises(TypeError):
+            del labels[fingerprint.NTPV4]
+        assert dict(labels) == {label: 3 if label == fingerprint.NTPV4 else 0
+                                for label in labels.labels}
     finally:
         sock.close()
 

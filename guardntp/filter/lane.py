@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..responder import NTP_PORT, inspect_request
-from ..verdicts import Reason
+from ..verdicts import LabelCounts, Reason
 from ..wire import HEADER_LEN
 from . import fingerprint
 from .acl import Action
@@ -258,7 +258,8 @@ class LaneObjects:
     decide: Callable[[bytes, bytes, int, int, int, int], Decision]
     #: ``Counters.counts``: a ``_fastlane.Counts`` the loop adds to in place.
     counts: MutableSequence[int]
-    label_counts: dict[str, int]
+    #: ``Pipeline.label_counts``: its ``counts`` (a Counts) the loop adds to in place.
+    label_counts: LabelCounts
     acl: AccessList
     responder: Responder
     #: False: ``decide`` decides every packet, the loop only receives and sends.

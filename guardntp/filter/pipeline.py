@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from ..responder import Responder, inspect_request
 from ..timestamps import NS_PER_S
-from ..verdicts import N_REASONS, Counters, Reason
+from ..verdicts import N_REASONS, Counters, LabelCounts, Reason
 from ..wire import (
     CRYPTO_NAK_LEN,
     HEADER_LEN,
@@ -237,7 +237,7 @@ class Pipeline(ReferenceModel):
         self._authenticator = authenticator
         self._nts: NtsStage | None = None
         self.counters = Counters()
-        self.label_counts: dict[str, int] = dict.fromkeys(fingerprint.PACKET_LABELS, 0)
+        self.label_counts = LabelCounts(fingerprint.PACKET_LABELS)
         self.table_full = 0   # second requests that found no room among established sources
         # Sized, like everything the policy decides, by apply_policy below.
         # A source is evictable only once both its classes' buckets are full again.

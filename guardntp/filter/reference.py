@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..responder import Request, Responder, inspect_request
-from ..verdicts import N_REASONS, Counters, Reason
+from ..verdicts import N_REASONS, Counters, LabelCounts, Reason
 from ..wire import HEADER_LEN
 from . import crowd, fingerprint
 from .acl import AccessList, Action, Match
@@ -214,7 +214,7 @@ class ReferenceModel:
     # -- the state the stages read and write
     responder: Responder
     counters: Counters
-    label_counts: dict[str, int]
+    label_counts: LabelCounts
     sources: BucketTable
     prefixes: BucketTable
     newcomers: NewcomerTable
