@@ -8,6 +8,7 @@ message, printed as ``guardntp: ...`` with exit status 2 (usage) or 1 (failure).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -30,6 +31,8 @@ COMMAND_MODULES = (
 #: Exit status when stdout's reader went away (``guardntp stats | head -1``): 128 + SIGPIPE,
 #: as git and coreutils do, so ``set -o pipefail`` still sees the output was cut short.
 CLOSED_STDOUT = 141
+#: Write errors that say the output's disk (or device) failed, never a bug.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 class CommandError(Exception):
@@ -74,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         discard_stdout()
         return CLOSED_STDOUT
+    except OSError as error:
+        # Output that cannot be written (``guardntp stats > /dev/full``, a full disk): the
+        # commands catch the errors of the files they open, so this is standard output.
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        discard_stdout()
+        where = error.filename if error.filename is not None else "cannot write the output"
+        print(f"guardntp: {where}: {error.strerror}", file=sys.stderr)
+        return 1
     except CommandError as error:
         print(f"guardntp: {error}" if not str(error).startswith("guardntp") else str(error),
               file=sys.stderr)

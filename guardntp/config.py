@@ -23,9 +23,13 @@ from .filter.acl import AclEntry, Action, parse_network
 from .filter.buckets import MAX_RATE, is_finite_number
 from .filter.pipeline import compile_policy
 from .filter.policy import MAX_KOD_INTERVAL_S, BadPolicy, FilterPolicy, LabelPolicy
-from .netaddr import BadAddress, ListenSpec, parse_listen
+from .netaddr import BadAddress, ListenSpec, parse_host_port, parse_listen
+from .wire import refid_bytes
 
 DEFAULT_STATE_DIR = Path("/var/lib/guardntp")
+#: A configuration file longer than this is refused unread (an access list of
+#: 100,000 entries is about 6 MiB).
+MAX_CONFIG_BYTES = 64 << 20
 
 
 class ConfigError(Exception):
@@ -166,6 +170,22 @@ def _listen(value: Any) -> tuple[ListenSpec, ...]:
     return specs
 
 
+def _upstreams(value: Any) -> tuple[str, ...]:
+    """Servers to poll, each checked as the upstream clock will read it (a name or an
+    address, and a port): a reload, which keeps the running clock, must not take a
+    value the next start would refuse."""
+    servers = _strings(value)
+    for server in servers:
+        parse_host_port(server)
+    return servers
+
+
+def _refid(value: Any) -> str:
+    text = _string(value)
+    refid_bytes(text)
+    return text
+
+
 def _ports(value: Any) -> frozenset[int]:
     if not isinstance(value, list) or not all(
             isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in value):
@@ -184,7 +204,7 @@ _SERVER_KEYS: dict[str, _Check] = {
     "user": _string, "group": _string}
 _CLOCK_KEYS: dict[str, _Check] = {
     "source": _choice("system", "upstream", "local"), "stratum": _int_in(1, 15),
-    "refid": _string, "precision": _int_in(-32, 0), "upstreams": _strings,
+    "refid": _refid, "precision": _int_in(-32, 0), "upstreams": _upstreams,
     "poll": _int_in(16, 65536), "samples": _int_in(1, 16),
     "lost_after": _number(0, 30 * 86_400, above_low=True, unit="seconds"),
     "allow_step": _bool, "chronyc_socket": _string,
@@ -297,6 +317,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     clock = ClockConfig(**clock_values)
     if clock.source == "local" and "stratum" not in clock_values:
         clock = replace(clock, stratum=10)
+    if clock.source == "upstream" and not clock.upstreams:
+        raise reader.fail("clock.upstreams", 'needs at least one server for source = "upstream"')
     filter_values = reader.section(data, "filter", _FILTER_KEYS)
     filter_values["label_policies"] = _labels(reader, data.get("filter", {}).get("labels", {}))
     filter_values["acl"] = _acl(reader, data.get("acl", []),
@@ -399,11 +421,16 @@ def read_config_text(path: str) -> str:
     if not path.strip():
         raise ConfigError("the configuration file name is empty")
     try:
-        raw = Path(path).read_bytes()
+        # Bounded: /dev/zero, or a log given by mistake, must not fill the memory.
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
     except ValueError as error:   # a NUL in the name
         raise ConfigError(f"{path!r}: cannot read: {error}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a "
+                          "configuration file")
     try:
         # A leading byte-order mark is allowed; stripped by hand, as the utf-8-sig codec
         # is imported lazily and a server that dropped privileges may not read it.

@@ -63,6 +63,29 @@ def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
     return ListenSpec(host, port)
 
 
+def parse_host_port(text: str, default_port: int = NTP_PORT) -> tuple[str, int]:
+    """A server to send to: ``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or a bare IPv6
+    address; HOST may be a name (it is resolved later). Raises :class:`BadAddress`."""
+    stripped = text.strip()
+    port_text: str | None = None
+    if stripped.startswith("["):
+        host, bracket, rest = stripped[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise BadAddress(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif stripped.count(":") == 1:
+        host, port_text = stripped.split(":")
+    else:
+        host = stripped
+    if not host or any(character.isspace() for character in host):
+        raise BadAddress(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT")
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise BadAddress(f"{text!r}: port must be 1-65535")
+    return host, int(port_text)
+
+
 def packed_from_sockaddr(sockaddr: tuple[object, ...]) -> bytes:
     """The packed source address (4 or 16 bytes); IPv4-mapped IPv6 becomes 4 bytes."""
     host = str(sockaddr[0])

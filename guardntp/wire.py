@@ -261,6 +261,20 @@ def refid_from_ipv4(address: str) -> bytes:
     return hashlib.md5(ip.packed, usedforsecurity=False).digest()[:4]
 
 
+def refid_bytes(text: str) -> bytes:
+    """An IPv4 address, or up to four ASCII characters (a stratum-1 reference id);
+    ValueError for anything else (``clock.refid`` is checked with this)."""
+    if not text:
+        return b"\0\0\0\0"
+    try:
+        return ipaddress.IPv4Address(text).packed
+    except ValueError:
+        if len(text) > 4 or not text.isascii():
+            raise ValueError(f"refid {text!r}: an IPv4 address or up to 4 ASCII letters") \
+                from None
+        return text.encode().ljust(4, b"\0")
+
+
 def refid_to_text(refid: bytes, stratum: int) -> str:
     """Human form: ASCII for stratum 0/1 (kiss code or reference id), dotted quad otherwise."""
     if stratum <= 1:

@@ -201,6 +201,26 @@ def test_load_key_file_edge_errors(tmp_path: Path) -> None:
     empty.write_text("# nothing\n")
     with pytest.raises(KeyFileError, match="no keys in the file"):
         load_key_file(empty)
+    # auth.key_file = "\u0000": TOML can spell a NUL that no file name can hold.
+    with pytest.raises(KeyFileError, match=r"^'keys\\x00': cannot read: embedded null byte$"):
+        load_key_file("keys\0")
+
+
+def test_a_nul_in_auth_key_file_is_one_line_for_check_config(tmp_path: Path) -> None:
+    from guardntp.commands import check_config
+
+    path = tmp_path / "guardntp.toml"
+    path.write_text('[auth]\nkey_file = "\\u0000"\n')
+    with pytest.raises(cli.CommandError, match="cannot read: embedded null byte$"):
+        check_config.run(type("Args", (), {"file": str(path)})())
+
+
+def test_a_key_file_without_end_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardntp.auth import keys
+
+    monkeypatch.setattr(keys, "MAX_KEY_FILE_BYTES", 1 << 20)
+    with pytest.raises(KeyFileError, match=r"^/dev/zero: larger than 1 MiB: not a key file$"):
+        load_key_file("/dev/zero")
 
 
 def test_world_readable_key_file_is_loaded_with_a_warning(tmp_path: Path, caplog) -> None:

@@ -366,3 +366,150 @@ def test_cli_never_leaves_a_traceback_on_a_broken_store(
     assert "blocklist:" in err and FILENAME in err and "Traceback" not in err
     assert block(state, "list") == 1
     assert os.path.getsize(state / FILENAME) == len(b"this is not a database" * 100)
+
+
+@pytest.mark.parametrize(("cidr", "stored"), [
+    ("not-a-cidr", "'not-a-cidr'"),
+    ("10.0.0.1/8", "'10.0.0.1/8'"),
+    ("12345", "'12345'"),
+    (b"\x01", "b'\\x01'"),      # a BLOB keeps its type in a TEXT column
+])
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["export"],
+                                  ["export", "--format", "nft"]])
+def test_a_row_written_by_hand_that_is_no_entry_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cidr: object, stored: str,
+        args: list[str]) -> None:
+    # The sqlite3 shell writes what it likes; listing and exporting name the row.
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    with sqlite3.connect(state / FILENAME) as db:
+        db.execute("INSERT INTO blocks VALUES (?, 'drop', '', 1, NULL, 'manual')", (cidr,))
+    capsys.readouterr()
+    assert block(state, *args) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert f"the row for {stored} is not a blocklist entry" in captured.err
+    assert captured.out == ""
+
+
+def test_a_row_with_a_time_that_is_no_integer_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    with sqlite3.connect(state / FILENAME) as db:
+        db.execute("UPDATE blocks SET created_ns = 'yesterday', expires_ns = 'soon'")
+    capsys.readouterr()
+    assert block(state, "list") == 1
+    err = capsys.readouterr().err
+    assert "the row for '192.0.2.0/24' is not a blocklist entry" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["list"], ["export"], ["remove", "192.0.2.0/24"]])
+def test_a_blocklist_this_user_cannot_see_is_not_an_empty_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        args: list[str]) -> None:
+    # os.path.lexists says False for a file in a directory this user may not search
+    # (a 0700 state directory of root's, for a user); that is no empty blocklist.
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    real_lstat = os.lstat
+
+    def refuse(path: object, *rest: object, **kwargs: object) -> os.stat_result:
+        if str(path) == str(state / FILENAME):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_lstat(path, *rest, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", refuse)
+    capsys.readouterr()
+    assert block(state, *args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"guardntp: blocklist: {state / FILENAME}: Permission denied\n"
+    assert "empty" not in captured.out
+
+
+@pytest.mark.parametrize(("cidr", "hint"), [("fe80::1%eth0", "write fe80::1"),
+                                            ("fe80::%eth0/64", "write fe80::/64")])
+def test_a_scoped_address_is_refused_not_stored_with_its_scope(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cidr: str, hint: str) -> None:
+    # Stored as "fe80::1%eth0/128" it exported an nft set nft refuses, and
+    # `block remove fe80::1` never found it.
+    state = tmp_path / "state"
+    assert block(state, "add", cidr) == 2
+    err = capsys.readouterr().err
+    assert "a network has no scope (%eth0)" in err and hint in err
+    assert not (state / FILENAME).exists()
+
+
+def test_a_very_long_line_is_not_echoed_whole(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    feed = tmp_path / "feed.txt"
+    feed.write_text("1" * 1_000_000 + "\n" + "2 " * 100_000 + "\n")
+    assert block(tmp_path / "state", "import", str(feed)) == 1
+    err = capsys.readouterr().err
+    assert len(err) < 1000, len(err)
+    assert f"{feed}:1: " in err and "(1000000 characters) is too long" in err
+    assert f"{feed}:2: " in err and "one CIDR per line" in err
+
+
+def test_an_import_file_too_large_is_refused_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from guardntp.commands import block as block_command
+    monkeypatch.setattr(block_command, "MAX_IMPORT_BYTES", 1 << 20)
+    assert block(tmp_path / "state", "import", "/dev/zero") == 1
+    assert capsys.readouterr().err == ("guardntp: /dev/zero: larger than 1 MiB; nothing "
+                                       "imported (split it)\n")
+    assert block(tmp_path / "state", "import", "") == 2
+    assert "the import file name is empty" in capsys.readouterr().err
+
+
+def test_export_into_a_fifo_writes_into_it_not_over_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Renaming over it replaced the FIFO (as root: /dev/full, /dev/stdout) with a file.
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        assert block(state, "export", "--output", str(fifo)) == 0
+        out, _ = reader.communicate(timeout=10)
+    finally:
+        reader.kill()
+    assert b"192.0.2.0/24" in out
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "state"]
+
+
+def test_a_failed_export_leaves_no_temporary_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    (tmp_path / "out").mkdir()
+    capsys.readouterr()
+    assert block(state, "export", "-o", str(tmp_path / "out")) == 1
+    assert capsys.readouterr().err == (f"guardntp: {tmp_path / 'out'}: cannot write: "
+                                       "Is a directory\n")
+    assert block(state, "export", "-o", "") == 2
+    assert "the file name is empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "state"]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_output_that_cannot_be_written_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # `guardntp block export > /dev/full`: the write fails with ENOSPC.
+    import errno
+
+    state = tmp_path / "state"
+    assert block(state, "add", "192.0.2.0/24") == 0
+    capsys.readouterr()
+
+    def full(text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys.stdout, "write", full)
+    assert block(state, "export") == 1
+    assert capsys.readouterr().err == "guardntp: cannot write the output: No space left on device\n"

@@ -41,6 +41,28 @@ def test_bad_set_override(tmp_path: Path, capsys):
     assert "unknown setting" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("upstream", "message"), [
+    ("pool.ntp.org:abc", "guardntp: --upstream 'pool.ntp.org:abc': port must be 1-65535\n"),
+    ("", "guardntp: --upstream '': expected HOST, HOST:PORT or [IPV6]:PORT\n"),
+])
+def test_a_bad_upstream_flag_is_one_clear_line(tmp_path: Path, capsys, upstream: str,
+                                               message: str):
+    # It was "guardntp: invalid literal for int() with base 10: 'abc'", and "" was
+    # polled as a server named "". (Checked without starting: a server that did
+    # start would serve until killed.)
+    from guardntp.cli import CommandError, build_parser
+    from guardntp.commands.serve import build_config
+    from guardntp.config import ConfigError
+
+    args = build_parser().parse_args(["serve", "--clock", "upstream", "--upstream", upstream,
+                                      "--listen", "127.0.0.1:1", "--state-dir", str(tmp_path)])
+    with pytest.raises(ConfigError) as caught:
+        build_config(args)
+    assert f"guardntp: {caught.value}\n" == message
+    with pytest.raises(CommandError):   # and serve says it in one line, exit status 2
+        args.func(args)
+
+
 def test_privileged_port_without_privilege_is_explained():
     import tempfile
 

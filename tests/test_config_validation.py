@@ -182,6 +182,12 @@ def test_a_mapped_entry_with_host_bits_suggests_the_ipv4_form() -> None:
         parse_config('[[acl]]\ncidr = "::ffff:192.0.2.1/120"\n')
 
 
+def test_a_scoped_acl_entry_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^g.toml:2: acl\[0\]\.cidr: 'fe80::1%eth0/128': "
+                       r"a network has no scope \(%eth0\); write fe80::1/128$"):
+        parse_config('[[acl]]\ncidr = "fe80::1%eth0/128"\n', "g.toml")
+
+
 def test_an_acl_reason_must_be_text() -> None:
     with pytest.raises(ConfigError, match=r"acl\[0\]\.reason: must be a string"):
         parse_config('[[acl]]\ncidr = "192.0.2.0/24"\nreason = nan\n')
@@ -216,6 +222,66 @@ def test_a_missing_file_a_directory_and_an_empty_name_are_one_line(tmp_path: Pat
         load_config("")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config("bad\0name.toml")
+
+
+def test_a_file_without_end_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `guardntp check-config /dev/zero` read until the memory ran out.
+    from guardntp import config
+
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 1 << 20)
+    with pytest.raises(ConfigError, match=r"^/dev/zero: larger than 1 MiB: not a "
+                       "configuration file$"):
+        load_config("/dev/zero")
+
+
+# ----------------------------------------------------------------------------- clock
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('"TOOLONG"', "refid 'TOOLONG': an IPv4 address or up to 4 ASCII letters"),
+    ('"\u00e9"', "an IPv4 address or up to 4 ASCII letters"),
+    ("5", "must be a string"),
+])
+def test_a_refid_the_system_clock_cannot_serve_is_refused_at_check(value: str,
+                                                                   message: str) -> None:
+    # It passed check-config and every reload, then failed the next start.
+    with pytest.raises(ConfigError, match=rf"^g.toml:3: clock.refid: .*{re.escape(message)}$"):
+        parse_config(f'[clock]\nsource = "system"\nrefid = {value}\n', "g.toml")
+
+
+def test_good_refids_are_taken() -> None:
+    for refid in ("GPS", "PPS", "192.0.2.1", ""):
+        assert parse_config(f'[clock]\nrefid = "{refid}"\n').clock.refid == refid
+
+
+@pytest.mark.parametrize(("server", "message"), [
+    ("pool.ntp.org:abc", "'pool.ntp.org:abc': port must be 1-65535"),
+    ("pool.ntp.org:0", "'pool.ntp.org:0': port must be 1-65535"),
+    ("pool.ntp.org:99999", "'pool.ntp.org:99999': port must be 1-65535"),
+    ("", "'': expected HOST, HOST:PORT or [IPV6]:PORT"),
+    (":123", "':123': expected HOST, HOST:PORT or [IPV6]:PORT"),
+    ("[::1", "'[::1': expected [IPV6]:PORT"),
+    ("[::1]x", "'[::1]x': expected [IPV6]:PORT"),
+    ("a b", "'a b': expected HOST, HOST:PORT or [IPV6]:PORT"),
+])
+def test_an_upstream_that_cannot_be_polled_is_refused_at_check(server: str,
+                                                               message: str) -> None:
+    # "host:abc" passed check-config and reloads, then stopped the next start with
+    # "invalid literal for int() with base 10: 'abc'"; "" polled a server named "".
+    with pytest.raises(ConfigError, match=rf"^g.toml:2: clock.upstreams: "
+                       rf"{re.escape(message)}$"):
+        parse_config(f'[clock]\nupstreams = ["{server}"]\n', "g.toml")
+
+
+def test_good_upstreams_are_taken_as_written() -> None:
+    servers = ["pool.ntp.org", "127.0.0.1:1123", "[::1]:99", "2001:db8::1", "[2001:db8::2]"]
+    listed = ", ".join(f'"{server}"' for server in servers)
+    assert parse_config(f"[clock]\nupstreams = [{listed}]\n").clock.upstreams == tuple(servers)
+
+
+def test_the_upstream_clock_needs_an_upstream_at_check() -> None:
+    with pytest.raises(ConfigError, match=r'^g.toml:3: clock.upstreams: needs at least one '
+                       r'server for source = "upstream"$'):
+        parse_config('[clock]\nsource = "upstream"\nupstreams = []\n', "g.toml")
 
 
 def test_an_unreadable_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

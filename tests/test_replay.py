@@ -390,6 +390,10 @@ def test_the_plot_draws_zero_series_values_and_every_target(tmp_path: Path) -> N
     (["replay", "{tmp}/short.pcap"], "fewer packets than its labels file"),
     (["replay", "{tmp}/short.pcap", "--set", "filter.source_rate=x"], "source_rate"),
     (["replay", "{tmp}/short.pcap", "--rate", "-5"], "--rate must be positive"),
+    (["replay", "{tmp}/short.pcap", "--live", "--rate", "inf"], "--rate must be a finite"),
+    (["replay", "{tmp}/short.pcap", "--live", "--speed", "inf"], "--speed must be a finite"),
+    (["replay", "{tmp}"], "is a directory, not a pcap file"),
+    (["replay", ""], "the capture file name is empty"),
 ])
 def test_cli_rejects_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                             argv: list[str], message: str) -> None:
@@ -402,6 +406,30 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path: Path, capsys: pytest.Capt
     error = capsys.readouterr().err.strip().splitlines()
     assert status in (1, 2)
     assert error and message in error[-1] and "Traceback" not in "\n".join(error)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", "abc", "seed must be a whole number >= 0, not 'abc'"),
+    ("seed", None, "seed must be a whole number >= 0, not None"),
+    ("packets", "many", "packets must be a whole number >= 0, not 'many'"),
+    ("duration_s", [1], "duration_s must be a finite number >= 0, not [1]"),
+    ("scenarios", "xyz", "scenarios must be a list"),
+    ("scenarios", [1, 2], 'scenarios[0] must be an object with a "name" and a "class"'),
+    ("scenarios", [{"name": "chrony", "class": "legitimate", "networks": ["10.0.0.1/8"]}],
+     "scenarios[0].networks: '10.0.0.1/8' is not a CIDR"),
+])
+def test_a_meta_file_with_wrong_types_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object,
+        message: str) -> None:
+    capture = _capture(tmp_path, ["chrony"], 0.01, 60)
+    meta_path = sidecar_paths(capture)[1]
+    meta = json.loads(meta_path.read_text())
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["replay", str(capture), "-q", "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"guardntp: {meta_path}: {message}\n"
 
 
 def test_labels_must_match_the_capture(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ COMMENT_CHARS = "#!;%"
 #: chrony ``keys.c`` MIN_SECURE_KEY_LENGTH: it warns below 80 bits of key.
 MIN_SECURE_KEY_BYTES = 10
 MAX_KEY_ID = 0xFFFF_FFFF
+#: A key file longer than this is refused unread (a million keys fit).
+MAX_KEY_FILE_BYTES = 64 << 20
 
 
 class KeyFileError(ConfigError):
@@ -188,13 +190,20 @@ def load_key_file(path: str | os.PathLike[str]) -> dict[int, Key]:
     """Read and parse a key file. Raises :class:`KeyFileError`; warns when others can read it."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="strict")
-        mode = os.stat(path).st_mode
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_KEY_FILE_BYTES + 1)   # bounded: /dev/zero is no key file
+            mode = os.fstat(file.fileno()).st_mode
+        if len(raw) > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(f"{name}: larger than {MAX_KEY_FILE_BYTES >> 20} MiB: not a "
+                               "key file")
+        text = raw.decode("utf-8", errors="strict")
     except UnicodeDecodeError:
         raise KeyFileError(f"{name}: not a text file (keys are ASCII; use HEX: for "
                            "binary keys)") from None
     except OSError as error:
         raise KeyFileError(f"{name}: cannot read: {error.strerror}") from None
+    except ValueError as error:   # a NUL in the name (auth.key_file = "\u0000")
+        raise KeyFileError(f"{name!r}: cannot read: {error}") from None
     if mode & stat.S_IROTH:
         log.warning("%s: the key file is readable by every user (chmod 600 or 640)", name)
     keys = parse_key_file(text, name)

@@ -121,7 +121,8 @@ def parse_import(text: str) -> list[Network]:
         if not content:
             continue
         if len(content.split()) > 1:
-            problems.append((number, f"{content!r}: one CIDR per line "
+            shown = repr(content) if len(content) <= 60 else repr(content[:40]) + "..."
+            problems.append((number, f"{shown}: one CIDR per line "
                                      "(put anything else after a #)"))
             continue
         try:

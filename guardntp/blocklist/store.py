@@ -447,12 +447,26 @@ class BlockStore:
         return LogPosition(log_ids[0][0], head, None if token is None else token[0])
 
     def entries(self) -> list[BlockEntry]:
-        return [entry_from_row(row) for row in self.rows()]
+        """Every row as an entry; a row no entry can be made of (written with the
+        ``sqlite3`` shell, say) is a :class:`StoreError` naming it."""
+        return [self._entry(row) for row in self.rows()]
 
     def get(self, network: Network) -> BlockEntry | None:
-        row = self.db.execute("SELECT cidr, action, reason, created_ns, expires_ns, origin "
-                              "FROM blocks WHERE cidr = ?", (str(network),)).fetchone()
-        return entry_from_row(row) if row else None
+        try:
+            row = self.db.execute("SELECT cidr, action, reason, created_ns, expires_ns, "
+                                  "origin FROM blocks WHERE cidr = ?",
+                                  (str(network),)).fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {error}") from None
+        return self._entry(row) if row else None
+
+    def _entry(self, row: Row) -> BlockEntry:
+        try:
+            return entry_from_row(row)
+        except (ValueError, TypeError) as error:
+            raise StoreError(f"{self.path}: the row for {_shown(row[0])} is not a blocklist "
+                             f"entry ({' '.join(str(error).split())[:200]}); fix or delete "
+                             "it with sqlite3") from None
 
     def data_version(self) -> int:
         """Changes when *another* connection commits (SQLite's own change counter)."""
@@ -469,8 +483,26 @@ def _head_seq(db: sqlite3.Connection) -> int:
 
 
 def entry_from_row(row: Row) -> BlockEntry:
+    """The entry a row stores; ValueError or TypeError for a row that is not one (the
+    file's CHECK constraints leave the types and the cidr's form to its writers)."""
     cidr, action, reason, created_ns, expires_ns, origin = row
+    if cidr.__class__ is not str:
+        raise TypeError(f"the cidr {cidr!r} is not text")
+    if action not in ACTIONS or origin not in ORIGINS:
+        raise ValueError(f"action {action!r} or origin {origin!r} is unknown")
+    if not isinstance(reason, str):
+        raise TypeError(f"the reason {reason!r} is not text")
+    for value in (created_ns, expires_ns):
+        if value is not None and value.__class__ is not int:
+            raise TypeError(f"the time {value!r} is not an integer")
+    if created_ns is None:
+        raise TypeError("created_ns is empty")
     return BlockEntry(ipaddress.ip_network(cidr), action, reason, created_ns, expires_ns, origin)
+
+
+def _shown(value: object) -> str:
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _hand_to_directory_owner(path: Path) -> None:

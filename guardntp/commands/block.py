@@ -7,8 +7,10 @@ second (``guardntp/blocklist/live.py``); nothing here talks to it directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -36,6 +38,9 @@ from ..statedir import StateDirError, prepare_state_dir
 
 #: An import with more bad lines than this lists the first ones and a count.
 MAX_REPORTED_LINES = 50
+#: An import file longer than this is refused unread (/dev/zero, a disk image): ten
+#: million IPv4 /32s, one a line, are about 160 MiB.
+MAX_IMPORT_BYTES = 256 << 20
 
 #: The shortest prefix taken without ``--allow-wide``, by IP version. An IPv4 /8 is
 #: the largest block ever given to one organisation; an IPv6 /16 is already wider
@@ -145,8 +150,14 @@ def _open_existing(state_dir: Path) -> BlockStore | None:
         prepare_state_dir(state_dir, create=False)
     except StateDirError as error:
         raise CommandError(f"blocklist: {error}") from None
-    if not os.path.lexists(state_dir / FILENAME):
+    try:
+        # Not os.path.lexists: it says False for a file this user may not see, and a
+        # blocklist it cannot read must not be listed as an empty one.
+        os.lstat(state_dir / FILENAME)
+    except FileNotFoundError:
         return None
+    except OSError as error:
+        raise CommandError(f"blocklist: {state_dir / FILENAME}: {error.strerror}") from None
     return _open(state_dir, create=False)
 
 
@@ -250,10 +261,19 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     name = "<stdin>" if args.file == "-" else args.file
+    if not name.strip():
+        raise CommandError("the import file name is empty (- reads standard input)", 2)
     try:
-        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        if args.file == "-":
+            raw = sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1)
+        else:
+            with open(args.file, "rb") as file:
+                raw = file.read(MAX_IMPORT_BYTES + 1)
     except OSError as error:
         raise CommandError(f"{name}: cannot read: {error.strerror}") from None
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise CommandError(f"{name}: larger than {MAX_IMPORT_BYTES >> 20} MiB; nothing "
+                           "imported (split it)")
     try:
         networks = parse_import(raw.decode("utf-8", errors="replace"))
     except BadImportFile as error:
@@ -292,17 +312,41 @@ def run_export(args: argparse.Namespace) -> int:
                                                     e.network.prefixlen))
     exporter = EXPORTERS[args.format]
     text = exporter(entries, now_ns, args.port)
-    if not args.output:
+    if args.output is None:
         sys.stdout.write(text)
         return 0
+    if not args.output.strip():
+        raise CommandError("-o: the file name is empty (leave out -o for standard output)", 2)
     target = Path(args.output)
     try:
-        # A firewall reload must never read half a file: write aside, then rename.
-        with tempfile.NamedTemporaryFile("w", dir=target.parent or ".", prefix=".guardntp-",
-                                         delete=False) as temporary:
-            temporary.write(text)
-        os.replace(temporary.name, target)
+        info: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        info = None
     except OSError as error:
+        raise CommandError(f"{target}: cannot write: {error.strerror}") from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise CommandError(f"{target}: cannot write: Is a directory")
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        # A FIFO, a terminal, /dev/stdout: written into, as `>` would. Renaming over
+        # it would replace the device or the pipe itself with a plain file.
+        try:
+            with open(target, "w") as out:
+                out.write(text)
+        except OSError as error:
+            raise CommandError(f"{target}: cannot write: {error.strerror}") from None
+        return 0
+    temporary_name = ""
+    try:
+        # A firewall reload must never read half a file: write aside, then rename.
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=".guardntp-",
+                                         delete=False) as temporary:
+            temporary_name = temporary.name
+            temporary.write(text)
+        os.replace(temporary_name, target)
+    except OSError as error:
+        if temporary_name:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary_name)
         raise CommandError(f"{target}: cannot write: {error.strerror}") from None
     return 0
 

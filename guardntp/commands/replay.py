@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -74,12 +75,18 @@ def run(args: argparse.Namespace) -> int:
     from ..replay.sidecar import SidecarError, read_labels, read_meta, sidecar_paths
 
     capture = Path(args.capture)
+    if not args.capture.strip():
+        raise CommandError("the capture file name is empty", 2)
+    if capture.is_dir():
+        raise CommandError(f"{capture}: is a directory, not a pcap file", 2)
     if not capture.is_file():
         raise CommandError(f"{capture}: no such file", 2)
     for name in ("rate", "speed"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise CommandError(f"--{name} must be positive", 2)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"--{name} must be a finite number", 2)
     if not 0 < args.max_seconds <= MAX_LIVE_SECONDS:
         raise CommandError(f"--max-seconds must be in (0, {MAX_LIVE_SECONDS:g}]", 2)
     try:

@@ -13,7 +13,7 @@ from ..daemon.errors import DaemonError
 from ..daemon.service import Service
 from ..daemon.workers import serve_workers
 from ..logs import LogSettings, LogSetup
-from ..netaddr import BadAddress, parse_listen
+from ..netaddr import BadAddress, parse_host_port, parse_listen
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,6 +80,11 @@ def build_config(args: argparse.Namespace) -> Config:
                 raise ConfigError(f"--stratum {args.stratum}: must be 1-15")
             clock = replace(clock, stratum=args.stratum)
         if args.upstream:
+            for text in args.upstream:
+                try:
+                    parse_host_port(text)
+                except BadAddress as error:
+                    raise ConfigError(f"--upstream {error}") from None
             clock = replace(clock, upstreams=tuple(args.upstream))
         workers = getattr(args, "workers", None)
         if workers is not None:

@@ -115,11 +115,28 @@ def as_seen_by_the_filter(network: Network) -> Network:
     return network
 
 
+#: The longest text taken as a network: the longest CIDR, with room to spare
+#: (``ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128`` is 49 characters).
+MAX_NETWORK_TEXT = 100
+
+
 def parse_network(text: str, strict: bool = True) -> Network:
     """A CIDR or a bare address. With ``strict``, host bits past the prefix are an error.
-    IPv4-mapped IPv6 comes back as the IPv4 network (:func:`as_seen_by_the_filter`)."""
+    IPv4-mapped IPv6 comes back as the IPv4 network (:func:`as_seen_by_the_filter`).
+    A scoped IPv6 address (``fe80::1%eth0``) is refused: the filter sees sources
+    without a scope, and an entry stored with one could not be exported or removed
+    as written."""
+    stripped = text.strip()
+    if len(stripped) > MAX_NETWORK_TEXT:
+        raise BadAddress(f"{stripped[:40]!r}... ({len(stripped)} characters) is too long "
+                         "for an IPv4 or IPv6 address or CIDR")
+    if "%" in stripped:
+        address, _, scope = stripped.partition("%")
+        suffix = "/" + scope.partition("/")[2] if "/" in scope else ""
+        raise BadAddress(f"{stripped!r}: a network has no scope "
+                         f"(%{scope.partition('/')[0]}); write {address + suffix}")
     try:
-        network = ipaddress.ip_network(text.strip(), strict=strict)
+        network = ipaddress.ip_network(stripped, strict=strict)
     except ValueError as error:
         message = str(error)
         if "host bits set" in message:

@@ -73,6 +73,16 @@ class KeServerError(Exception):
 
 def make_context(cert_file: Path, key_file: Path) -> SSL.Context:
     """A TLS 1.3-only server context offering only ``ntske/1``; :class:`KeServerError`."""
+    for what, path in (("certificate", cert_file), ("key", key_file)):
+        try:   # OpenSSL's own error for a missing file has no reason text at all
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise KeServerError(f"NTS {what} {path}: cannot load it "
+                                f"({error.strerror or error})") from None
+        except ValueError as error:   # a NUL in the name
+            raise KeServerError(f"NTS {what} {str(path)!r}: cannot load it ({error})") \
+                from None
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)

@@ -13,7 +13,9 @@ address blocks and packet count, which the live replay uses to set its counters.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,4 +93,44 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise SidecarError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SidecarError(f"{path}: not a guardntp capture description ({FORMAT})")
+    _check_meta(path, meta)
     return meta
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The fields the replay reads, of the types it reads them as; else SidecarError."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0)
+
+    for key, fits, wanted in (("seed", whole, "a whole number >= 0"),
+                              ("packets", whole, "a whole number >= 0"),
+                              ("scale", number, "a finite number >= 0"),
+                              ("duration_s", number, "a finite number >= 0")):
+        if key in meta and not fits(meta[key]):
+            raise SidecarError(f"{path}: {key} must be {wanted}, not {_shown(meta[key])}")
+    scenarios = meta.get("scenarios", [])
+    if not isinstance(scenarios, list):
+        raise SidecarError(f"{path}: scenarios must be a list")
+    for index, scenario in enumerate(scenarios):
+        if not (isinstance(scenario, dict) and isinstance(scenario.get("name"), str)
+                and isinstance(scenario.get("class"), str)):
+            raise SidecarError(f"{path}: scenarios[{index}] must be an object with a "
+                               "\"name\" and a \"class\"")
+        networks = scenario.get("networks", [])
+        if not isinstance(networks, list):
+            raise SidecarError(f"{path}: scenarios[{index}].networks must be a list of CIDRs")
+        for cidr in networks:
+            try:
+                ipaddress.ip_network(cidr)
+            except (TypeError, ValueError):
+                raise SidecarError(f"{path}: scenarios[{index}].networks: {_shown(cidr)} is "
+                                   "not a CIDR") from None
+
+
+def _shown(value: Any) -> str:
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -7,7 +7,6 @@ immutable :class:`~guardntp.clock.ClockState` per call of :meth:`TimeSource.stat
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -15,7 +14,7 @@ from typing import Protocol
 
 from ..clock import ClockState
 from ..config import ClockConfig
-from ..wire import refid_to_text
+from ..wire import refid_bytes, refid_to_text
 
 
 class TimeSource(Protocol):
@@ -96,16 +95,3 @@ def make_source(clock: ClockConfig, precision: int) -> TimeSource:
         return SystemClock(clock.stratum, refid_bytes(clock.refid), precision,
                            chronyc_socket=clock.chronyc_socket)
     return UpstreamClock.from_config(clock, precision)
-
-
-def refid_bytes(text: str) -> bytes:
-    """An IPv4 address, or up to four ASCII characters (a stratum-1 reference id)."""
-    if not text:
-        return b"\0\0\0\0"
-    try:
-        return ipaddress.IPv4Address(text).packed
-    except ValueError:
-        if len(text) > 4 or not text.isascii():
-            raise ValueError(f"refid {text!r}: an IPv4 address or up to 4 ASCII letters") \
-                from None
-        return text.encode().ljust(4, b"\0")

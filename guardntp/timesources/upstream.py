@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from .. import client
 from ..clock import ClockState, unsynchronized
 from ..config import ClockConfig
+from ..netaddr import parse_host_port
 from ..timestamps import NS_PER_S, short_to_ns
 from ..wire import STRATUM_UNSPECIFIED, refid_from_ipv4
 from . import SyncWatch
@@ -119,14 +120,9 @@ def clock_state_from(best: Measurement | None, now_ns: int, lost_after_ns: int, 
 
 
 def parse_upstream(text: str) -> Upstream:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        return Upstream(host, int(rest[1:]) if rest.startswith(":") else 123)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return Upstream(host, int(port))
-    return Upstream(text, 123)
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address; BadAddress (a
+    ValueError) for anything else (``config.py`` has refused those already)."""
+    return Upstream(*parse_host_port(text))
 
 
 def resolve_addresses(host: str, port: int) -> list[str]:
