@@ -43,6 +43,14 @@ class CommandError(Exception):
         self.status = status
 
 
+def path_argument(text: str) -> str:
+    """A file or directory argument: an empty one (``--state-dir "$UNSET"``) is refused,
+    not read as "not given", which would send the command to the default place."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)

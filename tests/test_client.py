@@ -130,8 +130,16 @@ def test_cli_ignores_a_forged_reply_and_takes_the_real_one(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["query", "127.0.0.1:99999"], "expected HOST"),
+    (["query", "[::1"], "expected HOST"),
+    (["query", "[::1]x"], "expected HOST"),
     (["query", "127.0.0.1:1", "--samples", "0"], "--samples"),
     (["query"], "required"),
+    # an empty path (an unset shell variable) is refused, not taken as "not given"
+    (["query", "127.0.0.1:1", "--key-file", ""], "--key-file: the path is empty"),
+    (["block", "list", "--state-dir", ""], "--state-dir: the path is empty"),
+    (["stats", "--state-dir", " "], "--state-dir: the path is empty"),
+    (["serve", "--state-dir", ""], "--state-dir: the path is empty"),
+    (["serve", "--key-file", ""], "--key-file: the path is empty"),
 ])
 def test_cli_bad_arguments_get_a_message_not_a_traceback(argv, message, capsys):
     assert main(argv) == 2

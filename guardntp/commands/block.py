@@ -31,7 +31,7 @@ from ..blocklist.entries import (
     parse_import,
 )
 from ..blocklist.store import FILENAME, BlockStore, StoreError
-from ..cli import CommandError
+from ..cli import CommandError, path_argument
 from ..config import ConfigError, load_config, resolve_state_dir
 from ..netaddr import BadAddress
 from ..statedir import StateDirError, prepare_state_dir
@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def add_state_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", metavar="DIR",
+    parser.add_argument("--state-dir", metavar="DIR", type=path_argument,
                         help="state directory (default: GUARDNTP_STATE_DIR, then the "
                         "configuration's server.state_dir, then /var/lib/guardntp)")
     parser.add_argument("-c", "--config", metavar="FILE",

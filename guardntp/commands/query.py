@@ -20,8 +20,9 @@ from typing import Any, TextIO
 from .. import client
 from ..auth.client import Transform, client_key, client_signing
 from ..auth.keys import MAX_KEY_ID
-from ..cli import CommandError
+from ..cli import CommandError, path_argument
 from ..config import ConfigError
+from ..netaddr import BadAddress, parse_host_port
 from ..setclock import ClockChangeError, apply_offset
 from ..timestamps import short_to_ns
 from ..wire import KISS_CODES, Mode, NtpPacket, refid_to_text
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="print one JSON object, whatever the outcome")
     parser.add_argument("--set-clock", action="store_true",
                         help="step or slew the system clock by the offset (needs root)")
-    parser.add_argument("--key-file", metavar="FILE",
+    parser.add_argument("--key-file", metavar="FILE", type=path_argument,
                         help="symmetric keys in chrony's format (see docs/auth.md)")
     parser.add_argument("--key-id", type=int, metavar="N",
                         help="sign requests and verify replies with key N (without "
@@ -96,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--nts", action="store_true",
                         help="authenticate with NTS (RFC 8915): NTS-KE over TLS 1.3 with "
                         "HOST, then NTS-protected NTPv4")
-    parser.add_argument("--nts-ca", metavar="FILE",
+    parser.add_argument("--nts-ca", metavar="FILE", type=path_argument,
                         help="with --nts: trust only these CA certificates (PEM) for the "
                         "NTS-KE server (default: the system trust store)")
     parser.add_argument("--nts-port", type=int, metavar="N",
@@ -105,16 +106,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "123"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, "123"
-    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise CommandError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT", USAGE_STATUS)
-    return host, int(port)
+    try:
+        return parse_host_port(text)
+    except BadAddress:
+        raise CommandError(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT (port "
+                           "1-65535)", USAGE_STATUS) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from ..cli import CommandError
+from ..cli import CommandError, path_argument
 from ..config import Config, ConfigError, ServerConfig, apply_overrides, load_config
 from ..daemon.errors import DaemonError
 from ..daemon.service import Service
@@ -34,11 +34,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stratum", type=int, help="stratum for --clock local / system")
     parser.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
                         help="upstream server for --clock upstream, repeatable")
-    parser.add_argument("--state-dir", metavar="DIR",
+    parser.add_argument("--state-dir", metavar="DIR", type=path_argument,
                         help="state directory (also GUARDNTP_STATE_DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any configuration key, e.g. filter.source_rate=1.0")
-    parser.add_argument("--key-file", metavar="FILE",
+    parser.add_argument("--key-file", metavar="FILE", type=path_argument,
                         help="symmetric keys in chrony's format (overrides auth.key_file)")
     parser.add_argument("--user", metavar="USER",
                         help="drop to this user after binding (overrides server.user)")
@@ -51,10 +51,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log line format (overrides log.format)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="least severe level logged (overrides log.level and -v)")
-    parser.add_argument("--nts-cert", metavar="FILE",
+    parser.add_argument("--nts-cert", metavar="FILE", type=path_argument,
                         help="serve NTS (RFC 8915) with this PEM certificate chain "
                         "(overrides nts.cert; docs/nts.md)")
-    parser.add_argument("--nts-key", metavar="FILE",
+    parser.add_argument("--nts-key", metavar="FILE", type=path_argument,
                         help="the certificate's private key (overrides nts.key)")
     parser.add_argument("--nts-ke-listen", metavar="HOST[:PORT]",
                         help="NTS-KE address, port 4460 when omitted (overrides nts.ke_listen)")
