@@ -375,8 +375,9 @@ def network_key_of_text(cidr: str) -> NetworkKey:
         except OSError:
             pass
         else:
-            prefixlen = int(length)
-            if prefixlen <= 8 * len(packed) and _masked(packed, prefixlen) == packed:
+            prefixlen, bits = int(length), 8 * len(packed)
+            if prefixlen <= bits and not (int.from_bytes(packed, "big")
+                                          & ((1 << (bits - prefixlen)) - 1)):
                 return packed, prefixlen
     network = ipaddress.ip_network(cidr)    # the rare form: its reading, or its error
     return network.network_address.packed, network.prefixlen
@@ -660,6 +661,11 @@ class AccessList:
 
     def blocklist_verdict(self, network: Network | AclEntry | NetworkKey) -> BlockVerdict | None:
         """What the blocklist layer holds on ``network`` (lapsed or not), if anything."""
+        if network.__class__ is tuple and len(network) == 2:   # (a load's hot path)
+            try:
+                return self.block_table.get(*network)   # (it checks the key itself)
+            except ValueError as error:
+                raise TypeError(str(error)) from None
         return self.block_table.get(*network_key(network))
 
     def lookup(self, packed: bytes, now_ns: int) -> Match | None:
