@@ -495,7 +495,8 @@ static PyTypeObject RecordType;
 static int
 budgets_in_cells(PyObject *budgets)
 {
-    return !IS_OBJECT((Record *)budgets, BUDGET_GLOBAL) && !IS_OBJECT((Record *)budgets, BUDGET_KOD);
+    return !IS_OBJECT((Record *)budgets, BUDGET_GLOBAL)
+           && !IS_OBJECT((Record *)budgets, BUDGET_KOD);
 }
 
 static int
@@ -1312,8 +1313,8 @@ static PyTypeObject AddressTableType = {
  * an IPv6 network of /64 or shorter (its first half is the whole network) and
  * 20 for a longer one. As a table grows, an IPv4 entry costs 16-32 bytes, an
  * IPv6 /64 32-64 and a longer IPv6 network 30-60 (its table may be 2/3 full).
- * The verdict is not a pointer in the slot but a 32-bit id
- * into an array that holds one reference per distinct verdict object and its
+ * The verdict is not a pointer in the slot but a 32-bit id into an array that
+ * holds one reference per distinct verdict object and its
  * use count (how many entries hold it); at a use count of 0 the reference is
  * released and the id reused. A small open-addressed index over the objects'
  * addresses finds a verdict's id, so a write costs no Python object either.
@@ -1323,10 +1324,11 @@ static PyTypeObject AddressTableType = {
  * and per family a bitmap of the prefix lengths in use, so a lookup probes only
  * those, longest first (longest_match_in), merged with the configuration's.
  * Each sub-table: capacity a power of two, at least 8, at most half full (2/3
- * for Block6 slots), halved when a deletion leaves it under 1/8 full; the hash is index_hash, keyed
- * with the process's random seed (a spoofing attacker cannot choose addresses
- * that share a probe run) with the prefix code mixed in; linear probing,
- * deletion by backward shift (no tombstones).
+ * for Block6 slots), halved when a deletion leaves it under 1/8 full; the hash
+ * is index_hash, keyed with the process's random seed (a spoofing attacker
+ * cannot choose addresses that share a probe run) with the prefix code mixed
+ * in; linear probing, deletion by backward shift (no tombstones). Emptied and
+ * shrunk tables of 1 MiB or more are retired and given back by release().
  *
  * apply() is all or nothing: it checks every op, then makes every allocation
  * the writes could need (new sub-tables, growth, room for new verdicts), then
@@ -4254,7 +4256,7 @@ decide_longer(Lane *L, const unsigned char *d, const unsigned char *tail, Py_ssi
                : kind == TAIL_CRYPTO_NAK ? L->reason_crypto_nak : -1;
     }
     if (drop >= 0) {
-            COUNT(L, (int)((first >> 3) & 7) * L->n_reasons + drop)++;
+        COUNT(L, (int)((first >> 3) & 7) * L->n_reasons + drop)++;
         *reason = drop;
         return 1;
     }
