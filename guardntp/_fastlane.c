@@ -426,13 +426,15 @@ Counts_ass_item(Counts *c, Py_ssize_t i, PyObject *value)
     return 0;
 }
 
+/* "Name([items])": the repr of a sequence type that stands in for a list. */
 static PyObject *
-Counts_repr(Counts *c)
+repr_as_list(PyObject *sequence)
 {
-    PyObject *list = PySequence_List((PyObject *)c), *text;
+    const char *name = strrchr(Py_TYPE(sequence)->tp_name, '.');
+    PyObject *list = PySequence_List(sequence), *text;
     if (list == NULL)
         return NULL;
-    text = PyUnicode_FromFormat("Counts(%R)", list);
+    text = PyUnicode_FromFormat("%s(%R)", name ? name + 1 : Py_TYPE(sequence)->tp_name, list);
     Py_DECREF(list);
     return text;
 }
@@ -451,7 +453,7 @@ static PyTypeObject CountsType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Counts(size): size 64-bit counts, all 0 (see guardntp/_fastlane.c)",
     .tp_new = Counts_new,
-    .tp_repr = (reprfunc)Counts_repr,
+    .tp_repr = repr_as_list,
     .tp_hash = PyObject_HashNotImplemented,
     .tp_as_sequence = &Counts_as_sequence,
 };
@@ -603,17 +605,6 @@ Record_ass_item(Record *r, Py_ssize_t i, PyObject *value)
 }
 
 static PyObject *
-Record_repr(Record *r)
-{
-    PyObject *list = PySequence_List((PyObject *)r), *text;
-    if (list == NULL)
-        return NULL;
-    text = PyUnicode_FromFormat("Record(%R)", list);
-    Py_DECREF(list);
-    return text;
-}
-
-static PyObject *
 Record_richcompare(PyObject *a, PyObject *b, int op)
 {
     PyObject *left, *right, *result;
@@ -643,7 +634,7 @@ static PyTypeObject RecordType = {
     .tp_doc = "Record(items): a fixed-length record of 1-32 cells (see guardntp/_fastlane.c)",
     .tp_new = Record_new,
     .tp_dealloc = (destructor)Record_dealloc,
-    .tp_repr = (reprfunc)Record_repr,
+    .tp_repr = repr_as_list,
     .tp_richcompare = Record_richcompare,
     .tp_hash = PyObject_HashNotImplemented,
     .tp_as_sequence = &Record_as_sequence,

@@ -112,6 +112,26 @@ def test_bad_nts_settings_are_one_line(tmp_path: Path, args: list[str], words: s
     assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_check_config_loads_the_nts_certificate_and_key(
+        tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
+    _, cert, key = certs
+    good = tmp_path / "good.toml"
+    good.write_text(f'[nts]\ncert = "{cert}"\nkey = "{key}"\n')
+    missing = tmp_path / "missing.toml"
+    missing.write_text(f'[nts]\ncert = "{cert}"\nkey = "{tmp_path / "no-such-key.pem"}"\n')
+    swapped = tmp_path / "swapped.toml"   # a certificate where the key should be
+    swapped.write_text(f'[nts]\ncert = "{cert}"\nkey = "{cert}"\n')
+    run = [sys.executable, "-m", "guardntp", "check-config"]
+    ok = subprocess.run([*run, str(good)], capture_output=True, text=True, timeout=30,
+                        cwd=REPO, check=False)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stderr
+    for path, words in ((missing, "No such file or directory"), (swapped, "NTS key")):
+        bad = subprocess.run([*run, str(path)], capture_output=True, text=True, timeout=30,
+                             cwd=REPO, check=False)
+        assert bad.returncode == 1 and words in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
 def test_the_key_file_goes_to_the_user_the_server_becomes(
         shared_dir: Path, tmp_path: Path, certs: tuple[Path, Path, Path]) -> None:
     import os

@@ -1,7 +1,8 @@
 """``guardntp check-config FILE``: validate a configuration without starting.
 
 It runs the checks a start or a reload runs (:func:`guardntp.daemon.settings.check_sections`),
-so it accepts exactly the files a reload accepts.
+so it accepts exactly the files a reload accepts; where NTS is on, that includes loading
+its certificate and key, as a reload does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ def run(args: argparse.Namespace) -> int:
         sections = check_sections(config)
     except ConfigError as error:
         raise CommandError(str(error), 1) from None
+    cert, key = sections.nts.cert, sections.nts.key
+    if cert is not None and key is not None:   # NTS on: load them, as a reload does
+        from ..nts.ke_server import KeServerError, make_context
+
+        try:
+            make_context(cert, key)
+        except KeServerError as error:
+            raise CommandError(f"{config.path}: {error}", 1) from None
     listen = ", ".join(str(spec) for spec in config.server.listen)
     print(f"{config.path}: OK (listen {listen}; clock {config.clock.source}; "
           f"{len(config.filter.acl)} access-list entries; {sections.auth_summary})")
