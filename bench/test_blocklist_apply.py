@@ -10,7 +10,7 @@ of 100 000 entries into an empty list. ``test_stall_...`` times the whole tick
 that picks a change up from the file: ``LiveBlocklist.refresh`` after another
 connection's ``upsert`` or ``remove``. Results are in docs/blocklist.md.
 
-``python bench/test_blocklist_apply.py [SIZE] [--ttl] [--traced]`` measures the
+``python bench/test_blocklist_apply.py [SIZE] [--ttl] [--traced] [--ipv6]`` measures the
 memory a server holds per entry instead (not a benchmark: a process of its own).
 """
 
@@ -331,11 +331,19 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux: KiB
 
 
-def measure_memory(size: int, ttl: bool, traced: bool) -> None:
-    """Bytes per entry a server holds for ``size`` blocklist entries: the process's
-    resident set before and after the first load, and (``traced``) the Python
-    objects still allocated once it is done, split into the LiveBlocklist's own
-    (freed when its attributes go) and the access list's."""
+def ipv6_rows(size: int, now_ns: int) -> Iterator[tuple[str, str, str, int, None, str]]:
+    """IPv6 /128s from 2001:db8:: on: the longest networks, the widest slots."""
+    for index in range(size):
+        address = ipaddress.IPv6Address((0x2001_0DB8 << 96) + index * 0x1_0001)
+        yield f"{address}/128", "drop", "feed", now_ns, None, "import"
+
+
+def measure_memory(size: int, ttl: bool, traced: bool, ipv6: bool = False) -> None:
+    """Bytes per entry a server holds for ``size`` blocklist entries (IPv4 /32s and
+    /24s, or with ``ipv6`` IPv6 /128s): the process's resident set before and after
+    the first load, and (``traced``) the Python objects still allocated once it is
+    done, split into the LiveBlocklist's own (freed when its attributes go) and the
+    access list's."""
     state = Path(tempfile.mkdtemp(prefix="guardntp-bench-"))
     try:
         writer = BlockStore.in_state_dir(state)
@@ -344,7 +352,8 @@ def measure_memory(size: int, ttl: bool, traced: bool) -> None:
         with writer.transaction() as db:
             db.executemany("INSERT INTO blocks (cidr, action, reason, created_ns, "
                            "expires_ns, origin) VALUES (?, ?, ?, ?, ?, ?)",
-                           (row[:4] + (expires_ns, row[5]) for row in feed_rows(size, now_ns)))
+                           (row[:4] + (expires_ns, row[5]) for row in
+                            (ipv6_rows if ipv6 else feed_rows)(size, now_ns)))
         writer.purge_expired(now_ns)
         writer.close()
         pipeline = make_pipeline(acl=CONFIG)
@@ -380,7 +389,7 @@ def measure_memory(size: int, ttl: bool, traced: bool) -> None:
 
 
 if __name__ == "__main__":
-    # python bench/test_blocklist_apply.py [SIZE] [--ttl] [--traced]
+    # python bench/test_blocklist_apply.py [SIZE] [--ttl] [--traced] [--ipv6]
     arguments = sys.argv[1:]
     measure_memory(int(next((a for a in arguments if a.isdigit()), MILLION)),
-                   "--ttl" in arguments, "--traced" in arguments)
+                   "--ttl" in arguments, "--traced" in arguments, "--ipv6" in arguments)
