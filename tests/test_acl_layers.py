@@ -398,15 +398,15 @@ def test_the_live_blocklist_hands_over_only_what_changed(
     feed = [BlockEntry(entry.network, "drop", "feed", now, None, "import")
             for entry in many(5000)]
     writer.upsert(feed, now)
-    calls: list[tuple[int, int]] = []
-    update = pipeline.update_blocklist
+    calls: list[tuple[int, int]] = []   # (networks written, networks cleared) per change
+    write = pipeline.write_blocklist
 
-    def counting(added=(), removed=()):   # type: ignore[no-untyped-def]
-        added, removed = list(added), list(removed)
-        calls.append((len(added), len(removed)))
-        update(added, removed)
+    def counting(wanted):   # type: ignore[no-untyped-def]
+        cleared = sum(verdict is None for verdict in wanted.values())
+        calls.append((len(wanted) - cleared, cleared))
+        write(wanted)
 
-    monkeypatch.setattr(pipeline, "update_blocklist", counting)
+    monkeypatch.setattr(pipeline, "write_blocklist", counting)
     live = setup_blocklist(tmp_path, pipeline, _Timers(), parse_auto_policy({}))
     live.wall_ns, live.monotonic_ns = (lambda: clock.wall_ns), (lambda: clock.mono_ns)
     rows_read: list[int] = []      # per read of the store: how many rows it handed over

@@ -29,7 +29,7 @@ from guardntp.blocklist.entries import BlockEntry, Network
 from guardntp.blocklist.live import LiveBlocklist
 from guardntp.blocklist.store import FILENAME, BlockStore, Changes, LogPosition, Row
 from guardntp.clock import ClockState
-from guardntp.filter.acl import AclEntry, Action
+from guardntp.filter.acl import AclEntry, Action, BlockVerdict, NetworkKey
 from guardntp.filter.pipeline import Pipeline
 from guardntp.filter.policy import FilterPolicy
 from guardntp.responder import Responder
@@ -60,7 +60,7 @@ class RecordingPipeline(Pipeline):
 
     def __init__(self) -> None:
         super().__init__(FilterPolicy(random_seed=1), Responder(CLOCK, WALL))
-        self.calls: list[tuple[list[AclEntry], list[Network | AclEntry]]] = []
+        self.calls: list[tuple[list[AclEntry], list[Network | AclEntry | NetworkKey]]] = []
         self.refuse_next = False
 
     def update_blocklist(self, added: Iterable[AclEntry] = (),
@@ -71,6 +71,19 @@ class RecordingPipeline(Pipeline):
             raise MemoryError("refused by the test")
         self.calls.append((added, removed))
         super().update_blocklist(added, removed)
+
+    def write_blocklist(self, wanted: dict[NetworkKey, BlockVerdict | None]) -> None:
+        """A load's hand-over, recorded as update_blocklist's would be."""
+        if self.refuse_next:
+            self.refuse_next = False
+            raise MemoryError("refused by the test")
+        added = [AclEntry(None, verdict.action, verdict.origin, verdict.reason,
+                          verdict.expires_ns, packed=packed, prefixlen=prefixlen)
+                 for (packed, prefixlen), verdict in wanted.items() if verdict is not None]
+        removed: list[Network | AclEntry | NetworkKey] = [
+            key for key, verdict in wanted.items() if verdict is None]
+        self.calls.append((added, removed))
+        super().write_blocklist(wanted)
 
     def expire_blocklist(self, now_ns: int, max_slots: int) -> int:
         """Recorded as the removal of what the sweep took out."""

@@ -7,9 +7,10 @@ reads what changed since the last load: the store's change log (filled by
 SQLite triggers, whoever writes) names the rows, and only those are read
 and compared with what the access list holds on their network (it is the
 one record of what was applied: nothing is kept here per entry). The
-difference goes to ``Pipeline.update_blocklist``: a ``block add`` among a
-million entries reads one row and writes one entry into the access list, not
-a new list. Every row is read only when the log cannot say what changed (the
+difference goes to ``Pipeline.write_blocklist``, network by network with the
+shared verdict each row says (no entry object per row): a ``block add`` among a
+million entries reads one row and writes one slot of the access list, not a
+new list. Every row is read only when the log cannot say what changed (the
 first load, a replaced file, a log trimmed past what this server saw, a file
 of the previous version this server may not write). Buckets and counters are
 untouched. Expiry needs no timer of its own
@@ -27,11 +28,11 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
-from ..filter.acl import AclEntry, BlockVerdict, NetworkKey, network_key_of_text
+from ..filter.acl import AccessList, BlockVerdict, NetworkKey, network_key_of_text
 from ..filter.pipeline import Pipeline
 from .auto import AutoBlocker, AutoPolicy, network_of_key
 from .entries import ACTIONS, BlockEntry, format_duration
@@ -166,33 +167,35 @@ class LiveBlocklist:
     def _load_changes(self, changes: Changes, now_ns: int) -> None:
         """The rows the log named: each cidr once, either gone or as it is now."""
         held = self.pipeline.acl.blocklist_verdict
-        make = _EntryMaker(self.store)
-        added: list[AclEntry] = []
-        removed: list[NetworkKey] = []
+        make = _VerdictMaker(self.store, self.pipeline.acl)
+        wanted: dict[NetworkKey, BlockVerdict | None] = {}
+        removed = 0
         for cidr in changes.gone:
             key = make.key_or_none(cidr)
             if key is not None and held(key) is not None:
-                removed.append(key)
+                wanted[key] = None
+                removed += 1
         for row in changes.rows:
             key = make.key(row)
             old = held(key)
             if _lapsed(row, now_ns):
                 if old is not None:
-                    removed.append(key)
+                    wanted[key] = None
+                    removed += 1
             elif old is None or not make.same(row, old):   # same: only created_ns moved
-                added.append(make.entry(row, key))
-        if added or removed:
-            self.pipeline.update_blocklist(added, removed)
-        self._expiries_for(added)
-        self._loaded(changes.position, len(added), len(removed), now_ns)
+                wanted[key] = make.verdict(row)
+        if wanted:
+            self.pipeline.write_blocklist(wanted)
+        self._expiries_for(make.made)
+        self._loaded(changes.position, len(wanted) - removed, removed, now_ns)
 
     def _load_all(self, now_ns: int) -> None:
         """Every row read and compared with what was applied: the first load, or the
         log cannot say what changed. What no live row holds any more is removed."""
         held = self.pipeline.acl.blocklist_verdict
-        make = _EntryMaker(self.store)
+        make = _VerdictMaker(self.store, self.pipeline.acl)
         live: set[NetworkKey] = set()
-        added: list[AclEntry] = []
+        wanted: dict[NetworkKey, BlockVerdict | None] = {}
         kept = 0        # networks applied before that a live row still has
         with self.store.read_all() as (position, rows):
             for row in rows:
@@ -205,15 +208,17 @@ class LiveBlocklist:
                     kept += 1
                     if make.same(row, old):
                         continue
-                added.append(make.entry(row, key))
+                wanted[key] = make.verdict(row)
+        added = len(wanted)
         table = self.pipeline.acl.block_table
-        removed = ([] if kept == len(table) else
-                   [(packed, prefixlen) for packed, prefixlen, _ in table.items()
-                    if (packed, prefixlen) not in live])
-        if added or removed:
-            self.pipeline.update_blocklist(added, removed)
-        self._expiries_for(added)
-        self._loaded(position, len(added), len(removed), now_ns)
+        if kept != len(table):
+            for packed, prefixlen, _ in table.items():
+                if (packed, prefixlen) not in live:
+                    wanted[(packed, prefixlen)] = None
+        if wanted:
+            self.pipeline.write_blocklist(wanted)
+        self._expiries_for(make.made)
+        self._loaded(position, added, len(wanted) - added, now_ns)
 
     def _loaded(self, position: LogPosition | None, added: int, removed: int,
                 now_ns: int) -> None:
@@ -225,10 +230,11 @@ class LiveBlocklist:
         log.debug("blocklist: %d entries (%d added or changed, %d removed)",
                   self.active_entries, added, removed)
 
-    def _expiries_for(self, added: list[AclEntry]) -> None:
+    def _expiries_for(self, verdicts: Iterable[BlockVerdict]) -> None:
+        """Know when the entries just written lapse (the distinct expiry times only)."""
         known = self._expiry_known
-        for entry in added:
-            expires_ns = entry.expires_ns
+        for verdict in verdicts:
+            expires_ns = verdict.expires_ns
             if expires_ns is not None and expires_ns not in known:
                 known.add(expires_ns)
                 heapq.heappush(self._expiry_times, expires_ns)
@@ -288,13 +294,20 @@ def _lapsed(row: Row, now_ns: int) -> bool:
     return expires_ns is not None and expires_ns.__class__ is int and expires_ns <= now_ns
 
 
-class _EntryMaker:
-    """Access-list entries from rows, checked: a bad row is a one-line StoreError, not
-    a traceback from the packet loop. (The entries are passing: the access list keeps
-    one shared verdict per distinct action, origin, reason and expiry.)"""
+class _VerdictMaker:
+    """Networks and verdicts from rows, checked: a bad row is a one-line StoreError,
+    not a traceback from the packet loop. The access list keeps one shared verdict per
+    distinct action, origin, reason and expiry; ``made`` are those this load asked for
+    (an import of a million rows: one)."""
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, acl: AccessList) -> None:
         self.path = store.path
+        self.acl = acl
+        self._by_row: dict[tuple[object, ...], BlockVerdict] = {}
+
+    @property
+    def made(self) -> Iterable[BlockVerdict]:
+        return self._by_row.values()
 
     @staticmethod
     def same(row: Row, verdict: BlockVerdict) -> bool:
@@ -317,17 +330,21 @@ class _EntryMaker:
         except (ValueError, TypeError):
             return None     # (never applied, then)
 
-    def entry(self, row: Row, key: NetworkKey) -> AclEntry:
+    def verdict(self, row: Row) -> BlockVerdict:
+        """The shared verdict of what ``row`` says."""
         _, action, reason, _, expires_ns, origin = row
-        if action not in ACTIONS:
-            raise self._bad(row, f"unknown action {action!r}")
-        if not isinstance(reason, str) or not isinstance(origin, str):
-            raise self._bad(row, "reason and origin must be text")
-        if expires_ns is not None and expires_ns.__class__ is not int:
-            raise self._bad(row, f"expires_ns {expires_ns!r} is not an integer")
-        packed, prefixlen = key
-        return AclEntry(None, ACTIONS[action], origin, reason, expires_ns,
-                        packed=packed, prefixlen=prefixlen)
+        said = (action, reason, expires_ns, origin)
+        verdict = self._by_row.get(said)
+        if verdict is None:
+            if action not in ACTIONS:
+                raise self._bad(row, f"unknown action {action!r}")
+            if not isinstance(reason, str) or not isinstance(origin, str):
+                raise self._bad(row, "reason and origin must be text")
+            if expires_ns is not None and expires_ns.__class__ is not int:
+                raise self._bad(row, f"expires_ns {expires_ns!r} is not an integer")
+            verdict = self._by_row[said] = self.acl.verdict(ACTIONS[action], origin, reason,
+                                                            expires_ns)
+        return verdict
 
     def _bad(self, row: Row, why: str) -> StoreError:
         return StoreError(f"{self.path}: the row for {row[0]!r} cannot be applied ({why}); "

@@ -454,11 +454,19 @@ class AccessList:
         """The shared verdict of what ``entry`` says (checked: TypeError if it is not
         an entry)."""
         _checked(entry)
-        said = (entry.action, entry.origin, entry.reason, entry.expires_ns)
+        return self.verdict(entry.action, entry.origin, entry.reason, entry.expires_ns)
+
+    def verdict(self, action: Action, origin: str, reason: str,
+                expires_ns: int | None) -> BlockVerdict:
+        """The shared verdict saying this (checked: TypeError for anything else)."""
+        said = (action, origin, reason, expires_ns)
         verdict = self._verdicts.get(said)
         if verdict is None:
-            if not isinstance(entry.origin, str) or not isinstance(entry.reason, str):
-                raise TypeError(f"an entry's origin and reason are text: {entry!r}")
+            if (not isinstance(action, Action) or not isinstance(origin, str)
+                    or not isinstance(reason, str)
+                    or (expires_ns is not None and expires_ns.__class__ is not int)):
+                raise TypeError(f"a verdict is an action, origin and reason text and "
+                                f"expires_ns an int or None, not {said!r}")
             verdict = self._verdicts[said] = BlockVerdict(*said)
         return verdict
 
@@ -568,6 +576,13 @@ class AccessList:
 
     def set_blocklist(self, entries: Iterable[AclEntry]) -> None:
         self.apply(self.blocklist_plan(entries))
+
+    def write_blocklist(self, wanted: dict[NetworkKey, BlockVerdict | None]) -> None:
+        """Per network, the verdict (from :meth:`verdict`) the blocklist layer holds
+        there from now on, or None for none: what a load hands over without making an
+        entry per row. Only networks whose verdict changes are written; all or nothing
+        (a bad network or verdict: ValueError or TypeError, nothing changed)."""
+        self.apply(self._plan(None, wanted))
 
     def add(self, entry: AclEntry, blocklist: bool = False) -> None:
         """One entry into the configuration layer (or, with ``blocklist``, that layer)."""

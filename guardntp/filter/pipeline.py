@@ -29,7 +29,7 @@ from ..wire import (
     MIN_MAC_LEN,
 )
 from . import crowd, fingerprint
-from .acl import AccessList, AclEntry, Action, Network, NetworkKey
+from .acl import AccessList, AclEntry, Action, BlockVerdict, Network, NetworkKey
 from .buckets import (
     EVICTION_SCAN,
     BadLimit,
@@ -375,6 +375,12 @@ class Pipeline(ReferenceModel):
         in the store). All or nothing: raises TypeError for a bad entry with the list
         untouched; the access list's generation moves once."""
         self.acl.update_blocklist(added, removed)
+
+    def write_blocklist(self, wanted: dict[NetworkKey, BlockVerdict | None]) -> None:
+        """Per network, the verdict the blocklist holds there from now on (None: none),
+        the verdicts made by ``acl.verdict``: as :meth:`update_blocklist`, without an
+        entry object per network (a load of many rows). All or nothing."""
+        self.acl.write_blocklist(wanted)
 
     def expire_blocklist(self, now_ns: int, max_slots: int) -> int:
         """Sweep lapsed blocklist entries out of the access list, at most ``max_slots``
