@@ -27,6 +27,21 @@ class ListenSpec:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    """``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or a bare IPv6 address (stripped)
+    -> (host, the port's text or None where none is written); BadAddress for a
+    bracket that is not closed, or text after it that is not ``:PORT``."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise BadAddress(f"{text!r}: expected [IPV6]:PORT")
+        return host, rest[1:] if rest else None
+    if text.count(":") == 1:
+        host, port_text = text.split(":")
+        return host, port_text
+    return text, None
+
+
 def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
     """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``.
 
@@ -37,15 +52,8 @@ def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
     if not text:
         raise BadAddress("empty listen address: expected HOST[:PORT], e.g. 192.0.2.1:123 "
                          "(0.0.0.0 or [::] for every address)")
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise BadAddress(f"{text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:]
-    elif text.count(":") > 1:
-        host, port_text = text, ""
-    else:
-        host, _, port_text = text.partition(":")
+    host, written = _split_host_port(text)
+    port_text = written or ""
     if not host.strip():
         suffix = f":{port_text}" if port_text else ""
         raise BadAddress(f"{text!r}: no host: write 0.0.0.0{suffix} or [::]{suffix} "
@@ -66,17 +74,7 @@ def parse_listen(text: str, default_port: int = NTP_PORT) -> ListenSpec:
 def parse_host_port(text: str, default_port: int = NTP_PORT) -> tuple[str, int]:
     """A server to send to: ``HOST``, ``HOST:PORT``, ``[V6]``, ``[V6]:PORT`` or a bare IPv6
     address; HOST may be a name (it is resolved later). Raises :class:`BadAddress`."""
-    stripped = text.strip()
-    port_text: str | None = None
-    if stripped.startswith("["):
-        host, bracket, rest = stripped[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise BadAddress(f"{text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:] if rest else None
-    elif stripped.count(":") == 1:
-        host, port_text = stripped.split(":")
-    else:
-        host = stripped
+    host, port_text = _split_host_port(text.strip())
     if not host or any(character.isspace() for character in host):
         raise BadAddress(f"{text!r}: expected HOST, HOST:PORT or [IPV6]:PORT")
     if port_text is None:

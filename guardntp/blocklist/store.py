@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..quoting import one_line, shown
 from ..statedir import (
     StateDirError,
     check_state_file,
@@ -464,8 +465,8 @@ class BlockStore:
         try:
             return entry_from_row(row)
         except (ValueError, TypeError) as error:
-            raise StoreError(f"{self.path}: the row for {_shown(row[0])} is not a blocklist "
-                             f"entry ({' '.join(str(error).split())[:200]}); fix or delete "
+            raise StoreError(f"{self.path}: the row for {shown(row[0])} is not a blocklist "
+                             f"entry ({one_line(error, 200)}); fix or delete "
                              "it with sqlite3") from None
 
     def data_version(self) -> int:
@@ -498,11 +499,6 @@ def entry_from_row(row: Row) -> BlockEntry:
     if created_ns is None:
         raise TypeError("created_ns is empty")
     return BlockEntry(ipaddress.ip_network(cidr), action, reason, created_ns, expires_ns, origin)
-
-
-def _shown(value: object) -> str:
-    text = ascii(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _hand_to_directory_owner(path: Path) -> None:

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..quoting import one_line, shown
+
 log = logging.getLogger("guardntp.control")
 
 DIRECTORY = "control"
@@ -141,16 +143,6 @@ def eviction_victim(peers: Sequence[tuple[int, bool]]) -> int:
     held = Counter(pid for pid, _ in peers)
     most = max(held.values())
     return next(index for index, (pid, _) in enumerate(peers) if held[pid] == most)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
-
-
-def _shown(value: str) -> str:
-    """A peer's string, escaped and short enough to echo and log."""
-    text = ascii(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _error(message: str) -> bytes:
@@ -392,7 +384,7 @@ class ControlServer:
                 self._admit(connection)
             except Exception as error:  # nothing here may end the packet loop
                 log.error("control: accept failed: %s: %s", type(error).__name__,
-                          _one_line(error))
+                          one_line(error))
                 with contextlib.suppress(Exception):
                     self._close(connection)
 
@@ -433,7 +425,7 @@ class ControlServer:
             self._serve(connection)
         except Exception as error:  # nothing here may end the packet loop
             log.error("control: connection failed: %s: %s", type(error).__name__,
-                      _one_line(error))
+                      one_line(error))
             with contextlib.suppress(Exception):
                 self._close(connection)
 
@@ -468,13 +460,13 @@ class ControlServer:
         handler = self.handlers.get(command)
         if handler is None:
             return self._failed(
-                f"unknown command {_shown(command)}",
-                f"unknown command {_shown(command)} (known: "
+                f"unknown command {shown(command)}",
+                f"unknown command {shown(command)} (known: "
                 + ", ".join(sorted(self.handlers)) + ")")
         try:
             reply = handler(request, max_reply)
         except (ValueError, OSError) as error:  # a bad argument, or a file the command read
-            return self._failed(f"{command}: {_one_line(error)}", _one_line(error))
+            return self._failed(f"{command}: {one_line(error)}", one_line(error))
         except Exception as error:  # a bug in a report must not take the server down
             return self._bug(command, error)
         try:
@@ -494,7 +486,7 @@ class ControlServer:
 
     def _bug(self, command: str, error: Exception) -> bytes:
         self.errors += 1
-        what = f"{command} failed: {type(error).__name__}: {_one_line(error)}"
+        what = f"{command} failed: {type(error).__name__}: {one_line(error)}"
         log.error("control: %s", what)
         return _error(what)
 
@@ -525,7 +517,7 @@ class ControlServer:
             self._check_socket(now)
         except Exception as error:  # a timer must not log a traceback every second
             self._report(f"control socket {self.path}: check failed: "
-                         f"{type(error).__name__}: {_one_line(error)}")
+                         f"{type(error).__name__}: {one_line(error)}")
 
     def close(self) -> None:
         for connection in list(self.connections):

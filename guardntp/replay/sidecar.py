@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..quoting import shown
+
 FORMAT = "guardntp-capture/1"
 LABELS_HEADER = "packet,scenario,class,client"
 #: The group of packets in a capture without labels.
@@ -111,7 +113,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
                               ("scale", number, "a finite number >= 0"),
                               ("duration_s", number, "a finite number >= 0")):
         if key in meta and not fits(meta[key]):
-            raise SidecarError(f"{path}: {key} must be {wanted}, not {_shown(meta[key])}")
+            raise SidecarError(f"{path}: {key} must be {wanted}, not {shown(meta[key])}")
     scenarios = meta.get("scenarios", [])
     if not isinstance(scenarios, list):
         raise SidecarError(f"{path}: scenarios must be a list")
@@ -127,10 +129,5 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
             try:
                 ipaddress.ip_network(cidr)
             except (TypeError, ValueError):
-                raise SidecarError(f"{path}: scenarios[{index}].networks: {_shown(cidr)} is "
+                raise SidecarError(f"{path}: scenarios[{index}].networks: {shown(cidr)} is "
                                    "not a CIDR") from None
-
-
-def _shown(value: Any) -> str:
-    text = ascii(value)
-    return text if len(text) <= 60 else text[:57] + "..."
