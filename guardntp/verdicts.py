@@ -62,16 +62,20 @@ N_REASONS = len(Reason)
 N_VERSIONS = 8  # the version field is 3 bits; index by it directly
 
 
+def new_counts(size: int) -> MutableSequence[int]:
+    """``size`` counts of 0: where the extension is built a ``_fastlane.Counts``, which
+    the compiled core adds to in place (a list's ways of reading and writing a cell),
+    else a list."""
+    return [0] * size if _Counts is None else _Counts(size)
+
+
 class Counters:
     """Packet counts by (version, reason) in one flat list: one index and one add per packet."""
 
     __slots__ = ("counts", "bytes_in", "bytes_out")
 
     def __init__(self) -> None:
-        #: Where the extension is built a ``_fastlane.Counts``, which the compiled core
-        #: adds to in place (a list's methods for reading and writing one cell).
-        self.counts: MutableSequence[int] = (
-            [0] * (N_VERSIONS * N_REASONS) if _Counts is None else _Counts(N_VERSIONS * N_REASONS))
+        self.counts = new_counts(N_VERSIONS * N_REASONS)
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -115,8 +119,7 @@ class LabelCounts(MutableMapping[str, int]):
     def __init__(self, labels: Iterable[str]) -> None:
         self.labels = tuple(dict.fromkeys(labels))
         self._cell = {label: cell for cell, label in enumerate(self.labels)}
-        self.counts: MutableSequence[int] = (
-            [0] * len(self.labels) if _Counts is None else _Counts(len(self.labels)))
+        self.counts = new_counts(len(self.labels))
 
     def __getitem__(self, label: str) -> int:
         return self.counts[self._cell[label]]

@@ -272,7 +272,7 @@ def _network_key(packed: bytes, prefixlen: int) -> NetworkKey:
     bits = 8 * len(packed)
     if prefixlen.__class__ is not int or not 0 <= prefixlen <= bits:
         raise ValueError(f"a prefix length is 0 to {bits}, not {prefixlen!r}")
-    if _masked(packed, prefixlen) != packed:
+    if _host_bits_set(packed, prefixlen):
         raise ValueError(f"host bits set past the /{prefixlen} in {packed.hex()}")
     return packed, prefixlen
 
@@ -291,6 +291,11 @@ def _prefix_bytes(prefix: int, prefixlen: int) -> bytes:
     zero; a /0 is one zero byte."""
     size = max(1, (prefixlen + 7) // 8)
     return (prefix << (8 * size - prefixlen)).to_bytes(size, "big")
+
+
+def _host_bits_set(packed: bytes, prefixlen: int) -> bool:
+    """Is any bit of ``packed`` past the first ``prefixlen`` set?"""
+    return bool(int.from_bytes(packed, "big") & ((1 << (8 * len(packed) - prefixlen)) - 1))
 
 
 def _masked(packed: bytes, prefixlen: int) -> bytes:
@@ -375,9 +380,8 @@ def network_key_of_text(cidr: str) -> NetworkKey:
         except OSError:
             pass
         else:
-            prefixlen, bits = int(length), 8 * len(packed)
-            if prefixlen <= bits and not (int.from_bytes(packed, "big")
-                                          & ((1 << (bits - prefixlen)) - 1)):
+            prefixlen = int(length)
+            if prefixlen <= 8 * len(packed) and not _host_bits_set(packed, prefixlen):
                 return packed, prefixlen
     network = ipaddress.ip_network(cidr)    # the rare form: its reading, or its error
     return network.network_address.packed, network.prefixlen
